@@ -1,0 +1,222 @@
+//! Versioned writes: every operation of a change goes through one Lua script that compares the
+//! change's version with the version stored for each key (or member) and skips stale writes.
+//!
+//! Versions live in a companion hash per data key, named so that it shares the data key's Redis
+//! Cluster hash slot (see [`version_key`]). Field `""` holds the key's version; field
+//! `m:<member>` the version of a set member, sorted-set member or hash field.
+
+use crate::message::Version;
+use crate::ops::Op;
+use std::sync::OnceLock;
+
+/// The Lua source of the versioned apply script.
+pub const SCRIPT: &str = include_str!("versioned.lua");
+
+/// The script's SHA-1, as `EVALSHA` wants it.
+pub fn script_sha() -> &'static str {
+    static SHA: OnceLock<String> = OnceLock::new();
+    SHA.get_or_init(|| redis::Script::new(SCRIPT).get_hash().to_owned())
+}
+
+/// The version as the script compares it: zero-padded so that string order is version order.
+/// A backfill read (no version) is the empty string.
+pub fn version_arg(version: Option<Version>) -> String {
+    match version {
+        Some(v) => format!("{:020}:{:020}", v.lsn, v.idx),
+        None => String::new(),
+    }
+}
+
+/// The companion key that holds the versions of `key`; it always hashes to `key`'s slot.
+///
+/// - `key` has a hash tag (`{…}` with something inside): `prefix + key` keeps that tag, since
+///   the prefix has no braces.
+/// - `key` is not empty and has no `}`: `prefix + "{" + key + "}"` makes the whole key the tag, which is
+///   what Redis hashes for a key without a tag.
+/// - otherwise (a `}` but no valid tag, e.g. `a}b` or `x{}y`): a tag chosen to land on the same
+///   slot, then the key: `prefix + "{" + tag + "}" + key`.
+pub fn version_key(prefix: &str, key: &str) -> String {
+    if hash_tag(key).is_some() {
+        format!("{prefix}{key}")
+    } else if !key.is_empty() && !key.contains('}') {
+        format!("{prefix}{{{key}}}")
+    } else {
+        format!("{prefix}{{{}}}{key}", slot_tag(key_slot(key)))
+    }
+}
+
+/// The part of a key Redis Cluster hashes: the content of the first `{…}` when it is not empty.
+pub fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let close = key[open + 1..].find('}')?;
+    (close > 0).then(|| &key[open + 1..open + 1 + close])
+}
+
+/// The Redis Cluster slot of a key.
+pub fn key_slot(key: &str) -> u16 {
+    crc16(hash_tag(key).unwrap_or(key).as_bytes()) % 16384
+}
+
+/// A short tag for every slot (the first decimal number that hashes to it).
+fn slot_tag(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        let mut tags = vec![String::new(); 16384];
+        let mut missing = 16384;
+        let mut n = 0u64;
+        while missing > 0 {
+            let text = n.to_string();
+            let slot = usize::from(crc16(text.as_bytes()) % 16384);
+            if tags[slot].is_empty() {
+                tags[slot] = text;
+                missing -= 1;
+            }
+            n += 1;
+        }
+        tags
+    });
+    &tags[usize::from(slot)]
+}
+
+/// CRC16-CCITT (XMODEM), the hash of Redis Cluster.
+fn crc16(bytes: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in bytes {
+        crc ^= u16::from(byte) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// Builds the `EVALSHA` command that applies `ops` at `version`.
+pub fn command(
+    ops: &[&Op],
+    version: Option<Version>,
+    prefix: &str,
+    tombstone_ms: u64,
+) -> redis::Cmd {
+    let mut keys: Vec<String> = Vec::with_capacity(ops.len() * 2);
+    let mut args: Vec<Vec<u8>> = vec![
+        version_arg(version).into_bytes(),
+        tombstone_ms.to_string().into_bytes(),
+    ];
+    let mut push = |name: &str, list: Vec<Vec<u8>>| {
+        args.push(name.as_bytes().to_vec());
+        args.push(list.len().to_string().into_bytes());
+        args.extend(list);
+    };
+    let text = |s: &String| s.as_bytes().to_vec();
+    for op in ops {
+        if !matches!(op, Op::Publish { .. }) {
+            keys.push(op.key().to_owned());
+            keys.push(version_key(prefix, op.key()));
+        }
+        match op {
+            Op::Set { value, ttl_ms, .. } => push(
+                "set",
+                vec![
+                    value.clone(),
+                    ttl_ms
+                        .map(|t| t.to_string())
+                        .unwrap_or_default()
+                        .into_bytes(),
+                ],
+            ),
+            Op::Del { .. } => push("del", vec![]),
+            Op::Expire { ttl_ms, .. } => push("expire", vec![ttl_ms.to_string().into_bytes()]),
+            Op::HashSet { fields, .. } => push(
+                "hset",
+                fields
+                    .iter()
+                    .flat_map(|(f, v)| [text(f), v.clone()])
+                    .collect(),
+            ),
+            Op::HashDel { fields, .. } => push("hdel", fields.iter().map(text).collect()),
+            Op::SetAdd { members, .. } => push("sadd", members.iter().map(text).collect()),
+            Op::SetRemove { members, .. } => push("srem", members.iter().map(text).collect()),
+            Op::SortedSetAdd { members, .. } => push(
+                "zadd",
+                members
+                    .iter()
+                    .flat_map(|(score, m)| [score_text(*score).into_bytes(), text(m)])
+                    .collect(),
+            ),
+            Op::SortedSetRemove { members, .. } => push("zrem", members.iter().map(text).collect()),
+            Op::Publish { channel, message } => {
+                push("publish", vec![text(channel), message.clone()])
+            }
+        }
+    }
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(script_sha()).arg(keys.len());
+    for key in &keys {
+        cmd.arg(key);
+    }
+    for arg in &args {
+        cmd.arg(arg.as_slice());
+    }
+    cmd
+}
+
+/// A score as Redis parses it (`inf`/`-inf` for infinities).
+pub fn score_text(score: f64) -> String {
+    if score.is_infinite() {
+        if score > 0.0 {
+            "+inf".to_owned()
+        } else {
+            "-inf".to_owned()
+        }
+    } else {
+        score.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn companion_keys_share_the_slot() {
+        for key in [
+            "users:1",
+            "{user:1}:profile",
+            "a}b",
+            "x{}y",
+            "{}",
+            "",
+            "a{b",
+            "日本:1",
+        ] {
+            let companion = version_key("kw:v:", key);
+            assert_eq!(key_slot(&companion), key_slot(key), "{key} -> {companion}");
+        }
+        assert_eq!(version_key("kw:v:", "users:1"), "kw:v:{users:1}");
+        assert_eq!(version_key("kw:v:", "{u1}:a"), "kw:v:{u1}:a");
+    }
+
+    #[test]
+    fn slots_match_redis_cluster() {
+        // Values from the Redis Cluster specification's test vectors and CLUSTER KEYSLOT.
+        assert_eq!(crc16(b"123456789"), 0x31C3);
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(
+            key_slot("{user1000}.following"),
+            key_slot("{user1000}.followers")
+        );
+    }
+
+    #[test]
+    fn version_strings_order_like_versions() {
+        let a = version_arg(Some(Version { lsn: 9, idx: 10 }));
+        let b = version_arg(Some(Version { lsn: 10, idx: 0 }));
+        let c = version_arg(Some(Version { lsn: 10, idx: 2 }));
+        assert!(a < b && b < c);
+        assert_eq!(version_arg(None), "");
+    }
+}

@@ -1,0 +1,27 @@
+//! keepwarm: keeps Redis caches in sync with Postgres change streams through WebAssembly plugins.
+//!
+//! # Layout
+//!
+//! - [`config`]: the daemon's TOML configuration, parsed strictly.
+//! - [`daemon`]: wiring for `keepwarm run` and `keepwarm replay`.
+//! - [`message`]: `ChangeMessage`, the one domain type every wire format decodes into.
+//! - [`manifest`]: a plugin's manifest (subscriptions, limits, `[config]`, self-tests).
+//! - [`runtime`]: wasmtime engine, plugin loading, warm instances, batch calls.
+//! - [`ops`]: `Op`, the cache operations plugins return.
+//! - [`applier`]: the only module that writes to the cache Redis (operations and dead letters).
+//! - [`pipeline`]: lanes by row, batching, plugin calls, apply, then ack.
+//! - [`plugin_test`]: `keepwarm test`, a plugin run without Redis.
+//! - [`sources`]: where messages come from (Redis Streams, JSONL files) and how they are acked.
+//! - [`telemetry`]: logging setup and counters.
+
+pub mod applier;
+pub mod config;
+pub mod daemon;
+pub mod manifest;
+pub mod message;
+pub mod ops;
+pub mod pipeline;
+pub mod plugin_test;
+pub mod runtime;
+pub mod sources;
+pub mod telemetry;

@@ -1,0 +1,138 @@
+//! The `keepwarm` command: the daemon and its tools.
+
+use clap::{Parser, Subcommand};
+use keepwarm::config::Config;
+use keepwarm::daemon;
+use keepwarm::sources::jsonl::Input;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+/// Keeps Redis caches in sync with Postgres change streams through WebAssembly plugins.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Runs the daemon: consumes the configured sources until SIGTERM or Ctrl-C.
+    Run {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// How long in-flight messages may take to finish at shutdown, in seconds.
+        #[arg(long, default_value_t = 30)]
+        shutdown_timeout: u64,
+    },
+    /// Runs a file of change messages (one JSON object per line; `-` for stdin) through the
+    /// plugins into the cache, then exits.
+    Replay {
+        /// The configuration file (its sources are ignored).
+        #[arg(long)]
+        config: PathBuf,
+        /// The JSONL file, or `-` for standard input.
+        input: String,
+    },
+    /// Runs a plugin over change messages from stdin without Redis and prints, for each line,
+    /// the operations or the error as one JSON line.
+    Test {
+        /// The plugin component.
+        plugin: PathBuf,
+        /// Its manifest (default: the `.toml` beside the component, if any).
+        #[arg(long)]
+        manifest: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    keepwarm::telemetry::init_logging();
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Test { plugin, manifest } => {
+            let stdin = std::io::stdin().lock();
+            let stdout = std::io::stdout().lock();
+            keepwarm::plugin_test::run(&plugin, manifest.as_deref(), stdin, stdout)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            config,
+            shutdown_timeout,
+        } => {
+            let config = Config::load(&config)?;
+            tokio_runtime()?.block_on(async {
+                let shutdown = on_signals();
+                daemon::run(config, shutdown, Duration::from_secs(shutdown_timeout)).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Replay { config, input } => {
+            let config = Config::load(&config)?;
+            let input = match input.as_str() {
+                "-" => Input::Stdin,
+                path => Input::File(PathBuf::from(path)),
+            };
+            let summary = tokio_runtime()?.block_on(async {
+                let shutdown = on_signals();
+                daemon::replay(config, input, shutdown).await
+            })?;
+            eprintln!(
+                "replayed {} messages: {} done, {} left unapplied",
+                summary.messages, summary.done, summary.abandoned
+            );
+            Ok(if summary.abandoned == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// The first SIGTERM or Ctrl-C cancels the returned token (graceful shutdown); a second one
+/// exits at once.
+fn on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        else {
+            tracing::error!("cannot listen for SIGTERM");
+            return;
+        };
+        for round in 0..2 {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            if round == 0 {
+                tracing::info!("signal received; shutting down (send again to exit at once)");
+                cancel.cancel();
+            } else {
+                tracing::warn!("second signal; exiting now");
+                std::process::exit(130);
+            }
+        }
+    });
+    token
+}

@@ -1,0 +1,198 @@
+//! The plugin manifest: the optional `<name>.toml` beside `<name>.wasm`.
+//!
+//! It says which changes the plugin subscribes to, how its writes are applied, what it may
+//! write, its limits, and the `[config]` table handed to the plugin through the `config` import.
+//! A lone `.wasm` runs with [`Manifest::default`].
+
+use crate::message::{Action, ChangeMessage};
+use anyhow::Context as _;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// How a plugin's writes reach Redis.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Consistency {
+    /// Each write carries the change's version and is skipped when Redis already holds a newer
+    /// one for that key (or member). Redelivery and concurrent workers cannot move the cache
+    /// back in time.
+    #[default]
+    Versioned,
+    /// Last write wins, in arrival order.
+    Plain,
+}
+
+/// Resource limits of one plugin.
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Linear-memory cap per instance, in MiB; growing past it traps.
+    pub memory_mb: u64,
+    /// CPU deadline of one batch call, in milliseconds.
+    pub deadline_ms: u64,
+    /// At most this many operations for one change.
+    pub max_ops_per_change: usize,
+    /// At most this many bytes in the values and members of one operation.
+    pub max_value_bytes: usize,
+    /// An instance is recycled after this many calls.
+    pub max_calls_per_instance: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits {
+            memory_mb: 128,
+            deadline_ms: 1_000,
+            max_ops_per_change: 256,
+            max_value_bytes: 4 << 20,
+            max_calls_per_instance: 100_000,
+        }
+    }
+}
+
+/// One self-test case: a change message and the operations (or error) it must produce.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SelfTest {
+    /// A name for reports.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// The change message, as Sequin JSON text.
+    pub input: String,
+    /// The expected operations in `keepwarm test`'s JSON form.
+    #[serde(default)]
+    pub expect: Option<serde_json::Value>,
+    /// A substring the plugin's rejection reason must contain (instead of `expect`).
+    #[serde(default)]
+    pub expect_error: Option<String>,
+}
+
+/// A parsed and validated manifest.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// Tables served, as `schema.table` or bare `table`; `None` serves every table.
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+    /// Actions served; `None` serves all four.
+    #[serde(default)]
+    pub actions: Option<Vec<ActionName>>,
+    /// How writes are applied.
+    #[serde(default)]
+    pub consistency: Consistency,
+    /// Key prefixes the plugin may write; `None` allows every key.
+    #[serde(default)]
+    pub key_prefixes: Option<Vec<String>>,
+    /// Resource limits.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Configuration handed to the plugin, as JSON through the `config` import.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+    /// Self-test cases run before a new version takes traffic.
+    #[serde(default, rename = "test")]
+    pub tests: Vec<SelfTest>,
+}
+
+/// An action name in a manifest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActionName {
+    /// `insert`.
+    Insert,
+    /// `update`.
+    Update,
+    /// `delete`.
+    Delete,
+    /// `read`.
+    Read,
+}
+
+impl ActionName {
+    fn matches(self, action: Action) -> bool {
+        matches!(
+            (self, action),
+            (ActionName::Insert, Action::Insert)
+                | (ActionName::Update, Action::Update)
+                | (ActionName::Delete, Action::Delete)
+                | (ActionName::Read, Action::Read)
+        )
+    }
+}
+
+impl Manifest {
+    /// Reads and validates a manifest file.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, is not TOML, has unknown keys, or fails validation.
+    pub fn load(path: &Path) -> anyhow::Result<Manifest> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read manifest {}", path.display()))?;
+        Manifest::parse(&text).with_context(|| format!("invalid manifest {}", path.display()))
+    }
+
+    /// Parses and validates manifest text.
+    ///
+    /// # Errors
+    ///
+    /// Syntax errors, unknown keys, and values out of range.
+    pub fn parse(text: &str) -> anyhow::Result<Manifest> {
+        let manifest: Manifest = toml::from_str(text)?;
+        let limits = &manifest.limits;
+        anyhow::ensure!(
+            (1..=4096).contains(&limits.memory_mb),
+            "limits.memory_mb must be 1..=4096"
+        );
+        anyhow::ensure!(
+            limits.deadline_ms >= 1,
+            "limits.deadline_ms must be at least 1"
+        );
+        anyhow::ensure!(
+            limits.max_calls_per_instance >= 1,
+            "limits.max_calls_per_instance must be at least 1"
+        );
+        if let Some(tables) = &manifest.tables {
+            anyhow::ensure!(
+                tables.iter().all(|t| !t.is_empty()),
+                "tables must not hold an empty name"
+            );
+        }
+        for test in &manifest.tests {
+            anyhow::ensure!(
+                test.expect.is_some() != test.expect_error.is_some(),
+                "self-test {:?} needs exactly one of `expect` and `expect_error`",
+                test.name.as_deref().unwrap_or("(unnamed)")
+            );
+        }
+        Ok(manifest)
+    }
+
+    /// Whether this plugin wants the message.
+    pub fn subscribes(&self, message: &ChangeMessage) -> bool {
+        let table_ok = self.tables.as_ref().is_none_or(|tables| {
+            tables.iter().any(|t| match t.split_once('.') {
+                Some((schema, table)) => schema == message.schema && table == message.table,
+                None => *t == message.table,
+            })
+        });
+        let action_ok = self
+            .actions
+            .as_ref()
+            .is_none_or(|actions| actions.iter().any(|a| a.matches(message.action)));
+        table_ok && action_ok
+    }
+
+    /// Whether the plugin may write `key`.
+    pub fn allows_key(&self, key: &str) -> bool {
+        self.key_prefixes
+            .as_ref()
+            .is_none_or(|prefixes| prefixes.iter().any(|p| key.starts_with(p.as_str())))
+    }
+
+    /// The `[config]` table as JSON object text.
+    pub fn config_json(&self) -> String {
+        serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_owned())
+    }
+}

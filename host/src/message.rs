@@ -1,0 +1,308 @@
+//! `ChangeMessage`: one Postgres row change, decoded from Sequin's wire formats.
+//!
+//! Sequin sends the same change message to every sink (SEQUIN-FORMAT.md §1): a JSON object with
+//! `record`, `changes`, `action` and `metadata`. The Redis Stream sink splits it into four stream
+//! fields (§2.1); SQS, webhooks and JSONL files carry the JSON object itself. Both shapes decode
+//! here into one domain type. Column values are never re-encoded: `record`, `changes` and
+//! `metadata` keep the exact JSON text that arrived, so numeric strings, integers beyond 2^53,
+//! nested jsonb and unicode reach plugins untouched.
+//!
+//! `ChangeMessage` is deliberately not `Serialize`: the only way back to the wire is
+//! [`ChangeMessage::to_sequin_json`], used for dead letters and replays.
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use std::fmt;
+
+/// What happened to the row.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// A row was inserted.
+    Insert,
+    /// A row was updated.
+    Update,
+    /// A row was deleted; `record` holds the old row (often only its primary key).
+    Delete,
+    /// A backfill read of an existing row; it carries no commit LSN.
+    Read,
+}
+
+impl Action {
+    /// Parses Sequin's `action` text.
+    pub fn parse(text: &str) -> Option<Action> {
+        Some(match text {
+            "insert" => Action::Insert,
+            "update" => Action::Update,
+            "delete" => Action::Delete,
+            "read" => Action::Read,
+            _ => return None,
+        })
+    }
+
+    /// The action as Sequin writes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Insert => "insert",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::Read => "read",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The position of a change in the database's history: `(commit_lsn, commit_idx)`.
+///
+/// Ordering is lexicographic, which is the commit order (SEQUIN-FORMAT.md §1.3; `commit_idx` may
+/// have gaps, so only its order matters).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Version {
+    /// LSN of the transaction's commit record.
+    pub lsn: u64,
+    /// Position of the change within the transaction.
+    pub idx: u64,
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.lsn, self.idx)
+    }
+}
+
+/// One decoded change message.
+#[derive(Clone, Debug)]
+pub struct ChangeMessage {
+    /// What happened to the row.
+    pub action: Action,
+    /// Postgres schema of the table.
+    pub schema: String,
+    /// Table name.
+    pub table: String,
+    /// The row as JSON object text, exactly as delivered.
+    pub record: Box<RawValue>,
+    /// Old values of changed columns (JSON object text), when the message has them.
+    pub changes: Option<Box<RawValue>>,
+    /// Primary-key values as strings, in key-column order.
+    pub pks: Vec<String>,
+    /// Commit version; `None` exactly for backfill reads.
+    pub version: Option<Version>,
+    /// Commit timestamp (RFC 3339).
+    pub commit_timestamp: String,
+    /// Sequin's idempotency key.
+    pub idempotency_key: String,
+    /// The whole `metadata` object, exactly as delivered.
+    pub metadata: Box<RawValue>,
+}
+
+/// Why a payload is not a change message. The text is the dead-letter reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct DecodeError(pub String);
+
+fn bad(reason: impl Into<String>) -> DecodeError {
+    DecodeError(reason.into())
+}
+
+/// The fields of `metadata` that keepwarm reads; the rest is passed through as text.
+#[derive(Deserialize)]
+struct MetadataWire {
+    table_schema: String,
+    table_name: String,
+    commit_timestamp: String,
+    commit_lsn: Option<u64>,
+    commit_idx: Option<u64>,
+    idempotency_key: String,
+    record_pks: Vec<String>,
+}
+
+/// The message as one JSON object (SQS body, webhook, JSONL line).
+#[derive(Deserialize)]
+struct MessageWire<'a> {
+    #[serde(borrow)]
+    record: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    changes: Option<&'a RawValue>,
+    action: Option<&'a str>,
+    #[serde(borrow)]
+    metadata: Option<&'a RawValue>,
+}
+
+impl ChangeMessage {
+    /// Decodes a change message from its JSON object text.
+    ///
+    /// # Errors
+    ///
+    /// A [`DecodeError`] naming the first problem: invalid JSON, a missing or mistyped field, an
+    /// unknown action, or a version that does not fit the action.
+    pub fn from_json(text: &str) -> Result<ChangeMessage, DecodeError> {
+        let trimmed = text.trim_start();
+        if !trimmed.starts_with('{') {
+            return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Err(error) => bad(format!("invalid JSON: {error}")),
+                Ok(_) if trimmed.starts_with('"') => {
+                    bad("a JSON string, not a change message (a Sequin transform output?)")
+                }
+                Ok(_) => bad("JSON value is not an object, not a change message"),
+            });
+        }
+        let wire: MessageWire<'_> =
+            serde_json::from_str(text).map_err(|error| bad(format!("invalid JSON: {error}")))?;
+        let action = wire.action.ok_or_else(|| bad("missing field `action`"))?;
+        let record = wire.record.ok_or_else(|| bad("missing field `record`"))?;
+        let metadata = wire
+            .metadata
+            .ok_or_else(|| bad("missing field `metadata`"))?;
+        Self::assemble(
+            action,
+            record.get(),
+            wire.changes.map(RawValue::get),
+            metadata.get(),
+        )
+    }
+
+    /// Decodes a change message from the four fields of a Sequin Redis Stream entry.
+    ///
+    /// `field` returns the value of a field by name, or `None` when the entry lacks it.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChangeMessage::from_json`], plus values that are not UTF-8.
+    pub fn from_stream_fields<'a>(
+        field: impl Fn(&str) -> Option<&'a [u8]>,
+    ) -> Result<ChangeMessage, DecodeError> {
+        let text = |name: &str| -> Result<Option<&'a str>, DecodeError> {
+            field(name)
+                .map(|bytes| {
+                    std::str::from_utf8(bytes)
+                        .map_err(|error| bad(format!("field `{name}` is not valid UTF-8: {error}")))
+                })
+                .transpose()
+        };
+        let action = text("action")?.ok_or_else(|| bad("missing field `action`"))?;
+        let record = text("record")?.ok_or_else(|| bad("missing field `record`"))?;
+        let metadata = text("metadata")?.ok_or_else(|| bad("missing field `metadata`"))?;
+        let changes = text("changes")?;
+        Self::assemble(action, record, changes, metadata)
+    }
+
+    fn assemble(
+        action: &str,
+        record: &str,
+        changes: Option<&str>,
+        metadata: &str,
+    ) -> Result<ChangeMessage, DecodeError> {
+        let action = Action::parse(action).ok_or_else(|| {
+            bad(format!(
+                "unknown action {action:?} (expected insert, update, delete or read)"
+            ))
+        })?;
+        let record = json_object("record", record)?;
+        let changes = match changes {
+            None => None,
+            Some(text) if text.trim() == "null" => None,
+            Some(text) => Some(json_object("changes", text)?),
+        };
+        let metadata = json_object("metadata", metadata)?;
+        let meta: MetadataWire = serde_json::from_str(metadata.get())
+            .map_err(|error| bad(format!("field `metadata`: {error}")))?;
+        let version = match (action, meta.commit_lsn, meta.commit_idx) {
+            (Action::Read, None, None) => None,
+            (Action::Read, _, _) => {
+                return Err(bad(
+                    "a read (backfill) message carries a commit_lsn or commit_idx",
+                ));
+            }
+            (_, Some(lsn), Some(idx)) => Some(Version { lsn, idx }),
+            (_, _, _) => {
+                return Err(bad(format!(
+                    "an {action} message needs commit_lsn and commit_idx"
+                )));
+            }
+        };
+        if meta.record_pks.is_empty() {
+            return Err(bad("metadata.record_pks is empty"));
+        }
+        Ok(ChangeMessage {
+            action,
+            schema: meta.table_schema,
+            table: meta.table_name,
+            record,
+            changes,
+            pks: meta.record_pks,
+            version,
+            commit_timestamp: meta.commit_timestamp,
+            idempotency_key: meta.idempotency_key,
+            metadata,
+        })
+    }
+
+    /// The message as Sequin's JSON object, for dead letters and replays.
+    pub fn to_sequin_json(&self) -> String {
+        let changes = self.changes.as_deref().map_or("null", RawValue::get);
+        format!(
+            r#"{{"record":{},"changes":{},"action":"{}","metadata":{}}}"#,
+            self.record.get(),
+            changes,
+            self.action,
+            self.metadata.get()
+        )
+    }
+
+    /// The row's identity, `schema.table:pk1:pk2…`, used for lanes and logs.
+    pub fn row_id(&self) -> String {
+        format!("{}.{}:{}", self.schema, self.table, self.pks.join(":"))
+    }
+}
+
+/// Deepest nesting accepted in a field; deeper JSON is refused before it reaches a plugin
+/// (whose own parser would stop at about this depth anyway).
+pub const MAX_DEPTH: usize = 128;
+
+fn json_object(name: &str, text: &str) -> Result<Box<RawValue>, DecodeError> {
+    let raw: Box<RawValue> = serde_json::from_str(text)
+        .map_err(|error| bad(format!("field `{name}` is not valid JSON: {error}")))?;
+    if !raw.get().starts_with('{') {
+        return Err(bad(format!("field `{name}` is not a JSON object")));
+    }
+    if nesting_depth(raw.get()) > MAX_DEPTH {
+        return Err(bad(format!(
+            "field `{name}` is nested deeper than {MAX_DEPTH} levels"
+        )));
+    }
+    Ok(raw)
+}
+
+/// The deepest nesting of arrays and objects in valid JSON text.
+fn nesting_depth(text: &str) -> usize {
+    let (mut depth, mut deepest) = (0usize, 0usize);
+    let (mut in_string, mut escaped) = (false, false);
+    for byte in text.bytes() {
+        if in_string {
+            match byte {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match byte {
+            b'"' => in_string = true,
+            b'{' | b'[' => {
+                depth += 1;
+                deepest = deepest.max(depth);
+            }
+            b'}' | b']' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    deepest
+}
+
+#[cfg(test)]
+mod tests;

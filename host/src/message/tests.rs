@@ -1,0 +1,249 @@
+//! Decoding tests over every case of the shared fixtures file, both wire shapes.
+
+use super::*;
+
+const FIXTURES: &str = include_str!("../../../tests/fixtures/sequin-examples.jsonl");
+
+fn fixtures() -> Vec<&'static str> {
+    FIXTURES.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+fn fixture(n: usize) -> ChangeMessage {
+    ChangeMessage::from_json(fixtures()[n]).unwrap()
+}
+
+/// The Redis Stream shape of a JSON message: each top-level key becomes a field, strings raw,
+/// everything else as JSON text (SEQUIN-FORMAT.md §2.1).
+fn stream_fields(line: &str) -> Vec<(String, Vec<u8>)> {
+    let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+    let raw: std::collections::HashMap<String, Box<RawValue>> = serde_json::from_str(line).unwrap();
+    value
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                _ => raw[k].get().to_owned(),
+            };
+            (k.clone(), text.into_bytes())
+        })
+        .collect()
+}
+
+fn from_fields(fields: &[(String, Vec<u8>)]) -> Result<ChangeMessage, DecodeError> {
+    ChangeMessage::from_stream_fields(|name| {
+        fields
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_slice())
+    })
+}
+
+#[test]
+fn every_fixture_decodes_the_same_from_both_shapes() {
+    for line in fixtures() {
+        let json = ChangeMessage::from_json(line).unwrap();
+        let stream = from_fields(&stream_fields(line)).unwrap();
+        assert_eq!(json.to_sequin_json(), stream.to_sequin_json());
+        assert_eq!(json.pks, stream.pks);
+        assert_eq!(json.version, stream.version);
+    }
+}
+
+#[test]
+fn insert_carries_version_and_pks() {
+    let m = fixture(0);
+    assert_eq!(m.action, Action::Insert);
+    assert_eq!((m.schema.as_str(), m.table.as_str()), ("public", "orders"));
+    assert_eq!(m.pks, ["1001"]);
+    assert_eq!(
+        m.version,
+        Some(Version {
+            lsn: 1243361160,
+            idx: 0
+        })
+    );
+    assert_eq!(m.commit_timestamp, "2025-03-14T09:26:53.601022Z");
+    assert_eq!(m.idempotency_key, "MTI0MzM2MTE2MDow");
+    assert!(m.changes.is_none());
+}
+
+#[test]
+fn numeric_strings_stay_strings_in_the_record_text() {
+    let m = fixture(0);
+    assert!(m.record.get().contains(r#""total_amount":"149.90""#));
+    let invoice = fixture(5);
+    assert!(
+        invoice
+            .record
+            .get()
+            .contains(r#""rounding_residual":"1E-7""#)
+    );
+    assert!(invoice.record.get().contains(r#""pdf_sha256":"\\x9f86"#));
+}
+
+#[test]
+fn composite_keys_keep_key_order() {
+    let item = fixture(1);
+    assert_eq!(item.pks, ["1001", "1"]);
+    let stock = fixture(4);
+    assert_eq!(stock.pks, ["ams-1", "SKU-00042"]);
+    assert_eq!(stock.row_id(), "inventory.stock_levels:ams-1:SKU-00042");
+}
+
+#[test]
+fn non_public_schemas_are_kept() {
+    assert_eq!(fixture(4).schema, "inventory");
+    assert_eq!(fixture(5).schema, "billing");
+    assert_eq!(fixture(11).schema, "analytics");
+}
+
+#[test]
+fn update_keeps_old_values_and_annotations() {
+    let m = fixture(2);
+    assert_eq!(m.action, Action::Update);
+    assert_eq!(
+        m.changes.as_ref().unwrap().get(),
+        r#"{"status":"pending","updated_at":"2025-03-14T09:26:53.589793Z"}"#
+    );
+    assert!(m.metadata.get().contains("fulfillment-worker"));
+    assert_eq!(
+        m.version,
+        Some(Version {
+            lsn: 1243362320,
+            idx: 1
+        })
+    );
+}
+
+#[test]
+fn delete_record_holds_nulls_beside_the_key() {
+    let m = fixture(3);
+    assert_eq!(m.action, Action::Delete);
+    assert!(m.record.get().contains(r#""id":998"#));
+    assert!(m.record.get().contains(r#""status":null"#));
+}
+
+#[test]
+fn backfill_reads_have_no_version() {
+    for n in [8, 11] {
+        let m = fixture(n);
+        assert_eq!(m.action, Action::Read);
+        assert_eq!(m.version, None);
+    }
+}
+
+#[test]
+fn big_integers_and_nested_json_stay_exact() {
+    let views = fixture(11);
+    assert!(views.record.get().contains(r#""view_id":9007199254740993"#));
+    assert_eq!(views.pks, ["2025-03-13", "9007199254740993"]);
+    assert!(
+        views
+            .record
+            .get()
+            .contains(r#""utm":{"campaign":"spring_sale","source":"newsletter"}"#)
+    );
+    let profile = fixture(6);
+    assert!(
+        profile
+            .record
+            .get()
+            .contains(r#""digest":{"enabled":true,"hour_utc":7}"#)
+    );
+    let article = fixture(7);
+    assert!(
+        article
+            .record
+            .get()
+            .contains(r#""rating_grid":[[5,4],[3,null]]"#)
+    );
+}
+
+#[test]
+fn unicode_stays_as_it_is() {
+    let product = fixture(9);
+    assert!(product.record.get().contains("Café Crème ☕ 東京ブレンド"));
+    assert!(product.record.get().contains("🍫"));
+}
+
+#[test]
+fn toast_placeholder_and_empty_changes_are_kept() {
+    let doc = fixture(10);
+    assert!(doc.record.get().contains(r#""body":"unchanged_toast""#));
+    assert_eq!(doc.changes.as_ref().unwrap().get(), "{}");
+}
+
+#[test]
+fn to_sequin_json_round_trips() {
+    for line in fixtures() {
+        let m = ChangeMessage::from_json(line).unwrap();
+        let again = ChangeMessage::from_json(&m.to_sequin_json()).unwrap();
+        assert_eq!(m.to_sequin_json(), again.to_sequin_json());
+    }
+}
+
+fn reason(text: &str) -> String {
+    ChangeMessage::from_json(text).unwrap_err().0
+}
+
+#[test]
+fn malformed_messages_get_clear_reasons() {
+    assert!(reason("{not json").contains("invalid JSON"));
+    assert!(reason("\"just a string\"").contains("JSON string"));
+    assert!(reason("[1,2]").contains("not an object"));
+    assert!(reason("{}").contains("missing field `action`"));
+    let line = fixtures()[0];
+    let unknown = line.replace(r#""action":"insert""#, r#""action":"upsert""#);
+    assert!(reason(&unknown).contains("unknown action \"upsert\""));
+    let no_meta = line.replace(r#""table_schema":"public","#, "");
+    assert!(
+        reason(&no_meta).contains("table_schema"),
+        "{}",
+        reason(&no_meta)
+    );
+    let bad_lsn = line.replace(r#""commit_lsn":1243361160"#, r#""commit_lsn":"x""#);
+    assert!(reason(&bad_lsn).contains("metadata"));
+    let no_lsn = line.replace(r#""commit_lsn":1243361160"#, r#""commit_lsn":null"#);
+    assert!(reason(&no_lsn).contains("needs commit_lsn"));
+    let record_array = line
+        .replace(r#""record":{"#, r#""record":[{"#)
+        .replace(r#"},"changes""#, r#"}],"changes""#);
+    assert!(
+        reason(&record_array).contains("`record` is not a JSON object"),
+        "{}",
+        reason(&record_array)
+    );
+}
+
+#[test]
+fn stream_entries_with_missing_or_bad_fields_are_rejected() {
+    let mut fields = stream_fields(fixtures()[0]);
+    fields.retain(|(k, _)| k != "metadata");
+    assert!(
+        from_fields(&fields)
+            .unwrap_err()
+            .0
+            .contains("missing field `metadata`")
+    );
+    let mut fields = stream_fields(fixtures()[0]);
+    fields[0].1 = vec![0xff, 0xfe];
+    assert!(
+        from_fields(&fields)
+            .unwrap_err()
+            .0
+            .contains("not valid UTF-8")
+    );
+}
+
+#[test]
+fn absurd_nesting_is_an_error_not_a_crash() {
+    let deep = format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000));
+    let line = fixtures()[0].replace(r#""is_gift":false"#, &format!(r#""is_gift":{deep}"#));
+    assert!(reason(&line).contains("nested deeper than 128"));
+    let ok = format!("{}1{}", "[".repeat(100), "]".repeat(100));
+    let line = fixtures()[0].replace(
+        r#""is_gift":false"#,
+        &format!(r#""is_gift":{ok},"s":"[[[""#),
+    );
+    assert!(ChangeMessage::from_json(&line).is_ok());
+}

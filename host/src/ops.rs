@@ -1,0 +1,172 @@
+//! `Op`: the cache operations plugins return, as plain data.
+//!
+//! The runtime converts the WIT `op` variant into this enum (`runtime/convert.rs`); the applier
+//! turns it into Redis commands. Every operation is idempotent, so a redelivered message is
+//! harmless.
+
+/// One cache operation.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Op {
+    /// `SET key value [PX ttl_ms]`.
+    Set {
+        /// Key to write.
+        key: String,
+        /// Value to store.
+        value: Vec<u8>,
+        /// Expiry in milliseconds.
+        ttl_ms: Option<u64>,
+    },
+    /// `DEL key`.
+    Del {
+        /// Key to delete.
+        key: String,
+    },
+    /// `HSET key field value …`.
+    HashSet {
+        /// Hash key.
+        key: String,
+        /// Fields and their values.
+        fields: Vec<(String, Vec<u8>)>,
+    },
+    /// `HDEL key field …`.
+    HashDel {
+        /// Hash key.
+        key: String,
+        /// Fields to delete.
+        fields: Vec<String>,
+    },
+    /// `SADD key member …`.
+    SetAdd {
+        /// Set key.
+        key: String,
+        /// Members to add.
+        members: Vec<String>,
+    },
+    /// `SREM key member …`.
+    SetRemove {
+        /// Set key.
+        key: String,
+        /// Members to remove.
+        members: Vec<String>,
+    },
+    /// `ZADD key score member …`.
+    SortedSetAdd {
+        /// Sorted-set key.
+        key: String,
+        /// Scores and members.
+        members: Vec<(f64, String)>,
+    },
+    /// `ZREM key member …`.
+    SortedSetRemove {
+        /// Sorted-set key.
+        key: String,
+        /// Members to remove.
+        members: Vec<String>,
+    },
+    /// `PEXPIRE key ttl_ms`.
+    Expire {
+        /// Key to expire.
+        key: String,
+        /// Time to live in milliseconds.
+        ttl_ms: u64,
+    },
+    /// `PUBLISH channel message`.
+    Publish {
+        /// Channel to publish on.
+        channel: String,
+        /// Message bytes.
+        message: Vec<u8>,
+    },
+}
+
+impl Op {
+    /// The key the operation writes, or the channel of a publish.
+    pub fn key(&self) -> &str {
+        match self {
+            Op::Set { key, .. }
+            | Op::Del { key }
+            | Op::HashSet { key, .. }
+            | Op::HashDel { key, .. }
+            | Op::SetAdd { key, .. }
+            | Op::SetRemove { key, .. }
+            | Op::SortedSetAdd { key, .. }
+            | Op::SortedSetRemove { key, .. }
+            | Op::Expire { key, .. } => key,
+            Op::Publish { channel, .. } => channel,
+        }
+    }
+
+    /// The command name, for logs and errors.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Op::Set { .. } => "SET",
+            Op::Del { .. } => "DEL",
+            Op::HashSet { .. } => "HSET",
+            Op::HashDel { .. } => "HDEL",
+            Op::SetAdd { .. } => "SADD",
+            Op::SetRemove { .. } => "SREM",
+            Op::SortedSetAdd { .. } => "ZADD",
+            Op::SortedSetRemove { .. } => "ZREM",
+            Op::Expire { .. } => "PEXPIRE",
+            Op::Publish { .. } => "PUBLISH",
+        }
+    }
+
+    /// The number of payload bytes the operation carries (values and members), for limits.
+    pub fn payload_bytes(&self) -> usize {
+        match self {
+            Op::Set { value, .. } => value.len(),
+            Op::Del { .. } | Op::Expire { .. } => 0,
+            Op::HashSet { fields, .. } => fields.iter().map(|(f, v)| f.len() + v.len()).sum(),
+            Op::HashDel {
+                fields: members, ..
+            }
+            | Op::SetAdd { members, .. }
+            | Op::SetRemove { members, .. }
+            | Op::SortedSetRemove { members, .. } => members.iter().map(String::len).sum(),
+            Op::SortedSetAdd { members, .. } => members.iter().map(|(_, m)| m.len() + 8).sum(),
+            Op::Publish { message, .. } => message.len(),
+        }
+    }
+
+    /// The operation as JSON, the output format of `keepwarm test` (values as UTF-8 text when
+    /// they are, otherwise as an array of bytes).
+    pub fn to_json(&self) -> serde_json::Value {
+        use serde_json::json;
+        match self {
+            Op::Set { key, value, ttl_ms } => match ttl_ms {
+                Some(ttl) => json!({"op": "set", "key": key, "value": bytes(value), "ttl_ms": ttl}),
+                None => json!({"op": "set", "key": key, "value": bytes(value)}),
+            },
+            Op::Del { key } => json!({"op": "del", "key": key}),
+            Op::HashSet { key, fields } => {
+                let fields: serde_json::Map<String, serde_json::Value> =
+                    fields.iter().map(|(f, v)| (f.clone(), bytes(v))).collect();
+                json!({"op": "hash-set", "key": key, "fields": fields})
+            }
+            Op::HashDel { key, fields } => json!({"op": "hash-del", "key": key, "fields": fields}),
+            Op::SetAdd { key, members } => json!({"op": "set-add", "key": key, "members": members}),
+            Op::SetRemove { key, members } => {
+                json!({"op": "set-remove", "key": key, "members": members})
+            }
+            Op::SortedSetAdd { key, members } => {
+                let members: Vec<_> = members.iter().map(|(s, m)| json!([s, m])).collect();
+                json!({"op": "sorted-set-add", "key": key, "members": members})
+            }
+            Op::SortedSetRemove { key, members } => {
+                json!({"op": "sorted-set-remove", "key": key, "members": members})
+            }
+            Op::Expire { key, ttl_ms } => json!({"op": "expire", "key": key, "ttl_ms": ttl_ms}),
+            Op::Publish { channel, message } => {
+                json!({"op": "publish", "channel": channel, "message": bytes(message)})
+            }
+        }
+    }
+}
+
+fn bytes(value: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(value) {
+        Ok(text) => serde_json::Value::String(text.to_owned()),
+        Err(_) => serde_json::Value::from(value.to_vec()),
+    }
+}

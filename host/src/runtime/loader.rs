@@ -1,0 +1,169 @@
+//! Loading plugins from disk: `<name>.wasm` plus the optional `<name>.toml` manifest.
+//!
+//! A plugin's version is the content hash of both files, so a manifest-only change is a new
+//! version too. Loading compiles, pre-links, checks the exported contract version, instantiates
+//! once and runs the manifest's self-tests; only a plugin that passes all of that is returned.
+
+use super::bindings::PluginPre;
+use super::state::PluginIdent;
+use super::{Plugin, Runtime};
+use crate::manifest::Manifest;
+use crate::message::ChangeMessage;
+use anyhow::{Context as _, bail};
+use sha2::{Digest as _, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use wasmtime::component::Component;
+
+/// The plugins serving traffic, sorted by name.
+#[derive(Default)]
+pub struct PluginSet {
+    /// Loaded plugins.
+    pub plugins: Vec<Arc<Plugin>>,
+}
+
+impl PluginSet {
+    /// The plugins subscribed to a message, in name order.
+    pub fn routes<'a>(&'a self, message: &'a ChangeMessage) -> impl Iterator<Item = usize> + 'a {
+        self.plugins
+            .iter()
+            .enumerate()
+            .filter(move |(_, plugin)| plugin.manifest.subscribes(message))
+            .map(|(index, _)| index)
+    }
+}
+
+/// The files of one plugin on disk.
+#[derive(Debug, Clone)]
+pub struct PluginFiles {
+    /// Plugin name: the file stem.
+    pub name: String,
+    /// The component.
+    pub wasm: PathBuf,
+    /// The manifest, when present.
+    pub manifest: Option<PathBuf>,
+}
+
+/// Lists the plugins in a directory: every `*.wasm` file, with `<stem>.toml` when it exists.
+///
+/// # Errors
+///
+/// The directory cannot be read.
+pub fn list_dir(dir: &Path) -> anyhow::Result<Vec<PluginFiles>> {
+    let entries = std::fs::read_dir(dir)
+        .with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
+    let mut found = Vec::new();
+    for entry in entries {
+        let path = entry?.path();
+        if path.extension().is_some_and(|ext| ext == "wasm") && path.is_file() {
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
+                continue;
+            };
+            let manifest = path.with_extension("toml");
+            found.push(PluginFiles {
+                name: name.to_owned(),
+                manifest: manifest.is_file().then_some(manifest),
+                wasm: path,
+            });
+        }
+    }
+    found.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(found)
+}
+
+/// Loads every plugin of a directory. Any plugin that fails to load fails the whole load: at
+/// start-up there is no last good version to fall back on, and serving without a plugin would
+/// leave its tables silently uncached.
+///
+/// # Errors
+///
+/// The directory cannot be read, or a plugin fails to load (the error names it).
+pub fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<PluginSet> {
+    let mut plugins = Vec::new();
+    for files in list_dir(dir)? {
+        let plugin = load_plugin(runtime, &files)
+            .with_context(|| format!("plugin {} failed to load", files.name))?;
+        tracing::info!(
+            plugin = plugin.name(),
+            version = plugin.version(),
+            tables = ?plugin.manifest.tables,
+            "plugin loaded"
+        );
+        plugins.push(Arc::new(plugin));
+    }
+    Ok(PluginSet { plugins })
+}
+
+/// Loads one plugin from its files.
+///
+/// # Errors
+///
+/// The files cannot be read, the manifest is invalid, the component does not compile or does not
+/// export this contract's `transform`, it fails to instantiate, or a self-test fails.
+pub fn load_plugin(runtime: &Runtime, files: &PluginFiles) -> anyhow::Result<Plugin> {
+    let wasm = std::fs::read(&files.wasm)
+        .with_context(|| format!("cannot read {}", files.wasm.display()))?;
+    let (manifest_text, manifest) = match &files.manifest {
+        Some(path) => {
+            let text =
+                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
+            (text, Manifest::load(path)?)
+        }
+        None => (Vec::new(), Manifest::default()),
+    };
+    let version = content_hash(&wasm, &manifest_text);
+    let ident = Arc::new(PluginIdent {
+        name: files.name.clone(),
+        version,
+        config_json: manifest.config_json(),
+    });
+    load_bytes(runtime, &wasm, ident, manifest)
+}
+
+/// Compiles, links, instantiates and self-tests a component.
+///
+/// # Errors
+///
+/// As [`load_plugin`].
+pub fn load_bytes(
+    runtime: &Runtime,
+    wasm: &[u8],
+    ident: Arc<PluginIdent>,
+    manifest: Manifest,
+) -> anyhow::Result<Plugin> {
+    if !wasm.starts_with(b"\0asm") {
+        bail!("not a WebAssembly file (bad magic number)");
+    }
+    let component = Component::new(runtime.engine(), wasm)
+        .map_err(anyhow::Error::from)
+        .context("compile failed")?;
+    let instance_pre = runtime
+        .linker()
+        .instantiate_pre(&component)
+        .map_err(anyhow::Error::from)
+        .context("the component needs imports keepwarm does not provide")?;
+    let pre = PluginPre::new(instance_pre)
+        .map_err(anyhow::Error::from)
+        .context("the component does not implement the keepwarm:plugin/transform@0.1.0 contract")?;
+    let plugin = Plugin::new(
+        runtime.engine().clone(),
+        pre,
+        ident,
+        manifest,
+        super::EPOCH_TICK,
+    );
+    plugin
+        .check_instantiate()
+        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    super::selftest::run(&plugin)?;
+    Ok(plugin)
+}
+
+/// The version of a plugin: a short SHA-256 of its component and manifest.
+pub fn content_hash(wasm: &[u8], manifest: &[u8]) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update((wasm.len() as u64).to_le_bytes());
+    hasher.update(wasm);
+    hasher.update(manifest);
+    hex::encode(&hasher.finalize()[..6])
+}

@@ -1,0 +1,212 @@
+//! One loaded plugin: its compiled, pre-linked component, its manifest, and a pool of warm
+//! instances that batch calls reuse.
+//!
+//! A call that traps, runs past its deadline or exceeds its memory cap discards the instance
+//! and retries the batch's changes one by one in fresh instances, so only the guilty change is
+//! reported as failed.
+
+use super::PluginError;
+use super::bindings::PluginPre;
+use super::convert;
+use super::state::{PluginIdent, PluginState};
+use crate::manifest::Manifest;
+use crate::message::ChangeMessage;
+use crate::ops::Op;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+use wasmtime::{Engine, Store};
+
+/// A plugin ready to take calls.
+pub struct Plugin {
+    /// Name (the file stem) and version (content hash).
+    pub ident: Arc<PluginIdent>,
+    /// The validated manifest.
+    pub manifest: Manifest,
+    /// When this version was loaded.
+    pub loaded_at: SystemTime,
+    engine: Engine,
+    pre: PluginPre<PluginState>,
+    deadline_ticks: u64,
+    warm: Mutex<Vec<Warm>>,
+}
+
+/// A warm instance and its store.
+struct Warm {
+    store: Store<PluginState>,
+    bindings: super::bindings::Plugin,
+    calls: u64,
+}
+
+/// The answer for one change.
+pub type ChangeOutcome = Result<Vec<Op>, PluginError>;
+
+impl Plugin {
+    /// Wraps a pre-linked component; `tick` is the epoch tick of the engine.
+    pub(super) fn new(
+        engine: Engine,
+        pre: PluginPre<PluginState>,
+        ident: Arc<PluginIdent>,
+        manifest: Manifest,
+        tick: Duration,
+    ) -> Plugin {
+        let deadline_ticks =
+            (manifest.limits.deadline_ms as u128).div_ceil(tick.as_millis().max(1)) as u64 + 1;
+        Plugin {
+            ident,
+            manifest,
+            loaded_at: SystemTime::now(),
+            engine,
+            pre,
+            deadline_ticks,
+            warm: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// The plugin's name.
+    pub fn name(&self) -> &str {
+        &self.ident.name
+    }
+
+    /// The plugin's version (short content hash).
+    pub fn version(&self) -> &str {
+        &self.ident.version
+    }
+
+    /// Instantiates once and drops the instance, to prove the component can run.
+    ///
+    /// # Errors
+    ///
+    /// The instantiation trapped or ran out of memory or time.
+    pub fn check_instantiate(&self) -> Result<(), PluginError> {
+        let warm = self.instantiate()?;
+        self.put_back(warm);
+        Ok(())
+    }
+
+    /// Calls the plugin on a batch of changes. Blocking: run it off the async executor.
+    ///
+    /// Returns one outcome per change, in order. Failures of the instance (trap, timeout,
+    /// memory) are contained and reported per change.
+    pub fn call_batch(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
+        match self.call_once(changes) {
+            Ok(outcomes) => outcomes,
+            Err(error) if changes.len() == 1 => vec![Err(error)],
+            Err(error) => {
+                tracing::warn!(
+                    plugin = self.name(),
+                    version = self.version(),
+                    changes = changes.len(),
+                    error = %error,
+                    "batch call failed; retrying its changes one by one"
+                );
+                changes
+                    .iter()
+                    .map(
+                        |change| match self.call_once(std::slice::from_ref(change)) {
+                            Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| {
+                                Err(PluginError::Misbehaved(
+                                    "no result for the change".to_owned(),
+                                ))
+                            }),
+                            Err(error) => Err(error),
+                        },
+                    )
+                    .collect()
+            }
+        }
+    }
+
+    /// One call on one instance. An `Err` means the instance failed as a whole (and is gone).
+    fn call_once(&self, changes: &[&ChangeMessage]) -> Result<Vec<ChangeOutcome>, PluginError> {
+        let mut warm = self.take_warm()?;
+        let pks: Vec<Vec<&str>> = changes.iter().map(|c| convert::pk_refs(c)).collect();
+        let params: Vec<_> = changes
+            .iter()
+            .zip(&pks)
+            .map(|(c, pks)| convert::change_param(c, pks))
+            .collect();
+        warm.store.set_epoch_deadline(self.deadline_ticks);
+        let result = warm
+            .bindings
+            .keepwarm_plugin_transform()
+            .call_handle_batch(&mut warm.store, &params);
+        warm.calls += 1;
+        let results = result.map_err(|error| self.classify(error))?;
+        if results.len() != changes.len() {
+            return Err(PluginError::Misbehaved(format!(
+                "returned {} results for a batch of {} changes",
+                results.len(),
+                changes.len()
+            )));
+        }
+        let outcomes = results
+            .into_iter()
+            .map(|result| match result {
+                Ok(ops) => Ok(ops.into_iter().map(convert::op).collect()),
+                Err(reason) => Err(PluginError::Rejected(reason)),
+            })
+            .collect();
+        self.put_back(warm);
+        Ok(outcomes)
+    }
+
+    fn classify(&self, error: wasmtime::Error) -> PluginError {
+        if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+            return PluginError::Timeout {
+                deadline_ms: self.manifest.limits.deadline_ms,
+            };
+        }
+        let text = format!("{error:#}");
+        if text.contains("memory cap exceeded") {
+            return PluginError::Memory(text);
+        }
+        PluginError::Trap(text)
+    }
+
+    fn take_warm(&self) -> Result<Warm, PluginError> {
+        let pooled = self.warm.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        match pooled {
+            Some(warm) => Ok(warm),
+            None => self.instantiate(),
+        }
+    }
+
+    fn instantiate(&self) -> Result<Warm, PluginError> {
+        let memory = (self.manifest.limits.memory_mb as usize) << 20;
+        let mut store = Store::new(
+            &self.engine,
+            PluginState::new(Arc::clone(&self.ident), memory),
+        );
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(self.deadline_ticks);
+        let bindings = self
+            .pre
+            .instantiate(&mut store)
+            .map_err(|error| PluginError::Trap(format!("instantiation failed: {error:#}")))?;
+        Ok(Warm {
+            store,
+            bindings,
+            calls: 0,
+        })
+    }
+
+    /// Returns an instance to the pool unless it is due for recycling.
+    fn put_back(&self, warm: Warm) {
+        let limiter = &warm.store.data().limiter;
+        let high_water = limiter.peak() > limiter.cap() / 4 * 3;
+        if warm.calls >= self.manifest.limits.max_calls_per_instance || high_water {
+            tracing::debug!(
+                plugin = self.name(),
+                version = self.version(),
+                calls = warm.calls,
+                peak_bytes = limiter.peak(),
+                "recycling instance"
+            );
+            return;
+        }
+        self.warm
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(warm);
+    }
+}

@@ -1,0 +1,171 @@
+//! Sources: where change messages come from, and how each one is acknowledged.
+//!
+//! A source reads from its queue, decodes each message into a [`Delivery`] and hands it to the
+//! pipeline through its [`SourceContext`]. Every delivery carries an [`AckToken`]; the pipeline
+//! settles the token only once Redis has confirmed the message's operations (or its dead-letter
+//! entry), and the source then acknowledges to its queue. A token dropped unsettled (shutdown,
+//! crash of a lane) means "not done": the source leaves the message for redelivery.
+//!
+//! Sources never write to the cache; only the applier does. Only sources talk to queues.
+//!
+//! - [`redis_streams`]: Sequin's Redis Stream sink, through a consumer group.
+//! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line.
+
+pub mod jsonl;
+pub mod redis_streams;
+
+use crate::message::ChangeMessage;
+use crate::pipeline::Dispatcher;
+use std::sync::Arc;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+/// One message from a source, decoded or not, with its acknowledgement.
+pub struct Delivery {
+    /// The decoded message, or the raw payload and why it did not decode.
+    pub payload: Payload,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Settled by the pipeline once the message is done.
+    pub ack: AckToken,
+}
+
+/// What a source read.
+pub enum Payload {
+    /// A change message.
+    Decoded(ChangeMessage),
+    /// Something that is not a change message; it goes to the dead-letter stream.
+    Malformed {
+        /// The bytes as received.
+        raw: RawPayload,
+        /// Why it was rejected.
+        reason: String,
+    },
+}
+
+/// A payload as received, kept for dead letters.
+#[derive(Clone, Debug)]
+pub enum RawPayload {
+    /// A JSON document (or what was meant to be one).
+    Body(Vec<u8>),
+    /// The fields of a stream entry.
+    StreamFields(Vec<(String, Vec<u8>)>),
+}
+
+/// Where a message came from.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The source's name, e.g. `redis-stream:orders`.
+    pub source: Arc<str>,
+    /// The message's id in that source (stream entry id, SQS message id, line number).
+    pub id: String,
+}
+
+/// How a source learns that a message is done.
+pub trait Acker: Send + Sync + 'static {
+    /// Called exactly once per message: `done` is true when the message was applied or
+    /// dead-lettered, false when it was abandoned and must be redelivered.
+    fn settle(&self, id: &str, done: bool);
+}
+
+/// The acknowledgement of one message. Settling it releases the message's in-flight slot.
+pub struct AckToken {
+    acker: Arc<dyn Acker>,
+    id: String,
+    slots: Option<Arc<Semaphore>>,
+    settled: bool,
+}
+
+impl AckToken {
+    /// A token that reports to `acker` under `id`.
+    pub fn new(acker: Arc<dyn Acker>, id: String) -> AckToken {
+        AckToken {
+            acker,
+            id,
+            slots: None,
+            settled: false,
+        }
+    }
+
+    /// Marks the message done: applied, or safely dead-lettered.
+    pub fn ack(mut self) {
+        self.settled = true;
+        self.acker.settle(&self.id, true);
+    }
+}
+
+impl Drop for AckToken {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.acker.settle(&self.id, false);
+        }
+        if let Some(slots) = &self.slots {
+            slots.add_permits(1);
+        }
+    }
+}
+
+/// What a running source is given: the way into the pipeline, flow control and shutdown.
+#[derive(Clone)]
+pub struct SourceContext {
+    /// The source's name for logs and dead letters.
+    pub name: Arc<str>,
+    /// Hands deliveries to the pipeline's lanes.
+    pub dispatcher: Dispatcher,
+    /// Cancelled when the daemon shuts down: stop reading, let in-flight work finish.
+    pub shutdown: CancellationToken,
+    slots: Arc<Semaphore>,
+}
+
+impl SourceContext {
+    /// A context for the source `name`.
+    pub fn new(
+        name: impl Into<Arc<str>>,
+        dispatcher: Dispatcher,
+        shutdown: CancellationToken,
+        slots: Arc<Semaphore>,
+    ) -> SourceContext {
+        SourceContext {
+            name: name.into(),
+            dispatcher,
+            shutdown,
+            slots,
+        }
+    }
+
+    /// Waits until `n` more messages may be in flight, and reserves them. Returns `None` on
+    /// shutdown. Reserved slots are handed to tokens with [`SourceContext::deliver`]; slots not
+    /// used must be given back with [`SourceContext::release`].
+    pub async fn reserve(&self, n: usize) -> Option<usize> {
+        let n = n.min(u32::MAX as usize) as u32;
+        tokio::select! {
+            permit = self.slots.acquire_many(n) => {
+                permit.ok()?.forget();
+                Some(n as usize)
+            }
+            () = self.shutdown.cancelled() => None,
+        }
+    }
+
+    /// Gives back `n` reserved slots that were not used.
+    pub fn release(&self, n: usize) {
+        if n > 0 {
+            self.slots.add_permits(n);
+        }
+    }
+
+    /// Hands one message to the pipeline, using one reserved slot.
+    pub fn deliver(&self, payload: Payload, id: String, acker: &Arc<dyn Acker>) {
+        let mut ack = AckToken::new(Arc::clone(acker), id.clone());
+        ack.slots = Some(Arc::clone(&self.slots));
+        let origin = Origin {
+            source: Arc::clone(&self.name),
+            id,
+        };
+        self.dispatcher.dispatch(Delivery {
+            payload,
+            origin,
+            ack,
+        });
+    }
+}

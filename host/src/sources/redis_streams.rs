@@ -1,0 +1,396 @@
+//! The Redis Stream source: reads Sequin's Redis Stream sink through a consumer group.
+//!
+//! - Creates the group (from the start of the stream) when it is missing, also after a Redis
+//!   restart that lost it.
+//! - Reads with `XREADGROUP … COUNT n BLOCK t`, where `n` is what the in-flight slots allow.
+//! - Acknowledges with `XACK`, batched, only for messages the pipeline settled as done.
+//!   Abandoned messages stay pending.
+//! - Reclaims entries pending longer than `claim_idle_ms` on any consumer (a crashed or killed
+//!   worker) with `XAUTOCLAIM`, so nothing stays pending forever.
+//! - Survives Redis restarts: every failed call is retried with capped backoff.
+
+use super::{Acker, Payload, RawPayload, SourceContext};
+use crate::config::RedisStreamSourceConfig;
+use crate::message::ChangeMessage;
+use anyhow::Context as _;
+use redis::Value;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// One stream entry: its id and its fields.
+type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// Runs the source until shutdown, then waits until every message it read is settled and
+/// acknowledged.
+///
+/// # Errors
+///
+/// The Redis URL is invalid.
+pub async fn run(
+    config: RedisStreamSourceConfig,
+    default_url: String,
+    max_message_bytes: usize,
+    ctx: SourceContext,
+) -> anyhow::Result<()> {
+    let url = config.url.clone().unwrap_or(default_url);
+    let client =
+        redis::Client::open(url.as_str()).with_context(|| format!("invalid redis url {url}"))?;
+    let consumer = config.consumer.clone().unwrap_or_else(default_consumer);
+    let Some(reader) = connect(&client, &ctx, config.block_ms).await else {
+        return Ok(());
+    };
+    let stream = Stream { config, consumer };
+    let (tx, rx) = mpsc::unbounded_channel();
+    let acker: Arc<dyn Acker> = Arc::new(StreamAcker { tx });
+    let ack_task = tokio::spawn(ack_loop(
+        reader.clone(),
+        stream.config.stream.clone(),
+        stream.config.group.clone(),
+        rx,
+    ));
+    tracing::info!(source = %ctx.name, group = %stream.config.group, consumer = %stream.consumer, "reading stream");
+    stream
+        .read_loop(reader, &ctx, &acker, max_message_bytes)
+        .await;
+    drop(acker);
+    // The ack loop ends once every token is settled (its channel closes) and its XACKs are sent.
+    let _ = ack_task.await;
+    tracing::info!(source = %ctx.name, "source stopped");
+    Ok(())
+}
+
+struct Stream {
+    config: RedisStreamSourceConfig,
+    consumer: String,
+}
+
+fn default_consumer() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_else(|_| "host".to_owned());
+    format!("keepwarm-{host}-{}", std::process::id())
+}
+
+/// Connects, retrying until it works or shutdown.
+async fn connect(
+    client: &redis::Client,
+    ctx: &SourceContext,
+    block_ms: u64,
+) -> Option<ConnectionManager> {
+    let config = ConnectionManagerConfig::new()
+        .set_response_timeout(Some(
+            Duration::from_millis(block_ms) + Duration::from_secs(10),
+        ))
+        .set_connection_timeout(Some(Duration::from_secs(5)))
+        .set_max_delay(Duration::from_secs(2));
+    let mut backoff = Backoff::new();
+    loop {
+        match client
+            .get_connection_manager_with_config(config.clone())
+            .await
+        {
+            Ok(conn) => return Some(conn),
+            Err(error) => {
+                tracing::warn!(source = %ctx.name, error = %error, "cannot connect to redis; retrying");
+                if !backoff.wait(ctx).await {
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+impl Stream {
+    async fn read_loop(
+        &self,
+        mut conn: ConnectionManager,
+        ctx: &SourceContext,
+        acker: &Arc<dyn Acker>,
+        max_bytes: usize,
+    ) {
+        let mut backoff = Backoff::new();
+        let mut group_ready = false;
+        let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).clamp(100, 30_000));
+        let mut next_claim = Instant::now();
+        loop {
+            let Some(slots) = ctx.reserve(self.config.read_count).await else {
+                return;
+            };
+            if !group_ready {
+                match self.create_group(&mut conn).await {
+                    Ok(()) => group_ready = true,
+                    Err(error) => {
+                        ctx.release(slots);
+                        tracing::warn!(source = %ctx.name, error = %error, "cannot create consumer group; retrying");
+                        if !backoff.wait(ctx).await {
+                            return;
+                        }
+                        continue;
+                    }
+                }
+            }
+            let claiming = Instant::now() >= next_claim;
+            let read = if claiming {
+                next_claim = Instant::now() + claim_every;
+                self.claim(&mut conn, slots).await
+            } else {
+                tokio::select! {
+                    read = self.read(&mut conn, slots) => read,
+                    () = ctx.shutdown.cancelled() => {
+                        ctx.release(slots);
+                        return;
+                    }
+                }
+            };
+            match read {
+                Ok(entries) => {
+                    backoff.reset();
+                    if claiming && !entries.is_empty() {
+                        tracing::info!(source = %ctx.name, entries = entries.len(), "reclaimed entries pending on other consumers");
+                    }
+                    ctx.release(slots - entries.len().min(slots));
+                    for (id, fields) in entries {
+                        ctx.deliver(decode(fields, max_bytes), id, acker);
+                    }
+                }
+                Err(error) => {
+                    ctx.release(slots);
+                    if error.code() == Some("NOGROUP") {
+                        tracing::warn!(source = %ctx.name, "consumer group is gone (redis restarted without persistence?); recreating it");
+                        group_ready = false;
+                    } else {
+                        tracing::warn!(source = %ctx.name, error = %error, "stream read failed; retrying");
+                    }
+                    if !backoff.wait(ctx).await {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn create_group(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
+        let created: redis::RedisResult<()> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(conn)
+            .await;
+        match created {
+            Err(error) if error.code() == Some("BUSYGROUP") => Ok(()),
+            other => other,
+        }
+    }
+
+    async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Entry>> {
+        let reply: Value = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg("COUNT")
+            .arg(count)
+            .arg("BLOCK")
+            .arg(self.config.block_ms)
+            .arg("STREAMS")
+            .arg(&self.config.stream)
+            .arg(">")
+            .query_async(conn)
+            .await?;
+        // Nil on timeout; otherwise [[stream, [entry, …]]] (or a map under RESP3).
+        let entries = match reply {
+            Value::Nil => return Ok(Vec::new()),
+            Value::Array(streams) => streams
+                .into_iter()
+                .filter_map(|s| match s {
+                    Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                    _ => None,
+                })
+                .collect::<Vec<_>>(),
+            Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
+            _ => Vec::new(),
+        };
+        Ok(entries.into_iter().flat_map(parse_entries).collect())
+    }
+
+    async fn claim(
+        &self,
+        conn: &mut ConnectionManager,
+        count: usize,
+    ) -> redis::RedisResult<Vec<Entry>> {
+        let reply: Value = redis::cmd("XAUTOCLAIM")
+            .arg(&self.config.stream)
+            .arg(&self.config.group)
+            .arg(&self.consumer)
+            .arg(self.config.claim_idle_ms)
+            .arg("0-0")
+            .arg("COUNT")
+            .arg(count)
+            .query_async(conn)
+            .await?;
+        // [next-cursor, [entry, …], [deleted-id, …]]
+        match reply {
+            Value::Array(mut parts) if parts.len() >= 2 => Ok(parse_entries(parts.remove(1))),
+            _ => Ok(Vec::new()),
+        }
+    }
+}
+
+/// Parses `[[id, [field, value, …]], …]`, skipping entries deleted from the stream.
+fn parse_entries(value: Value) -> Vec<Entry> {
+    let Value::Array(entries) = value else {
+        return Vec::new();
+    };
+    entries
+        .into_iter()
+        .filter_map(|entry| {
+            let Value::Array(mut pair) = entry else {
+                return None;
+            };
+            if pair.len() != 2 {
+                return None;
+            }
+            let fields = pair.pop()?;
+            let id = text(pair.pop()?)?;
+            let fields = match fields {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| match kv {
+                        [k, v] => Some((text(k.clone())?, bytes(v.clone())?)),
+                        _ => None,
+                    })
+                    .collect(),
+                Value::Map(map) => map
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((text(k)?, bytes(v)?)))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            Some((id, fields))
+        })
+        .collect()
+}
+
+fn bytes(value: Value) -> Option<Vec<u8>> {
+    match value {
+        Value::BulkString(bytes) => Some(bytes),
+        Value::SimpleString(text) => Some(text.into_bytes()),
+        Value::VerbatimString { text, .. } => Some(text.into_bytes()),
+        Value::Int(n) => Some(n.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn text(value: Value) -> Option<String> {
+    String::from_utf8(bytes(value)?).ok()
+}
+
+/// Decodes one entry, or explains why it is not a change message.
+fn decode(fields: Vec<(String, Vec<u8>)>, max_bytes: usize) -> Payload {
+    let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
+    let decoded = if size > max_bytes {
+        Err(format!(
+            "message of {size} bytes exceeds the limit of {max_bytes} bytes"
+        ))
+    } else {
+        ChangeMessage::from_stream_fields(|name| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
+        })
+        .map_err(|error| error.0)
+    };
+    match decoded {
+        Ok(message) => Payload::Decoded(message),
+        Err(reason) => Payload::Malformed {
+            raw: RawPayload::StreamFields(fields),
+            reason,
+        },
+    }
+}
+
+/// Settled ids go to the ack loop; abandoned ones stay pending.
+struct StreamAcker {
+    tx: mpsc::UnboundedSender<String>,
+}
+
+impl Acker for StreamAcker {
+    fn settle(&self, id: &str, done: bool) {
+        if done {
+            let _ = self.tx.send(id.to_owned());
+        }
+    }
+}
+
+/// Sends `XACK`s in batches until every token is gone, retrying while Redis is unavailable.
+async fn ack_loop(
+    mut conn: ConnectionManager,
+    stream: String,
+    group: String,
+    mut rx: mpsc::UnboundedReceiver<String>,
+) {
+    let mut ids = Vec::new();
+    while rx.recv_many(&mut ids, 4096).await > 0 {
+        let mut delay = Duration::from_millis(50);
+        loop {
+            let acked: redis::RedisResult<i64> = redis::cmd("XACK")
+                .arg(&stream)
+                .arg(&group)
+                .arg(&ids)
+                .query_async(&mut conn)
+                .await;
+            match acked {
+                Ok(_) => break,
+                Err(error) if error.code() == Some("NOGROUP") => {
+                    tracing::warn!(stream = %stream, ids = ids.len(), "consumer group is gone; nothing left to acknowledge");
+                    break;
+                }
+                Err(error) => {
+                    tracing::warn!(stream = %stream, ids = ids.len(), error = %error, "XACK failed; retrying");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                    // Take what arrived meanwhile into the same XACK.
+                    while let Ok(id) = rx.try_recv() {
+                        ids.push(id);
+                    }
+                }
+            }
+        }
+        ids.clear();
+    }
+}
+
+/// Capped exponential backoff that gives up on shutdown.
+struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    fn new() -> Backoff {
+        Backoff {
+            delay: Duration::from_millis(100),
+        }
+    }
+
+    fn reset(&mut self) {
+        self.delay = Duration::from_millis(100);
+    }
+
+    /// Sleeps; returns false if shutdown came first.
+    async fn wait(&mut self, ctx: &SourceContext) -> bool {
+        let delay = self.delay;
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = ctx.shutdown.cancelled() => false,
+        }
+    }
+}

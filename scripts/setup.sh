@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Installs what building and testing keepwarm needs and the machine may lack. Idempotent.
+set -euo pipefail
+
+if ! rustup target list --installed | grep -qx wasm32-wasip2; then
+    echo "setup: adding the wasm32-wasip2 Rust target"
+    rustup target add wasm32-wasip2
+fi
+
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+    echo "setup: installing redis-server"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
+fi

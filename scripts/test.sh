@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what is missing, builds the plugins, checks formatting and
+# lints, starts a private Redis, and runs every test against it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+scripts/setup.sh
+scripts/build-plugins.sh
+
+echo "== cargo fmt"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+
+. scripts/lib/redis.sh
+start_redis
+export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
+export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
+echo "== cargo test (redis at $REDIS_URL)"
+cargo test --workspace

@@ -1,0 +1,105 @@
+//! The `keepwarm` command line: `test` and `replay`.
+
+use crate::stream_source::{get, record_text};
+use crate::util::*;
+
+#[test]
+fn keepwarm_test_prints_one_json_line_per_change() {
+    let plugin = plugin_wasm("row-cache");
+    let dir = TempDir::new("kw-cli");
+    let manifest = dir.path().join("m.toml");
+    std::fs::write(
+        &manifest,
+        "[config]\nkey = \"c:{table}:{pks}\"\nttl_seconds = 60\n",
+    )
+    .unwrap();
+    let input = format!("{FIXTURES}\nnot json\n");
+    let (ok, out, err) = keepwarm_cli(
+        &[
+            "test",
+            plugin.to_str().unwrap(),
+            "--manifest",
+            manifest.to_str().unwrap(),
+        ],
+        &input,
+    );
+    assert!(ok, "{err}");
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 13);
+    let f = fixtures();
+    assert_eq!(
+        lines[0],
+        serde_json::json!({"line": 1, "ops": [{"op": "set", "key": "c:orders:1001", "value": record_text(f[0]), "ttl_ms": 60000}]})
+    );
+    assert_eq!(
+        lines[3],
+        serde_json::json!({"line": 4, "ops": [{"op": "del", "key": "c:orders:998"}]})
+    );
+    assert_eq!(
+        lines[10],
+        serde_json::json!({"line": 11, "ops": [{"op": "del", "key": "c:documents:doc_8f2a"}]})
+    );
+    assert_eq!(lines[12]["line"], 14);
+    assert!(
+        lines[12]["error"]
+            .as_str()
+            .unwrap()
+            .contains("invalid JSON")
+    );
+}
+
+#[test]
+fn keepwarm_test_reports_a_plugin_that_fails_to_load() {
+    let dir = TempDir::new("kw-cli");
+    let bogus = dir.path().join("bogus.wasm");
+    std::fs::write(&bogus, b"\0asm\x0d\0\x01\0truncated").unwrap();
+    let (ok, _, err) = keepwarm_cli(&["test", bogus.to_str().unwrap()], "");
+    assert!(!ok);
+    assert!(err.contains("compile failed"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepwarm_replay_warms_the_cache_from_a_file() {
+    let prefix = unique("replay");
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(&prefix, ""),
+    );
+    let dir = TempDir::new("kw-replay");
+    let config = dir.path().join("keepwarm.toml");
+    std::fs::write(
+        &config,
+        format!("[redis]\nurl = \"{}\"\n[plugins]\ndir = \"{}\"\n[dead_letter]\nstream = \"{prefix}:dead\"\n", redis_url(), plugins.path().display()),
+    )
+    .unwrap();
+    let input = dir.path().join("changes.jsonl");
+    std::fs::write(&input, FIXTURES).unwrap();
+    let (ok, _, err) = tokio::task::spawn_blocking({
+        let (config, input) = (config.clone(), input.clone());
+        move || {
+            keepwarm_cli(
+                &[
+                    "replay",
+                    "--config",
+                    config.to_str().unwrap(),
+                    input.to_str().unwrap(),
+                ],
+                "",
+            )
+        }
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(err.contains("replayed 12 messages: 12 done"), "{err}");
+    let mut conn = connect(&redis_url()).await;
+    assert_eq!(
+        get(&mut conn, &format!("{prefix}:public.orders:1001")).await,
+        Some(record_text(fixtures()[2]))
+    );
+}

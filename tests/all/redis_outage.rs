@@ -1,0 +1,122 @@
+//! Redis going away: nothing is acknowledged before it is applied, and nothing is lost.
+
+use crate::stream_source::{get, record_text};
+use crate::util::*;
+use keepwarm::config::Config;
+use std::time::Duration;
+
+fn config(plugins: &std::path::Path, cache_url: &str, stream_url: &str, stream: &str) -> Config {
+    Config::parse(&format!(
+        r#"
+[redis]
+url = "{cache_url}"
+response_timeout_ms = 2000
+[plugins]
+dir = "{dir}"
+[pipeline]
+max_backoff_ms = 200
+[dead_letter]
+stream = "{stream}:dead"
+[[source]]
+kind = "redis-stream"
+url = "{stream_url}"
+stream = "{stream}"
+group = "kw"
+block_ms = 200
+"#,
+        dir = plugins.display()
+    ))
+    .unwrap()
+}
+
+fn order_line(row: u64) -> String {
+    fixtures()[0]
+        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
+        .replace(
+            r#""record_pks":["1001"]"#,
+            &format!(r#""record_pks":["{row}"]"#),
+        )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_is_acknowledged_while_the_cache_is_down_and_nothing_is_lost() {
+    let stream_url = redis_url();
+    let mut cache = RedisServer::start().await;
+    let prefix = unique("outage");
+    let stream = format!("{prefix}:stream");
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(&prefix, ""),
+    );
+    let daemon = Daemon::start(config(plugins.path(), &cache.url(), &stream_url, &stream));
+    let mut conn = connect(&stream_url).await;
+    // Make sure the daemon is up and applying before the outage.
+    xadd_sequin(&mut conn, &stream, &[order_line(0)]).await;
+    wait_all_acked(&stream_url, &stream, "kw", 1, Duration::from_secs(30)).await;
+
+    cache.stop();
+    let lines: Vec<String> = (1..=50).map(order_line).collect();
+    xadd_sequin(&mut conn, &stream, &lines).await;
+    // The daemon reads everything, but with the cache down it must acknowledge none of it.
+    wait_for(
+        "the daemon to read the entries",
+        Duration::from_secs(30),
+        || {
+            let mut conn = conn.clone();
+            let stream = stream.clone();
+            async move { group_progress(&mut conn, &stream, "kw").await.0 == 51 }
+        },
+    )
+    .await;
+    assert_eq!(group_progress(&mut conn, &stream, "kw").await, (51, 50));
+
+    cache.restart().await;
+    wait_all_acked(&stream_url, &stream, "kw", 51, Duration::from_secs(60)).await;
+    daemon.stop().await;
+    let mut cache_conn = connect(&cache.url()).await;
+    for row in 0..=50u64 {
+        let value = get(&mut cache_conn, &format!("{prefix}:public.orders:{row}")).await;
+        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restart_mid_stream_loses_nothing() {
+    let mut server = RedisServer::start().await;
+    let url = server.url();
+    let prefix = unique("restart");
+    let stream = format!("{prefix}:stream");
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(&prefix, ""),
+    );
+    let mut conn = connect(&url).await;
+    let total = 3000u64;
+    let lines: Vec<String> = (0..total).map(order_line).collect();
+    for chunk in lines.chunks(500) {
+        xadd_sequin(&mut conn, &stream, chunk).await;
+    }
+    let daemon = Daemon::start(config(plugins.path(), &url, &url, &stream));
+    wait_for(
+        "the daemon to start reading",
+        Duration::from_secs(30),
+        || {
+            let mut conn = conn.clone();
+            let stream = stream.clone();
+            async move { group_progress(&mut conn, &stream, "kw").await.0 > 0 }
+        },
+    )
+    .await;
+    server.restart().await;
+    wait_all_acked(&url, &stream, "kw", total, Duration::from_secs(120)).await;
+    daemon.stop().await;
+    let mut conn = connect(&url).await;
+    for row in 0..total {
+        let value = get(&mut conn, &format!("{prefix}:public.orders:{row}")).await;
+        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
+    }
+}

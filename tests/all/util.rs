@@ -1,0 +1,401 @@
+//! The integration-test harness: real Redis, real plugins, the real daemon.
+//!
+//! `scripts/test.sh` starts a private Redis and exports `REDIS_URL`, and builds the plugins into
+//! `KEEPWARM_PLUGINS`. Without them the suite fails loudly rather than skipping. Every test uses
+//! its own stream, group and key prefix, so tests run in parallel against one Redis.
+
+use keepwarm::config::Config;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
+
+pub const FIXTURES: &str = include_str!("../fixtures/sequin-examples.jsonl");
+
+pub fn fixtures() -> Vec<&'static str> {
+    FIXTURES.lines().filter(|l| !l.trim().is_empty()).collect()
+}
+
+pub fn redis_url() -> String {
+    std::env::var("REDIS_URL")
+        .expect("REDIS_URL is not set: run the suite with scripts/test.sh, which starts Redis")
+}
+
+pub fn plugin_wasm(name: &str) -> PathBuf {
+    let dir = std::env::var("KEEPWARM_PLUGINS").expect(
+        "KEEPWARM_PLUGINS is not set: run the suite with scripts/test.sh, which builds the plugins",
+    );
+    let path = Path::new(&dir).join(format!("{name}.wasm"));
+    assert!(path.is_file(), "plugin {} is not built", path.display());
+    path
+}
+
+#[allow(dead_code, reason = "used by the hostile-plugin tests")]
+pub fn test_plugin_wasm(name: &str) -> PathBuf {
+    let dir = std::env::var("KEEPWARM_TEST_PLUGINS").expect("KEEPWARM_TEST_PLUGINS is not set");
+    let path = Path::new(&dir).join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "test plugin {} is not built",
+        path.display()
+    );
+    path
+}
+
+/// A name no other test (or earlier run) uses.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "{prefix}-{}-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed),
+        nanos % 1_000_000_000
+    )
+}
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(prefix: &str) -> TempDir {
+        let path = std::env::temp_dir().join(unique(prefix));
+        std::fs::create_dir_all(&path).unwrap();
+        TempDir(path)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(url)
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// The stream fields Sequin's Redis Stream sink writes for a message: one per top-level key,
+/// strings raw and everything else as JSON text (SEQUIN-FORMAT.md §2.1).
+pub fn stream_fields(line: &str) -> Vec<(String, String)> {
+    let value: serde_json::Map<String, serde_json::Value> = serde_json::from_str(line).unwrap();
+    let raw: std::collections::HashMap<String, Box<serde_json::value::RawValue>> =
+        serde_json::from_str(line).unwrap();
+    value
+        .iter()
+        .map(|(k, v)| {
+            let text = match v {
+                serde_json::Value::String(s) => s.clone(),
+                _ => raw[k].get().to_owned(),
+            };
+            (k.clone(), text)
+        })
+        .collect()
+}
+
+/// XADDs messages as Sequin does, in one pipeline.
+pub async fn xadd_sequin(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    lines: &[String],
+) {
+    let mut pipe = redis::pipe();
+    for line in lines {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(stream).arg("*");
+        for (k, v) in stream_fields(line) {
+            cmd.arg(k).arg(v);
+        }
+        pipe.add_command(cmd).ignore();
+    }
+    let () = pipe.query_async(conn).await.unwrap();
+}
+
+/// XADDs raw field/value pairs.
+pub async fn xadd_raw(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    fields: &[(&str, &[u8])],
+) {
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(stream).arg("*");
+    for (k, v) in fields {
+        cmd.arg(*k).arg(*v);
+    }
+    let _: String = cmd.query_async(conn).await.unwrap();
+}
+
+/// Waits for a condition to hold, checking it every 20 ms; panics with `what` after `limit`.
+pub async fn wait_for<F, Fut>(what: &str, limit: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !check().await {
+        assert!(start.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `(entries delivered to the group, entries pending)` of a consumer group.
+pub async fn group_progress(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    group: &str,
+) -> (u64, u64) {
+    let pending: redis::Value = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(group)
+        .query_async(conn)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    let pending = match pending {
+        redis::Value::Array(parts) => match parts.first() {
+            Some(redis::Value::Int(n)) => *n as u64,
+            _ => 0,
+        },
+        _ => u64::MAX,
+    };
+    let info: redis::Value = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .unwrap_or(redis::Value::Nil);
+    let mut read = 0;
+    if let redis::Value::Array(groups) = info {
+        for g in groups {
+            if let redis::Value::Array(kv) = g {
+                let pairs: Vec<_> = kv.chunks(2).collect();
+                let is_ours = pairs.iter().any(|p| {
+                    matches!(&p[0], redis::Value::BulkString(k) if k == b"name")
+                        && matches!(&p[1], redis::Value::BulkString(v) if v == group.as_bytes())
+                });
+                if is_ours {
+                    for p in pairs {
+                        if matches!(&p[0], redis::Value::BulkString(k) if k == b"entries-read")
+                            && let redis::Value::Int(n) = p[1]
+                        {
+                            read = n as u64;
+                        }
+                    }
+                }
+            }
+        }
+    }
+    (read, pending)
+}
+
+/// Waits until the group has read `n` entries and none is pending (all acknowledged).
+pub async fn wait_all_acked(url: &str, stream: &str, group: &str, n: u64, limit: Duration) {
+    let mut conn = connect(url).await;
+    let what = format!("{n} entries of {stream} to be acknowledged");
+    wait_for(&what, limit, || {
+        let mut conn = conn.clone();
+        async move { group_progress(&mut conn, stream, group).await == (n, 0) }
+    })
+    .await;
+    let _ = &mut conn;
+}
+
+/// A plugin directory with chosen plugins and manifests.
+pub struct PluginDir {
+    pub dir: TempDir,
+}
+
+impl PluginDir {
+    pub fn new() -> PluginDir {
+        PluginDir {
+            dir: TempDir::new("kw-plugins"),
+        }
+    }
+
+    /// Copies `wasm` in as `<name>.wasm` with `manifest` as `<name>.toml`.
+    pub fn add(&self, name: &str, wasm: &Path, manifest: &str) -> &PluginDir {
+        std::fs::copy(wasm, self.dir.path().join(format!("{name}.wasm"))).unwrap();
+        std::fs::write(self.dir.path().join(format!("{name}.toml")), manifest).unwrap();
+        self
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+/// A row-cache manifest that writes under `prefix`.
+pub fn row_cache_manifest(prefix: &str, extra: &str) -> String {
+    format!("{extra}\n[config]\nkey = \"{prefix}:{{schema}}.{{table}}:{{pks}}\"\n")
+}
+
+/// A daemon configuration for one stream.
+pub fn stream_config(plugins: &Path, stream: &str, group: &str, extra: &str) -> Config {
+    let text = format!(
+        r#"
+[redis]
+url = "{url}"
+[plugins]
+dir = "{dir}"
+[dead_letter]
+stream = "{stream}:dead"
+{extra}
+[[source]]
+kind = "redis-stream"
+stream = "{stream}"
+group = "{group}"
+block_ms = 200
+claim_idle_ms = 500
+"#,
+        url = redis_url(),
+        dir = plugins.display(),
+    );
+    Config::parse(&text).unwrap()
+}
+
+/// The daemon running in this process.
+pub struct Daemon {
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Daemon {
+    pub fn start(config: Config) -> Daemon {
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(keepwarm::daemon::run(
+            config,
+            shutdown.clone(),
+            Duration::from_secs(10),
+        ));
+        Daemon { shutdown, task }
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A redis-server of the test's own, for tests that stop and restart Redis.
+pub struct RedisServer {
+    pub port: u16,
+    dir: TempDir,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server that persists every write (AOF, fsync always), so a restart loses
+    /// nothing.
+    pub async fn start() -> RedisServer {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut server = RedisServer {
+            port,
+            dir: TempDir::new("kw-redis"),
+            child: None,
+        };
+        server.boot().await;
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn boot(&mut self) {
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--save",
+                "",
+            ])
+            .arg("--dir")
+            .arg(self.dir.path())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server is not installed (scripts/setup.sh installs it)");
+        self.child = Some(child);
+        let url = self.url();
+        wait_for("redis-server to answer", Duration::from_secs(10), || {
+            let url = url.clone();
+            async move {
+                match redis::Client::open(url.as_str())
+                    .unwrap()
+                    .get_multiplexed_async_connection()
+                    .await
+                {
+                    Ok(mut c) => redis::cmd("PING")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok(),
+                    Err(_) => false,
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Stops the server (SIGTERM: it flushes the AOF) and waits for it to exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill").arg(child.id().to_string()).status();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.stop();
+        self.boot().await;
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the `keepwarm` binary with `args`, feeding `stdin`, and returns its stdout.
+pub fn keepwarm_cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    (
+        output.status.success(),
+        String::from_utf8(output.stdout).unwrap(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
