@@ -1,0 +1,286 @@
+//! [`Change`]: one change to one row, with typed access to the WIT `change` record.
+//!
+//! The record arrives as JSON text exactly as Sequin sent it. [`Change::record_json`] hands that
+//! text out untouched (cache it as is); [`Change::record`] and [`Change::record_value`] parse it.
+//! With `serde_json`'s `arbitrary_precision`, parsed numbers keep their digits, so a 64-bit id
+//! beyond 2^53 survives a parse (only exponents are normalised: `1.0e20` reads back `1.0e+20`).
+//!
+//! ```
+//! use keepwarm_guest::{Action, Change};
+//!
+//! let line = r#"{"record":{"id":9007199254740993,"total":"149.90"},"changes":null,"action":"insert",
+//!   "metadata":{"table_schema":"public","table_name":"orders","commit_timestamp":"2025-03-14T09:26:53.601022Z",
+//!   "commit_lsn":1243361160,"commit_idx":0,"idempotency_key":"MTI0MzM2MTE2MDow","record_pks":["9007199254740993"]}}"#;
+//! let change = Change::from_message_json(line).unwrap();
+//! assert_eq!(change.action(), Action::Insert);
+//! assert_eq!(change.record_json(), r#"{"id":9007199254740993,"total":"149.90"}"#);
+//! assert_eq!(change.record_value().unwrap()["id"].to_string(), "9007199254740993");
+//! assert_eq!(change.version(), Some((1243361160, 0)));
+//! ```
+
+use std::cell::OnceCell;
+
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::{Action, WitChange};
+
+/// The placeholder Sequin writes for an unchanged TOASTed column of an update.
+const UNCHANGED_TOAST: &str = "unchanged_toast";
+
+/// One change to one row, as the host delivered it.
+///
+/// It wraps the WIT record ([`WitChange`]) and parses the record JSON at most once, on first use.
+#[derive(Clone, Debug)]
+pub struct Change {
+    /// The record as the host sent it.
+    wit: WitChange,
+    /// `record` parsed, filled on first use.
+    record: OnceCell<Result<Value, String>>,
+}
+
+impl Change {
+    /// What happened to the row.
+    pub fn action(&self) -> Action {
+        self.wit.action
+    }
+
+    /// The Postgres schema of the table, e.g. `public`.
+    pub fn schema(&self) -> &str {
+        &self.wit.schema
+    }
+
+    /// The table name (a partition reports its parent's name).
+    pub fn table(&self) -> &str {
+        &self.wit.table
+    }
+
+    /// The row as JSON object text, byte for byte as delivered.
+    ///
+    /// For a delete this is the old row; unless the table has `REPLICA IDENTITY FULL`, only its
+    /// primary-key columns are set and the others are `null`.
+    pub fn record_json(&self) -> &str {
+        &self.wit.record
+    }
+
+    /// The row deserialized into `T`.
+    ///
+    /// `numeric` columns are JSON strings (`"149.90"`); `int8` may exceed 2^53, so prefer `i64`
+    /// or `u64` over `f64` for integer columns.
+    ///
+    /// # Errors
+    ///
+    /// When the record does not fit `T`; the message names the problem.
+    pub fn record<T: DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_str(&self.wit.record).map_err(|error| format!("record: {error}"))
+    }
+
+    /// The row as a JSON value (an object), parsed once and kept.
+    ///
+    /// Numbers keep their digits (`arbitrary_precision`), so big integers stay exact; exponents
+    /// are normalised (`1.0e20` becomes `1.0e+20`). Use [`Change::record_json`] for the exact text.
+    ///
+    /// # Errors
+    ///
+    /// When the record is not valid JSON.
+    pub fn record_value(&self) -> Result<&Value, String> {
+        self.record
+            .get_or_init(|| {
+                serde_json::from_str(&self.wit.record).map_err(|error| format!("record: {error}"))
+            })
+            .as_ref()
+            .map_err(Clone::clone)
+    }
+
+    /// For updates, the old values of the changed columns as JSON object text, `{}` when the
+    /// table's replica identity is not FULL. `None` for insert, delete and read.
+    pub fn old_json(&self) -> Option<&str> {
+        self.wit.changes.as_deref()
+    }
+
+    /// The old values of [`Change::old_json`], parsed.
+    ///
+    /// # Errors
+    ///
+    /// When the text is not valid JSON.
+    pub fn old_values(&self) -> Result<Option<Value>, String> {
+        self.old_json()
+            .map(|json| serde_json::from_str(json).map_err(|error| format!("changes: {error}")))
+            .transpose()
+    }
+
+    /// The primary-key values as strings, in primary-key column order.
+    pub fn pks(&self) -> &[String] {
+        &self.wit.pks
+    }
+
+    /// The version of the change: `(commit LSN, position in the transaction)`. `None` for
+    /// backfill reads, which have neither.
+    pub fn version(&self) -> Option<(u64, u64)> {
+        Some((self.wit.commit_lsn?, self.wit.commit_idx?))
+    }
+
+    /// The commit time (RFC 3339, UTC); for reads, the time the row was read.
+    pub fn commit_timestamp(&self) -> &str {
+        &self.wit.commit_timestamp
+    }
+
+    /// Sequin's idempotency key for this change.
+    pub fn idempotency_key(&self) -> &str {
+        &self.wit.idempotency_key
+    }
+
+    /// The whole `metadata` object of the message as JSON text.
+    pub fn metadata_json(&self) -> &str {
+        &self.wit.metadata
+    }
+
+    /// The `metadata` object deserialized into `T`, e.g. to read `transaction_annotations`.
+    ///
+    /// # Errors
+    ///
+    /// When the metadata does not fit `T`.
+    pub fn metadata<T: DeserializeOwned>(&self) -> Result<T, String> {
+        serde_json::from_str(&self.wit.metadata).map_err(|error| format!("metadata: {error}"))
+    }
+
+    /// Whether a top-level column of the record holds the string `"unchanged_toast"`: Sequin's
+    /// placeholder for a TOASTed value the update did not carry. Never cache such a record.
+    ///
+    /// A record that is not a JSON object has no such column.
+    pub fn has_unchanged_toast(&self) -> bool {
+        let json = self.record_json();
+        // The placeholder can only hide behind `\u` escapes; without either, skip the parse.
+        if !json.contains(UNCHANGED_TOAST) && !json.contains("\\u") {
+            return false;
+        }
+        match self.record_value() {
+            Ok(Value::Object(columns)) => columns.values().any(|value| value == UNCHANGED_TOAST),
+            _ => false,
+        }
+    }
+
+    /// The WIT record this change wraps.
+    pub fn as_wit(&self) -> &WitChange {
+        &self.wit
+    }
+
+    /// Unwraps the WIT record.
+    pub fn into_wit(self) -> WitChange {
+        self.wit
+    }
+}
+
+impl From<WitChange> for Change {
+    fn from(wit: WitChange) -> Change {
+        Change {
+            wit,
+            record: OnceCell::new(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures;
+
+    fn change(record: &str, action: Action) -> Change {
+        Change::from(WitChange {
+            action,
+            schema: "public".to_owned(),
+            table: "t".to_owned(),
+            record: record.to_owned(),
+            changes: None,
+            pks: vec!["1".to_owned()],
+            commit_lsn: None,
+            commit_idx: None,
+            commit_timestamp: String::new(),
+            idempotency_key: String::new(),
+            metadata: "{}".to_owned(),
+        })
+    }
+
+    fn check_toast(record: &str, expect: bool) {
+        assert_eq!(
+            change(record, Action::Update).has_unchanged_toast(),
+            expect,
+            "{record}"
+        );
+    }
+
+    #[test]
+    fn toast_is_a_top_level_string_value() {
+        check_toast(r#"{"id":1,"body":"unchanged_toast"}"#, true);
+        check_toast(r#"{"id":1,"body":"unchanged\u005ftoast"}"#, true);
+        check_toast(r#"{"id":1,"body":"text"}"#, false);
+        check_toast(r#"{"id":1,"doc":{"body":"unchanged_toast"}}"#, false);
+        check_toast(r#"{"id":1,"tags":["unchanged_toast"]}"#, false);
+        check_toast(r#"{"unchanged_toast":1}"#, false);
+        check_toast(r#"{"body":"unchanged_toast "}"#, false);
+        check_toast(r#"not json "unchanged_toast""#, false);
+    }
+
+    #[test]
+    fn only_the_documents_fixture_holds_toast() {
+        for (n, fixture) in fixtures::all().iter().enumerate() {
+            let change = Change::from_message_json(&fixture.line).unwrap();
+            assert_eq!(
+                change.has_unchanged_toast(),
+                fixture.table == "documents",
+                "line {n}"
+            );
+        }
+    }
+
+    #[test]
+    fn version_needs_lsn_and_index() {
+        let mut wit = change("{}", Action::Read).into_wit();
+        assert_eq!(Change::from(wit.clone()).version(), None);
+        wit.commit_lsn = Some(7);
+        assert_eq!(Change::from(wit.clone()).version(), None);
+        wit.commit_idx = Some(2);
+        assert_eq!(Change::from(wit).version(), Some((7, 2)));
+    }
+
+    #[test]
+    fn record_parses_typed_and_keeps_big_integers() {
+        #[derive(serde::Deserialize)]
+        struct Row {
+            id: u64,
+            price: String,
+        }
+        let change = change(
+            r#"{"id":9007199254740993,"price":"4.50","x":1.0e20}"#,
+            Action::Insert,
+        );
+        let row: Row = change.record().unwrap();
+        assert_eq!((row.id, row.price.as_str()), (9007199254740993, "4.50"));
+        let value = change.record_value().unwrap();
+        assert_eq!(value["id"].to_string(), "9007199254740993");
+        assert_eq!(value["x"].to_string(), "1.0e+20");
+        let error = change.record::<Vec<u8>>().unwrap_err();
+        assert!(error.starts_with("record: invalid type: map"), "{error}");
+    }
+
+    #[test]
+    fn record_value_reports_invalid_json_every_time() {
+        let change = change("{", Action::Insert);
+        let first = change.record_value().unwrap_err();
+        assert!(first.starts_with("record: EOF"), "{first}");
+        assert_eq!(change.record_value().unwrap_err(), first);
+    }
+
+    #[test]
+    fn old_values_follow_changes() {
+        let mut wit = change("{}", Action::Update).into_wit();
+        assert_eq!(Change::from(wit.clone()).old_values(), Ok(None));
+        wit.changes = Some(r#"{"status":"pending"}"#.to_owned());
+        let change = Change::from(wit);
+        assert_eq!(change.old_json(), Some(r#"{"status":"pending"}"#));
+        assert_eq!(
+            change.old_values(),
+            Ok(Some(serde_json::json!({"status": "pending"})))
+        );
+    }
+}
