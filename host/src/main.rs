@@ -37,6 +37,16 @@ enum Command {
         /// The JSONL file, or `-` for standard input.
         input: String,
     },
+    /// Lists the plugins of a running daemon (name, version, tables, state, load time), asking
+    /// its admin endpoint.
+    Plugins {
+        /// The daemon's configuration file (for `[admin] listen`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs a plugin over change messages from stdin without Redis and prints, for each line,
     /// the operations or the error as one JSON line.
     Test {
@@ -66,6 +76,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let stdin = std::io::stdin().lock();
             let stdout = std::io::stdout().lock();
             keepwarm::plugin_test::run(&plugin, manifest.as_deref(), stdin, stdout)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins { config, json } => {
+            let config = Config::load(&config)?;
+            keepwarm::admin::print_plugins(&config.admin.listen, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {
