@@ -25,12 +25,18 @@ pub struct PluginSet {
 
 impl PluginSet {
     /// The plugins subscribed to a message, in name order.
-    pub fn routes<'a>(&'a self, message: &'a ChangeMessage) -> impl Iterator<Item = usize> + 'a {
+    pub fn routes<'a>(
+        &'a self,
+        message: &'a ChangeMessage,
+    ) -> impl Iterator<Item = &'a Arc<Plugin>> + 'a {
         self.plugins
             .iter()
-            .enumerate()
-            .filter(move |(_, plugin)| plugin.manifest.subscribes(message))
-            .map(|(index, _)| index)
+            .filter(move |plugin| plugin.manifest.subscribes(message))
+    }
+
+    /// The plugin serving under `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|plugin| plugin.name() == name)
     }
 }
 

@@ -4,6 +4,8 @@
 //! - [`bindings`]: the only `bindgen!`.
 //! - [`state`]: store data (WASI view, limiter, `log` and `config` imports).
 //! - [`limiter`]: memory cap and high-water mark.
+//! - [`guest_output`]: guest stdout/stderr to the log, rate limited.
+//! - [`breaker`]: pausing a plugin whose calls keep failing.
 //! - [`plugin`]: one loaded plugin and its warm instances.
 //! - [`convert`]: `ChangeMessage` to the WIT change, the WIT op to [`Op`](crate::ops::Op).
 //! - [`loader`]: reading a plugin directory into a [`PluginSet`].
@@ -13,8 +15,10 @@
 //! - [`status`]: what `keepwarm plugins` shows.
 
 pub mod bindings;
+pub mod breaker;
 pub mod cache;
 pub mod convert;
+pub mod guest_output;
 pub mod limiter;
 pub mod loader;
 pub mod plugin;
