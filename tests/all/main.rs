@@ -4,6 +4,7 @@
 
 mod cli;
 mod dead_letters;
+mod hostile;
 mod hot_reload;
 mod redis_outage;
 mod stream_source;
