@@ -1,11 +1,13 @@
 //! Wiring: plugins, applier, pipeline and sources, for `keepwarm run` and `keepwarm replay`.
 
 use crate::applier::Applier;
-use crate::config::{Config, SourceConfig};
+use crate::config::{
+    Config, HttpSourceConfig, RedisStreamSourceConfig, SourceConfig, SqsSourceConfig,
+};
 use crate::pipeline::{self, Dispatcher, Shared};
 use crate::runtime::{self, PluginSet, Runtime};
 use crate::sources::jsonl::{self, ReplaySummary};
-use crate::sources::{SourceContext, redis_streams};
+use crate::sources::{SourceContext, redis_streams, sqs, webhook};
 use crate::telemetry::Counters;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -71,6 +73,13 @@ impl Core {
     }
 }
 
+/// A source ready to run: what must fail at start-up has been done.
+enum Ready {
+    RedisStream(RedisStreamSourceConfig),
+    Sqs(SqsSourceConfig),
+    Http(HttpSourceConfig, webhook::Bound),
+}
+
 /// Runs the configured sources until `shutdown`, then lets in-flight work finish for at most
 /// `grace`.
 ///
@@ -87,9 +96,26 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let slots = core.slots();
+    // Listeners are bound before anything runs, so a port in use or a missing token stops the
+    // daemon at start-up rather than leaving it running without that source.
+    let mut sources = Vec::new();
     for source in core.config.sources.clone() {
+        let name = source.name();
+        let ready = match source {
+            SourceConfig::RedisStream(stream) => Ready::RedisStream(stream),
+            SourceConfig::Sqs(queue) => Ready::Sqs(queue),
+            SourceConfig::Http(http) => {
+                let bound = webhook::bind(&http)
+                    .await
+                    .with_context(|| format!("cannot start source {name}"))?;
+                Ready::Http(http, bound)
+            }
+        };
+        sources.push((name, ready));
+    }
+    for (name, source) in sources {
         let ctx = SourceContext::new(
-            source.name(),
+            name,
             dispatcher.clone(),
             shutdown.clone(),
             Arc::clone(&slots),
@@ -99,9 +125,9 @@ pub async fn run(
         tracker.spawn(async move {
             let name = ctx.name.clone();
             let result = match source {
-                SourceConfig::RedisStream(stream) => {
-                    redis_streams::run(stream, url, max_bytes, ctx).await
-                }
+                Ready::RedisStream(stream) => redis_streams::run(stream, url, max_bytes, ctx).await,
+                Ready::Sqs(queue) => sqs::run(queue, max_bytes, ctx).await,
+                Ready::Http(http, bound) => webhook::run(http, bound, max_bytes, ctx).await,
             };
             if let Err(error) = result {
                 tracing::error!(source = %name, error = format!("{error:#}"), "source failed");
