@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, builds the plugins, checks formatting and
-# lints, starts a private Redis, and runs every test against it.
+# lints, starts a private Redis and an SQS emulator (moto), and runs every test against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -18,9 +18,11 @@ cargo clippy -p keepwarm --all-targets -- -D warnings
 cargo clippy -p keepwarm-guest -p row-cache --all-targets -- -D warnings
 
 . scripts/lib/redis.sh
+. scripts/lib/moto.sh
 start_redis
+start_moto
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
-echo "== cargo test (redis at $REDIS_URL)"
+echo "== cargo test (redis at $REDIS_URL, sqs emulator at $SQS_ENDPOINT)"
 cargo test -p keepwarm-guest -p row-cache
 cargo test -p keepwarm

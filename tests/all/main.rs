@@ -5,6 +5,8 @@
 mod cli;
 mod dead_letters;
 mod redis_outage;
+mod sqs;
 mod stream_source;
 mod util;
 mod versioned;
+mod webhook;
