@@ -405,12 +405,39 @@ async fn throughput_of_batched_webhooks() {
         elapsed.as_secs_f64(),
         total as f64 / elapsed.as_secs_f64()
     );
+    // The same volume again on new rows, from four clients at once.
+    let lines: Vec<String> = (total..2 * total).map(|row| order_line(row, 0)).collect();
+    let start = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for part in lines.chunks(lines.len() / 4) {
+        let bodies: Vec<String> = part.chunks(per_batch).map(batch).collect();
+        let (http, url, token) = (
+            endpoint.http.clone(),
+            endpoint.url.clone(),
+            endpoint.token.clone(),
+        );
+        clients.spawn(async move {
+            for body in bodies {
+                let response = http.post(&url).bearer_auth(&token).body(body).send().await;
+                assert_eq!(response.unwrap().status(), StatusCode::OK);
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done.unwrap();
+    }
+    let elapsed = start.elapsed();
+    println!(
+        "http source: {total} messages in batches of {per_batch}, four clients at once, applied in {:.2} s ({:.0} messages/s)",
+        elapsed.as_secs_f64(),
+        total as f64 / elapsed.as_secs_f64()
+    );
     endpoint.daemon.stop().await;
     let mut conn = connect(&url).await;
-    for row in [0, total / 2, total - 1] {
+    for row in [0, total / 2, total - 1, 2 * total - 1] {
         assert_eq!(
             get(&mut conn, &format!("{prefix}:public.orders:{row}")).await,
-            Some(record_text(&lines[row as usize]))
+            Some(record_text(&order_line(row, 0)))
         );
     }
 }
