@@ -12,3 +12,9 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
+
+# moto: the SQS emulator the SQS source's tests run against (scripts/lib/moto.sh).
+if ! command -v moto_server >/dev/null || ! python3 -c 'import moto.server' 2>/dev/null; then
+    echo "setup: installing moto (SQS emulator)"
+    python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
+fi

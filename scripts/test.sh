@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, builds the plugins, checks formatting and
-# lints, starts a private Redis, and runs every test against it.
+# lints, starts a private Redis and an SQS emulator (moto), and runs every test against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$(pwd)
@@ -19,10 +19,12 @@ guests=(-p keepwarm-guest -p row-cache -p tagger -p hostile -p wrong-world)
 cargo clippy "${guests[@]}" --all-targets -- -D warnings
 
 . scripts/lib/redis.sh
+. scripts/lib/moto.sh
 start_redis
+start_moto
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
-echo "== cargo test (redis at $REDIS_URL)"
+echo "== cargo test (redis at $REDIS_URL, sqs emulator at $SQS_ENDPOINT)"
 log=$(mktemp -t keepwarm-test.XXXXXX)
 cargo test "${guests[@]}" 2>&1 | tee "$log"
 cargo test -p keepwarm --lib --bins --tests 2>&1 | tee -a "$log"

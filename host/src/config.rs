@@ -5,6 +5,7 @@
 
 use anyhow::Context as _;
 use serde::Deserialize;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -164,6 +165,10 @@ impl Default for VersioningConfig {
 pub enum SourceConfig {
     /// A Redis Stream written by Sequin's Redis Stream sink.
     RedisStream(RedisStreamSourceConfig),
+    /// An SQS queue (FIFO or standard) written by Sequin's SQS sink.
+    Sqs(SqsSourceConfig),
+    /// An HTTP endpoint that Sequin's webhook sink (HTTP push) posts to.
+    Http(HttpSourceConfig),
 }
 
 impl SourceConfig {
@@ -171,6 +176,11 @@ impl SourceConfig {
     pub fn name(&self) -> String {
         match self {
             SourceConfig::RedisStream(stream) => format!("redis-stream:{}", stream.stream),
+            SourceConfig::Sqs(sqs) => {
+                let queue = sqs.queue_url.trim_end_matches('/');
+                format!("sqs:{}", queue.rsplit('/').next().unwrap_or(queue))
+            }
+            SourceConfig::Http(http) => format!("http:{}{}", http.listen, http.path),
         }
     }
 }
@@ -199,6 +209,108 @@ pub struct RedisStreamSourceConfig {
     /// milliseconds. Keep it above the longest time a healthy batch takes.
     #[serde(default = "default_claim_idle_ms")]
     pub claim_idle_ms: u64,
+}
+
+/// `[[source]] kind = "sqs"`. Credentials come from the standard AWS chain (environment,
+/// shared config and credentials files, web identity, ECS and EC2 instance roles).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsSourceConfig {
+    /// Queue URL; a FIFO queue's ends in `.fifo`.
+    pub queue_url: String,
+    /// AWS region of the queue, e.g. `eu-west-1`.
+    pub region: String,
+    /// Endpoint to call instead of AWS's regional one (an emulator, a VPC endpoint).
+    #[serde(default)]
+    pub endpoint_url: Option<String>,
+    /// `ReceiveMessage` loops running in parallel.
+    #[serde(default = "default_receivers")]
+    pub receivers: usize,
+    /// Most messages asked for per `ReceiveMessage` (1 to 10).
+    #[serde(default = "default_max_messages")]
+    pub max_messages: usize,
+    /// How long one `ReceiveMessage` waits for messages (long polling), in seconds (0 to 20).
+    #[serde(default = "default_wait_time_seconds")]
+    pub wait_time_seconds: u32,
+    /// Visibility timeout asked for on receive, in seconds (1 to 43200). A message still in
+    /// flight when half of it has passed is extended by as much again.
+    #[serde(default = "default_visibility_timeout_seconds")]
+    pub visibility_timeout_seconds: u32,
+}
+
+fn default_receivers() -> usize {
+    2
+}
+fn default_max_messages() -> usize {
+    10
+}
+fn default_wait_time_seconds() -> u32 {
+    20
+}
+fn default_visibility_timeout_seconds() -> u32 {
+    30
+}
+
+/// `[[source]] kind = "http"`: Sequin's webhook sink posts here.
+#[derive(Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSourceConfig {
+    /// Address to listen on, e.g. `0.0.0.0:8080`.
+    pub listen: SocketAddr,
+    /// Path that accepts `POST`s, e.g. `/sequin`.
+    pub path: String,
+    /// Bearer token every request must carry (`Authorization: Bearer <token>`). Exactly one of
+    /// `token` and `token_env` is required.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// Name of an environment variable holding the bearer token, to keep it out of this file.
+    #[serde(default)]
+    pub token_env: Option<String>,
+    /// Largest accepted request body, in bytes; larger ones get 413.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// How long a request waits for its messages to be applied before it gets 503, in
+    /// milliseconds. Keep it below Sequin's request timeout (`ack_wait_ms`, 30 s by default).
+    #[serde(default = "default_ack_timeout_ms")]
+    pub ack_timeout_ms: u64,
+}
+
+fn default_max_body_bytes() -> usize {
+    8 << 20
+}
+fn default_ack_timeout_ms() -> u64 {
+    25_000
+}
+
+impl std::fmt::Debug for HttpSourceConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HttpSourceConfig")
+            .field("listen", &self.listen)
+            .field("path", &self.path)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .field("token_env", &self.token_env)
+            .field("max_body_bytes", &self.max_body_bytes)
+            .field("ack_timeout_ms", &self.ack_timeout_ms)
+            .finish()
+    }
+}
+
+impl HttpSourceConfig {
+    /// The bearer token, from the file or from the environment.
+    ///
+    /// # Errors
+    ///
+    /// `token_env` names a variable that is unset or empty.
+    pub fn resolve_token(&self) -> anyhow::Result<String> {
+        match (&self.token, &self.token_env) {
+            (Some(token), _) => Ok(token.clone()),
+            (None, Some(name)) => match std::env::var(name) {
+                Ok(token) if !token.is_empty() => Ok(token),
+                _ => anyhow::bail!("environment variable {name} (token_env) is unset or empty"),
+            },
+            (None, None) => anyhow::bail!("http source has no token"),
+        }
+    }
 }
 
 fn default_read_count() -> usize {
@@ -271,6 +383,15 @@ impl Config {
                     anyhow::ensure!(!stream.group.is_empty(), "source group must not be empty");
                     anyhow::ensure!(stream.read_count >= 1, "source read_count must be >= 1");
                 }
+                SourceConfig::Sqs(sqs) => {
+                    validate_sqs(sqs)?;
+                    // A receiver reserves max_messages slots at once and would wait forever.
+                    anyhow::ensure!(
+                        sqs.max_messages <= pipeline.max_in_flight,
+                        "sqs max_messages must not exceed pipeline.max_in_flight"
+                    );
+                }
+                SourceConfig::Http(http) => validate_http(http)?,
             }
         }
         Ok(config)
@@ -282,6 +403,51 @@ impl Config {
     }
 }
 
+fn validate_sqs(sqs: &SqsSourceConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        sqs.queue_url.starts_with("http://") || sqs.queue_url.starts_with("https://"),
+        "sqs queue_url must be an http(s) URL, got {:?}",
+        sqs.queue_url
+    );
+    anyhow::ensure!(!sqs.region.is_empty(), "sqs region must not be empty");
+    anyhow::ensure!(sqs.receivers >= 1, "sqs receivers must be at least 1");
+    anyhow::ensure!(
+        (1..=10).contains(&sqs.max_messages),
+        "sqs max_messages must be between 1 and 10"
+    );
+    anyhow::ensure!(
+        sqs.wait_time_seconds <= 20,
+        "sqs wait_time_seconds must be at most 20"
+    );
+    anyhow::ensure!(
+        (1..=43_200).contains(&sqs.visibility_timeout_seconds),
+        "sqs visibility_timeout_seconds must be between 1 and 43200"
+    );
+    Ok(())
+}
+
+fn validate_http(http: &HttpSourceConfig) -> anyhow::Result<()> {
+    anyhow::ensure!(
+        http.path.starts_with('/') && !http.path.contains(['{', '}', '*', '?', '#']),
+        "http path must start with '/' and hold no '{{', '}}', '*', '?' or '#', got {:?}",
+        http.path
+    );
+    match (&http.token, &http.token_env) {
+        (Some(token), None) => anyhow::ensure!(!token.is_empty(), "http token must not be empty"),
+        (None, Some(name)) => anyhow::ensure!(!name.is_empty(), "http token_env must not be empty"),
+        _ => anyhow::bail!("http source needs exactly one of token and token_env"),
+    }
+    anyhow::ensure!(
+        http.max_body_bytes >= 1,
+        "http max_body_bytes must be at least 1"
+    );
+    anyhow::ensure!(
+        http.ack_timeout_ms >= 1,
+        "http ack_timeout_ms must be at least 1"
+    );
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,7 +456,88 @@ mod tests {
     fn example_config_parses() {
         let text = include_str!("../../config/example.toml");
         let config = Config::parse(text).unwrap();
-        assert_eq!(config.sources.len(), 1);
+        let names: Vec<String> = config.sources.iter().map(SourceConfig::name).collect();
+        assert_eq!(
+            names,
+            [
+                "redis-stream:sequin.changes",
+                "sqs:sequin-changes.fifo",
+                "http:0.0.0.0:8080/sequin"
+            ]
+        );
+    }
+
+    const BASE: &str = "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n[[source]]\n";
+
+    fn source_error(source: &str) -> String {
+        format!(
+            "{:#}",
+            Config::parse(&format!("{BASE}{source}")).unwrap_err()
+        )
+    }
+
+    #[test]
+    fn sqs_sources_take_defaults_and_reject_out_of_range_values() {
+        let config = Config::parse(&format!(
+            "{BASE}kind = \"sqs\"\nqueue_url = \"http://127.0.0.1:5000/1/q.fifo\"\nregion = \"us-east-1\"\n"
+        ))
+        .unwrap();
+        let SourceConfig::Sqs(sqs) = &config.sources[0] else {
+            panic!("not sqs")
+        };
+        assert_eq!(
+            (sqs.receivers, sqs.max_messages, sqs.wait_time_seconds),
+            (2, 10, 20)
+        );
+        assert_eq!(sqs.visibility_timeout_seconds, 30);
+        let sqs = "kind = \"sqs\"\nqueue_url = \"https://q/1/q\"\nregion = \"r\"\n";
+        assert!(source_error(&format!("{sqs}max_messages = 11\n")).contains("max_messages"));
+        assert!(source_error(&format!("{sqs}wait_time_seconds = 21\n")).contains("wait_time"));
+        assert!(source_error(&format!("{sqs}receivers = 0\n")).contains("receivers"));
+        assert!(source_error(&format!("{sqs}queue = \"x\"\n")).contains("queue"));
+        assert!(
+            source_error("kind = \"sqs\"\nqueue_url = \"q\"\nregion = \"r\"\n").contains("URL")
+        );
+    }
+
+    #[test]
+    fn http_sources_need_exactly_one_token_and_never_print_it() {
+        let http = "kind = \"http\"\nlisten = \"127.0.0.1:0\"\npath = \"/hook\"\n";
+        assert!(source_error(http).contains("exactly one of token and token_env"));
+        assert!(
+            source_error(&format!("{http}token = \"a\"\ntoken_env = \"B\"\n"))
+                .contains("exactly one")
+        );
+        assert!(
+            source_error(
+                "kind = \"http\"\nlisten = \"127.0.0.1:0\"\npath = \"hook\"\ntoken = \"t\"\n"
+            )
+            .contains("path")
+        );
+        let error =
+            source_error("kind = \"http\"\nlisten = \"nowhere\"\npath = \"/h\"\ntoken = \"t\"\n");
+        assert!(error.contains("address"), "{error}");
+        let config = Config::parse(&format!("{BASE}{http}token = \"s3cret\"\n")).unwrap();
+        let SourceConfig::Http(source) = &config.sources[0] else {
+            panic!("not http")
+        };
+        assert_eq!(source.resolve_token().unwrap(), "s3cret");
+        assert_eq!(
+            (source.max_body_bytes, source.ack_timeout_ms),
+            (8 << 20, 25_000)
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let config = Config::parse(&format!(
+            "{BASE}{http}token_env = \"KEEPWARM_TEST_SURELY_UNSET_TOKEN\"\n"
+        ))
+        .unwrap();
+        let SourceConfig::Http(source) = &config.sources[0] else {
+            panic!("not http")
+        };
+        assert!(
+            format!("{:#}", source.resolve_token().unwrap_err())
+                .contains("KEEPWARM_TEST_SURELY_UNSET_TOKEN")
+        );
     }
 
     #[test]

@@ -2,11 +2,14 @@
 
 use crate::admin::{self, AdminState};
 use crate::applier::Applier;
-use crate::config::{Config, SourceConfig};
+use crate::config::{
+    Config, HttpSourceConfig, RedisStreamSourceConfig, SourceConfig, SqsSourceConfig,
+};
 use crate::pipeline::{self, Dispatcher, Shared};
 use crate::runtime::{self, PluginSet, Runtime, reload};
+use crate::sources::dead_letters;
 use crate::sources::jsonl::{self, ReplaySummary};
-use crate::sources::{SourceContext, redis_streams};
+use crate::sources::{SourceContext, redis_streams, sqs, webhook};
 use crate::telemetry::Counters;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -52,7 +55,11 @@ impl Core {
         })
     }
 
-    fn pipeline(&self, tracker: &TaskTracker, shutdown: &CancellationToken) -> Dispatcher {
+    pub(crate) fn pipeline(
+        &self,
+        tracker: &TaskTracker,
+        shutdown: &CancellationToken,
+    ) -> Dispatcher {
         pipeline::start(
             Shared {
                 plugins: Arc::clone(&self.plugins),
@@ -68,9 +75,16 @@ impl Core {
         )
     }
 
-    fn slots(&self) -> Arc<Semaphore> {
+    pub(crate) fn slots(&self) -> Arc<Semaphore> {
         Arc::new(Semaphore::new(self.config.pipeline.max_in_flight))
     }
+}
+
+/// A source ready to run: what must fail at start-up has been done.
+enum Ready {
+    RedisStream(RedisStreamSourceConfig),
+    Sqs(SqsSourceConfig),
+    Http(HttpSourceConfig, webhook::Bound),
 }
 
 /// Runs the configured sources until `shutdown`, then lets in-flight work finish for at most
@@ -95,9 +109,26 @@ pub async fn run(
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let slots = core.slots();
+    // Listeners are bound before anything runs, so a port in use or a missing token stops the
+    // daemon at start-up rather than leaving it running without that source.
+    let mut sources = Vec::new();
     for source in core.config.sources.clone() {
+        let name = source.name();
+        let ready = match source {
+            SourceConfig::RedisStream(stream) => Ready::RedisStream(stream),
+            SourceConfig::Sqs(queue) => Ready::Sqs(queue),
+            SourceConfig::Http(http) => {
+                let bound = webhook::bind(&http)
+                    .await
+                    .with_context(|| format!("cannot start source {name}"))?;
+                Ready::Http(http, bound)
+            }
+        };
+        sources.push((name, ready));
+    }
+    for (name, source) in sources {
         let ctx = SourceContext::new(
-            source.name(),
+            name,
             dispatcher.clone(),
             shutdown.clone(),
             Arc::clone(&slots),
@@ -107,9 +138,9 @@ pub async fn run(
         tracker.spawn(async move {
             let name = ctx.name.clone();
             let result = match source {
-                SourceConfig::RedisStream(stream) => {
-                    redis_streams::run(stream, url, max_bytes, ctx).await
-                }
+                Ready::RedisStream(stream) => redis_streams::run(stream, url, max_bytes, ctx).await,
+                Ready::Sqs(queue) => sqs::run(queue, max_bytes, ctx).await,
+                Ready::Http(http, bound) => webhook::run(http, bound, max_bytes, ctx).await,
             };
             if let Err(error) = result {
                 tracing::error!(source = %name, error = format!("{error:#}"), "source failed");
@@ -195,4 +226,79 @@ fn log_counters(counters: &Counters) {
         apply_retries = Counters::get(&counters.apply_retries),
         "counters"
     );
+}
+
+/// Replays the dead-letter stream through the current plugins (`keepwarm dead-letters replay`).
+///
+/// # Errors
+///
+/// Start-up fails or Redis fails.
+pub async fn replay_dead_letters(
+    mut config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<dead_letters::ReplayReport> {
+    let stream = config.dead_letter.stream.clone();
+    let millis = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let scratch = format!("{stream}:replay-{millis}");
+    config.dead_letter.stream = scratch.clone();
+    let core = Core::start(config).await?;
+    let tracker = TaskTracker::new();
+    let dispatcher = core.pipeline(&tracker, &shutdown);
+    let ctx = SourceContext::new("dead-letters", dispatcher, shutdown, core.slots());
+    let report = dead_letters::replay(
+        &core.config.redis.url,
+        &stream,
+        &scratch,
+        core.config.pipeline.max_message_bytes,
+        ctx,
+    )
+    .await?;
+    tracker.close();
+    tracker.wait().await;
+    Ok(report)
+}
+
+/// Prints the dead-letter stream (`keepwarm dead-letters list`).
+///
+/// # Errors
+///
+/// Redis fails.
+pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> anyhow::Result<()> {
+    let client = redis::Client::open(config.redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let entries = dead_letters::read(&mut conn, &config.dead_letter.stream, "-", count).await?;
+    for entry in &entries {
+        if json {
+            let fields: serde_json::Map<String, serde_json::Value> = entry
+                .fields
+                .keys()
+                .map(|k| (k.clone(), serde_json::Value::String(entry.text(k))))
+                .collect();
+            println!("{}", serde_json::json!({"id": entry.id, "fields": fields}));
+        } else {
+            let plugin = match entry.text("plugin").as_str() {
+                "" => "-".to_owned(),
+                name => format!("{name}@{}", entry.text("plugin_version")),
+            };
+            println!(
+                "{}  {:<6}  {:<24}  {} {}\n    {}",
+                entry.id,
+                entry.text("kind"),
+                plugin,
+                entry.text("source"),
+                entry.text("source_id"),
+                entry.text("reason")
+            );
+        }
+    }
+    if !json {
+        eprintln!(
+            "{} dead letters shown from {}",
+            entries.len(),
+            config.dead_letter.stream
+        );
+    }
+    Ok(())
 }

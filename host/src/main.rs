@@ -37,6 +37,11 @@ enum Command {
         /// The JSONL file, or `-` for standard input.
         input: String,
     },
+    /// Shows the dead-letter stream, or replays it through the current plugins.
+    DeadLetters {
+        #[command(subcommand)]
+        action: DeadLetterAction,
+    },
     /// Lists the plugins of a running daemon (name, version, tables, state, load time), asking
     /// its admin endpoint.
     Plugins {
@@ -55,6 +60,29 @@ enum Command {
         /// Its manifest (default: the `.toml` beside the component, if any).
         #[arg(long)]
         manifest: Option<PathBuf>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadLetterAction {
+    /// Prints the dead letters, oldest first.
+    List {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+        /// At most this many entries.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Runs every dead letter through the current plugins; entries leave the stream only when
+    /// they went through.
+    Replay {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
     },
 }
 
@@ -78,6 +106,41 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             keepwarm::plugin_test::run(&plugin, manifest.as_deref(), stdin, stdout)?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::DeadLetters { action } => match action {
+            DeadLetterAction::List {
+                config,
+                count,
+                json,
+            } => {
+                let config = Config::load(&config)?;
+                tokio_runtime()?.block_on(daemon::list_dead_letters(&config, count, json))?;
+                Ok(ExitCode::SUCCESS)
+            }
+            DeadLetterAction::Replay { config } => {
+                let config = Config::load(&config)?;
+                let report = tokio_runtime()?.block_on(async {
+                    let shutdown = on_signals();
+                    daemon::replay_dead_letters(config, shutdown).await
+                })?;
+                for (id, reason) in &report.still_failing {
+                    eprintln!("still failing: {id}: {reason}");
+                }
+                eprintln!(
+                    "replayed {} dead letters: {} fixed and removed, {} still failing, {} left unapplied",
+                    report.replayed,
+                    report.fixed,
+                    report.still_failing.len(),
+                    report.abandoned
+                );
+                Ok(
+                    if report.still_failing.is_empty() && report.abandoned == 0 {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    },
+                )
+            }
+        },
         Command::Plugins { config, json } => {
             let config = Config::load(&config)?;
             keepwarm::admin::print_plugins(&config.admin.listen, json)?;

@@ -305,4 +305,6 @@ fn nesting_depth(text: &str) -> usize {
 }
 
 #[cfg(test)]
+mod fuzz;
+#[cfg(test)]
 mod tests;

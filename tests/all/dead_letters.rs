@@ -244,3 +244,89 @@ async fn a_write_redis_refuses_is_dead_lettered_and_the_rest_applied() {
         .unwrap();
     assert!(item.is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_letters_are_listed_and_replayed_once_the_plugin_is_fixed() {
+    let url = redis_url();
+    let prefix = unique("dlq-replay");
+    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
+    let plugins = PluginDir::new();
+    plugins.add(
+        "by-sku",
+        &plugin_wasm("row-cache"),
+        &format!("[config]\nkey = \"{prefix}:{{sku}}\"\n"),
+    );
+    let mut conn = connect(&url).await;
+    xadd_sequin(&mut conn, &stream, &[fixtures()[0].to_string()]).await;
+    xadd_raw(&mut conn, &stream, &[("action", b"upsert")]).await;
+    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
+    wait_all_acked(&url, &stream, &group, 2, Duration::from_secs(30)).await;
+    daemon.stop().await;
+    let dead_stream = format!("{stream}:dead");
+    assert_eq!(entries(&mut conn, &dead_stream).await.len(), 2);
+
+    // The plugin is fixed: its key no longer needs a column orders lack.
+    plugins.add(
+        "by-sku",
+        &plugin_wasm("row-cache"),
+        &format!("[config]\nkey = \"{prefix}:{{table}}:{{pks}}\"\n"),
+    );
+    let config = plugins.path().join("keepwarm.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{url}\"\n[plugins]\ndir = \"{}\"\n[dead_letter]\nstream = \"{dead_stream}\"\n",
+            plugins.path().display()
+        ),
+    )
+    .unwrap();
+    let config = config.to_str().unwrap().to_owned();
+    let cli = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            keepwarm_cli(&args, "")
+        })
+    };
+    let (ok, listed, err) = cli(vec![
+        "dead-letters".into(),
+        "list".into(),
+        "--config".into(),
+        config.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(ok, "{err}");
+    assert!(
+        listed.contains("by-sku@") && listed.contains("missing field `record`"),
+        "{listed}"
+    );
+
+    let (ok, _, err) = cli(vec![
+        "dead-letters".into(),
+        "replay".into(),
+        "--config".into(),
+        config.clone(),
+    ])
+    .await
+    .unwrap();
+    assert!(
+        !ok,
+        "a dead letter that still fails makes the replay exit non-zero"
+    );
+    assert!(
+        err.contains("replayed 2 dead letters: 1 fixed and removed, 1 still failing"),
+        "{err}"
+    );
+    let left = entries(&mut conn, &dead_stream).await;
+    assert_eq!(left.len(), 1, "only the entry that still fails stays");
+    assert_eq!(field(&left[0], "kind"), "decode");
+    let value: Option<String> = redis::cmd("GET")
+        .arg(format!("{prefix}:orders:1001"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        value.is_some(),
+        "the fixed plugin applied the replayed change"
+    );
+}

@@ -7,6 +7,8 @@ mod dead_letters;
 mod hostile;
 mod hot_reload;
 mod redis_outage;
+mod sqs;
 mod stream_source;
 mod util;
 mod versioned;
+mod webhook;

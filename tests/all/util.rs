@@ -273,14 +273,21 @@ pub struct Daemon {
 }
 
 impl Daemon {
-    pub fn start(config: Config) -> Daemon {
+    pub fn start(mut config: Config) -> Daemon {
         keepwarm::telemetry::init_logging();
+        // Tests run in parallel: never the fixed default admin port.
+        if config.admin.listen == keepwarm::config::AdminConfig::default().listen {
+            config.admin.listen = "127.0.0.1:0".to_owned();
+        }
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(keepwarm::daemon::run(
-            config,
-            shutdown.clone(),
-            Duration::from_secs(10),
-        ));
+        let run = keepwarm::daemon::run(config, shutdown.clone(), Duration::from_secs(10));
+        let task = tokio::spawn(async move {
+            let result = run.await;
+            if let Err(error) = &result {
+                eprintln!("the daemon failed: {error:#}");
+            }
+            result
+        });
         Daemon { shutdown, task }
     }
 

@@ -2,7 +2,7 @@
 
 use super::*;
 
-const FIXTURES: &str = include_str!("../../../tests/fixtures/sequin-examples.jsonl");
+pub(super) const FIXTURES: &str = include_str!("../../../tests/fixtures/sequin-examples.jsonl");
 
 fn fixtures() -> Vec<&'static str> {
     FIXTURES.lines().filter(|l| !l.trim().is_empty()).collect()

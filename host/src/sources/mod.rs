@@ -9,14 +9,21 @@
 //! Sources never write to the cache; only the applier does. Only sources talk to queues.
 //!
 //! - [`redis_streams`]: Sequin's Redis Stream sink, through a consumer group.
+//! - [`sqs`]: Sequin's SQS sink (FIFO or standard queues); deletes after apply.
+//! - [`webhook`]: Sequin's webhook sink (HTTP push); replies 200 after apply.
+//! - [`dead_letters`]: the dead-letter stream, listed and replayed.
 //! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line.
 
+pub mod dead_letters;
 pub mod jsonl;
 pub mod redis_streams;
+pub mod sqs;
+pub mod webhook;
 
 use crate::message::ChangeMessage;
 use crate::pipeline::Dispatcher;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
@@ -167,5 +174,32 @@ impl SourceContext {
             origin,
             ack,
         });
+    }
+}
+
+/// Capped exponential backoff (100 ms doubling to 5 s) that gives up on shutdown.
+pub(crate) struct Backoff {
+    delay: Duration,
+}
+
+impl Backoff {
+    pub(crate) fn new() -> Backoff {
+        Backoff {
+            delay: Duration::from_millis(100),
+        }
+    }
+
+    pub(crate) fn reset(&mut self) {
+        self.delay = Duration::from_millis(100);
+    }
+
+    /// Sleeps; returns false if shutdown came first.
+    pub(crate) async fn wait(&mut self, ctx: &SourceContext) -> bool {
+        let delay = self.delay;
+        self.delay = (self.delay * 2).min(Duration::from_secs(5));
+        tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = ctx.shutdown.cancelled() => false,
+        }
     }
 }

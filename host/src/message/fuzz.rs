@@ -1,0 +1,156 @@
+//! Property tests of the decoder: no input panics it, and what it accepts round-trips.
+//!
+//! The suite runs `KEEPWARM_FUZZ_CASES` cases per property (default 2,000); the soak mode is
+//! `scripts/fuzz-soak.sh`, a million cases each in a release build.
+
+use super::*;
+use proptest::prelude::*;
+use proptest::test_runner::Config;
+
+fn cases() -> u32 {
+    std::env::var("KEEPWARM_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(2_000)
+}
+
+fn fixtures() -> Vec<&'static str> {
+    super::tests::FIXTURES
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect()
+}
+
+/// Random JSON values, including deep nesting and awkward strings.
+fn json_value() -> impl Strategy<Value = String> {
+    let leaf = prop_oneof![
+        Just("null".to_owned()),
+        any::<bool>().prop_map(|b| b.to_string()),
+        any::<i64>().prop_map(|n| n.to_string()),
+        any::<u64>().prop_map(|n| format!("{n}{n}")),
+        any::<f64>().prop_map(|f| if f.is_finite() {
+            f.to_string()
+        } else {
+            "0".to_owned()
+        }),
+        ".*".prop_map(|s| serde_json::to_string(&s).unwrap_or_default()),
+        (1usize..400).prop_map(|d| format!("{}1{}", "[".repeat(d), "]".repeat(d))),
+    ];
+    leaf.prop_recursive(4, 32, 6, |inner| {
+        prop_oneof![
+            prop::collection::vec(inner.clone(), 0..5).prop_map(|v| format!("[{}]", v.join(","))),
+            prop::collection::vec(("[a-z_]{1,8}", inner), 0..5).prop_map(|kv| {
+                let fields: Vec<String> = kv.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+                format!("{{{}}}", fields.join(","))
+            }),
+        ]
+    })
+}
+
+/// One mutation of a valid message's text.
+#[derive(Debug, Clone)]
+enum Mutation {
+    /// Cut the text at a position.
+    Truncate(usize),
+    /// Put a byte at a position.
+    Insert(usize, u8),
+    /// Replace the value of a key (top level or metadata) with random JSON.
+    Replace(&'static str, String),
+    /// Remove a key.
+    Remove(&'static str),
+}
+
+const KEYS: &[&str] = &[
+    "record",
+    "changes",
+    "action",
+    "metadata",
+    "table_schema",
+    "table_name",
+    "commit_lsn",
+    "commit_idx",
+    "record_pks",
+    "idempotency_key",
+    "commit_timestamp",
+];
+
+fn mutation() -> impl Strategy<Value = Mutation> {
+    prop_oneof![
+        any::<usize>().prop_map(Mutation::Truncate),
+        (any::<usize>(), any::<u8>()).prop_map(|(at, b)| Mutation::Insert(at, b)),
+        (prop::sample::select(KEYS), json_value()).prop_map(|(k, v)| Mutation::Replace(k, v)),
+        prop::sample::select(KEYS).prop_map(Mutation::Remove),
+    ]
+}
+
+fn apply(text: &str, mutation: &Mutation) -> Vec<u8> {
+    let mut bytes = text.as_bytes().to_vec();
+    match mutation {
+        Mutation::Truncate(at) => bytes.truncate(at % (bytes.len() + 1)),
+        Mutation::Insert(at, byte) => bytes.insert(at % (bytes.len() + 1), *byte),
+        Mutation::Replace(key, _) | Mutation::Remove(key) => {
+            let Ok(mut doc) = serde_json::from_str::<serde_json::Value>(text) else {
+                return bytes;
+            };
+            let new = match mutation {
+                Mutation::Replace(_, v) => serde_json::from_str(v).ok(),
+                _ => None,
+            };
+            let slot = if doc.get(*key).is_some() {
+                doc.as_object_mut()
+            } else {
+                doc.get_mut("metadata").and_then(|m| m.as_object_mut())
+            };
+            if let Some(map) = slot {
+                match new {
+                    Some(v) => {
+                        map.insert((*key).to_owned(), v);
+                    }
+                    None => {
+                        map.remove(*key);
+                    }
+                }
+            }
+            bytes = doc.to_string().into_bytes();
+        }
+    }
+    bytes
+}
+
+fn decode_bytes(bytes: &[u8]) -> Result<ChangeMessage, String> {
+    let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
+    ChangeMessage::from_json(text).map_err(|e| e.0)
+}
+
+proptest! {
+    #![proptest_config(Config { cases: cases(), ..Config::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic_the_decoder(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        let _ = decode_bytes(&bytes);
+        let fields = [("action", &bytes[..]), ("record", &bytes[..]), ("metadata", &bytes[..])];
+        let _ = ChangeMessage::from_stream_fields(|name| {
+            fields.iter().find(|(k, _)| *k == name).map(|(_, v)| *v)
+        });
+    }
+
+    #[test]
+    fn mutated_messages_are_rejected_with_a_reason_or_round_trip(
+        index in 0usize..12,
+        mutations in prop::collection::vec(mutation(), 1..4),
+    ) {
+        let fixtures = fixtures();
+        let mut text = fixtures[index % fixtures.len()].to_owned();
+        for m in &mutations {
+            text = String::from_utf8_lossy(&apply(&text, m)).into_owned();
+        }
+        match decode_bytes(text.as_bytes()) {
+            Ok(message) => {
+                let again = ChangeMessage::from_json(&message.to_sequin_json()).unwrap();
+                prop_assert_eq!(again.to_sequin_json(), message.to_sequin_json());
+                prop_assert!(nesting_depth(message.record.get()) <= MAX_DEPTH);
+            }
+            Err(reason) => prop_assert!(!reason.is_empty()),
+        }
+    }
+}
