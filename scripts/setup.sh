@@ -12,3 +12,9 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
+
+# The JavaScript and Python plugin toolchains (pinned in tools/), installed once per machine into
+# a cache directory shared by every checkout; quiet when they are there.
+. "$(dirname "${BASH_SOURCE[0]}")/lib/toolchains.sh"
+ensure_js_toolchain
+ensure_python_toolchain
