@@ -4,6 +4,7 @@
 
 mod cli;
 mod dead_letters;
+mod languages;
 mod redis_outage;
 mod stream_source;
 mod util;
