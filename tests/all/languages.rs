@@ -79,6 +79,7 @@ async fn members(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
+    let _heavy = heavy_test_async().await;
     let url = redis_url();
     let prefix = unique("langs");
     let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());

@@ -6,6 +6,7 @@ mod cli;
 mod dead_letters;
 mod languages;
 mod redis_outage;
+mod scaffold;
 mod stream_source;
 mod util;
 mod versioned;
