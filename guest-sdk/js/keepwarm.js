@@ -443,7 +443,10 @@ export const ops = {
   },
   /** `HSET key field value ...`; `fields` is an object or a list of `[field, value]` pairs. */
   hashSet(key, fields) {
-    const pairs = fields instanceof Map || Array.isArray(fields) ? fields : Object.entries(fields ?? {});
+    if (fields === null || typeof fields !== "object") {
+      throw new Error(`fields must be an object or a list of [field, value] pairs, got ${describe(fields)}`);
+    }
+    const pairs = typeof fields[Symbol.iterator] === "function" ? fields : Object.entries(fields);
     return {
       tag: "hash-set",
       val: {

@@ -301,7 +301,7 @@ def _bytes(what: str, value: Any) -> bytes:
         try:
             return value.encode()
         except UnicodeEncodeError:  # a lone surrogate (JSON allows "\ud800"): U+FFFD instead
-            return value.encode("utf-8", "surrogatepass").decode("utf-8", "replace").encode()
+            return "".join("\ufffd" if 0xD800 <= ord(c) <= 0xDFFF else c for c in value).encode()
     if isinstance(value, (bytes, bytearray, memoryview)):
         return bytes(value)
     raise TypeError(f"{what} must be str or bytes, got {_describe(value)}")

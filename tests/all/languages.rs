@@ -1,6 +1,8 @@
-//! Plugins in the three guest languages side by side through the real pipeline: a Sequin Redis
-//! Stream, one daemon, the JavaScript `orders-index`, the Python `product-catalog` and the Rust
-//! `row-cache`, each built from source by `scripts/build-plugins.sh`, with exact cache contents.
+//! Plugins in the three guest languages: the JavaScript `orders-index`, the Python
+//! `product-catalog` and the Rust `row-cache`, each built from source by
+//! `scripts/build-plugins.sh`, side by side through the real pipeline (a Sequin Redis Stream, one
+//! daemon) with exact cache contents; and the JavaScript and Python helper modules checked
+//! inside their engines by probe plugins (`tests/plugins/sdk-probe-*`).
 
 use crate::dead_letters::{entries, field};
 use crate::stream_source::get;
@@ -245,5 +247,63 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
             && field(&dead[0], "reason").contains("REPLICA IDENTITY FULL"),
         "{}",
         field(&dead[0], "reason")
+    );
+}
+
+const PROBES: &str = include_str!("../fixtures/sdk-probes.jsonl");
+
+/// Runs `keepwarm test` with a probe plugin (tests/plugins/sdk-probe-*) over
+/// tests/fixtures/sdk-probes.jsonl and compares its answer with the expected one, line by line:
+/// the helper module inside the real engine, from exact JSON numbers and key templates to the
+/// checks that turn a plugin's mistakes into rejections with a message instead of traps.
+fn check_probes(plugin: &str, manifest: Option<&str>, expected: &str) {
+    let wasm = test_plugin_wasm(plugin);
+    let dir = TempDir::new("kw-probe");
+    let manifest_path = dir.path().join("probe.toml");
+    std::fs::write(&manifest_path, manifest.unwrap_or("")).unwrap();
+    let (ok, out, err) = keepwarm_cli(
+        &[
+            "test",
+            wasm.to_str().unwrap(),
+            "--manifest",
+            manifest_path.to_str().unwrap(),
+        ],
+        PROBES,
+    );
+    assert!(ok, "{err}");
+    let got: Vec<&str> = out.lines().collect();
+    let want: Vec<&str> = expected.lines().collect();
+    for (n, (got, want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(got, want, "{plugin}: answer to probe line {}", n + 1);
+    }
+    assert_eq!(got.len(), want.len(), "{plugin}: number of answers");
+}
+
+#[test]
+fn the_javascript_helper_behaves_as_specified_inside_quickjs() {
+    check_probes(
+        "sdk-probe-js",
+        None,
+        include_str!("../fixtures/sdk-probes.js.expected.jsonl"),
+    );
+    // A constructor that throws rejects every change with the reason.
+    let reason = "plugin rejected the change: plugin configuration: asked to fail: on purpose";
+    let expected: String = (1..=PROBES.lines().count())
+        .map(|n| format!("{{\"error\":\"{reason}\",\"line\":{n}}}\n"))
+        .collect();
+    check_probes(
+        "sdk-probe-js",
+        Some("[config]\nfail = \"on purpose\"\n"),
+        &expected,
+    );
+}
+
+#[test]
+fn the_python_helper_behaves_as_specified_inside_the_component() {
+    let _heavy = heavy_test();
+    check_probes(
+        "sdk-probe-python",
+        None,
+        include_str!("../fixtures/sdk-probes.python.expected.jsonl"),
     );
 }
