@@ -7,8 +7,9 @@
 # `[project] name` with `-` turned into `_`) binds `Transform`, usually
 # `export_plugin(...)` from keepwarm_guest. The pinned componentize-py (scripts/lib/toolchains.sh
 # installs it on first use) generates the bindings of wit/keepwarm.wit, world `plugin`, and
-# bundles CPython, the module, PLUGIN_DIR and guest-sdk/python (keepwarm_guest) into the
-# component. Pure-Python dependencies can live in PLUGIN_DIR (e.g. `pip install --target`).
+# bundles CPython, the module, what it imports from a copy of PLUGIN_DIR and guest-sdk/python
+# (keepwarm_guest) into the component. Pure-Python dependencies can live in PLUGIN_DIR (e.g.
+# `pip install --target`).
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -39,12 +40,21 @@ EOF
 
 ensure_python_toolchain
 
+# componentize-py runs the module (and writes __pycache__ beside it) while it builds: work on a
+# copy, so the sources stay as they are.
+stage="$(mktemp -d -t keepwarm-python.XXXXXX)"
+trap 'rm -rf "$stage"' EXIT
+mkdir -p "$stage/app" "$stage/sdk"
+tar -C "$dir" --exclude=./build --exclude=./target --exclude='__pycache__' -cf - . |
+    tar -C "$stage/app" -xf -
+cp "$repo/guest-sdk/python/keepwarm_guest.py" "$stage/sdk/"
+
 mkdir -p "$(dirname "$out")"
 # -p: where the module and its imports are found. VIRTUAL_ENV is cleared so that componentize-py
 # does not add the toolchain's own site-packages to the plugin's path.
-if ! log="$(cd "$dir" && env -u VIRTUAL_ENV "$KEEPWARM_COMPONENTIZE_PY" --quiet \
+if ! log="$(cd "$stage/app" && env -u VIRTUAL_ENV "$KEEPWARM_COMPONENTIZE_PY" --quiet \
     --wit-path "$repo/wit" --world plugin componentize \
-    --python-path "$dir" --python-path "$repo/guest-sdk/python" \
+    --python-path "$stage/app" --python-path "$stage/sdk" \
     --output "$out.tmp" "$module" 2>&1)"; then
     rm -f "$out.tmp"
     printf '%s\n' "$log" >&2
