@@ -15,12 +15,18 @@ cargo fmt --all -- --check
 # `arbitrary_precision`, which changes how the host parses numbers.
 echo "== cargo clippy"
 cargo clippy -p keepwarm --all-targets -- -D warnings
-cargo clippy -p keepwarm-guest -p row-cache --all-targets -- -D warnings
+guests=(-p keepwarm-guest -p row-cache -p tagger -p hostile -p wrong-world)
+cargo clippy "${guests[@]}" --all-targets -- -D warnings
 
 . scripts/lib/redis.sh
 start_redis
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
 echo "== cargo test (redis at $REDIS_URL)"
-cargo test -p keepwarm-guest -p row-cache
-cargo test -p keepwarm
+log=$(mktemp -t keepwarm-test.XXXXXX)
+cargo test "${guests[@]}" 2>&1 | tee "$log"
+cargo test -p keepwarm --lib --bins --tests 2>&1 | tee -a "$log"
+# One closing line over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+rm -f "$log"

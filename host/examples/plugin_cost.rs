@@ -8,7 +8,8 @@
 //! The manifest beside the component is used, as keepwarm does. It prints medians of:
 //!
 //! - **load**: what keepwarm does before a plugin takes traffic (read, compile, pre-link, one
-//!   instantiation, the manifest's self-tests), `--loads` times in a fresh runtime each;
+//!   instantiation, the manifest's self-tests), `--loads` times in a fresh runtime each; and the
+//!   same with the compiled component taken from keepwarm's artifact cache (a restart);
 //! - **compile** (`Component::new`) and **instantiate + first call** (a fresh store and instance,
 //!   one batch of one change), the two parts of a load and of an instance recycled mid-run, with
 //!   the memory high-water mark the host's limiter saw (growth past the initial memory);
@@ -100,7 +101,7 @@ fn main() -> anyhow::Result<()> {
 
     let mut loads = Vec::new();
     for _ in 0..args.loads {
-        let runtime = Runtime::new()?;
+        let runtime = Runtime::new(None)?;
         let start = Instant::now();
         load_plugin(&runtime, &files)?;
         loads.push(start.elapsed());
@@ -109,8 +110,20 @@ fn main() -> anyhow::Result<()> {
         "  load (compile, link, instantiate, self-tests): {}",
         show(median(loads))
     );
+    // keepwarm keeps compiled components in an artifact cache: a restart loads them from there.
+    let cache = std::env::temp_dir().join(format!("kw-plugin-cost-{}", std::process::id()));
+    let mut cached = Vec::new();
+    for _ in 0..=args.loads {
+        let runtime = Runtime::new(Some(cache.clone()))?;
+        let start = Instant::now();
+        load_plugin(&runtime, &files)?;
+        cached.push(start.elapsed());
+    }
+    cached.remove(0); // The first load filled the cache.
+    let _ = std::fs::remove_dir_all(&cache);
+    println!("  load from the artifact cache: {}", show(median(cached)));
 
-    let runtime = Runtime::new()?;
+    let runtime = Runtime::new(None)?;
     let plugin = load_plugin(&runtime, &files)?;
     let text = std::fs::read_to_string(&args.changes)?;
     let messages: Vec<ChangeMessage> = text
@@ -133,7 +146,11 @@ fn main() -> anyhow::Result<()> {
     for _ in 0..20 {
         let mut store = Store::new(
             runtime.engine(),
-            PluginState::new(Arc::clone(&plugin.ident), 256 << 20),
+            PluginState::new(
+                Arc::clone(&plugin.ident),
+                256 << 20,
+                &plugin.manifest.grants,
+            ),
         );
         store.set_epoch_deadline(u64::MAX / 2);
         let start = Instant::now();

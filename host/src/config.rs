@@ -25,6 +25,9 @@ pub struct Config {
     /// Versioned writes.
     #[serde(default)]
     pub versioning: VersioningConfig,
+    /// The admin endpoint.
+    #[serde(default)]
+    pub admin: AdminConfig,
     /// Where change messages come from.
     #[serde(default, rename = "source")]
     pub sources: Vec<SourceConfig>,
@@ -52,6 +55,25 @@ pub struct PluginsConfig {
     /// Directory holding `<name>.wasm` components and their optional `<name>.toml` manifests.
     /// A relative path is resolved against the configuration file's directory.
     pub dir: PathBuf,
+    /// Where compiled components are cached (default: `.cache` inside `dir`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Rescan the directory this often even without file events, in seconds.
+    #[serde(default = "default_rescan_seconds")]
+    pub rescan_seconds: u64,
+}
+
+fn default_rescan_seconds() -> u64 {
+    60
+}
+
+impl PluginsConfig {
+    /// The artifact cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join(".cache"))
+    }
 }
 
 /// `[pipeline]`: lanes, batching and flow control.
@@ -95,6 +117,22 @@ impl Default for DeadLetterConfig {
     fn default() -> DeadLetterConfig {
         DeadLetterConfig {
             stream: "keepwarm:dead-letters".to_owned(),
+        }
+    }
+}
+
+/// `[admin]`: the admin endpoint (plugin status, health, readiness).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on; keep it on localhost unless it is protected.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            listen: "127.0.0.1:9464".to_owned(),
         }
     }
 }
@@ -185,9 +223,14 @@ impl Config {
             .with_context(|| format!("cannot read config {}", path.display()))?;
         let mut config =
             Config::parse(&text).with_context(|| format!("invalid config {}", path.display()))?;
+        let base = path.parent().unwrap_or(Path::new("."));
         if config.plugins.dir.is_relative() {
-            let base = path.parent().unwrap_or(Path::new("."));
             config.plugins.dir = base.join(&config.plugins.dir);
+        }
+        if let Some(cache) = &config.plugins.cache_dir
+            && cache.is_relative()
+        {
+            config.plugins.cache_dir = Some(base.join(cache));
         }
         Ok(config)
     }
@@ -201,6 +244,10 @@ impl Config {
         let config: Config = toml::from_str(text)?;
         let pipeline = &config.pipeline;
         anyhow::ensure!(pipeline.lanes >= 1, "pipeline.lanes must be at least 1");
+        anyhow::ensure!(
+            config.plugins.rescan_seconds >= 1,
+            "plugins.rescan_seconds must be at least 1"
+        );
         anyhow::ensure!(
             pipeline.batch_size >= 1,
             "pipeline.batch_size must be at least 1"

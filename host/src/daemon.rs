@@ -1,9 +1,10 @@
 //! Wiring: plugins, applier, pipeline and sources, for `keepwarm run` and `keepwarm replay`.
 
+use crate::admin::{self, AdminState};
 use crate::applier::Applier;
 use crate::config::{Config, SourceConfig};
 use crate::pipeline::{self, Dispatcher, Shared};
-use crate::runtime::{self, PluginSet, Runtime};
+use crate::runtime::{self, PluginSet, Runtime, reload};
 use crate::sources::jsonl::{self, ReplaySummary};
 use crate::sources::{SourceContext, redis_streams};
 use crate::telemetry::Counters;
@@ -36,7 +37,7 @@ impl Core {
     ///
     /// A plugin fails to load, or Redis cannot be reached.
     pub async fn start(config: Config) -> anyhow::Result<Core> {
-        let runtime = Arc::new(Runtime::new()?);
+        let runtime = Arc::new(Runtime::new(Some(config.plugins.cache_dir()))?);
         let plugins = runtime::load_dir(&runtime, &config.plugins.dir)?;
         if plugins.plugins.is_empty() {
             tracing::warn!(dir = %config.plugins.dir.display(), "no plugins found; every message will be acknowledged without a write");
@@ -84,6 +85,12 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     anyhow::ensure!(!config.sources.is_empty(), "no [[source]] is configured");
     let core = Core::start(config).await?;
+    let admin_state = AdminState {
+        registry: Arc::clone(core.runtime.registry()),
+        plugins: Arc::clone(&core.plugins),
+        applier: Arc::clone(&core.applier),
+    };
+    let (_, admin) = admin::serve(&core.config.admin.listen, admin_state, shutdown.clone()).await?;
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let slots = core.slots();
@@ -109,6 +116,23 @@ pub async fn run(
         });
     }
     drop(dispatcher);
+    tracker.spawn({
+        let (runtime, plugins, shutdown) = (
+            Arc::clone(&core.runtime),
+            Arc::clone(&core.plugins),
+            shutdown.clone(),
+        );
+        let dir = core.config.plugins.dir.clone();
+        let every = Duration::from_secs(core.config.plugins.rescan_seconds);
+        async move {
+            if let Err(error) = reload::watch(runtime, dir, plugins, every, shutdown).await {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "cannot watch the plugin directory; hot reload is off"
+                );
+            }
+        }
+    });
     tracker.spawn(report_loop(Arc::clone(&core.counters), shutdown.clone()));
     tracker.close();
     shutdown.cancelled().await;
@@ -121,6 +145,7 @@ pub async fn run(
             "shutdown deadline passed; unfinished messages stay unacknowledged and will be redelivered"
         );
     }
+    let _ = admin.await;
     log_counters(&core.counters);
     Ok(())
 }

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //!
+//! - [`admin`]: the admin endpoint (plugin status, health) and `keepwarm plugins`.
 //! - [`config`]: the daemon's TOML configuration, parsed strictly.
 //! - [`daemon`]: wiring for `keepwarm run` and `keepwarm replay`.
 //! - [`message`]: `ChangeMessage`, the one domain type every wire format decodes into.
@@ -15,6 +16,9 @@
 //! - [`sources`]: where messages come from (Redis Streams, JSONL files) and how they are acked.
 //! - [`telemetry`]: logging setup and counters.
 
+#![deny(unsafe_code)]
+
+pub mod admin;
 pub mod applier;
 pub mod config;
 pub mod daemon;

@@ -38,6 +38,16 @@ enum Command {
         /// The JSONL file, or `-` for standard input.
         input: String,
     },
+    /// Lists the plugins of a running daemon (name, version, tables, state, load time), asking
+    /// its admin endpoint.
+    Plugins {
+        /// The daemon's configuration file (for `[admin] listen`).
+        #[arg(long)]
+        config: PathBuf,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs a plugin over change messages from stdin without Redis and prints, for each line,
     /// the operations or the error as one JSON line.
     Test {
@@ -107,6 +117,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("  {}", file.display());
             }
             println!("next: cd {} && ./test.sh", new.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugins { config, json } => {
+            let config = Config::load(&config)?;
+            keepwarm::admin::print_plugins(&config.admin.listen, json)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

@@ -37,18 +37,35 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// An instance is recycled after this many calls.
     pub max_calls_per_instance: u64,
+    /// More changes than this failing by trap, timeout or memory within `failure_window_secs`
+    /// pause the plugin (its messages wait) with growing backoff.
+    pub max_failures: u32,
+    /// The window of `max_failures`, in seconds.
+    pub failure_window_secs: u64,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
         Limits {
             memory_mb: 128,
-            deadline_ms: 1_000,
+            deadline_ms: 500,
             max_ops_per_change: 256,
             max_value_bytes: 4 << 20,
             max_calls_per_instance: 100_000,
+            max_failures: 10,
+            failure_window_secs: 60,
         }
     }
+}
+
+/// Capabilities a manifest may grant. Filesystem and network access are never granted.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Grants {
+    /// Real wall and monotonic clocks; without it both read a fixed time (the Unix epoch).
+    pub clock: bool,
+    /// Environment variables passed through, by name; none by default.
+    pub env: Vec<String>,
 }
 
 /// One self-test case: a change message and the operations (or error) it must produce.
@@ -90,6 +107,9 @@ pub struct Manifest {
     /// Configuration handed to the plugin, as JSON through the `config` import.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+    /// Capabilities beyond pure computation (none by default).
+    #[serde(default)]
+    pub grants: Grants,
     /// Self-test cases run before a new version takes traffic.
     #[serde(default, rename = "test")]
     pub tests: Vec<SelfTest>,

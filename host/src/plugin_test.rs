@@ -28,7 +28,7 @@ pub fn run(
     input: impl BufRead,
     mut output: impl Write,
 ) -> anyhow::Result<()> {
-    let runtime = Runtime::new()?;
+    let runtime = Runtime::new(None)?;
     let name = wasm
         .file_stem()
         .and_then(|s| s.to_str())

@@ -15,6 +15,8 @@ response_timeout_ms = 2000
 dir = "{dir}"
 [pipeline]
 max_backoff_ms = 200
+[admin]
+listen = "127.0.0.1:0"
 [dead_letter]
 stream = "{stream}:dead"
 [[source]]

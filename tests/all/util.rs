@@ -250,6 +250,8 @@ url = "{url}"
 dir = "{dir}"
 [dead_letter]
 stream = "{stream}:dead"
+[admin]
+listen = "127.0.0.1:0"
 {extra}
 [[source]]
 kind = "redis-stream"

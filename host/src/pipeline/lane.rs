@@ -1,188 +1,229 @@
-//! One lane: take a batch, call the subscribed plugins, check what they returned, apply it in
-//! one Redis pipeline (retrying while Redis is unavailable), dead-letter what cannot be applied,
-//! and only then settle every message's acknowledgement.
+//! One lane of one plugin: take a batch, call the plugin (waiting while it is paused), check
+//! what it returned, apply it in one Redis pipeline (retrying while Redis is unavailable),
+//! dead-letter what cannot be applied, and only then finish every message's part.
+//!
+//! The lane without a plugin takes the messages that did not decode: it only writes their dead
+//! letters.
 
-use super::Shared;
+use super::{Job, Shared};
 use crate::applier::dead_letter::{DeadLetter, DeadLetterKind};
 use crate::applier::{MessageOutcome, MessageWrites};
 use crate::manifest::Consistency;
 use crate::message::ChangeMessage;
 use crate::ops::Op;
 use crate::runtime::plugin::ChangeOutcome;
-use crate::runtime::{Plugin, PluginError, PluginSet};
-use crate::sources::{Delivery, Payload, RawPayload};
+use crate::runtime::{Plugin, PluginError};
+use crate::sources::{Payload, RawPayload};
 use crate::telemetry::Counters;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
-/// What each subscribed plugin answered for one message: `(plugin index, outcome)`.
-type Verdicts = Vec<(usize, ChangeOutcome)>;
-
 /// Runs a lane until its queue is closed and drained.
 pub(super) async fn run(
+    plugin: Option<String>,
     index: usize,
-    mut queue: mpsc::UnboundedReceiver<Delivery>,
+    mut queue: mpsc::UnboundedReceiver<Arc<Job>>,
     shared: Arc<Shared>,
 ) {
     let max = shared.config.batch_size;
     let mut batch = Vec::with_capacity(max);
     while queue.recv_many(&mut batch, max).await > 0 {
-        process(index, &shared, std::mem::take(&mut batch)).await;
+        let jobs = std::mem::take(&mut batch);
+        match &plugin {
+            Some(name) => process(name, index, &shared, jobs).await,
+            None => dead_letter_malformed(&shared, jobs).await,
+        }
     }
-    tracing::debug!(lane = index, "lane finished");
 }
 
-async fn process(lane: usize, shared: &Shared, batch: Vec<Delivery>) {
-    let plugins = shared.plugins.load_full();
-    let called = tokio::task::spawn_blocking({
-        let plugins = Arc::clone(&plugins);
-        move || {
-            let verdicts = call_plugins(&plugins, &batch);
-            (batch, verdicts)
-        }
-    })
-    .await;
-    let (batch, mut verdicts) = match called {
-        Ok(called) => called,
-        Err(error) => {
-            // The deliveries went down with the task; their tokens were dropped unsettled, so
-            // every message of the batch stays unacknowledged and comes back.
-            tracing::error!(lane, error = %error, "plugin call task failed; batch left for redelivery");
-            return;
-        }
-    };
-    for (delivery, verdicts) in batch.iter().zip(verdicts.iter_mut()) {
-        for (plugin, outcome) in verdicts.iter_mut() {
-            if let Ok(ops) = outcome
-                && let Err(error) = check_ops(&plugins.plugins[*plugin], shared, ops)
-            {
-                *outcome = Err(error);
-            }
-        }
-        if verdicts.is_empty() && matches!(delivery.payload, Payload::Decoded(_)) {
-            Counters::add(&shared.counters.unrouted, 1);
-        }
-    }
-
-    let mut writes: Vec<MessageWrites<'_>> = Vec::with_capacity(batch.len());
-    let mut letters = Vec::new();
-    for (delivery, verdicts) in batch.iter().zip(&verdicts) {
-        let mut message_writes = MessageWrites::default();
-        match &delivery.payload {
-            Payload::Malformed { raw, reason } => letters.push(DeadLetter {
+async fn dead_letter_malformed(shared: &Shared, jobs: Vec<Arc<Job>>) {
+    let letters: Vec<DeadLetter> = jobs
+        .iter()
+        .filter_map(|job| match &job.payload {
+            Payload::Malformed { raw, reason } => Some(DeadLetter {
                 kind: DeadLetterKind::Decode,
                 reason: reason.clone(),
                 plugin: None,
-                source: delivery.origin.source.to_string(),
-                source_id: delivery.origin.id.clone(),
+                source: job.origin.source.to_string(),
+                source_id: job.origin.id.clone(),
                 payload: raw.clone(),
             }),
-            Payload::Decoded(message) => {
-                message_writes.version = message.version;
-                for (index, outcome) in verdicts {
-                    let plugin = &plugins.plugins[*index];
-                    match outcome {
-                        Ok(ops) => {
-                            let target = match plugin.manifest.consistency {
-                                Consistency::Versioned => &mut message_writes.versioned,
-                                Consistency::Plain => &mut message_writes.plain,
-                            };
-                            target.extend(ops.iter());
-                        }
-                        Err(error) => {
-                            letters.push(plugin_letter(delivery, message, plugin, error));
-                        }
-                    }
-                }
-            }
+            Payload::Decoded(_) => None,
+        })
+        .collect();
+    let done = apply_with_retry("decode", shared, &[], &letters)
+        .await
+        .is_some();
+    if done {
+        log_letters(&letters);
+        Counters::add(&shared.counters.dead_lettered, letters.len() as u64);
+    }
+    for job in jobs {
+        job.finish(done);
+    }
+}
+
+async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) {
+    let Some((plugin, mut outcomes)) = call(name, shared, &jobs).await else {
+        return;
+    };
+    let Some(plugin) = plugin else {
+        // The plugin was removed: nothing left to do for it.
+        for job in jobs {
+            job.finish(true);
+        }
+        return;
+    };
+    let mut writes: Vec<MessageWrites<'_>> = Vec::with_capacity(jobs.len());
+    let mut letters = Vec::new();
+    for (job, outcome) in jobs.iter().zip(outcomes.iter_mut()) {
+        let Payload::Decoded(message) = &job.payload else {
+            writes.push(MessageWrites::default());
+            continue;
+        };
+        if let Ok(ops) = outcome
+            && let Err(error) = check_ops(&plugin, shared, ops)
+        {
+            *outcome = Err(error);
+        }
+        let mut message_writes = MessageWrites {
+            version: message.version,
+            ..MessageWrites::default()
+        };
+        match outcome {
+            Ok(ops) => match plugin.manifest.consistency {
+                Consistency::Versioned => message_writes.versioned.extend(ops.iter()),
+                Consistency::Plain => message_writes.plain.extend(ops.iter()),
+            },
+            Err(error) => letters.push(plugin_letter(job, message, &plugin, error)),
         }
         writes.push(message_writes);
     }
-
-    let Some(outcomes) = apply_with_retry(lane, shared, &writes, &letters).await else {
+    let label = format!("{name}#{lane}");
+    let Some(applied) = apply_with_retry(&label, shared, &writes, &letters).await else {
+        abandon(jobs);
         return;
     };
     let mut refused = Vec::new();
-    let mut applied = 0;
-    for (delivery, outcome) in batch.iter().zip(&outcomes) {
-        match (outcome, &delivery.payload) {
-            (MessageOutcome::Applied { stale }, Payload::Decoded(_)) => {
-                applied += 1;
+    let mut n_applied = 0;
+    for (job, outcome) in jobs.iter().zip(&applied) {
+        let Payload::Decoded(message) = &job.payload else {
+            continue;
+        };
+        match outcome {
+            MessageOutcome::Applied { stale } => {
+                n_applied += 1;
                 Counters::add(&shared.counters.stale_skipped, *stale);
+                if *stale > 0 {
+                    tracing::debug!(plugin = name, version = plugin.version(), row = %message.row_id(), stale, "stale writes skipped");
+                }
             }
-            (MessageOutcome::Applied { .. }, Payload::Malformed { .. }) => {}
-            (MessageOutcome::Refused(reason), Payload::Decoded(message)) => {
-                refused.push(DeadLetter {
-                    kind: DeadLetterKind::Redis,
-                    reason: reason.clone(),
-                    plugin: None,
-                    source: delivery.origin.source.to_string(),
-                    source_id: delivery.origin.id.clone(),
-                    payload: RawPayload::Body(message.to_sequin_json().into_bytes()),
-                });
-            }
-            (MessageOutcome::Refused(_), Payload::Malformed { .. }) => {}
+            MessageOutcome::Refused(reason) => refused.push(DeadLetter {
+                kind: DeadLetterKind::Redis,
+                reason: reason.clone(),
+                plugin: Some((plugin.name().to_owned(), plugin.version().to_owned())),
+                source: job.origin.source.to_string(),
+                source_id: job.origin.id.clone(),
+                payload: RawPayload::Body(message.to_sequin_json().into_bytes()),
+            }),
         }
     }
     if !refused.is_empty()
-        && apply_with_retry(lane, shared, &[], &refused)
+        && apply_with_retry(&label, shared, &[], &refused)
             .await
             .is_none()
     {
+        abandon(jobs);
         return;
     }
-    for letter in letters.iter().chain(&refused) {
-        tracing::warn!(
-            lane,
-            source = %letter.source,
-            source_id = %letter.source_id,
-            kind = letter.kind.as_str(),
-            plugin = letter.plugin.as_ref().map(|(name, _)| name.as_str()),
-            version = letter.plugin.as_ref().map(|(_, version)| version.as_str()),
-            reason = %letter.reason,
-            "message dead-lettered"
-        );
-    }
-    Counters::add(&shared.counters.applied, applied);
+    log_letters(&letters);
+    log_letters(&refused);
+    Counters::add(&shared.counters.applied, n_applied);
     Counters::add(
         &shared.counters.dead_lettered,
         (letters.len() + refused.len()) as u64,
     );
     drop(writes);
-    for delivery in batch {
-        delivery.ack.ack();
+    for job in jobs {
+        job.finish(true);
     }
 }
 
-/// Calls every plugin once with the messages it subscribes to.
-fn call_plugins(plugins: &PluginSet, batch: &[Delivery]) -> Vec<Verdicts> {
-    let mut per_plugin: Vec<Vec<usize>> = vec![Vec::new(); plugins.plugins.len()];
-    for (index, delivery) in batch.iter().enumerate() {
-        if let Payload::Decoded(message) = &delivery.payload {
-            for plugin in plugins.routes(message) {
-                per_plugin[plugin].push(index);
+/// Calls the plugin serving `name` on the batch, waiting while it is paused. Returns `None` on
+/// shutdown (the jobs are then abandoned), and `Some((None, _))` when the plugin is gone.
+async fn call(
+    name: &str,
+    shared: &Shared,
+    jobs: &[Arc<Job>],
+) -> Option<(Option<Arc<Plugin>>, Vec<ChangeOutcome>)> {
+    loop {
+        let Some(plugin) = shared.plugins.load().get(name).cloned() else {
+            return Some((None, Vec::new()));
+        };
+        if let Some(pause) = plugin.breaker.paused_for() {
+            tokio::select! {
+                () = tokio::time::sleep(pause) => continue,
+                () = shared.shutdown.cancelled() => {
+                    abandon(jobs.to_vec());
+                    return None;
+                }
+            }
+        }
+        let called = tokio::task::spawn_blocking({
+            let (plugin, jobs) = (Arc::clone(&plugin), jobs.to_vec());
+            move || {
+                let messages: Vec<&ChangeMessage> = jobs
+                    .iter()
+                    .filter_map(|job| match &job.payload {
+                        Payload::Decoded(message) => Some(message),
+                        Payload::Malformed { .. } => None,
+                    })
+                    .collect();
+                plugin.call_batch(&messages)
+            }
+        })
+        .await;
+        let outcomes = match called {
+            Ok(outcomes) => outcomes,
+            Err(error) => {
+                tracing::error!(plugin = name, error = %error, "plugin call task failed; batch left for redelivery");
+                abandon(jobs.to_vec());
+                return None;
+            }
+        };
+        let failed = outcomes
+            .iter()
+            .filter(|o| {
+                matches!(
+                    o,
+                    Err(PluginError::Trap(_)
+                        | PluginError::Timeout { .. }
+                        | PluginError::Memory(_))
+                )
+            })
+            .count() as u32;
+        match plugin.breaker.record(failed) {
+            None => return Some((Some(plugin), outcomes)),
+            Some(pause) => {
+                // Failing as a whole: keep the whole batch (nothing applied, order kept) and try
+                // again after the pause, possibly on a fixed version.
+                tracing::warn!(
+                    plugin = name,
+                    version = plugin.version(),
+                    pause_ms = pause.as_millis() as u64,
+                    failed,
+                    "plugin keeps failing; paused, its messages wait unacknowledged"
+                );
             }
         }
     }
-    let mut verdicts: Vec<Verdicts> = vec![Vec::new(); batch.len()];
-    for (plugin, indices) in per_plugin.iter().enumerate() {
-        if indices.is_empty() {
-            continue;
-        }
-        let messages: Vec<&ChangeMessage> = indices
-            .iter()
-            .filter_map(|&i| match &batch[i].payload {
-                Payload::Decoded(message) => Some(message),
-                Payload::Malformed { .. } => None,
-            })
-            .collect();
-        let outcomes = plugins.plugins[plugin].call_batch(&messages);
-        for (&index, outcome) in indices.iter().zip(outcomes) {
-            verdicts[index].push((plugin, outcome));
-        }
+}
+
+fn abandon(jobs: Vec<Arc<Job>>) {
+    for job in jobs {
+        job.finish(false);
     }
-    verdicts
 }
 
 /// Enforces the plugin's key prefixes and limits on what it returned, and drops operations that
@@ -219,6 +260,23 @@ fn check_ops(plugin: &Plugin, shared: &Shared, ops: &mut Vec<Op>) -> Result<(), 
                 limits.max_value_bytes
             )));
         }
+        if let Op::SortedSetAdd { members, .. } = op
+            && members.iter().any(|(score, _)| score.is_nan())
+        {
+            return Err(PluginError::Misbehaved(format!(
+                "ZADD on key {key:?} has a NaN score"
+            )));
+        }
+        if let Op::Set {
+            ttl_ms: Some(0), ..
+        }
+        | Op::Expire { ttl_ms: 0, .. } = op
+        {
+            return Err(PluginError::Misbehaved(format!(
+                "{} on key {key:?} has a zero TTL",
+                op.name()
+            )));
+        }
     }
     ops.retain(|op| match op {
         Op::HashSet { fields, .. } => !fields.is_empty(),
@@ -235,7 +293,7 @@ fn check_ops(plugin: &Plugin, shared: &Shared, ops: &mut Vec<Op>) -> Result<(), 
 }
 
 fn plugin_letter(
-    delivery: &Delivery,
+    job: &Job,
     message: &ChangeMessage,
     plugin: &Plugin,
     error: &PluginError,
@@ -244,16 +302,30 @@ fn plugin_letter(
         kind: DeadLetterKind::Plugin,
         reason: error.to_string(),
         plugin: Some((plugin.name().to_owned(), plugin.version().to_owned())),
-        source: delivery.origin.source.to_string(),
-        source_id: delivery.origin.id.clone(),
+        source: job.origin.source.to_string(),
+        source_id: job.origin.id.clone(),
         payload: RawPayload::Body(message.to_sequin_json().into_bytes()),
+    }
+}
+
+fn log_letters(letters: &[DeadLetter]) {
+    for letter in letters {
+        tracing::warn!(
+            source = %letter.source,
+            source_id = %letter.source_id,
+            kind = letter.kind.as_str(),
+            plugin = letter.plugin.as_ref().map(|(name, _)| name.as_str()),
+            version = letter.plugin.as_ref().map(|(_, version)| version.as_str()),
+            reason = %letter.reason,
+            "message dead-lettered"
+        );
     }
 }
 
 /// Applies until Redis confirms, with capped exponential backoff. Returns `None` when shutdown
 /// interrupts the retries: the batch is then left unacknowledged.
 async fn apply_with_retry(
-    lane: usize,
+    lane: &str,
     shared: &Shared,
     writes: &[MessageWrites<'_>],
     letters: &[DeadLetter],

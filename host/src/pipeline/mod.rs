@@ -1,14 +1,20 @@
-//! The pipeline: lanes by row, batched plugin calls, one Redis pipeline per batch, then acks.
+//! The pipeline: lanes per plugin and row, batched plugin calls, one Redis pipeline per batch,
+//! then acks.
 //!
-//! Sources hand deliveries to a [`Dispatcher`], which picks a lane by hashing
-//! `(schema, table, record_pks)`: changes to one row always share a lane and are applied in the
-//! order received, while different rows proceed in parallel. Lane queues are unbounded, but the
-//! number of messages in flight is bounded by the sources' slots (`pipeline.max_in_flight`), so a
-//! lane stuck on Redis holds back only what it already holds until the slots run out, and then
-//! the sources stop reading. Nothing is dropped.
+//! Each plugin has its own group of lanes. The [`Dispatcher`] hands a message to one lane of
+//! every plugin subscribed to it, picked by hashing `(schema, table, record_pks)`: for each
+//! plugin, changes to one row share a lane and are applied in the order received, while rows
+//! (and plugins) proceed in parallel. A slow, looping or paused plugin therefore holds back only
+//! its own lanes. A message is acknowledged once every plugin's part of it is done ([`Job`]).
 //!
-//! - [`lane`]: one lane's loop: batch, call plugins, check limits, apply, retry, ack.
+//! Lane queues are unbounded, but the number of messages in flight is bounded by the sources'
+//! slots (`pipeline.max_in_flight`): when a lane is stuck (Redis down, plugin paused) the slots
+//! run out and the sources stop reading. Nothing is dropped.
+//!
+//! - [`lane`]: one lane's loop: batch, call the plugin, check limits, apply, retry, finish.
+//! - [`job`]: a message shared by the lanes of its plugins, acknowledged when all are done.
 
+pub mod job;
 pub mod lane;
 
 use crate::applier::Applier;
@@ -17,8 +23,10 @@ use crate::runtime::PluginSet;
 use crate::sources::{Delivery, Payload};
 use crate::telemetry::Counters;
 use arc_swap::ArcSwap;
-use std::hash::{BuildHasher as _, Hash as _, Hasher as _};
-use std::sync::Arc;
+pub use job::Job;
+use std::collections::HashMap;
+use std::hash::{BuildHasher as _, Hash as _};
+use std::sync::{Arc, Mutex};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -37,52 +45,111 @@ pub struct Shared {
     pub reserved_prefix: String,
     /// The dead-letter stream, which plugins may not write.
     pub dead_letter_stream: String,
-    /// Cancelled at shutdown: a lane then gives up retrying a batch Redis refuses, leaving its
-    /// messages unacknowledged for redelivery.
+    /// Cancelled at shutdown: a lane then gives up waiting (Redis down, plugin paused), leaving
+    /// its messages unacknowledged for redelivery.
     pub shutdown: CancellationToken,
+}
+
+type Lanes = Arc<[mpsc::UnboundedSender<Arc<Job>>]>;
+
+struct Inner {
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+    /// Lane groups by plugin name, created when a plugin is first routed to.
+    groups: Mutex<HashMap<String, Lanes>>,
+    /// Lanes for messages that did not decode (they only need a dead letter).
+    malformed: Lanes,
+    hasher: std::hash::RandomState,
 }
 
 /// Hands deliveries to lanes. Cheap to clone; the lanes end once every clone is dropped and
 /// their queues are drained.
 #[derive(Clone)]
 pub struct Dispatcher {
-    lanes: Arc<[mpsc::UnboundedSender<Delivery>]>,
-    hasher: std::hash::RandomState,
-    counters: Arc<Counters>,
+    inner: Arc<Inner>,
 }
 
 impl Dispatcher {
-    /// Sends a delivery to the lane of its row.
+    /// Sends a delivery to the lane of its row in every plugin subscribed to it; a message no
+    /// plugin wants is acknowledged at once.
     pub fn dispatch(&self, delivery: Delivery) {
-        let mut hasher = self.hasher.build_hasher();
-        match &delivery.payload {
-            Payload::Decoded(message) => {
-                message.schema.hash(&mut hasher);
-                message.table.hash(&mut hasher);
-                message.pks.hash(&mut hasher);
+        let inner = &self.inner;
+        Counters::add(&inner.shared.counters.received, 1);
+        let mut hasher = inner.hasher.build_hasher();
+        let message = match &delivery.payload {
+            Payload::Decoded(message) => message,
+            Payload::Malformed { .. } => {
+                delivery.origin.id.hash(&mut hasher);
+                let lane = pick(&hasher, inner.malformed.len());
+                let _ = inner.malformed[lane].send(Job::new(delivery, 1));
+                return;
             }
-            Payload::Malformed { .. } => delivery.origin.id.hash(&mut hasher),
+        };
+        message.schema.hash(&mut hasher);
+        message.table.hash(&mut hasher);
+        message.pks.hash(&mut hasher);
+        let plugins = inner.shared.plugins.load();
+        let routes: Vec<String> = plugins
+            .routes(message)
+            .map(|p| p.name().to_owned())
+            .collect();
+        if routes.is_empty() {
+            Counters::add(&inner.shared.counters.unrouted, 1);
+            delivery.ack.ack();
+            return;
         }
-        let lane = (hasher.finish() % self.lanes.len() as u64) as usize;
-        Counters::add(&self.counters.received, 1);
-        // A send fails only when the lane has ended (shutdown); the delivery's token is then
-        // dropped unsettled and the source leaves the message for redelivery.
-        let _ = self.lanes[lane].send(delivery);
+        let job = Job::new(delivery, routes.len());
+        for name in routes {
+            let lanes = self.lanes_of(&name);
+            // A send fails only when the lane has ended (shutdown); the job is then dropped
+            // unfinished and its message stays unacknowledged for redelivery.
+            let _ = lanes[pick(&hasher, lanes.len())].send(Arc::clone(&job));
+        }
+    }
+
+    fn lanes_of(&self, plugin: &str) -> Lanes {
+        let inner = &self.inner;
+        let mut groups = inner.groups.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(lanes) = groups.get(plugin) {
+            return Arc::clone(lanes);
+        }
+        let lanes = spawn_lanes(&inner.shared, &inner.tracker, Some(plugin));
+        groups.insert(plugin.to_owned(), Arc::clone(&lanes));
+        lanes
     }
 }
 
-/// Starts the lanes on `tracker` and returns the dispatcher that feeds them.
-pub fn start(shared: Shared, tracker: &TaskTracker) -> Dispatcher {
-    let shared = Arc::new(shared);
-    let mut senders = Vec::with_capacity(shared.config.lanes);
-    for index in 0..shared.config.lanes {
+fn pick(hasher: &impl std::hash::Hasher, lanes: usize) -> usize {
+    (hasher.finish() % lanes as u64) as usize
+}
+
+fn spawn_lanes(shared: &Arc<Shared>, tracker: &TaskTracker, plugin: Option<&str>) -> Lanes {
+    let count = if plugin.is_some() {
+        shared.config.lanes
+    } else {
+        1
+    };
+    let mut senders = Vec::with_capacity(count);
+    for index in 0..count {
         let (tx, rx) = mpsc::unbounded_channel();
         senders.push(tx);
-        tracker.spawn(lane::run(index, rx, Arc::clone(&shared)));
+        let name = plugin.map(str::to_owned);
+        tracker.spawn(lane::run(name, index, rx, Arc::clone(shared)));
     }
+    senders.into()
+}
+
+/// Starts the pipeline on `tracker` and returns the dispatcher that feeds it.
+pub fn start(shared: Shared, tracker: &TaskTracker) -> Dispatcher {
+    let shared = Arc::new(shared);
+    let malformed = spawn_lanes(&shared, tracker, None);
     Dispatcher {
-        lanes: senders.into(),
-        hasher: std::hash::RandomState::new(),
-        counters: Arc::clone(&shared.counters),
+        inner: Arc::new(Inner {
+            shared,
+            tracker: tracker.clone(),
+            groups: Mutex::new(HashMap::new()),
+            malformed,
+            hasher: std::hash::RandomState::new(),
+        }),
     }
 }

@@ -5,6 +5,7 @@
 //! once and runs the manifest's self-tests; only a plugin that passes all of that is returned.
 
 use super::bindings::PluginPre;
+use super::cache::Compiled;
 use super::state::PluginIdent;
 use super::{Plugin, Runtime};
 use crate::manifest::Manifest;
@@ -13,7 +14,7 @@ use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use wasmtime::component::Component;
+use std::time::{Duration, Instant};
 
 /// The plugins serving traffic, sorted by name.
 #[derive(Default)]
@@ -24,12 +25,18 @@ pub struct PluginSet {
 
 impl PluginSet {
     /// The plugins subscribed to a message, in name order.
-    pub fn routes<'a>(&'a self, message: &'a ChangeMessage) -> impl Iterator<Item = usize> + 'a {
+    pub fn routes<'a>(
+        &'a self,
+        message: &'a ChangeMessage,
+    ) -> impl Iterator<Item = &'a Arc<Plugin>> + 'a {
         self.plugins
             .iter()
-            .enumerate()
-            .filter(move |(_, plugin)| plugin.manifest.subscribes(message))
-            .map(|(index, _)| index)
+            .filter(move |plugin| plugin.manifest.subscribes(message))
+    }
+
+    /// The plugin serving under `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<Plugin>> {
+        self.plugins.iter().find(|plugin| plugin.name() == name)
     }
 }
 
@@ -44,7 +51,8 @@ pub struct PluginFiles {
     pub manifest: Option<PathBuf>,
 }
 
-/// Lists the plugins in a directory: every `*.wasm` file, with `<stem>.toml` when it exists.
+/// Lists the plugins in a directory: every `*.wasm` file (hidden files aside, so temporary
+/// names of a write-then-rename deploy are never loaded), with `<stem>.toml` when it exists.
 ///
 /// # Errors
 ///
@@ -59,6 +67,9 @@ pub fn list_dir(dir: &Path) -> anyhow::Result<Vec<PluginFiles>> {
             let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
             };
+            if name.starts_with('.') {
+                continue;
+            }
             let manifest = path.with_extension("toml");
             found.push(PluginFiles {
                 name: name.to_owned(),
@@ -71,9 +82,54 @@ pub fn list_dir(dir: &Path) -> anyhow::Result<Vec<PluginFiles>> {
     Ok(found)
 }
 
-/// Loads every plugin of a directory. Any plugin that fails to load fails the whole load: at
-/// start-up there is no last good version to fall back on, and serving without a plugin would
-/// leave its tables silently uncached.
+/// A plugin's files, read: what a version is made of.
+pub struct PluginSource {
+    /// Where they came from.
+    pub files: PluginFiles,
+    /// The component bytes.
+    pub wasm: Vec<u8>,
+    /// The manifest text (empty when there is none).
+    pub manifest_text: Vec<u8>,
+    /// Content hash of both.
+    pub version: String,
+}
+
+/// Reads a plugin's files.
+///
+/// # Errors
+///
+/// A file cannot be read.
+pub fn read_files(files: &PluginFiles) -> anyhow::Result<PluginSource> {
+    let wasm = std::fs::read(&files.wasm)
+        .with_context(|| format!("cannot read {}", files.wasm.display()))?;
+    let manifest_text = match &files.manifest {
+        Some(path) => {
+            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
+        }
+        None => Vec::new(),
+    };
+    let version = content_hash(&wasm, &manifest_text);
+    Ok(PluginSource {
+        files: files.clone(),
+        wasm,
+        manifest_text,
+        version,
+    })
+}
+
+/// A freshly loaded plugin and how its loading went.
+pub struct Loaded {
+    /// The plugin.
+    pub plugin: Plugin,
+    /// Compiled now or taken from the artifact cache.
+    pub compiled: Compiled,
+    /// Time from bytes to a self-tested plugin.
+    pub elapsed: Duration,
+}
+
+/// Loads every plugin of a directory and records each in the runtime's registry. Any plugin that
+/// fails to load fails the whole load: at start-up there is no last good version to fall back
+/// on, and serving without a plugin would leave its tables silently uncached.
 ///
 /// # Errors
 ///
@@ -81,61 +137,92 @@ pub fn list_dir(dir: &Path) -> anyhow::Result<Vec<PluginFiles>> {
 pub fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<PluginSet> {
     let mut plugins = Vec::new();
     for files in list_dir(dir)? {
-        let plugin = load_plugin(runtime, &files)
+        let loaded = read_files(&files)
+            .and_then(|source| load_source(runtime, source))
             .with_context(|| format!("plugin {} failed to load", files.name))?;
-        tracing::info!(
-            plugin = plugin.name(),
-            version = plugin.version(),
-            tables = ?plugin.manifest.tables,
-            "plugin loaded"
-        );
-        plugins.push(Arc::new(plugin));
+        plugins.push(Arc::new(register(runtime, loaded, None)));
     }
     Ok(PluginSet { plugins })
+}
+
+/// Records a successful load in the registry and the log.
+pub(super) fn register(runtime: &Runtime, loaded: Loaded, previous: Option<&str>) -> Plugin {
+    let plugin = loaded.plugin;
+    let load_ms = loaded.elapsed.as_millis() as u64;
+    runtime.registry().loaded(
+        plugin.name(),
+        plugin.version(),
+        plugin.manifest.tables.clone(),
+        load_ms,
+        loaded.compiled.as_str(),
+    );
+    tracing::info!(
+        plugin = plugin.name(),
+        version = plugin.version(),
+        previous,
+        tables = ?plugin.manifest.tables,
+        compiled = loaded.compiled.as_str(),
+        load_ms,
+        "plugin loaded"
+    );
+    plugin
 }
 
 /// Loads one plugin from its files.
 ///
 /// # Errors
 ///
-/// The files cannot be read, the manifest is invalid, the component does not compile or does not
-/// export this contract's `transform`, it fails to instantiate, or a self-test fails.
+/// As [`load_source`], and files that cannot be read.
 pub fn load_plugin(runtime: &Runtime, files: &PluginFiles) -> anyhow::Result<Plugin> {
-    let wasm = std::fs::read(&files.wasm)
-        .with_context(|| format!("cannot read {}", files.wasm.display()))?;
-    let (manifest_text, manifest) = match &files.manifest {
+    Ok(load_source(runtime, read_files(files)?)?.plugin)
+}
+
+/// Parses the manifest, compiles (or takes from the cache), links, instantiates and self-tests.
+///
+/// # Errors
+///
+/// The manifest is invalid, the component does not compile or does not export this contract's
+/// `transform`, it fails to instantiate, or a self-test fails.
+pub fn load_source(runtime: &Runtime, source: PluginSource) -> anyhow::Result<Loaded> {
+    let start = Instant::now();
+    let manifest = match &source.files.manifest {
         Some(path) => {
-            let text =
-                std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-            (text, Manifest::load(path)?)
+            let text = std::str::from_utf8(&source.manifest_text)
+                .with_context(|| format!("manifest {} is not UTF-8", path.display()))?;
+            Manifest::parse(text).with_context(|| format!("invalid manifest {}", path.display()))?
         }
-        None => (Vec::new(), Manifest::default()),
+        None => Manifest::default(),
     };
-    let version = content_hash(&wasm, &manifest_text);
     let ident = Arc::new(PluginIdent {
-        name: files.name.clone(),
-        version,
+        name: source.files.name.clone(),
+        version: source.version.clone(),
         config_json: manifest.config_json(),
     });
-    load_bytes(runtime, &wasm, ident, manifest)
+    let (plugin, compiled) = load_bytes(runtime, &source.wasm, ident, manifest)?;
+    Ok(Loaded {
+        plugin,
+        compiled,
+        elapsed: start.elapsed(),
+    })
 }
 
 /// Compiles, links, instantiates and self-tests a component.
 ///
 /// # Errors
 ///
-/// As [`load_plugin`].
+/// As [`load_source`].
 pub fn load_bytes(
     runtime: &Runtime,
     wasm: &[u8],
     ident: Arc<PluginIdent>,
     manifest: Manifest,
-) -> anyhow::Result<Plugin> {
+) -> anyhow::Result<(Plugin, Compiled)> {
     if !wasm.starts_with(b"\0asm") {
         bail!("not a WebAssembly file (bad magic number)");
     }
-    let component = Component::new(runtime.engine(), wasm)
-        .map_err(anyhow::Error::from)
+    let (component, compiled) = runtime
+        .cache()
+        .component(runtime.engine(), wasm)
         .context("compile failed")?;
     let instance_pre = runtime
         .linker()
@@ -156,7 +243,7 @@ pub fn load_bytes(
         .check_instantiate()
         .map_err(|error| anyhow::anyhow!("{error}"))?;
     super::selftest::run(&plugin)?;
-    Ok(plugin)
+    Ok((plugin, compiled))
 }
 
 /// The version of a plugin: a short SHA-256 of its component and manifest.

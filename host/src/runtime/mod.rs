@@ -4,23 +4,37 @@
 //! - [`bindings`]: the only `bindgen!`.
 //! - [`state`]: store data (WASI view, limiter, `log` and `config` imports).
 //! - [`limiter`]: memory cap and high-water mark.
+//! - [`guest_output`]: guest stdout/stderr to the log, rate limited.
+//! - [`breaker`]: pausing a plugin whose calls keep failing.
 //! - [`plugin`]: one loaded plugin and its warm instances.
 //! - [`convert`]: `ChangeMessage` to the WIT change, the WIT op to [`Op`](crate::ops::Op).
 //! - [`loader`]: reading a plugin directory into a [`PluginSet`].
 //! - [`selftest`]: the manifest's self-test cases.
+//! - [`cache`]: compiled components on disk, by content hash and engine.
+//! - [`reload`]: watching the plugin directory and swapping versions atomically.
+//! - [`status`]: what `keepwarm plugins` shows.
 
 pub mod bindings;
+pub mod breaker;
+pub mod cache;
 pub mod convert;
+pub mod guest_output;
 pub mod limiter;
 pub mod loader;
 pub mod plugin;
+pub mod reload;
 pub mod selftest;
 pub mod state;
+pub mod status;
 
 pub use loader::{PluginSet, load_dir, load_plugin};
 pub use plugin::Plugin;
 
+use cache::ArtifactCache;
 use state::PluginState;
+use status::Registry;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
@@ -56,6 +70,8 @@ pub enum PluginError {
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
+    cache: ArtifactCache,
+    registry: Arc<Registry>,
     /// Whether the pooling allocator could be used on this machine.
     pub pooling: bool,
 }
@@ -63,11 +79,12 @@ pub struct Runtime {
 impl Runtime {
     /// Creates the engine (pooling allocator where the machine allows it, otherwise on-demand
     /// allocation) and starts the epoch ticker thread, which stops when the engine is dropped.
+    /// Compiled components are cached in `cache_dir` when given.
     ///
     /// # Errors
     ///
     /// The engine cannot be created at all.
-    pub fn new() -> anyhow::Result<Runtime> {
+    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
         let (engine, pooling) = match Engine::new(&engine_config(true)) {
             Ok(engine) => (engine, true),
             Err(error) => {
@@ -92,8 +109,10 @@ impl Runtime {
                 }
             })?;
         Ok(Runtime {
+            cache: ArtifactCache::new(cache_dir, &engine),
             engine,
             linker,
+            registry: Arc::new(Registry::default()),
             pooling,
         })
     }
@@ -101,6 +120,16 @@ impl Runtime {
     /// The engine.
     pub fn engine(&self) -> &Engine {
         &self.engine
+    }
+
+    /// The artifact cache.
+    pub fn cache(&self) -> &ArtifactCache {
+        &self.cache
+    }
+
+    /// The status of every plugin, for `keepwarm plugins`.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// The linker with WASI (granting nothing) and keepwarm's imports.

@@ -7,6 +7,7 @@
 
 use super::PluginError;
 use super::bindings::PluginPre;
+use super::breaker::Breaker;
 use super::convert;
 use super::state::{PluginIdent, PluginState};
 use crate::manifest::Manifest;
@@ -28,6 +29,8 @@ pub struct Plugin {
     pre: PluginPre<PluginState>,
     deadline_ticks: u64,
     warm: Mutex<Vec<Warm>>,
+    /// Pauses the plugin when its calls keep failing.
+    pub breaker: Breaker,
 }
 
 /// A warm instance and its store.
@@ -53,12 +56,16 @@ impl Plugin {
             (manifest.limits.deadline_ms as u128).div_ceil(tick.as_millis().max(1)) as u64 + 1;
         Plugin {
             ident,
-            manifest,
             loaded_at: SystemTime::now(),
             engine,
             pre,
             deadline_ticks,
             warm: Mutex::new(Vec::new()),
+            breaker: Breaker::new(
+                manifest.limits.max_failures,
+                Duration::from_secs(manifest.limits.failure_window_secs),
+            ),
+            manifest,
         }
     }
 
@@ -175,7 +182,7 @@ impl Plugin {
         let memory = (self.manifest.limits.memory_mb as usize) << 20;
         let mut store = Store::new(
             &self.engine,
-            PluginState::new(Arc::clone(&self.ident), memory),
+            PluginState::new(Arc::clone(&self.ident), memory, &self.manifest.grants),
         );
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks);

@@ -1,12 +1,14 @@
-//! The data each plugin `Store` carries: a WASI context that grants nothing, the memory limiter,
-//! and the host side of the `log` and `config` imports.
+//! The data each plugin `Store` carries: a WASI context that grants nothing by default, the
+//! memory limiter, and the host side of the `log` and `config` imports.
 
 use super::bindings::keepwarm::plugin::{config, log, types};
+use super::guest_output::{GuestOutput, LogBudget};
 use super::limiter::MemoryLimiter;
-use std::sync::Arc;
-use std::time::Instant;
+use crate::manifest::Grants;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use wasmtime::component::ResourceTable;
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, WasiView};
 
 /// Who a store belongs to, for log lines.
 #[derive(Debug)]
@@ -26,19 +28,64 @@ pub struct PluginState {
     /// Memory cap, enforced through `Store::limiter`.
     pub limiter: MemoryLimiter,
     ident: Arc<PluginIdent>,
-    log_budget: LogBudget,
+    log_budget: Arc<Mutex<LogBudget>>,
 }
 
 impl PluginState {
-    /// A state with no WASI capabilities at all and the given memory cap.
-    pub fn new(ident: Arc<PluginIdent>, memory_bytes: usize) -> PluginState {
+    /// A state with the given memory cap and no WASI capabilities beyond what `grants` allows:
+    /// no files, no network, no environment (unless named), and clocks stopped at the Unix
+    /// epoch (unless granted). Stdout and stderr go to the log.
+    pub fn new(ident: Arc<PluginIdent>, memory_bytes: usize, grants: &Grants) -> PluginState {
+        let log_budget = Arc::new(Mutex::new(LogBudget::new()));
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(GuestOutput::new(
+            Arc::clone(&ident),
+            "stdout",
+            Arc::clone(&log_budget),
+        ))
+        .stderr(GuestOutput::new(
+            Arc::clone(&ident),
+            "stderr",
+            Arc::clone(&log_budget),
+        ));
+        if !grants.clock {
+            wasi.wall_clock(StoppedClock).monotonic_clock(StoppedClock);
+        }
+        for name in &grants.env {
+            if let Ok(value) = std::env::var(name) {
+                wasi.env(name, value);
+            }
+        }
         PluginState {
-            wasi: WasiCtx::builder().build(),
+            wasi: wasi.build(),
             table: ResourceTable::new(),
             limiter: MemoryLimiter::new(memory_bytes),
             ident,
-            log_budget: LogBudget::new(),
+            log_budget,
         }
+    }
+}
+
+/// A clock that always reads zero: plugins are pure and must not decide on time.
+struct StoppedClock;
+
+impl HostWallClock for StoppedClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl HostMonotonicClock for StoppedClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+
+    fn now(&self) -> u64 {
+        0
     }
 }
 
@@ -55,7 +102,8 @@ impl types::Host for PluginState {}
 
 impl log::Host for PluginState {
     fn log(&mut self, level: types::Level, message: String) {
-        if !self.log_budget.take() {
+        let mut budget = self.log_budget.lock().unwrap_or_else(|p| p.into_inner());
+        if !budget.take(&self.ident) {
             return;
         }
         let plugin = self.ident.name.as_str();
@@ -72,46 +120,5 @@ impl log::Host for PluginState {
 impl config::Host for PluginState {
     fn get(&mut self) -> String {
         self.ident.config_json.clone()
-    }
-}
-
-/// A token bucket for plugin log lines: a flood of logs costs the plugin, not the host.
-struct LogBudget {
-    tokens: f64,
-    last: Instant,
-    dropped: u64,
-}
-
-impl LogBudget {
-    const RATE_PER_SEC: f64 = 100.0;
-    const BURST: f64 = 200.0;
-
-    fn new() -> LogBudget {
-        LogBudget {
-            tokens: Self::BURST,
-            last: Instant::now(),
-            dropped: 0,
-        }
-    }
-
-    fn take(&mut self) -> bool {
-        let now = Instant::now();
-        let elapsed = now.duration_since(self.last).as_secs_f64();
-        self.last = now;
-        self.tokens = (self.tokens + elapsed * Self::RATE_PER_SEC).min(Self::BURST);
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            if self.dropped > 0 {
-                tracing::warn!(
-                    dropped = self.dropped,
-                    "plugin log lines dropped by rate limit"
-                );
-                self.dropped = 0;
-            }
-            true
-        } else {
-            self.dropped += 1;
-            false
-        }
     }
 }

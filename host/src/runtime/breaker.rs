@@ -1,0 +1,96 @@
+//! The circuit breaker of one plugin version: a plugin whose calls keep failing (traps,
+//! timeouts, memory) is paused with growing backoff instead of dead-lettering message after
+//! message. While it is paused its messages wait, unacknowledged; a new version starts afresh.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Failure bookkeeping and pause state.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    window: Duration,
+    state: Mutex<State>,
+}
+
+#[derive(Debug)]
+struct State {
+    window_start: Instant,
+    failures: u32,
+    paused_until: Option<Instant>,
+    next_pause: Duration,
+}
+
+const FIRST_PAUSE: Duration = Duration::from_secs(1);
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+impl Breaker {
+    /// A breaker that trips after more than `threshold` failed changes within `window`.
+    pub fn new(threshold: u32, window: Duration) -> Breaker {
+        Breaker {
+            threshold,
+            window,
+            state: Mutex::new(State {
+                window_start: Instant::now(),
+                failures: 0,
+                paused_until: None,
+                next_pause: FIRST_PAUSE,
+            }),
+        }
+    }
+
+    /// How long the plugin is still paused, if it is.
+    pub fn paused_for(&self) -> Option<Duration> {
+        let state = self.lock();
+        let until = state.paused_until?;
+        until.checked_duration_since(Instant::now())
+    }
+
+    /// Records the outcome of a call: `failed` changes failed as a whole instance failure.
+    /// Returns the pause when this call tripped the breaker.
+    pub fn record(&self, failed: u32) -> Option<Duration> {
+        let mut state = self.lock();
+        let now = Instant::now();
+        if failed == 0 {
+            // Healthy calls after a pause bring the backoff back down.
+            if state.paused_until.is_none_or(|until| now >= until) {
+                state.next_pause = FIRST_PAUSE;
+            }
+            return None;
+        }
+        if now.duration_since(state.window_start) > self.window {
+            state.window_start = now;
+            state.failures = 0;
+        }
+        state.failures += failed;
+        if state.failures <= self.threshold {
+            return None;
+        }
+        let pause = state.next_pause;
+        state.paused_until = Some(now + pause);
+        state.next_pause = (pause * 2).min(MAX_PAUSE);
+        state.failures = 0;
+        state.window_start = now;
+        Some(pause)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn trips_past_the_threshold_and_backs_off() {
+        let breaker = Breaker::new(3, Duration::from_secs(60));
+        assert_eq!(breaker.record(2), None);
+        assert_eq!(breaker.record(1), None);
+        assert_eq!(breaker.record(1), Some(Duration::from_secs(1)));
+        assert!(breaker.paused_for().is_some());
+        assert_eq!(breaker.record(4), Some(Duration::from_secs(2)));
+        assert_eq!(breaker.record(0), None);
+    }
+}

@@ -1,0 +1,130 @@
+//! What `keepwarm plugins` shows: each plugin's version, tables, state and load details.
+
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// The state of one plugin.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum PluginState {
+    /// The loaded version serves traffic.
+    Serving,
+    /// A newer file failed to load; the previous version keeps serving.
+    FailedToReload,
+    /// The plugin failed to load and has no version serving.
+    Failed,
+}
+
+/// One row of `keepwarm plugins`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PluginStatus {
+    /// Plugin name (file stem).
+    pub name: String,
+    /// The version serving traffic, if any.
+    pub version: Option<String>,
+    /// Tables it serves (`None`: every table).
+    pub tables: Option<Vec<String>>,
+    /// Serving, failed to reload, or failed.
+    pub state: PluginState,
+    /// Why the last load failed.
+    pub error: Option<String>,
+    /// The version that failed to load.
+    pub failed_version: Option<String>,
+    /// When the serving version was loaded (Unix seconds).
+    pub loaded_at: Option<u64>,
+    /// How long loading the serving version took, in milliseconds.
+    pub load_ms: Option<u64>,
+    /// Whether the serving version was compiled or taken from the artifact cache.
+    pub compiled: Option<&'static str>,
+}
+
+/// The status of every plugin, kept by the loader and read by the admin endpoint.
+#[derive(Debug, Default)]
+pub struct Registry {
+    plugins: Mutex<BTreeMap<String, PluginStatus>>,
+}
+
+impl Registry {
+    /// Records a successful load of `name`.
+    pub fn loaded(
+        &self,
+        name: &str,
+        version: &str,
+        tables: Option<Vec<String>>,
+        load_ms: u64,
+        compiled: &'static str,
+    ) {
+        self.lock().insert(
+            name.to_owned(),
+            PluginStatus {
+                name: name.to_owned(),
+                version: Some(version.to_owned()),
+                tables,
+                state: PluginState::Serving,
+                error: None,
+                failed_version: None,
+                loaded_at: Some(now_secs()),
+                load_ms: Some(load_ms),
+                compiled: Some(compiled),
+            },
+        );
+    }
+
+    /// Records a failed load of `name`; a version already serving keeps serving.
+    pub fn failed(&self, name: &str, version: Option<&str>, error: &str) {
+        let mut plugins = self.lock();
+        let entry = plugins
+            .entry(name.to_owned())
+            .or_insert_with(|| PluginStatus {
+                name: name.to_owned(),
+                version: None,
+                tables: None,
+                state: PluginState::Failed,
+                error: None,
+                failed_version: None,
+                loaded_at: None,
+                load_ms: None,
+                compiled: None,
+            });
+        entry.state = if entry.version.is_some() {
+            PluginState::FailedToReload
+        } else {
+            PluginState::Failed
+        };
+        entry.error = Some(error.to_owned());
+        entry.failed_version = version.map(str::to_owned);
+    }
+
+    /// Clears a failure once the directory holds the serving version again.
+    pub fn recovered(&self, name: &str) {
+        if let Some(entry) = self.lock().get_mut(name)
+            && entry.version.is_some()
+        {
+            entry.state = PluginState::Serving;
+            entry.error = None;
+            entry.failed_version = None;
+        }
+    }
+
+    /// Forgets a plugin whose files were removed.
+    pub fn removed(&self, name: &str) {
+        self.lock().remove(name);
+    }
+
+    /// Every plugin's status, by name.
+    pub fn snapshot(&self) -> Vec<PluginStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginStatus>> {
+        self.plugins.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# The demo: Sequin's example change messages go into a Redis Stream exactly as Sequin's Redis
+# Stream sink writes them, keepwarm consumes them through the example plugins, and the resulting
+# cache keys are printed. Uses a private Redis on a free port; leaves nothing running.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$(pwd)
+
+scripts/setup.sh
+scripts/build-plugins.sh
+cargo build --quiet -p keepwarm
+target="${CARGO_TARGET_DIR:-$root/target}"
+
+. scripts/lib/redis.sh
+start_redis
+cli() { redis-cli -p "$REDIS_PORT" "$@"; }
+
+work=$(mktemp -d -t keepwarm-demo.XXXXXX)
+cat >"$work/keepwarm.toml" <<TOML
+[redis]
+url = "$REDIS_URL"
+
+[plugins]
+dir = "$target/plugins"
+
+[[source]]
+kind = "redis-stream"
+stream = "sequin.changes"
+group = "keepwarm"
+TOML
+
+fixtures="$root/tests/fixtures/sequin-examples.jsonl"
+count=$(grep -c . "$fixtures")
+echo "== writing $count Sequin change messages to the stream sequin.changes"
+python3 scripts/lib/sequin_to_resp.py sequin.changes <"$fixtures" | cli --pipe >/dev/null
+
+echo "== running keepwarm (plugins: $(cd "$target/plugins" && ls *.wasm | tr '\n' ' '))"
+"$target/debug/keepwarm" run --config "$work/keepwarm.toml" 2>"$work/keepwarm.log" &
+pid=$!
+trap 'kill $pid 2>/dev/null || true; stop_redis; rm -rf "$work"' EXIT
+
+# Wait until the group has read every entry and acknowledged all of them.
+for _ in $(seq 1 600); do
+    group=$(cli XINFO GROUPS sequin.changes 2>/dev/null | paste -sd' ')
+    if [[ "$group" == *"pending 0 "* && "$group" == *"entries-read $count lag 0"* ]]; then
+        break
+    fi
+    if ! kill -0 $pid 2>/dev/null; then
+        echo "keepwarm exited early; its log:" >&2
+        cat "$work/keepwarm.log" >&2
+        exit 1
+    fi
+    sleep 0.1
+done
+kill -TERM $pid
+wait $pid || true
+
+echo "== keepwarm's log"
+sed 's/^/   /' "$work/keepwarm.log"
+echo
+echo "== cache keys (version bookkeeping under kw:v:* not shown)"
+cli --scan | grep -v '^kw:v:' | grep -v '^sequin.changes$' | sort | while read -r key; do
+    type=$(cli TYPE "$key")
+    case "$type" in
+        string) value=$(cli GET "$key") ;;
+        hash) value=$(cli HGETALL "$key" | paste -sd' ') ;;
+        set) value=$(cli SMEMBERS "$key" | sort | paste -sd' ') ;;
+        zset) value=$(cli ZRANGE "$key" 0 -1 WITHSCORES | paste -sd' ') ;;
+        stream) value="($(cli XLEN "$key") entries)" ;;
+        *) value="($type)" ;;
+    esac
+    printf '%s [%s]\n    %s\n' "$key" "$type" "$value"
+done
+echo
+echo "== $(cli --scan --pattern 'kw:v:*' | wc -l) version keys; consumer group:"
+cli XINFO GROUPS sequin.changes | paste -sd' '

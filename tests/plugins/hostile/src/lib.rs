@@ -1,0 +1,117 @@
+//! Test plugin for containment: behaves like a tiny row cache (`<prefix><pks>` = record) except
+//! on changes whose first primary key is in `victims` (all changes when `victims` is absent),
+//! where it does what `mode` says:
+//!
+//! - `loop`: never returns; `alloc`: allocates until it dies; `leak`: keeps `leak_kib` more
+//!   memory on every call and behaves; `panic`: panics;
+//! - `outside`: writes `forbidden:<pks>`; `huge`: returns an 8 MiB value; `many-ops`: returns
+//!   10,000 operations; `log-flood`: logs 10,000 lines and behaves;
+//! - `fs`, `net`, `env`, `clock`: tries to read `/etc/hostname`, connect to 127.0.0.1:6379,
+//!   read `$HOME`, or read the wall clock, and caches what it got as `<prefix>probe:<pks>`.
+
+use keepwarm_guest::{Change, Config, Op, Plugin, log, ops};
+use std::cell::RefCell;
+
+/// The hostile plugin.
+pub struct Hostile {
+    prefix: String,
+    mode: String,
+    victims: Option<Vec<String>>,
+    leak_kib: usize,
+    leaked: RefCell<Vec<Vec<u8>>>,
+}
+
+#[derive(serde::Deserialize)]
+struct Settings {
+    prefix: String,
+    mode: String,
+    victims: Option<Vec<String>>,
+    #[serde(default)]
+    leak_kib: usize,
+}
+
+impl Plugin for Hostile {
+    fn new(config: &Config) -> Result<Self, String> {
+        let s: Settings = config.parse()?;
+        Ok(Hostile {
+            prefix: s.prefix,
+            mode: s.mode,
+            victims: s.victims,
+            leak_kib: s.leak_kib,
+            leaked: RefCell::new(Vec::new()),
+        })
+    }
+
+    fn handle(&self, change: &Change) -> Result<Vec<Op>, String> {
+        let pks = change.pks().join(":");
+        let normal = vec![ops::set(
+            format!("{}{pks}", self.prefix),
+            change.record_json().to_owned(),
+        )];
+        let victim = self
+            .victims
+            .as_ref()
+            .is_none_or(|v| change.pks().first().is_some_and(|pk| v.contains(pk)));
+        if !victim {
+            return Ok(normal);
+        }
+        let probe = |text: String| Ok(vec![ops::set(format!("{}probe:{pks}", self.prefix), text)]);
+        match self.mode.as_str() {
+            "loop" => {
+                let mut n: u64 = 0;
+                loop {
+                    n = std::hint::black_box(n.wrapping_add(1));
+                }
+            }
+            "alloc" => {
+                let mut hoard = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 1 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
+            "leak" => {
+                self.leaked
+                    .borrow_mut()
+                    .push(vec![1u8; self.leak_kib << 10]);
+                Ok(normal)
+            }
+            "panic" => panic!("hostile plugin panics on {pks}"),
+            "outside" => Ok(vec![ops::set(format!("forbidden:{pks}"), "x")]),
+            "huge" => Ok(vec![ops::set(
+                format!("{}{pks}", self.prefix),
+                vec![b'x'; 8 << 20],
+            )]),
+            "many-ops" => Ok((0..10_000)
+                .map(|i| ops::del(format!("{}{pks}:{i}", self.prefix)))
+                .collect()),
+            "log-flood" => {
+                for i in 0..10_000 {
+                    log::info(format!("flood line {i} for {pks}"));
+                }
+                Ok(normal)
+            }
+            "fs" => probe(match std::fs::read_to_string("/etc/hostname") {
+                Ok(text) => format!("read: {text}"),
+                Err(error) => format!("error: {error}"),
+            }),
+            "net" => probe(match std::net::TcpStream::connect("127.0.0.1:6379") {
+                Ok(_) => "connected".to_owned(),
+                Err(error) => format!("error: {error}"),
+            }),
+            "env" => probe(match std::env::var("HOME") {
+                Ok(home) => format!("read: {home}"),
+                Err(error) => format!("error: {error}"),
+            }),
+            "clock" => probe(
+                match std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                    Ok(since) => format!("secs: {}", since.as_secs()),
+                    Err(error) => format!("error: {error}"),
+                },
+            ),
+            other => Err(format!("unknown mode {other}")),
+        }
+    }
+}
+
+keepwarm_guest::export_plugin!(Hostile);
