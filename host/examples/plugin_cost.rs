@@ -11,8 +11,7 @@
 //!   instantiation, the manifest's self-tests), `--loads` times in a fresh runtime each; and the
 //!   same with the compiled component taken from keepwarm's artifact cache (a restart);
 //! - **compile** (`Component::new`) and **instantiate + first call** (a fresh store and instance,
-//!   one batch of one change), the two parts of a load and of an instance recycled mid-run, with
-//!   the memory high-water mark the host's limiter saw (growth past the initial memory);
+//!   one batch of one change), the two parts of a load and of an instance recycled mid-run;
 //! - **per change**: warm batch calls of 100 changes (the lines of `--changes` the manifest
 //!   subscribes to, cycled), `--batches` times, divided by 100; and single-change calls.
 //!
@@ -142,7 +141,6 @@ fn main() -> anyhow::Result<()> {
     let compile = start.elapsed();
     let pre = PluginPre::new(runtime.linker().instantiate_pre(&component)?)?;
     let mut instantiations = Vec::new();
-    let mut memory = 0;
     for _ in 0..20 {
         let mut store = Store::new(
             runtime.engine(),
@@ -161,13 +159,11 @@ fn main() -> anyhow::Result<()> {
             .keepwarm_plugin_transform()
             .call_handle_batch(&mut store, &[change])?;
         instantiations.push(start.elapsed());
-        memory = store.data().limiter.peak();
     }
     println!("  compile: {}", show(compile));
     println!(
-        "  instantiate + first call: {} (memory high-water seen by the limiter: {:.1} MiB)",
-        show(median(instantiations)),
-        memory as f64 / f64::from(1 << 20)
+        "  instantiate + first call: {}",
+        show(median(instantiations))
     );
 
     let batch: Vec<&ChangeMessage> = subscribed.iter().copied().cycle().take(100).collect();
