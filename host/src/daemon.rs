@@ -57,6 +57,7 @@ impl Core {
             Shared {
                 plugins: Arc::clone(&self.plugins),
                 applier: Arc::clone(&self.applier),
+                registry: Arc::clone(self.runtime.registry()),
                 counters: Arc::clone(&self.counters),
                 config: self.config.pipeline.clone(),
                 reserved_prefix: self.config.versioning.key_prefix.clone(),

@@ -4,6 +4,7 @@
 
 mod cli;
 mod dead_letters;
+mod hostile;
 mod hot_reload;
 mod languages;
 mod redis_outage;

@@ -274,6 +274,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(config: Config) -> Daemon {
+        keepwarm::telemetry::init_logging();
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(keepwarm::daemon::run(
             config,

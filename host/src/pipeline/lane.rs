@@ -192,20 +192,31 @@ async fn call(
                 return None;
             }
         };
+        if !outcomes.is_empty()
+            && outcomes
+                .iter()
+                .all(|o| matches!(o, Err(PluginError::Unattempted)))
+            && plugin.breaker.paused_for().is_some()
+        {
+            // Paused by another lane meanwhile: wait out the pause.
+            continue;
+        }
         let failed = outcomes
             .iter()
-            .filter(|o| {
-                matches!(
-                    o,
-                    Err(PluginError::Trap(_)
-                        | PluginError::Timeout { .. }
-                        | PluginError::Memory(_))
-                )
-            })
+            .filter(|o| o.as_ref().is_err_and(PluginError::is_instance_failure))
             .count() as u32;
-        match plugin.breaker.record(failed) {
+        let gave_up = outcomes
+            .iter()
+            .any(|o| matches!(o, Err(PluginError::Unattempted)));
+        let tripped = if gave_up {
+            Some(plugin.breaker.trip())
+        } else {
+            plugin.breaker.record(failed)
+        };
+        match tripped {
             None => return Some((Some(plugin), outcomes)),
             Some(pause) => {
+                shared.registry.paused(name, pause);
                 // Failing as a whole: keep the whole batch (nothing applied, order kept) and try
                 // again after the pause, possibly on a fixed version.
                 tracing::warn!(

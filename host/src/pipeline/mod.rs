@@ -20,6 +20,7 @@ pub mod lane;
 use crate::applier::Applier;
 use crate::config::PipelineConfig;
 use crate::runtime::PluginSet;
+use crate::runtime::status::Registry;
 use crate::sources::{Delivery, Payload};
 use crate::telemetry::Counters;
 use arc_swap::ArcSwap;
@@ -37,6 +38,8 @@ pub struct Shared {
     pub plugins: Arc<ArcSwap<PluginSet>>,
     /// The cache writer.
     pub applier: Arc<Applier>,
+    /// Plugin status, where pauses are shown.
+    pub registry: Arc<Registry>,
     /// Counters.
     pub counters: Arc<Counters>,
     /// Lane settings.

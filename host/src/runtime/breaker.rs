@@ -21,8 +21,8 @@ struct State {
     next_pause: Duration,
 }
 
-const FIRST_PAUSE: Duration = Duration::from_secs(1);
-const MAX_PAUSE: Duration = Duration::from_secs(60);
+const FIRST_PAUSE: Duration = Duration::from_secs(5);
+const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 impl Breaker {
     /// A breaker that trips after more than `threshold` failed changes within `window`.
@@ -74,6 +74,17 @@ impl Breaker {
         Some(pause)
     }
 
+    /// Pauses now, whatever the count: the plugin failed as a whole.
+    pub fn trip(&self) -> Duration {
+        let mut state = self.lock();
+        let pause = state.next_pause;
+        state.paused_until = Some(Instant::now() + pause);
+        state.next_pause = (pause * 2).min(MAX_PAUSE);
+        state.failures = 0;
+        state.window_start = Instant::now();
+        pause
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -88,9 +99,9 @@ mod tests {
         let breaker = Breaker::new(3, Duration::from_secs(60));
         assert_eq!(breaker.record(2), None);
         assert_eq!(breaker.record(1), None);
-        assert_eq!(breaker.record(1), Some(Duration::from_secs(1)));
+        assert_eq!(breaker.record(1), Some(Duration::from_secs(5)));
         assert!(breaker.paused_for().is_some());
-        assert_eq!(breaker.record(4), Some(Duration::from_secs(2)));
+        assert_eq!(breaker.record(4), Some(Duration::from_secs(10)));
         assert_eq!(breaker.record(0), None);
     }
 }

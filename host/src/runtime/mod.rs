@@ -60,10 +60,23 @@ pub enum PluginError {
     /// The instance grew past its memory cap.
     #[error("plugin exceeded its memory cap: {0}")]
     Memory(String),
+    /// Not attempted: the plugin failed on several changes in a row just before (it is paused).
+    #[error("not attempted: the plugin is failing on every change")]
+    Unattempted,
     /// The plugin broke the contract (wrong number of results, operation over a limit or outside
     /// its key prefixes).
     #[error("plugin misbehaved: {0}")]
     Misbehaved(String),
+}
+
+impl PluginError {
+    /// Whether the instance failed (trap, timeout, memory) rather than the plugin answering.
+    pub fn is_instance_failure(&self) -> bool {
+        matches!(
+            self,
+            PluginError::Trap(_) | PluginError::Timeout { .. } | PluginError::Memory(_)
+        )
+    }
 }
 
 /// The engine and linker shared by every plugin.

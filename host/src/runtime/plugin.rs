@@ -13,6 +13,7 @@ use super::state::{PluginIdent, PluginState};
 use crate::manifest::Manifest;
 use crate::message::ChangeMessage;
 use crate::ops::Op;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 use wasmtime::{Engine, Store};
@@ -31,6 +32,8 @@ pub struct Plugin {
     warm: Mutex<Vec<Warm>>,
     /// Pauses the plugin when its calls keep failing.
     pub breaker: Breaker,
+    suspect: AtomicBool,
+    turns: Mutex<()>,
 }
 
 /// A warm instance and its store.
@@ -44,6 +47,9 @@ struct Warm {
 pub type ChangeOutcome = Result<Vec<Op>, PluginError>;
 
 impl Plugin {
+    /// Single-change retries stop after this many instance failures in a row.
+    const GIVE_UP_AFTER: usize = 2;
+
     /// Wraps a pre-linked component; `tick` is the epoch tick of the engine.
     pub(super) fn new(
         engine: Engine,
@@ -61,6 +67,8 @@ impl Plugin {
             pre,
             deadline_ticks,
             warm: Mutex::new(Vec::new()),
+            suspect: AtomicBool::new(false),
+            turns: Mutex::new(()),
             breaker: Breaker::new(
                 manifest.limits.max_failures,
                 Duration::from_secs(manifest.limits.failure_window_secs),
@@ -93,8 +101,30 @@ impl Plugin {
     /// Calls the plugin on a batch of changes. Blocking: run it off the async executor.
     ///
     /// Returns one outcome per change, in order. Failures of the instance (trap, timeout,
-    /// memory) are contained and reported per change.
+    /// memory) are contained and reported per change. While the plugin is suspect (its last
+    /// call failed as an instance), calls from all lanes take turns, so a looping plugin burns
+    /// one deadline at a time rather than one per lane; a call that finds the plugin paused
+    /// attempts nothing.
     pub fn call_batch(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
+        let _turn = self
+            .suspect
+            .load(Ordering::Acquire)
+            .then(|| self.turns.lock().unwrap_or_else(|p| p.into_inner()));
+        if self.breaker.paused_for().is_some() {
+            return changes
+                .iter()
+                .map(|_| Err(PluginError::Unattempted))
+                .collect();
+        }
+        let outcomes = self.call_batch_unserialized(changes);
+        let failed = outcomes
+            .iter()
+            .any(|o| o.as_ref().is_err_and(PluginError::is_instance_failure));
+        self.suspect.store(failed, Ordering::Release);
+        outcomes
+    }
+
+    fn call_batch_unserialized(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
         match self.call_once(changes) {
             Ok(outcomes) => outcomes,
             Err(error) if changes.len() == 1 => vec![Err(error)],
@@ -106,19 +136,35 @@ impl Plugin {
                     error = %error,
                     "batch call failed; retrying its changes one by one"
                 );
-                changes
-                    .iter()
-                    .map(
-                        |change| match self.call_once(std::slice::from_ref(change)) {
-                            Ok(mut outcomes) => outcomes.pop().unwrap_or_else(|| {
-                                Err(PluginError::Misbehaved(
-                                    "no result for the change".to_owned(),
-                                ))
-                            }),
-                            Err(error) => Err(error),
-                        },
-                    )
-                    .collect()
+                // One by one, so only the guilty changes fail. A plugin that fails on several
+                // changes in a row is failing as a whole: the rest are not attempted (and the
+                // caller pauses the plugin) rather than burning a deadline on each.
+                let mut outcomes = Vec::with_capacity(changes.len());
+                let mut in_a_row = 0;
+                for change in changes {
+                    if in_a_row >= Self::GIVE_UP_AFTER {
+                        outcomes.push(Err(PluginError::Unattempted));
+                        continue;
+                    }
+                    let outcome = match self.call_once(std::slice::from_ref(change)) {
+                        Ok(mut single) => single.pop().unwrap_or_else(|| {
+                            Err(PluginError::Misbehaved(
+                                "no result for the change".to_owned(),
+                            ))
+                        }),
+                        Err(error) => Err(error),
+                    };
+                    in_a_row = if outcome
+                        .as_ref()
+                        .is_err_and(PluginError::is_instance_failure)
+                    {
+                        in_a_row + 1
+                    } else {
+                        0
+                    };
+                    outcomes.push(outcome);
+                }
+                outcomes
             }
         }
     }

@@ -15,6 +15,8 @@ pub enum PluginState {
     FailedToReload,
     /// The plugin failed to load and has no version serving.
     Failed,
+    /// Its calls kept failing: it is paused with backoff and its messages wait.
+    Paused,
 }
 
 /// One row of `keepwarm plugins`.
@@ -38,6 +40,8 @@ pub struct PluginStatus {
     pub load_ms: Option<u64>,
     /// Whether the serving version was compiled or taken from the artifact cache.
     pub compiled: Option<&'static str>,
+    /// Until when the plugin is paused (Unix milliseconds), when it was paused.
+    pub paused_until_ms: Option<u64>,
 }
 
 /// The status of every plugin, kept by the loader and read by the admin endpoint.
@@ -68,6 +72,7 @@ impl Registry {
                 loaded_at: Some(now_secs()),
                 load_ms: Some(load_ms),
                 compiled: Some(compiled),
+                paused_until_ms: None,
             },
         );
     }
@@ -87,6 +92,7 @@ impl Registry {
                 loaded_at: None,
                 load_ms: None,
                 compiled: None,
+                paused_until_ms: None,
             });
         entry.state = if entry.version.is_some() {
             PluginState::FailedToReload
@@ -113,14 +119,37 @@ impl Registry {
         self.lock().remove(name);
     }
 
+    /// Records that `name` is paused for `pause`.
+    pub fn paused(&self, name: &str, pause: std::time::Duration) {
+        if let Some(entry) = self.lock().get_mut(name) {
+            entry.paused_until_ms = Some(now_ms() + pause.as_millis() as u64);
+        }
+    }
+
     /// Every plugin's status, by name.
     pub fn snapshot(&self) -> Vec<PluginStatus> {
-        self.lock().values().cloned().collect()
+        let now = now_ms();
+        self.lock()
+            .values()
+            .cloned()
+            .map(|mut status| {
+                if status.paused_until_ms.is_some_and(|until| until > now) {
+                    status.state = PluginState::Paused;
+                }
+                status
+            })
+            .collect()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, PluginStatus>> {
         self.plugins.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 fn now_secs() -> u64 {
