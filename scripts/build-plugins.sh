@@ -5,8 +5,10 @@
 #   tests/plugins/<name>/  -> $TARGET/test-plugins/<name>.wasm  (+ <name>.toml)
 #
 # TARGET is $CARGO_TARGET_DIR, or <repo>/target. Runs from any directory. Each plugin directory
-# is built by the function for its language: a Cargo.toml means Rust; JavaScript (package.json)
-# and Python (pyproject.toml) have their place below but are not supported yet.
+# is built by the function for its language: a Cargo.toml means Rust (cargo, wasm32-wasip2), a
+# package.json JavaScript (scripts/build-js-plugin.sh: jco, QuickJS backend), a pyproject.toml
+# Python (scripts/build-python-plugin.sh: componentize-py). The JavaScript and Python toolchains
+# are pinned in tools/ and installed on first use (scripts/lib/toolchains.sh).
 #
 # Usage: scripts/build-plugins.sh
 set -euo pipefail
@@ -63,18 +65,70 @@ build_rust_plugins() {
     done
 }
 
-# build_js_plugins OUT DIR...: JavaScript plugins. To come: `jco componentize --backend quickjs`
-# or the componentize-js CLI (see TOOLCHAIN-NOTES.md, "Guest toolchains"), then install_plugin.
+# build_js_plugins OUT DIR...: JavaScript plugins (package.json), each built by
+# scripts/build-js-plugin.sh (jco with the QuickJS backend) unless its inputs are unchanged.
 build_js_plugins() {
+    local out="$1" dir
     shift
-    fail "JavaScript plugins are not built yet: $*"
+    for dir in "$@"; do
+        build_guest "$out" "$dir" "$(json_name "$dir/package.json")" js \
+            "$repo/guest-sdk/js" "$repo/tools/js"
+    done
 }
 
-# build_python_plugins OUT DIR...: Python plugins. To come: `componentize-py -d wit -w plugin
-# componentize MODULE -o OUT.wasm` (see TOOLCHAIN-NOTES.md), then install_plugin.
+# build_python_plugins OUT DIR...: Python plugins (pyproject.toml), each built by
+# scripts/build-python-plugin.sh (componentize-py) unless its inputs are unchanged.
 build_python_plugins() {
+    local out="$1" dir
     shift
-    fail "Python plugins are not built yet: $*"
+    for dir in "$@"; do
+        build_guest "$out" "$dir" "$(pyproject_name "$dir/pyproject.toml")" python \
+            "$repo/guest-sdk/python" "$repo/tools/python"
+    done
+}
+
+# build_guest OUT DIR NAME LANG INPUT...: builds a JavaScript or Python plugin into
+# $target/guest-build/NAME.wasm and installs it. Those builds take seconds and are not
+# byte-identical from run to run, so a build is skipped when the hash of its inputs (the plugin
+# directory, the language's SDK and toolchain pins, the WIT and the build script) matches the
+# last build's: the installed component then keeps its content hash, hence its plugin version.
+build_guest() {
+    local out="$1" dir="$2" name="$3" lang="$4"
+    shift 4
+    local cache="$target/guest-build" hash
+    hash="$(inputs_hash "$dir" "$@" "$repo/wit" "$repo/scripts/build-$lang-plugin.sh" \
+        "$repo/scripts/lib/toolchains.sh")"
+    mkdir -p "$cache"
+    if [[ ! -f "$cache/$name.wasm" || "$(cat "$cache/$name.inputs" 2>/dev/null)" != "$hash" ]]; then
+        rm -f "$cache/$name.inputs"
+        "$repo/scripts/build-$lang-plugin.sh" "$dir" "$cache/$name.wasm"
+        printf '%s\n' "$hash" >"$cache/$name.inputs"
+    fi
+    install_plugin "$cache/$name.wasm" "$dir" "$out" "$name"
+}
+
+# inputs_hash PATH...: a hash of the names and contents of the files under the paths, leaving
+# out what builds and package managers write there.
+inputs_hash() {
+    find "$@" -type f -not -path '*/node_modules/*' -not -path '*/__pycache__/*' \
+        -not -path '*/build/*' -not -path '*/target/*' -print0 |
+        sort -z | xargs -0 sha256sum | sha256sum | cut -c1-64
+}
+
+# json_name PACKAGE_JSON: its "name".
+json_name() {
+    local name
+    name="$(node -e 'process.stdout.write(require(process.argv[1]).name || "")' "$1")"
+    [[ -n "$name" ]] || fail "$1 has no \"name\""
+    printf '%s\n' "$name"
+}
+
+# pyproject_name PYPROJECT_TOML: its [project] name.
+pyproject_name() {
+    local name
+    name="$(python3 -c 'import sys, tomllib; print(tomllib.load(open(sys.argv[1], "rb")).get("project", {}).get("name", ""))' "$1")"
+    [[ -n "$name" ]] || fail "$1 has no [project] name"
+    printf '%s\n' "$name"
 }
 
 # install_plugin WASM DIR OUT NAME: checks WASM is a component and installs it as OUT/NAME.wasm,

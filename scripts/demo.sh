@@ -40,7 +40,9 @@ pid=$!
 trap 'kill $pid 2>/dev/null || true; stop_redis; rm -rf "$work"' EXIT
 
 # Wait until the group has read every entry and acknowledged all of them.
-for _ in $(seq 1 600); do
+# Up to 5 minutes: a Python plugin takes tens of seconds to compile on its first load in a
+# debug build (later runs take it from the artifact cache).
+for _ in $(seq 1 3000); do
     group=$(cli XINFO GROUPS sequin.changes 2>/dev/null | paste -sd' ')
     if [[ "$group" == *"pending 0 "* && "$group" == *"entries-read $count lag 0"* ]]; then
         break

@@ -18,3 +18,8 @@ if ! command -v moto_server >/dev/null || ! python3 -c 'import moto.server' 2>/d
     echo "setup: installing moto (SQS emulator)"
     python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
 fi
+# The JavaScript and Python plugin toolchains (pinned in tools/), installed once per machine into
+# a cache directory shared by every checkout; quiet when they are there.
+. "$(dirname "${BASH_SOURCE[0]}")/lib/toolchains.sh"
+ensure_js_toolchain
+ensure_python_toolchain

@@ -12,6 +12,7 @@
 //! - [`applier`]: the only module that writes to the cache Redis (operations and dead letters).
 //! - [`pipeline`]: lanes by row, batching, plugin calls, apply, then ack.
 //! - [`plugin_test`]: `keepwarm test`, a plugin run without Redis.
+//! - [`scaffold`]: `keepwarm new`, a plugin project in Rust, JavaScript or Python.
 //! - [`sources`]: where messages come from (Redis Streams, JSONL files) and how they are acked.
 //! - [`telemetry`]: logging setup and counters.
 
@@ -27,5 +28,6 @@ pub mod ops;
 pub mod pipeline;
 pub mod plugin_test;
 pub mod runtime;
+pub mod scaffold;
 pub mod sources;
 pub mod telemetry;

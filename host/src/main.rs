@@ -3,6 +3,7 @@
 use clap::{Parser, Subcommand};
 use keepwarm::config::Config;
 use keepwarm::daemon;
+use keepwarm::scaffold::{self, Lang, NewPlugin};
 use keepwarm::sources::jsonl::Input;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -60,6 +61,20 @@ enum Command {
         /// Its manifest (default: the `.toml` beside the component, if any).
         #[arg(long)]
         manifest: Option<PathBuf>,
+    },
+    /// Creates a plugin project that builds and passes its own sample test (`./test.sh`).
+    New {
+        /// The plugin's language.
+        #[arg(long, value_enum)]
+        lang: Lang,
+        /// The plugin's name: lowercase letters, digits and `-`.
+        name: String,
+        /// The project directory (default: ./NAME); it must not exist or be empty.
+        dir: Option<PathBuf>,
+        /// The keepwarm source tree whose SDKs and toolchains the project builds with (default:
+        /// the tree this keepwarm was built from).
+        #[arg(long)]
+        sdk: Option<PathBuf>,
     },
 }
 
@@ -141,6 +156,32 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )
             }
         },
+        Command::New {
+            lang,
+            name,
+            dir,
+            sdk,
+        } => {
+            let sdk = sdk.or_else(scaffold::default_sdk).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "the keepwarm source tree this binary was built from is gone; pass --sdk"
+                )
+            })?;
+            let new = NewPlugin {
+                lang,
+                dir: dir.unwrap_or_else(|| PathBuf::from(&name)),
+                name,
+                sdk,
+                keepwarm: std::env::current_exe()?,
+            };
+            let written = scaffold::create(&new)?;
+            println!("created {} ({} files):", new.dir.display(), written.len());
+            for file in written {
+                println!("  {}", file.display());
+            }
+            println!("next: cd {} && ./test.sh", new.dir.display());
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugins { config, json } => {
             let config = Config::load(&config)?;
             keepwarm::admin::print_plugins(&config.admin.listen, json)?;

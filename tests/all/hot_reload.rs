@@ -99,6 +99,9 @@ fn change(row: u64, lsn: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replacing_plugins_under_load_applies_every_message_by_exactly_one_version() {
+    // A throughput test with deadlines: it must not share the two cores with guest builds and
+    // Python component loads.
+    let _heavy = heavy_test_async().await;
     let url = redis_url();
     let prefix = unique("reload");
     let tag_prefix = format!("{prefix}:");

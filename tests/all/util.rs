@@ -409,3 +409,26 @@ pub fn keepwarm_cli(args: &[&str], stdin: &str) -> (bool, String, String) {
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
 }
+
+/// Serialises the tests that compile or load large guests (builds of new plugin projects, the
+/// Python component): run together on a small machine they would starve every other test.
+static HEAVY: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Takes the heavy-test lock from a plain `#[test]`.
+pub fn heavy_test() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.blocking_lock()
+}
+
+/// Takes the heavy-test lock from a `#[tokio::test]`.
+pub async fn heavy_test_async() -> tokio::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().await
+}
+
+/// The cargo target directory the tests were built in (`<target>/debug/keepwarm` is the binary).
+pub fn target_dir() -> PathBuf {
+    Path::new(env!("CARGO_BIN_EXE_keepwarm"))
+        .ancestors()
+        .nth(2)
+        .expect("the keepwarm binary is in <target>/<profile>/")
+        .to_owned()
+}
