@@ -279,3 +279,49 @@ async fn a_message_touching_several_hash_slots_applies_on_redis_cluster() {
         .await;
     assert_eq!(refused.unwrap_err().code(), Some("CROSSSLOT"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepwarm_version_shows_what_is_stored_for_a_key() {
+    let url = redis_url();
+    let applier = applier(&url).await;
+    let dir = TempDir::new("kw-version");
+    let config = dir.path().join("keepwarm.toml");
+    std::fs::write(
+        &config,
+        format!("[redis]\nurl = \"{url}\"\n[plugins]\ndir = \"unused\"\n"),
+    )
+    .unwrap();
+    let (row, set) = (unique("version-row"), unique("version-set"));
+    let version = |key: &str, json: bool| {
+        let mut args = vec!["version", "--config", config.to_str().unwrap(), key];
+        if json {
+            args.push("--json");
+        }
+        let (ok, out, err) = keepwarm_cli(&args, "");
+        assert!(ok, "{err}");
+        out
+    };
+    let out = version(&row, false);
+    assert!(out.contains("no version stored"), "{out}");
+    let set_row = Op::Set {
+        key: row.clone(),
+        value: b"{}".to_vec(),
+        ttl_ms: None,
+    };
+    apply(&applier, 1_243_361_160, &[set_row, sadd(&set, "a b")]).await;
+    apply(&applier, 1_243_361_161, &[del(&row)]).await;
+    let out = version(&row, false);
+    assert!(
+        out.contains("version:  1243361161/0 (commit_lsn 0/4A1C2F89, commit_idx 0)"),
+        "{out}"
+    );
+    assert!(out.contains("tombstone"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&version(&set, true)).unwrap();
+    assert_eq!(json["versions_key"], format!("kw:v:{{{set}}}"));
+    assert_eq!(json["type"], "set");
+    assert_eq!(json["tombstone"], false);
+    assert_eq!(
+        json["members"],
+        serde_json::json!([{"member": "a b", "commit_lsn": 1_243_361_160u64, "commit_idx": 0}])
+    );
+}
