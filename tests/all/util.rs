@@ -295,13 +295,20 @@ pub struct RedisServer {
     dir: TempDir,
     child: Option<Child>,
     cluster: bool,
+    persist: bool,
 }
 
 impl RedisServer {
     /// Starts a server that persists every write (AOF, fsync always), so a restart loses
     /// nothing.
     pub async fn start() -> RedisServer {
-        RedisServer::start_with(false).await
+        RedisServer::start_with(false, true).await
+    }
+
+    /// Starts a server that persists nothing, for measurements.
+    #[allow(dead_code, reason = "used by some test modules only")]
+    pub async fn start_volatile() -> RedisServer {
+        RedisServer::start_with(false, false).await
     }
 
     /// Starts a one-node Redis Cluster that serves every slot, persisting like [`start`]. It
@@ -311,10 +318,10 @@ impl RedisServer {
     /// [`start`]: RedisServer::start
     #[allow(dead_code, reason = "used by some test modules only")]
     pub async fn start_cluster() -> RedisServer {
-        RedisServer::start_with(true).await
+        RedisServer::start_with(true, true).await
     }
 
-    async fn start_with(cluster: bool) -> RedisServer {
+    async fn start_with(cluster: bool, persist: bool) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -325,6 +332,7 @@ impl RedisServer {
             dir: TempDir::new("kw-redis"),
             child: None,
             cluster,
+            persist,
         };
         server.boot().await;
         server
@@ -338,14 +346,8 @@ impl RedisServer {
         let mut command = Command::new("redis-server");
         command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
+            .args(["--appendonly", if self.persist { "yes" } else { "no" }])
+            .args(["--appendfsync", "always", "--save", ""])
             .arg("--dir")
             .arg(self.dir.path())
             .stdout(Stdio::null());
