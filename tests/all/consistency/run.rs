@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 /// The `keepwarm` binary as the second consumer; killed if dropped running (a failed test).
 struct Process {
     child: Option<Child>,
+    log: PathBuf,
 }
 
 impl Process {
-    pub fn start(config: &Path, log: &Path) -> Process {
+    pub fn start(config: &Path, log_path: &Path) -> Process {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log)
+            .open(log_path)
             .unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
             .args(["run", "--shutdown-timeout", "10", "--config"])
@@ -29,7 +30,33 @@ impl Process {
             .stderr(log)
             .spawn()
             .unwrap();
-        Process { child: Some(child) }
+        Process {
+            child: Some(child),
+            log: log_path.to_owned(),
+        }
+    }
+
+    /// The address of its admin endpoint (it listens on port 0), once it has logged it.
+    pub fn admin_address(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let line = log
+            .lines()
+            .find(|line| line.contains("admin endpoint listening"))?;
+        let at = line.find("addr=")? + "addr=".len();
+        Some(line[at..].split_whitespace().next()?.to_owned())
+    }
+
+    /// Panics with the end of its log if the process has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "keepwarm exited with {status}; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
     }
 
     /// SIGKILL (what `Child::kill` sends), as a crash or an OOM kill would.
@@ -67,19 +94,29 @@ pub fn free_address() -> String {
     listener.local_addr().unwrap().to_string()
 }
 
-/// The stale writes a daemon skipped so far, from its `/metrics`.
+/// The stale writes a daemon skipped so far, from its `/metrics` (waiting for a daemon that is
+/// still starting).
 pub async fn stale_skipped(admin: &str) -> u64 {
     let url = format!("http://{admin}/metrics");
-    let text = tokio::task::spawn_blocking(move || {
-        ureq::get(&url)
-            .call()
-            .unwrap()
-            .body_mut()
-            .read_to_string()
-            .unwrap()
+    let fetch = |url: String| async move {
+        tokio::task::spawn_blocking(move || {
+            ureq::get(&url)
+                .call()
+                .ok()?
+                .body_mut()
+                .read_to_string()
+                .ok()
+        })
+        .await
+        .unwrap()
+    };
+    let what = format!("{url} to answer");
+    wait_for(&what, Duration::from_secs(60), || {
+        let url = url.clone();
+        async move { fetch(url).await.is_some() }
     })
-    .await
-    .unwrap();
+    .await;
+    let text = fetch(url).await.unwrap();
     text.lines()
         .find_map(|line| line.strip_prefix("keepwarm_stale_writes_skipped_total "))
         .expect("the stale-writes counter")
@@ -272,7 +309,9 @@ struct Run<'a> {
     conn: redis::aio::MultiplexedConnection,
     stream: String,
     config: PathBuf,
-    log: PathBuf,
+    /// Where the process logs, one file per start.
+    logs: PathBuf,
+    starts: usize,
     process: Option<Process>,
     /// The id of the last entry added.
     last: (u64, u64),
@@ -284,6 +323,12 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    fn start_process(&mut self) {
+        self.starts += 1;
+        let log = self.logs.join(format!("{}-{}.log", self.seed, self.starts));
+        self.process = Some(Process::start(&self.config, &log));
+    }
+
     async fn step(&mut self, step: &Step, work: &Workload) {
         match step {
             Step::Deliver { messages, settle } => {
@@ -300,7 +345,7 @@ impl Run<'_> {
                 self.last = entry_id(ids.last().unwrap());
                 match self.down_for.as_mut() {
                     Some(0) => {
-                        self.process = Some(Process::start(&self.config, &self.log));
+                        self.start_process();
                         self.down_for = None;
                     }
                     Some(left) => *left -= 1,
@@ -344,10 +389,10 @@ impl Run<'_> {
                 let left = pending_on(&mut self.conn, &self.stream, PROCESS).await;
                 self.pending_at_kills.push(left);
             }
-            self.process = Some(Process::start(&self.config, &self.log));
+            self.start_process();
         }
         if self.process.is_none() {
-            self.process = Some(Process::start(&self.config, &self.log));
+            self.start_process();
         }
     }
 }
@@ -367,14 +412,9 @@ pub async fn run_seed(
     work.check(VERSIONED);
     let plan = plan::plan(seed, &work.messages);
     let stream = format!("kwm:stream:{seed}");
-    let (admin_in_process, admin_process) = (free_address(), free_address());
+    let admin_in_process = free_address();
     let config = setup.work.path().join(format!("{seed}.toml"));
-    std::fs::write(
-        &config,
-        setup.config(&url, &stream, PROCESS, &admin_process),
-    )
-    .unwrap();
-    let log = setup.work.path().join(format!("{seed}.log"));
+    std::fs::write(&config, setup.config(&url, &stream, PROCESS, "127.0.0.1:0")).unwrap();
     let in_process = Daemon::start(
         keepwarm::config::Config::parse(&setup.config(
             &url,
@@ -390,21 +430,36 @@ pub async fn run_seed(
         url: url.clone(),
         conn,
         stream,
-        process: Some(Process::start(&config, &log)),
+        process: None,
         config,
-        log,
+        logs: setup.work.path().to_owned(),
+        starts: 0,
         last: (0, 0),
         armed: Vec::new(),
         down_for: None,
         pending_at_kills: Vec::new(),
     };
+    run.start_process();
     for step in &plan.steps {
         run.step(step, &work).await;
     }
     run.finish_faults().await;
     wait_group(&url, &run.stream, run.last, true, seed).await;
+    let process = run.process.as_mut().unwrap();
+    process.assert_running();
+    let mut admin_process = None;
+    wait_for(
+        "the process's admin endpoint",
+        Duration::from_secs(60),
+        || {
+            admin_process = process.admin_address();
+            std::future::ready(admin_process.is_some())
+        },
+    )
+    .await;
     // The killed processes took their counts with them: this is a lower bound.
-    let skipped = stale_skipped(&admin_in_process).await + stale_skipped(&admin_process).await;
+    let skipped =
+        stale_skipped(&admin_in_process).await + stale_skipped(&admin_process.unwrap()).await;
     in_process.stop().await;
     run.process.take().unwrap().stop();
     let mut conn = run.conn;
@@ -416,8 +471,8 @@ pub async fn run_seed(
     assert_eq!(
         dead,
         0,
-        "seed {seed}: dead letters (log: {})",
-        run.log.display()
+        "seed {seed}: dead letters (logs: {}/{seed}-*.log)",
+        run.logs.display()
     );
     let versioned = read_cache(&mut conn, VERSIONED).await;
     let plain = read_cache(&mut conn, PLAIN).await;
