@@ -163,6 +163,10 @@ async fn the_versioned_cache_equals_the_model_under_faults_and_plain_does_not() 
         reports.iter().filter(|r| !r.plain.is_empty()).count(),
         reports.len(),
     );
+    let (values, resurrected, lost) = model::by_kind(reports.iter().flat_map(|r| &r.plain));
+    println!(
+        "plain mode's stale keys and members: {values} older values, {resurrected} resurrected after a delete, {lost} lost to an older delete"
+    );
     assert!(
         failed.is_empty(),
         "the versioned cache diverged from the model (reproduce with KEEPWARM_SEED=<seed>):\n{}",

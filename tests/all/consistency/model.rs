@@ -224,6 +224,16 @@ pub struct Workload {
     pub reinserts: usize,
 }
 
+impl Workload {
+    /// Backfill reads among the messages.
+    pub fn reads(&self) -> usize {
+        self.messages
+            .iter()
+            .filter(|m| m.action == Action::Read)
+            .count()
+    }
+}
+
 const NAMES: [&str; 6] = ["Ada", "Zoë", "José", "東京", "Ren", "O'Brien"];
 
 /// Generates a history for `seed`.
@@ -251,6 +261,9 @@ pub fn generate(seed: u64, size: Size) -> Workload {
         rows.insert(id, user);
     }
     let mut next_id = size.initial_rows + 1;
+    // Every change gets a new `rev` (like an `updated_at`), so no two versions of a row (also
+    // across a delete and re-insert) cache the same value and every stale write shows.
+    let mut rev = 1;
     let mut deleted: Vec<u64> = Vec::new();
     let mut lsn = 0x0100_0000 + rng.below(1 << 20);
     let mut work = Workload {
@@ -262,6 +275,10 @@ pub fn generate(seed: u64, size: Size) -> Workload {
         reinserts: 0,
     };
     let max_rows = size.initial_rows.max(8) * 2;
+    assert!(
+        size.emails > max_rows,
+        "every row needs an email of its own"
+    );
     while work.messages.len() < size.messages {
         if rng.percent(15) && !rows.is_empty() {
             // A backfill read of a few rows as they are now.
@@ -282,6 +299,7 @@ pub fn generate(seed: u64, size: Size) -> Workload {
         for _ in 0..rng.between(1, 4) {
             let version = Some((lsn, idx));
             idx += rng.between(1, 3);
+            rev += 1;
             let n_rows = rows.len() as u64;
             let roll = rng.below(100);
             let kind = if n_rows == 0 || (roll < 25 && n_rows < max_rows) {
@@ -307,7 +325,7 @@ pub fn generate(seed: u64, size: Size) -> Workload {
                         email: e,
                         team: format!("t{}", rng.below(size.teams)),
                         name: rng.pick(&NAMES).to_string(),
-                        rev: 1,
+                        rev,
                     };
                     rows.insert(id, user.clone());
                     last_row = Some(id);
@@ -323,11 +341,12 @@ pub fn generate(seed: u64, size: Size) -> Workload {
                     };
                     let before = rows[&id].clone();
                     let mut user = before.clone();
-                    user.rev += 1;
+                    user.rev = rev;
                     if rng.percent(40) {
+                        let email = free_email(&mut rng, &used);
                         used.remove(&user.email);
-                        user.email = free_email(&mut rng, &used);
-                        used.insert(user.email.clone());
+                        used.insert(email.clone());
+                        user.email = email;
                         work.key_moves += 1;
                     }
                     if rng.percent(30) {
@@ -346,6 +365,7 @@ pub fn generate(seed: u64, size: Size) -> Workload {
                         &mut rng,
                     ));
                 }
+                // (Reads are not changes: they come between transactions.)
                 Action::Delete | Action::Read => {
                     let ids: Vec<u64> = rows.keys().copied().collect();
                     let user = rows.remove(rng.pick(&ids)).unwrap();
@@ -551,11 +571,23 @@ impl Workload {
     }
 }
 
+/// How a key (or member) differs from the model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stale {
+    /// Present with another (older) value.
+    Value,
+    /// Present, but a newer change removed it.
+    Resurrected,
+    /// Absent, but a newer change wrote it (an older delete won).
+    Lost,
+}
+
 /// A key (or set member) where a cache differs from the expected one.
 #[derive(Debug)]
 pub struct Divergence {
     pub key: String,
     pub member: Option<String>,
+    pub kind: Stale,
     pub what: String,
 }
 
@@ -574,26 +606,46 @@ pub fn diff(expected: &Cache, actual: &Cache) -> Vec<Divergence> {
         };
         if let Some((w, g)) = members {
             for member in w.symmetric_difference(g) {
-                let what = if w.contains(member) {
-                    "member missing"
+                let (kind, what) = if w.contains(member) {
+                    (Stale::Lost, "member missing")
                 } else {
-                    "member present, should not be"
+                    (Stale::Resurrected, "member present, should not be")
                 };
                 out.push(Divergence {
                     key: key.clone(),
                     member: Some(member.clone()),
+                    kind,
                     what: what.to_owned(),
                 });
             }
         } else if want != got {
+            let kind = match (want, got) {
+                (None, _) => Stale::Resurrected,
+                (_, None) => Stale::Lost,
+                _ => Stale::Value,
+            };
             out.push(Divergence {
                 key: key.clone(),
                 member: None,
+                kind,
                 what: format!("expected {want:?}, found {got:?}"),
             });
         }
     }
     out
+}
+
+/// Divergences by kind: `(older values, resurrected, lost)`.
+pub fn by_kind<'a>(divergences: impl IntoIterator<Item = &'a Divergence>) -> (usize, usize, usize) {
+    let mut counts = (0, 0, 0);
+    for divergence in divergences {
+        match divergence.kind {
+            Stale::Value => counts.0 += 1,
+            Stale::Resurrected => counts.1 += 1,
+            Stale::Lost => counts.2 += 1,
+        }
+    }
+    counts
 }
 
 #[cfg(test)]

@@ -247,7 +247,7 @@ impl SeedReport {
     pub fn line(&self) -> String {
         let f = &self.plan.faults;
         format!(
-            "seed {:>4} {:<10} {} messages, {} deliveries: {} duplicates, {} redeliveries, {} kills (pending {:?}), {} redis restarts | versioned: {} divergences, {}+ stale writes skipped | plain: {} stale | {:.1}s",
+            "seed {:>4} {:<10} {} messages ({} transactions, {} key moves, {} re-inserts, {} reads), {} deliveries: {} duplicates, {} redeliveries, {} kills (pending {:?}), {} redis restarts | versioned: {} divergences, {}+ stale writes skipped | plain: {} stale | {:.1}s",
             self.seed,
             if self.cluster {
                 "cluster"
@@ -255,6 +255,10 @@ impl SeedReport {
                 "standalone"
             },
             self.messages,
+            self.work.transactions,
+            self.work.key_moves,
+            self.work.reinserts,
+            self.work.reads(),
             self.plan.deliveries,
             f.duplicates,
             f.redeliveries,
