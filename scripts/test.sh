@@ -15,7 +15,7 @@ cargo fmt --all -- --check
 # `arbitrary_precision`, which changes how the host parses numbers.
 echo "== cargo clippy"
 cargo clippy -p keepwarm --all-targets -- -D warnings
-guests=(-p keepwarm-guest -p row-cache -p tagger -p hostile -p wrong-world)
+guests=(-p keepwarm-guest -p row-cache -p tagger -p hostile -p wrong-world -p model-cache)
 cargo clippy "${guests[@]}" --all-targets -- -D warnings
 
 . scripts/lib/redis.sh

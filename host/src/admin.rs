@@ -2,12 +2,15 @@
 //! readiness.
 //!
 //! - `GET /plugins`: every plugin's name, version, tables, state and load details (JSON).
+//! - `GET /metrics`: the counters (messages received, applied, dead-lettered, stale writes
+//!   skipped, …) in the Prometheus text format.
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when plugins are loaded and the cache Redis answers, 503 otherwise.
 
 use crate::applier::Applier;
 use crate::runtime::PluginSet;
 use crate::runtime::status::Registry;
+use crate::telemetry::Counters;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
@@ -27,12 +30,15 @@ pub struct AdminState {
     pub plugins: Arc<ArcSwap<PluginSet>>,
     /// The cache writer, for readiness.
     pub applier: Arc<Applier>,
+    /// The pipeline's counters, for `/metrics`.
+    pub counters: Arc<Counters>,
 }
 
 /// The admin routes.
 pub fn router(state: AdminState) -> Router {
     Router::new()
         .route("/plugins", get(plugins))
+        .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .with_state(state)
@@ -40,6 +46,16 @@ pub fn router(state: AdminState) -> Router {
 
 async fn plugins(State(state): State<AdminState>) -> impl IntoResponse {
     Json(state.registry.snapshot())
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.counters.prometheus(),
+    )
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

@@ -104,6 +104,7 @@ pub async fn run(
         registry: Arc::clone(core.runtime.registry()),
         plugins: Arc::clone(&core.plugins),
         applier: Arc::clone(&core.applier),
+        counters: Arc::clone(&core.counters),
     };
     let (_, admin) = admin::serve(&core.config.admin.listen, admin_state, shutdown.clone()).await?;
     let tracker = TaskTracker::new();

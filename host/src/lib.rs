@@ -5,6 +5,7 @@
 //! - [`admin`]: the admin endpoint (plugin status, health) and `keepwarm plugins`.
 //! - [`config`]: the daemon's TOML configuration, parsed strictly.
 //! - [`daemon`]: wiring for `keepwarm run` and `keepwarm replay`.
+//! - [`inspect`]: `keepwarm version`, the stored versions of a cache key.
 //! - [`message`]: `ChangeMessage`, the one domain type every wire format decodes into.
 //! - [`manifest`]: a plugin's manifest (subscriptions, limits, `[config]`, self-tests).
 //! - [`runtime`]: wasmtime engine, plugin loading, warm instances, batch calls.
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod applier;
 pub mod config;
 pub mod daemon;
+pub mod inspect;
 pub mod manifest;
 pub mod message;
 pub mod ops;

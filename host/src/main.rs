@@ -53,6 +53,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Shows the versions keepwarm stores for a cache key: the version of the last change
+    /// written to it, whether it is a tombstone, and every member's version.
+    Version {
+        /// The daemon's configuration file (for `[redis] url` and `[versioning] key_prefix`).
+        #[arg(long)]
+        config: PathBuf,
+        /// The cache key.
+        key: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Runs a plugin over change messages from stdin without Redis and prints, for each line,
     /// the operations or the error as one JSON line.
     Test {
@@ -185,6 +197,16 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Plugins { config, json } => {
             let config = Config::load(&config)?;
             keepwarm::admin::print_plugins(&config.admin.listen, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Version { config, key, json } => {
+            let config = Config::load(&config)?;
+            let report = tokio_runtime()?.block_on(keepwarm::inspect::read(&config, &key))?;
+            if json {
+                println!("{}", report.to_json());
+            } else {
+                print!("{}", report.to_text());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Run {

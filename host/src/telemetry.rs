@@ -41,4 +41,64 @@ impl Counters {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// The counters in the Prometheus text format, for `GET /metrics`.
+    pub fn prometheus(&self) -> String {
+        let counters = [
+            (
+                "keepwarm_messages_received_total",
+                "Messages handed to the pipeline.",
+                &self.received,
+            ),
+            (
+                "keepwarm_messages_applied_total",
+                "Messages whose operations Redis confirmed.",
+                &self.applied,
+            ),
+            (
+                "keepwarm_messages_dead_lettered_total",
+                "Messages written to the dead-letter stream.",
+                &self.dead_lettered,
+            ),
+            (
+                "keepwarm_stale_writes_skipped_total",
+                "Versioned writes skipped because Redis held a newer version.",
+                &self.stale_skipped,
+            ),
+            (
+                "keepwarm_messages_unrouted_total",
+                "Messages no plugin subscribed to.",
+                &self.unrouted,
+            ),
+            (
+                "keepwarm_apply_retries_total",
+                "Batches retried because Redis was unavailable.",
+                &self.apply_retries,
+            ),
+        ];
+        let mut text = String::new();
+        for (name, help, counter) in counters {
+            text.push_str(&format!(
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
+                Counters::get(counter)
+            ));
+        }
+        text
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_render_as_prometheus_text() {
+        let counters = Counters::default();
+        Counters::add(&counters.stale_skipped, 3);
+        let text = counters.prometheus();
+        assert!(text.contains(
+            "# TYPE keepwarm_stale_writes_skipped_total counter\nkeepwarm_stale_writes_skipped_total 3\n"
+        ));
+        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 6);
+    }
 }

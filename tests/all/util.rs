@@ -302,12 +302,34 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    cluster: bool,
+    persist: bool,
 }
 
 impl RedisServer {
     /// Starts a server that persists every write (AOF, fsync always), so a restart loses
     /// nothing.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(false, true).await
+    }
+
+    /// Starts a server that persists nothing, for measurements.
+    #[allow(dead_code, reason = "used by some test modules only")]
+    pub async fn start_volatile() -> RedisServer {
+        RedisServer::start_with(false, false).await
+    }
+
+    /// Starts a one-node Redis Cluster that serves every slot, persisting like [`start`]. It
+    /// enforces what a cluster enforces (`CROSSSLOT` for a command or script naming keys of two
+    /// slots), while a plain client reaches every key without redirection.
+    ///
+    /// [`start`]: RedisServer::start
+    #[allow(dead_code, reason = "used by some test modules only")]
+    pub async fn start_cluster() -> RedisServer {
+        RedisServer::start_with(true, true).await
+    }
+
+    async fn start_with(cluster: bool, persist: bool) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -317,6 +339,8 @@ impl RedisServer {
             port,
             dir: TempDir::new("kw-redis"),
             child: None,
+            cluster,
+            persist,
         };
         server.boot().await;
         server
@@ -327,19 +351,23 @@ impl RedisServer {
     }
 
     async fn boot(&mut self) {
-        let child = Command::new("redis-server")
+        let mut command = Command::new("redis-server");
+        command
             .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--save",
-                "",
-            ])
+            .args(["--appendonly", if self.persist { "yes" } else { "no" }])
+            .args(["--appendfsync", "always", "--save", ""])
             .arg("--dir")
             .arg(self.dir.path())
-            .stdout(Stdio::null())
+            .stdout(Stdio::null());
+        if self.cluster {
+            command.args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                "nodes.conf",
+            ]);
+        }
+        let child = command
             .spawn()
             .expect("redis-server is not installed (scripts/setup.sh installs it)");
         self.child = Some(child);
@@ -358,6 +386,41 @@ impl RedisServer {
                         .is_ok(),
                     Err(_) => false,
                 }
+            }
+        })
+        .await;
+        if self.cluster {
+            self.serve_every_slot().await;
+        }
+    }
+
+    /// Assigns every slot to this node (once: `nodes.conf` keeps them across restarts) and
+    /// waits for the cluster to report `ok`.
+    async fn serve_every_slot(&self) {
+        let mut conn = connect(&self.url()).await;
+        let info: String = redis::cmd("CLUSTER")
+            .arg("INFO")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if info.contains("cluster_slots_assigned:0") {
+            let () = redis::cmd("CLUSTER")
+                .arg("ADDSLOTSRANGE")
+                .arg(0)
+                .arg(16383)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+        wait_for("the cluster to be ok", Duration::from_secs(20), || {
+            let mut conn = conn.clone();
+            async move {
+                let info: String = redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                info.contains("cluster_state:ok")
             }
         })
         .await;

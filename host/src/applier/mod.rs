@@ -1,7 +1,8 @@
 //! The applier: the only module that writes to the cache Redis.
 //!
 //! A lane's batch becomes one pipeline: every message's operations (plain commands, or one
-//! `EVALSHA` of the versioned script per message) followed by the batch's dead letters. Every
+//! `EVALSHA` of the versioned script per message and hash slot) followed by the batch's dead
+//! letters. Every
 //! reply is checked. A reply error that retrying can cure (connection lost, `LOADING`, `OOM`,
 //! `NOSCRIPT`, …) fails the whole batch with [`ApplyError::Unavailable`], and the lane retries
 //! it; the operations are idempotent, so re-applying what did go through is harmless. Any other
@@ -121,13 +122,13 @@ impl Applier {
                 pipe.add_command(plain::command(op));
                 slots.push(Slot::Message(index));
             }
-            if !writes.versioned.is_empty() {
-                pipe.add_command(versioned::command(
-                    &writes.versioned,
-                    writes.version,
-                    &self.version_prefix,
-                    self.tombstone_ms,
-                ));
+            for cmd in versioned::commands(
+                &writes.versioned,
+                writes.version,
+                &self.version_prefix,
+                self.tombstone_ms,
+            ) {
+                pipe.add_command(cmd);
                 slots.push(Slot::Message(index));
             }
         }

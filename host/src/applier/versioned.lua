@@ -1,8 +1,9 @@
--- keepwarm versioned apply, contract v1.
+-- keepwarm versioned apply, contract v2.
 --
 -- Applies the operations of one change only where they are newer than what Redis holds.
 -- KEYS: per keyed operation, the data key then its companion version key (a hash that shares the
 --       data key's hash slot). Field "" holds the key's version; field "m:<member>" a member's.
+--       keepwarm sends the keys of one hash slot per call, so the script runs on Redis Cluster.
 -- ARGV[1]: the change's version "LLLLLLLLLLLLLLLLLLLL:IIIIIIIIIIIIIIIIIIII" (zero-padded decimal,
 --          so string order is version order), or "" for a backfill read, which only fills keys
 --          (members) that hold no version at all.
@@ -36,6 +37,52 @@ local function follow_ttl(vkey, ttl)
   if ttl and ttl ~= '' then redis.call('PEXPIRE', vkey, ttl) else redis.call('PERSIST', vkey) end
 end
 
+-- The companion takes the data key's time to live; when the key is gone, what the companion
+-- holds are tombstones, kept for the tombstone time to live.
+local function sync_ttl(key, vkey)
+  if ver == '' then return end
+  local ttl = redis.call('PTTL', key)
+  if ttl > 0 then redis.call('PEXPIRE', vkey, ttl)
+  elseif ttl == -1 then redis.call('PERSIST', vkey)
+  else redis.call('PEXPIRE', vkey, tomb) end
+end
+
+-- Deletes a key at this version. Members (hash fields) written by newer changes stay, with their
+-- versions: a late delete of an aggregate cannot undo what came after it.
+local function delete(key, vkey)
+  if ver == '' then
+    redis.call('DEL', key)
+    return
+  end
+  local fields = redis.call('HGETALL', vkey)
+  local keep = {}
+  local newer = {}
+  for i = 1, #fields, 2 do
+    local f, v = fields[i], fields[i + 1]
+    if f ~= '' and v > ver then
+      keep[string.sub(f, 3)] = true
+      newer[#newer + 1] = {f, v}
+    end
+  end
+  redis.call('DEL', vkey)
+  redis.call('HSET', vkey, '', ver)
+  if #newer == 0 then
+    redis.call('DEL', key)
+  else
+    for _, fv in ipairs(newer) do redis.call('HSET', vkey, fv[1], fv[2]) end
+    local kind = redis.call('TYPE', key)['ok']
+    local members, remove = {}, nil
+    if kind == 'set' then members, remove = redis.call('SMEMBERS', key), 'SREM'
+    elseif kind == 'zset' then members, remove = redis.call('ZRANGE', key, 0, -1), 'ZREM'
+    elseif kind == 'hash' then members, remove = redis.call('HKEYS', key), 'HDEL'
+    else redis.call('DEL', key) end
+    for _, m in ipairs(members) do
+      if not keep[m] then redis.call(remove, key, m) end
+    end
+  end
+  sync_ttl(key, vkey)
+end
+
 while a <= #ARGV do
   local op = ARGV[a]
   local n = tonumber(ARGV[a + 1])
@@ -61,13 +108,8 @@ while a <= #ARGV do
       end
     elseif op == 'del' then
       if may_write(vkey) then
-        redis.call('DEL', key)
-        if ver ~= '' then
-          -- A tombstone: older writes arriving late must not resurrect the key.
-          redis.call('DEL', vkey)
-          redis.call('HSET', vkey, '', ver)
-          redis.call('PEXPIRE', vkey, tomb)
-        end
+        -- A tombstone: older writes arriving late must not resurrect the key.
+        delete(key, vkey)
       else
         skipped = skipped + 1
       end
@@ -75,7 +117,7 @@ while a <= #ARGV do
       if may_write(vkey) then
         redis.call('PEXPIRE', key, args[1])
         stamp(vkey, '')
-        follow_ttl(vkey, args[1])
+        sync_ttl(key, vkey)
       else
         skipped = skipped + 1
       end
@@ -83,6 +125,7 @@ while a <= #ARGV do
       -- Member operations: each member (or hash field) is versioned on its own.
       local step = (op == 'hset' or op == 'zadd') and 2 or 1
       local i = 1
+      local wrote = false
       while i <= n do
         local member = (op == 'zadd') and args[i + 1] or args[i]
         local field = 'm:' .. member
@@ -95,11 +138,13 @@ while a <= #ARGV do
           elseif op == 'zrem' then redis.call('ZREM', key, args[i])
           else return redis.error_reply('keepwarm: unknown operation ' .. op) end
           stamp(vkey, field)
+          wrote = true
         else
           skipped = skipped + 1
         end
         i = i + step
       end
+      if wrote then sync_ttl(key, vkey) end
     end
   end
 end

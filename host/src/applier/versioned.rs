@@ -94,7 +94,52 @@ fn crc16(bytes: &[u8]) -> u16 {
     crc
 }
 
-/// Builds the `EVALSHA` command that applies `ops` at `version`.
+/// Builds the `EVALSHA` commands that apply `ops` at `version`: one per Redis Cluster hash slot
+/// the operations touch, in the order of each slot's first operation, so that no call names keys
+/// of two slots (Redis Cluster refuses that with `CROSSSLOT`). Each key, with its members, is
+/// versioned and written atomically; the keys of one message in different slots are not one
+/// atomic step. A publish goes into the call of the keyed operation before it (or the first
+/// call), so it still follows the writes it announces; publishes alone make one call without keys.
+pub fn commands(
+    ops: &[&Op],
+    version: Option<Version>,
+    prefix: &str,
+    tombstone_ms: u64,
+) -> Vec<redis::Cmd> {
+    let mut groups: Vec<(Option<u16>, Vec<&Op>)> = Vec::new();
+    let mut pending_publishes: Vec<&Op> = Vec::new();
+    let mut current: Option<usize> = None;
+    for op in ops {
+        if matches!(op, Op::Publish { .. }) {
+            match current {
+                Some(index) => groups[index].1.push(op),
+                None => pending_publishes.push(op),
+            }
+            continue;
+        }
+        let slot = key_slot(op.key());
+        let index = match groups.iter().position(|(s, _)| *s == Some(slot)) {
+            Some(index) => index,
+            None => {
+                groups.push((Some(slot), Vec::new()));
+                groups.len() - 1
+            }
+        };
+        groups[index].1.append(&mut pending_publishes);
+        groups[index].1.push(op);
+        current = Some(index);
+    }
+    if !pending_publishes.is_empty() {
+        groups.push((None, pending_publishes));
+    }
+    groups
+        .iter()
+        .map(|(_, ops)| command(ops, version, prefix, tombstone_ms))
+        .collect()
+}
+
+/// Builds one `EVALSHA` command that applies `ops` at `version`. Its keys must share a hash slot
+/// for Redis Cluster: [`commands`] splits a message's operations accordingly.
 pub fn command(
     ops: &[&Op],
     version: Option<Version>,
@@ -209,6 +254,67 @@ mod tests {
             key_slot("{user1000}.following"),
             key_slot("{user1000}.followers")
         );
+    }
+
+    /// The keys (after the script's SHA and key count) and the operation names of a command.
+    fn keys_and_ops(cmd: &redis::Cmd) -> (Vec<String>, Vec<String>) {
+        let args: Vec<String> = cmd
+            .args_iter()
+            .map(|arg| match arg {
+                redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                _ => String::new(),
+            })
+            .collect();
+        let n_keys: usize = args[2].parse().unwrap();
+        let keys = args[3..3 + n_keys].to_vec();
+        let mut names = Vec::new();
+        let mut at = 3 + n_keys + 2;
+        while at < args.len() {
+            names.push(args[at].clone());
+            at += 2 + args[at + 1].parse::<usize>().unwrap();
+        }
+        (keys, names)
+    }
+
+    #[test]
+    fn one_call_per_hash_slot_in_order() {
+        let set = |key: &str| Op::Set {
+            key: key.to_owned(),
+            value: b"v".to_vec(),
+            ttl_ms: None,
+        };
+        let publish = Op::Publish {
+            channel: "ch".to_owned(),
+            message: b"m".to_vec(),
+        };
+        let sadd = Op::SetAdd {
+            key: "{a}:index".to_owned(),
+            members: vec!["1".to_owned()],
+        };
+        let del_b = Op::Del {
+            key: "b".to_owned(),
+        };
+        let (a, b) = (set("a"), set("b"));
+        assert_ne!(key_slot("a"), key_slot("b"));
+        let ops = [&publish, &a, &b, &sadd, &publish, &del_b];
+        let cmds = commands(&ops, Some(Version { lsn: 1, idx: 0 }), "kw:v:", 1000);
+        assert_eq!(cmds.len(), 2);
+        let (keys, names) = keys_and_ops(&cmds[0]);
+        assert_eq!(keys, ["a", "kw:v:{a}", "{a}:index", "kw:v:{a}:index"]);
+        assert_eq!(names, ["publish", "set", "sadd", "publish"]);
+        let (keys, names) = keys_and_ops(&cmds[1]);
+        assert_eq!(keys, ["b", "kw:v:{b}", "b", "kw:v:{b}"]);
+        assert_eq!(names, ["set", "del"]);
+        for cmd in &cmds {
+            let (keys, _) = keys_and_ops(cmd);
+            assert!(keys.iter().all(|k| key_slot(k) == key_slot(&keys[0])));
+        }
+        let only_publish = commands(&[&publish], None, "kw:v:", 1000);
+        assert_eq!(
+            keys_and_ops(&only_publish[0]),
+            (vec![], vec!["publish".to_owned()])
+        );
+        assert!(commands(&[], None, "kw:v:", 1000).is_empty());
     }
 
     #[test]

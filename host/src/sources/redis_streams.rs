@@ -44,8 +44,13 @@ pub async fn run(
     let stream = Stream { config, consumer };
     let (tx, rx) = mpsc::unbounded_channel();
     let acker: Arc<dyn Acker> = Arc::new(StreamAcker { tx });
+    // Acks get their own connection: on the reader's, each XACK would queue behind a blocking
+    // XREADGROUP and wait up to `block_ms`.
+    let Some(acks) = connect(&client, &ctx, 0).await else {
+        return Ok(());
+    };
     let ack_task = tokio::spawn(ack_loop(
-        reader.clone(),
+        acks,
         stream.config.stream.clone(),
         stream.config.group.clone(),
         rx,

@@ -1,0 +1,495 @@
+//! One seed's run: the two consumers, the deliveries and faults of its plan, and what the cache
+//! holds afterwards.
+
+use super::model::{self, Cache, Divergence, Entry, Workload};
+use super::plan::{self, Plan, Step};
+use super::{GROUP, IN_PROCESS, PLAIN, PROCESS, SIZE, Setup, VERSIONED};
+use crate::util::*;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `keepwarm` binary as the second consumer; killed if dropped running (a failed test).
+struct Process {
+    child: Option<Child>,
+    log: PathBuf,
+}
+
+impl Process {
+    pub fn start(config: &Path, log_path: &Path) -> Process {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
+            .args(["run", "--shutdown-timeout", "10", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Process {
+            child: Some(child),
+            log: log_path.to_owned(),
+        }
+    }
+
+    /// The address of its admin endpoint (it listens on port 0), once it has logged it.
+    pub fn admin_address(&self) -> Option<String> {
+        let log = std::fs::read_to_string(&self.log).ok()?;
+        let line = log
+            .lines()
+            .find(|line| line.contains("admin endpoint listening"))?;
+        let at = line.find("addr=")? + "addr=".len();
+        Some(line[at..].split_whitespace().next()?.to_owned())
+    }
+
+    /// Panics with the end of its log if the process has exited.
+    pub fn assert_running(&mut self) {
+        let child = self.child.as_mut().unwrap();
+        if let Some(status) = child.try_wait().unwrap() {
+            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            panic!(
+                "keepwarm exited with {status}; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+    }
+
+    /// SIGKILL (what `Child::kill` sends), as a crash or an OOM kill would.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().unwrap();
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+
+    /// SIGTERM, and the graceful shutdown must succeed.
+    pub fn stop(mut self) {
+        let mut child = self.child.take().unwrap();
+        let status = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let status = child.wait().unwrap();
+        assert!(status.success(), "keepwarm exited with {status}");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// An address for an admin endpoint.
+pub fn free_address() -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().to_string()
+}
+
+/// The stale writes a daemon skipped so far, from its `/metrics` (waiting for a daemon that is
+/// still starting).
+pub async fn stale_skipped(admin: &str) -> u64 {
+    let url = format!("http://{admin}/metrics");
+    let fetch = |url: String| async move {
+        tokio::task::spawn_blocking(move || {
+            ureq::get(&url)
+                .call()
+                .ok()?
+                .body_mut()
+                .read_to_string()
+                .ok()
+        })
+        .await
+        .unwrap()
+    };
+    let what = format!("{url} to answer");
+    wait_for(&what, Duration::from_secs(60), || {
+        let url = url.clone();
+        async move { fetch(url).await.is_some() }
+    })
+    .await;
+    let text = fetch(url).await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix("keepwarm_stale_writes_skipped_total "))
+        .expect("the stale-writes counter")
+        .parse()
+        .unwrap()
+}
+
+/// A stream entry id, comparable.
+pub fn entry_id(text: &str) -> (u64, u64) {
+    let (ms, seq) = text.split_once('-').unwrap();
+    (ms.parse().unwrap(), seq.parse().unwrap())
+}
+
+/// `(last-delivered-id, pending)` of the group, `None` while Redis does not answer.
+pub async fn group_state(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+) -> Option<((u64, u64), u64)> {
+    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .ok()?;
+    for fields in groups {
+        let text = |v: &redis::Value| match v {
+            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            redis::Value::SimpleString(s) => s.clone(),
+            redis::Value::Int(n) => n.to_string(),
+            _ => String::new(),
+        };
+        let map: std::collections::HashMap<String, String> = fields
+            .chunks(2)
+            .map(|kv| (text(&kv[0]), text(&kv[1])))
+            .collect();
+        if map.get("name").map(String::as_str) == Some(GROUP) {
+            return Some((
+                entry_id(&map["last-delivered-id"]),
+                map["pending"].parse().ok()?,
+            ));
+        }
+    }
+    None
+}
+
+/// Entries pending on `consumer`.
+pub async fn pending_on(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    consumer: &str,
+) -> usize {
+    let entries: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg(GROUP)
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .arg(consumer)
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    entries.len()
+}
+
+/// Waits until the group has read up to `last`, and with `settle` until nothing is pending.
+pub async fn wait_group(url: &str, stream: &str, last: (u64, u64), settle: bool, seed: u64) {
+    let conn = connect(url).await;
+    let what = format!("seed {seed}: the group to read up to {last:?} (settle: {settle})");
+    wait_for(&what, Duration::from_secs(120), || {
+        let mut conn = conn.clone();
+        async move {
+            match group_state(&mut conn, stream).await {
+                Some((read, pending)) => read >= last && (!settle || pending == 0),
+                None => false,
+            }
+        }
+    })
+    .await;
+}
+
+/// Every key under `prefix`, as the model sees a cache.
+pub async fn read_cache(conn: &mut redis::aio::MultiplexedConnection, prefix: &str) -> Cache {
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(conn)
+        .await
+        .unwrap();
+    let mut cache = Cache::new();
+    for key in keys {
+        let kind: String = redis::cmd("TYPE")
+            .arg(&key)
+            .query_async(conn)
+            .await
+            .unwrap();
+        let entry = match kind.as_str() {
+            "string" => Entry::Text(redis::cmd("GET").arg(&key).query_async(conn).await.unwrap()),
+            "set" => Entry::Members(
+                redis::cmd("SMEMBERS")
+                    .arg(&key)
+                    .query_async(conn)
+                    .await
+                    .unwrap(),
+            ),
+            other => panic!("{key} is a {other}"),
+        };
+        cache.insert(key, entry);
+    }
+    cache
+}
+
+/// What one seed did and found.
+pub struct SeedReport {
+    pub seed: u64,
+    pub cluster: bool,
+    pub messages: usize,
+    pub plan: Plan,
+    /// Entries the killed process held when it was killed.
+    pub pending_at_kills: Vec<usize>,
+    /// Stale writes versioning skipped (at least; killed processes' counts are lost).
+    pub skipped: u64,
+    pub versioned: Vec<Divergence>,
+    pub plain: Vec<Divergence>,
+    pub elapsed: Duration,
+    pub work: Workload,
+}
+
+impl SeedReport {
+    pub fn line(&self) -> String {
+        let f = &self.plan.faults;
+        format!(
+            "seed {:>4} {:<10} {} messages ({} transactions, {} key moves, {} re-inserts, {} reads), {} deliveries: {} duplicates, {} redeliveries, {} kills (pending {:?}), {} redis restarts | versioned: {} divergences, {}+ stale writes skipped | plain: {} stale | {:.1}s",
+            self.seed,
+            if self.cluster {
+                "cluster"
+            } else {
+                "standalone"
+            },
+            self.messages,
+            self.work.transactions,
+            self.work.key_moves,
+            self.work.reinserts,
+            self.work.reads(),
+            self.plan.deliveries,
+            f.duplicates,
+            f.redeliveries,
+            f.kills,
+            self.pending_at_kills,
+            f.redis_restarts,
+            self.versioned.len(),
+            self.skipped,
+            self.plain.len(),
+            self.elapsed.as_secs_f64()
+        )
+    }
+
+    /// The divergences of the versioned cache with the messages that touched each key and
+    /// where they were delivered.
+    pub fn explain(&self) -> String {
+        let history = self.work.history(VERSIONED);
+        let mut delivered: Vec<Vec<usize>> = vec![Vec::new(); self.work.messages.len()];
+        let mut position = 0;
+        for step in &self.plan.steps {
+            if let Step::Deliver { messages, .. } = step {
+                for &n in messages {
+                    delivered[n].push(position);
+                    position += 1;
+                }
+            }
+        }
+        let mut out = format!("{}\n", self.line());
+        for d in self.versioned.iter().take(10) {
+            out += &format!("  {} {:?}: {}\n", d.key, d.member, d.what);
+            for &n in history
+                .get(&(d.key.clone(), d.member.clone()))
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                out += &format!(
+                    "    #{n} {} delivered at {:?}\n",
+                    self.work.messages[n].describe(),
+                    delivered[n]
+                );
+            }
+        }
+        out
+    }
+}
+
+/// The consumer process, the connection, and where the plan has got to.
+struct Run<'a> {
+    seed: u64,
+    server: &'a mut RedisServer,
+    url: String,
+    conn: redis::aio::MultiplexedConnection,
+    stream: String,
+    config: PathBuf,
+    /// Where the process logs, one file per start.
+    logs: PathBuf,
+    starts: usize,
+    process: Option<Process>,
+    /// The id of the last entry added.
+    last: (u64, u64),
+    /// Kills waiting for the process to hold entries, with how long it then stays down.
+    armed: Vec<usize>,
+    /// Deliveries left before the killed process starts again.
+    down_for: Option<usize>,
+    pending_at_kills: Vec<usize>,
+}
+
+impl Run<'_> {
+    fn start_process(&mut self) {
+        self.starts += 1;
+        let log = self.logs.join(format!("{}-{}.log", self.seed, self.starts));
+        self.process = Some(Process::start(&self.config, &log));
+    }
+
+    async fn step(&mut self, step: &Step, work: &Workload) {
+        match step {
+            Step::Deliver { messages, settle } => {
+                let mut pipe = redis::pipe();
+                for &n in messages {
+                    let mut cmd = redis::cmd("XADD");
+                    cmd.arg(&self.stream).arg("*");
+                    for (k, v) in stream_fields(&work.messages[n].line) {
+                        cmd.arg(k).arg(v);
+                    }
+                    pipe.add_command(cmd);
+                }
+                let ids: Vec<String> = pipe.query_async(&mut self.conn).await.unwrap();
+                self.last = entry_id(ids.last().unwrap());
+                match self.down_for.as_mut() {
+                    Some(0) => {
+                        self.start_process();
+                        self.down_for = None;
+                    }
+                    Some(left) => *left -= 1,
+                    None if !self.armed.is_empty() => self.kill_if_holding().await,
+                    None => {}
+                }
+                wait_group(&self.url, &self.stream, self.last, *settle, self.seed).await;
+            }
+            Step::KillConsumer { down_for } => self.armed.push(*down_for),
+            Step::RestartRedis => {
+                self.server.restart().await;
+                self.conn = connect(&self.url).await;
+            }
+        }
+    }
+
+    /// Kills the process with SIGKILL the moment it holds entries; if it holds none by the time
+    /// the group has read everything, the kill waits for the next delivery.
+    async fn kill_if_holding(&mut self) {
+        loop {
+            if pending_on(&mut self.conn, &self.stream, PROCESS).await > 0 {
+                break;
+            }
+            match group_state(&mut self.conn, &self.stream).await {
+                Some((read, _)) if read >= self.last => return,
+                _ => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        self.process.take().expect("the process runs").kill9();
+        // What it left unacknowledged, for the other consumers to reclaim.
+        let left = pending_on(&mut self.conn, &self.stream, PROCESS).await;
+        self.pending_at_kills.push(left);
+        self.down_for = Some(self.armed.remove(0));
+    }
+
+    /// Kills still waiting happen now, whatever the process holds, and the process runs again.
+    async fn finish_faults(&mut self) {
+        for _ in std::mem::take(&mut self.armed) {
+            if let Some(process) = self.process.take() {
+                process.kill9();
+                let left = pending_on(&mut self.conn, &self.stream, PROCESS).await;
+                self.pending_at_kills.push(left);
+            }
+            self.start_process();
+        }
+        if self.process.is_none() {
+            self.start_process();
+        }
+    }
+}
+
+/// Runs `seed` against `server`: both consumers, every step of the plan, then the comparison.
+pub async fn run_seed(
+    seed: u64,
+    server: &mut RedisServer,
+    cluster: bool,
+    setup: &Setup,
+) -> SeedReport {
+    let started = Instant::now();
+    let url = server.url();
+    let mut conn = connect(&url).await;
+    let () = redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap();
+    let work = model::generate(seed, SIZE);
+    work.check(VERSIONED);
+    let plan = plan::plan(seed, &work.messages);
+    let stream = format!("kwm:stream:{seed}");
+    let admin_in_process = free_address();
+    let config = setup.work.path().join(format!("{seed}.toml"));
+    std::fs::write(&config, setup.config(&url, &stream, PROCESS, "127.0.0.1:0")).unwrap();
+    let in_process = Daemon::start(
+        keepwarm::config::Config::parse(&setup.config(
+            &url,
+            &stream,
+            IN_PROCESS,
+            &admin_in_process,
+        ))
+        .unwrap(),
+    );
+    let mut run = Run {
+        seed,
+        server,
+        url: url.clone(),
+        conn,
+        stream,
+        process: None,
+        config,
+        logs: setup.work.path().to_owned(),
+        starts: 0,
+        last: (0, 0),
+        armed: Vec::new(),
+        down_for: None,
+        pending_at_kills: Vec::new(),
+    };
+    run.start_process();
+    for step in &plan.steps {
+        run.step(step, &work).await;
+    }
+    run.finish_faults().await;
+    wait_group(&url, &run.stream, run.last, true, seed).await;
+    let process = run.process.as_mut().unwrap();
+    process.assert_running();
+    let mut admin_process = None;
+    wait_for(
+        "the process's admin endpoint",
+        Duration::from_secs(60),
+        || {
+            admin_process = process.admin_address();
+            std::future::ready(admin_process.is_some())
+        },
+    )
+    .await;
+    // The killed processes took their counts with them: this is a lower bound.
+    let skipped =
+        stale_skipped(&admin_in_process).await + stale_skipped(&admin_process.unwrap()).await;
+    in_process.stop().await;
+    run.process.take().unwrap().stop();
+    let mut conn = run.conn;
+    let dead: u64 = redis::cmd("XLEN")
+        .arg("kwm:dead")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        dead,
+        0,
+        "seed {seed}: dead letters (logs: {}/{seed}-*.log)",
+        run.logs.display()
+    );
+    let versioned = read_cache(&mut conn, VERSIONED).await;
+    let plain = read_cache(&mut conn, PLAIN).await;
+    SeedReport {
+        seed,
+        cluster,
+        messages: work.messages.len(),
+        plan,
+        pending_at_kills: run.pending_at_kills,
+        skipped,
+        versioned: model::diff(&work.expected(VERSIONED), &versioned),
+        plain: model::diff(&work.expected(PLAIN), &plain),
+        elapsed: started.elapsed(),
+        work,
+    }
+}
