@@ -4,10 +4,12 @@
 //! - `GET /plugins`: every plugin's name, version, tables, state and load details (JSON).
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when plugins are loaded and the cache Redis answers, 503 otherwise.
+//! - `GET /metrics`: Prometheus metrics (OpenMetrics text), see [`crate::telemetry::Metrics`].
 
 use crate::applier::Applier;
 use crate::runtime::PluginSet;
 use crate::runtime::status::Registry;
+use crate::telemetry::Counters;
 use arc_swap::ArcSwap;
 use axum::Router;
 use axum::extract::State;
@@ -27,6 +29,8 @@ pub struct AdminState {
     pub plugins: Arc<ArcSwap<PluginSet>>,
     /// The cache writer, for readiness.
     pub applier: Arc<Applier>,
+    /// Counters and metrics, for `/metrics`.
+    pub counters: Arc<Counters>,
 }
 
 /// The admin routes.
@@ -35,11 +39,22 @@ pub fn router(state: AdminState) -> Router {
         .route("/plugins", get(plugins))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
 async fn plugins(State(state): State<AdminState>) -> impl IntoResponse {
     Json(state.registry.snapshot())
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.counters.metrics.encode(),
+    )
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {

@@ -104,6 +104,7 @@ pub async fn run(
         registry: Arc::clone(core.runtime.registry()),
         plugins: Arc::clone(&core.plugins),
         applier: Arc::clone(&core.applier),
+        counters: Arc::clone(&core.counters),
     };
     let (_, admin) = admin::serve(&core.config.admin.listen, admin_state, shutdown.clone()).await?;
     let tracker = TaskTracker::new();
@@ -149,15 +150,18 @@ pub async fn run(
     }
     drop(dispatcher);
     tracker.spawn({
-        let (runtime, plugins, shutdown) = (
+        let (runtime, plugins, counters, shutdown) = (
             Arc::clone(&core.runtime),
             Arc::clone(&core.plugins),
+            Arc::clone(&core.counters),
             shutdown.clone(),
         );
         let dir = core.config.plugins.dir.clone();
         let every = Duration::from_secs(core.config.plugins.rescan_seconds);
         async move {
-            if let Err(error) = reload::watch(runtime, dir, plugins, every, shutdown).await {
+            if let Err(error) =
+                reload::watch(runtime, dir, plugins, every, counters, shutdown).await
+            {
                 tracing::error!(
                     error = format!("{error:#}"),
                     "cannot watch the plugin directory; hot reload is off"

@@ -4,6 +4,7 @@ use clap::{Parser, Subcommand};
 use keepwarm::config::Config;
 use keepwarm::daemon;
 use keepwarm::sources::jsonl::Input;
+use keepwarm::telemetry::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -13,6 +14,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,8 +91,8 @@ enum DeadLetterAction {
 }
 
 fn main() -> ExitCode {
-    keepwarm::telemetry::init_logging();
     let cli = Cli::parse();
+    keepwarm::telemetry::init_logging(cli.log_format);
     match run(cli.command) {
         Ok(code) => code,
         Err(error) => {

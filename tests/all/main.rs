@@ -6,6 +6,7 @@ mod cli;
 mod dead_letters;
 mod hostile;
 mod hot_reload;
+mod operations;
 mod redis_outage;
 mod sqs;
 mod stream_source;

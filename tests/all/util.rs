@@ -274,7 +274,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(mut config: Config) -> Daemon {
-        keepwarm::telemetry::init_logging();
+        keepwarm::telemetry::init_logging(keepwarm::telemetry::LogFormat::Text);
         // Tests run in parallel: never the fixed default admin port.
         if config.admin.listen == keepwarm::config::AdminConfig::default().listen {
             config.admin.listen = "127.0.0.1:0".to_owned();
@@ -408,4 +408,54 @@ pub fn keepwarm_cli(args: &[&str], stdin: &str) -> (bool, String, String) {
         String::from_utf8(output.stdout).unwrap(),
         String::from_utf8_lossy(&output.stderr).into_owned(),
     )
+}
+
+/// A free TCP port on localhost (for admin endpoints of daemons under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GETs `url`: `(status, body)`, or `None` when nothing answers.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut response = agent.get(&url).call().ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.body_mut().read_to_string().ok()?))
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, e.g.
+/// `metric(&text, "keepwarm_messages_received_total", &[("source", "x")])`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric_name, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            return None;
+        }
+        let found: Vec<(&str, &str)> = rest
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k, v.trim_matches('"')))
+            })
+            .collect();
+        let all = labels.iter().all(|l| found.contains(l)) && found.len() == labels.len();
+        all.then(|| value.parse().ok()).flatten()
+    })
 }

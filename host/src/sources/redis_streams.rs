@@ -50,10 +50,17 @@ pub async fn run(
         stream.config.group.clone(),
         rx,
     ));
+    let sampler = tokio::spawn(sample_lag(
+        client.clone(),
+        stream.config.stream.clone(),
+        stream.config.group.clone(),
+        ctx.clone(),
+    ));
     tracing::info!(source = %ctx.name, group = %stream.config.group, consumer = %stream.consumer, "reading stream");
     stream
         .read_loop(reader, &ctx, &acker, max_message_bytes)
         .await;
+    sampler.abort();
     drop(acker);
     // The ack loop ends once every token is settled (its channel closes) and its XACKs are sent.
     let _ = ack_task.await;
@@ -365,6 +372,53 @@ async fn ack_loop(
             }
         }
         ids.clear();
+    }
+}
+
+/// How often the group's pending count and lag are sampled for `/metrics`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// Samples `XINFO GROUPS` into the `stream_pending` and `stream_lag` gauges until shutdown, on
+/// a connection of its own (the reader's connection is busy with blocking reads).
+async fn sample_lag(client: redis::Client, stream: String, group: String, ctx: SourceContext) {
+    let labels = crate::telemetry::source(&ctx.name);
+    let metrics = &ctx.dispatcher.counters().metrics;
+    let mut conn = None;
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = ctx.shutdown.cancelled() => return,
+        }
+        if conn.is_none() {
+            conn = client.get_multiplexed_async_connection().await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let info: redis::RedisResult<redis::streams::StreamInfoGroupsReply> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async(c)
+            .await;
+        match info {
+            Ok(info) => {
+                if let Some(g) = info.groups.iter().find(|g| g.name == group) {
+                    metrics
+                        .stream_pending
+                        .get_or_create(&labels)
+                        .set(g.pending as i64);
+                    // Redis reports no lag when it cannot tell (after deletions); keep the
+                    // last value then.
+                    if let Some(lag) = g.lag {
+                        metrics.stream_lag.get_or_create(&labels).set(lag as i64);
+                    }
+                }
+            }
+            Err(error) if error.is_io_error() || error.is_connection_dropped() => conn = None,
+            Err(error) => {
+                tracing::debug!(source = %ctx.name, error = %error, "cannot sample stream lag");
+            }
+        }
     }
 }
 
