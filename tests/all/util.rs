@@ -242,7 +242,12 @@ pub fn row_cache_manifest(prefix: &str, extra: &str) -> String {
 
 /// A daemon configuration for one stream.
 pub fn stream_config(plugins: &Path, stream: &str, group: &str, extra: &str) -> Config {
-    let text = format!(
+    Config::parse(&stream_config_text(plugins, stream, group, extra)).unwrap()
+}
+
+/// The text of [`stream_config`], for the real binary.
+pub fn stream_config_text(plugins: &Path, stream: &str, group: &str, extra: &str) -> String {
+    format!(
         r#"
 [redis]
 url = "{url}"
@@ -262,8 +267,7 @@ claim_idle_ms = 500
 "#,
         url = redis_url(),
         dir = plugins.display(),
-    );
-    Config::parse(&text).unwrap()
+    )
 }
 
 /// The daemon running in this process.
@@ -458,4 +462,106 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         let all = labels.iter().all(|l| found.contains(l)) && found.len() == labels.len();
         all.then(|| value.parse().ok()).flatten()
     })
+}
+
+/// The real `keepwarm` binary running as a child process, its stderr collected line by line.
+pub struct KeepwarmProcess {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line seen so far.
+    pub log: Vec<String>,
+}
+
+impl KeepwarmProcess {
+    pub fn spawn(args: &[&str]) -> KeepwarmProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        KeepwarmProcess {
+            child: Some(child),
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `KILL`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for a stderr line containing `text`; panics after `limit` or at end of output.
+    pub fn wait_log(&mut self, text: &str, limit: Duration) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(text)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {text:?} within {limit:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit (panics after `limit`) and collects the rest of its log.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        // The stderr reader ends when the process (and its stderr) is gone.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("keepwarm did not exit within {limit:?}")
+                }
+            }
+        }
+        let status = child.wait().unwrap();
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for KeepwarmProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }
