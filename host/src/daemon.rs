@@ -264,6 +264,64 @@ pub async fn replay_dead_letters(
     Ok(report)
 }
 
+/// `keepwarm check`: validates a parsed configuration and loads (compiles, links, self-tests)
+/// every plugin of its directory, printing one line per item to stdout. Connects to nothing.
+/// Returns whether everything passed.
+///
+/// # Errors
+///
+/// The plugin runtime cannot be created or the plugin directory cannot be read.
+pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<bool> {
+    let sources: Vec<String> = config.sources.iter().map(SourceConfig::name).collect();
+    writeln!(
+        out,
+        "config: ok ({} sources: {})",
+        sources.len(),
+        sources.join(", ")
+    )?;
+    let mut ok = true;
+    if sources.is_empty() {
+        writeln!(
+            out,
+            "config: no [[source]]: `keepwarm run` would refuse to start"
+        )?;
+        ok = false;
+    }
+    let runtime = Runtime::new(Some(config.plugins.cache_dir()))?;
+    let files = runtime::loader::list_dir(&config.plugins.dir)?;
+    if files.is_empty() {
+        writeln!(
+            out,
+            "plugins: none in {} (every message would be acknowledged without a write)",
+            config.plugins.dir.display()
+        )?;
+    }
+    for files in &files {
+        let loaded = runtime::loader::read_files(files)
+            .and_then(|source| runtime::loader::load_source(&runtime, source));
+        match loaded {
+            Ok(loaded) => writeln!(
+                out,
+                "plugin {}: ok (version {}, tables {}, {} ms)",
+                files.name,
+                loaded.plugin.version(),
+                loaded
+                    .plugin
+                    .manifest
+                    .tables
+                    .as_ref()
+                    .map_or("*".to_owned(), |t| t.join(",")),
+                loaded.elapsed.as_millis()
+            )?,
+            Err(error) => {
+                ok = false;
+                writeln!(out, "plugin {}: FAILED: {error:#}", files.name)?;
+            }
+        }
+    }
+    Ok(ok)
+}
+
 /// Prints the dead-letter stream (`keepwarm dead-letters list`).
 ///
 /// # Errors

@@ -56,6 +56,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validates the configuration and loads (compiles, links, self-tests) every plugin, without
+    /// connecting to Redis or any source. Exits 0 when all is well, 1 otherwise.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Runs a plugin over change messages from stdin without Redis and prints, for each line,
     /// the operations or the error as one JSON line.
     Test {
@@ -145,6 +152,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 )
             }
         },
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let ok = daemon::check(&config, &mut std::io::stdout().lock())?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Plugins { config, json } => {
             let config = Config::load(&config)?;
             keepwarm::admin::print_plugins(&config.admin.listen, json)?;

@@ -88,3 +88,59 @@ async fn metrics_count_what_a_run_did() {
     assert_eq!(status, 200, "{ready}");
     daemon.stop().await;
 }
+
+/// `keepwarm check`: config and plugins validated without connecting to anything (the Redis URL
+/// points at a port where nothing listens).
+#[test]
+fn check_validates_config_and_plugins_without_connecting() {
+    let dir = TempDir::new("kw-check");
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest("check", ""),
+    );
+    let config_text = |plugins: &std::path::Path| {
+        format!(
+            r#"
+[redis]
+url = "redis://127.0.0.1:1/0"
+[plugins]
+dir = "{}"
+[[source]]
+kind = "redis-stream"
+stream = "s"
+group = "g"
+"#,
+            plugins.display()
+        )
+    };
+    let config = dir.path().join("good.toml");
+    std::fs::write(&config, config_text(plugins.path())).unwrap();
+    let config = config.display().to_string();
+    let (ok, out, err) = keepwarm_cli(&["check", "--config", &config], "");
+    assert!(ok, "{out}{err}");
+    assert!(
+        out.contains("config: ok (1 sources: redis-stream:s)"),
+        "{out}"
+    );
+    assert!(out.contains("plugin row-cache: ok"), "{out}");
+
+    // A plugin built against another world fails to link: reported, exit code 1.
+    plugins.add("wrong-world", &test_plugin_wasm("wrong-world"), "");
+    let (ok, out, _) = keepwarm_cli(&["check", "--config", &config], "");
+    assert!(!ok);
+    assert!(out.contains("plugin row-cache: ok"), "{out}");
+    assert!(out.contains("plugin wrong-world: FAILED"), "{out}");
+
+    // An unknown key fails the parse.
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        config_text(plugins.path()).replace("[redis]", "[redis]\nport = 1"),
+    )
+    .unwrap();
+    let (ok, _, err) = keepwarm_cli(&["check", "--config", &bad.display().to_string()], "");
+    assert!(!ok);
+    assert!(err.contains("invalid config"), "{err}");
+}
