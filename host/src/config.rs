@@ -43,6 +43,60 @@ pub struct RedisConfig {
     /// How long one command or pipeline may take before it counts as failed, in milliseconds.
     #[serde(default = "default_response_timeout_ms")]
     pub response_timeout_ms: u64,
+    /// The name of an environment variable holding the Redis password (kept out of the file).
+    /// `KEEPWARM_REDIS_PASSWORD`, when set, overrides it and any password in `url`.
+    #[serde(default)]
+    pub password_env: Option<String>,
+}
+
+/// The environment variable that, when set, is the cache Redis password.
+pub const REDIS_PASSWORD_ENV: &str = "KEEPWARM_REDIS_PASSWORD";
+
+impl RedisConfig {
+    /// The password from the environment: `KEEPWARM_REDIS_PASSWORD`, else the variable named
+    /// by `password_env`; `None` when neither applies (a password in the URL, or none).
+    ///
+    /// # Errors
+    ///
+    /// `password_env` names a variable that is unset or empty.
+    pub fn password(&self) -> anyhow::Result<Option<String>> {
+        if let Ok(password) = std::env::var(REDIS_PASSWORD_ENV)
+            && !password.is_empty()
+        {
+            return Ok(Some(password));
+        }
+        match &self.password_env {
+            None => Ok(None),
+            Some(name) => match std::env::var(name) {
+                Ok(password) if !password.is_empty() => Ok(Some(password)),
+                _ => anyhow::bail!(
+                    "environment variable {name} (redis password_env) is unset or empty"
+                ),
+            },
+        }
+    }
+
+    /// A client for the cache Redis (`url`), with the password from the environment.
+    ///
+    /// # Errors
+    ///
+    /// The URL is invalid, or `password_env` is unset.
+    pub fn client(&self) -> anyhow::Result<redis::Client> {
+        use redis::IntoConnectionInfo as _;
+        let info = self
+            .url
+            .as_str()
+            .into_connection_info()
+            .with_context(|| format!("invalid redis url {}", self.url))?;
+        let info = match self.password()? {
+            Some(password) => {
+                let settings = info.redis_settings().clone().set_password(password);
+                info.set_redis_settings(settings)
+            }
+            None => info,
+        };
+        Ok(redis::Client::open(info)?)
+    }
 }
 
 fn default_response_timeout_ms() -> u64 {
@@ -193,7 +247,8 @@ pub struct RedisStreamSourceConfig {
     pub stream: String,
     /// Consumer group; created (from the stream's start) when missing.
     pub group: String,
-    /// Redis holding the stream; defaults to `[redis] url`.
+    /// Redis holding the stream (credentials in the URL); defaults to the cache Redis, with its
+    /// password from the environment.
     #[serde(default)]
     pub url: Option<String>,
     /// Consumer name; defaults to `keepwarm-<hostname>-<pid>`.

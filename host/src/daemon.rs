@@ -135,11 +135,13 @@ pub async fn run(
             Arc::clone(&slots),
         );
         let max_bytes = core.config.pipeline.max_message_bytes;
-        let url = core.config.redis.url.clone();
+        let cache = core.config.redis.clone();
         tracker.spawn(async move {
             let name = ctx.name.clone();
             let result = match source {
-                Ready::RedisStream(stream) => redis_streams::run(stream, url, max_bytes, ctx).await,
+                Ready::RedisStream(stream) => {
+                    redis_streams::run(stream, &cache, max_bytes, ctx).await
+                }
                 Ready::Sqs(queue) => sqs::run(queue, max_bytes, ctx).await,
                 Ready::Http(http, bound) => webhook::run(http, bound, max_bytes, ctx).await,
             };
@@ -252,7 +254,7 @@ pub async fn replay_dead_letters(
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let ctx = SourceContext::new("dead-letters", dispatcher, shutdown, core.slots());
     let report = dead_letters::replay(
-        &core.config.redis.url,
+        core.config.redis.client()?,
         &stream,
         &scratch,
         core.config.pipeline.max_message_bytes,
@@ -328,7 +330,7 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
 ///
 /// Redis fails.
 pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> anyhow::Result<()> {
-    let client = redis::Client::open(config.redis.url.as_str())?;
+    let client = config.redis.client()?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let entries = dead_letters::read(&mut conn, &config.dead_letter.stream, "-", count).await?;
     for entry in &entries {

@@ -144,3 +144,64 @@ group = "g"
     assert!(!ok);
     assert!(err.contains("invalid config"), "{err}");
 }
+
+/// The Redis password comes from the environment: `password_env`, or `KEEPWARM_REDIS_PASSWORD`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_redis_password_comes_from_the_environment() {
+    let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]).await;
+    let dir = TempDir::new("kw-password");
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest("pw", ""),
+    );
+    let config_with = |extra: &str| {
+        let path = dir.path().join(format!("c{}.toml", extra.len()));
+        std::fs::write(
+            &path,
+            format!(
+                "[redis]\nurl = \"{}\"\n{extra}\n[plugins]\ndir = \"{}\"\n",
+                server.url(),
+                plugins.path().display()
+            ),
+        )
+        .unwrap();
+        path.display().to_string()
+    };
+    let input = dir.path().join("in.jsonl");
+    std::fs::write(&input, format!("{}\n", fixtures()[0])).unwrap();
+    let input = input.display().to_string();
+
+    let named = config_with("password_env = \"KW_TEST_CACHE_PASSWORD\"");
+    let (ok, _, err) = keepwarm_cli_env(
+        &["replay", "--config", &named, &input],
+        "",
+        &[("KW_TEST_CACHE_PASSWORD", "s3cret-pw")],
+    );
+    assert!(ok, "{err}");
+    // Unset: refused with the variable's name, and the password never appears in the output.
+    let (ok, _, err) = keepwarm_cli(&["replay", "--config", &named, &input], "");
+    assert!(!ok);
+    assert!(err.contains("KW_TEST_CACHE_PASSWORD"), "{err}");
+
+    let plain = config_with("");
+    let (ok, _, err) = keepwarm_cli_env(
+        &["replay", "--config", &plain, &input],
+        "",
+        &[("KEEPWARM_REDIS_PASSWORD", "s3cret-pw")],
+    );
+    assert!(ok, "{err}");
+    assert!(!err.contains("s3cret-pw"));
+    let (ok, _, _) = keepwarm_cli(&["replay", "--config", &plain, &input], "");
+    assert!(!ok, "no password: Redis refuses");
+
+    let url = format!("redis://:s3cret-pw@127.0.0.1:{}/0", server.port);
+    let mut conn = connect(&url).await;
+    let cached: Option<String> = redis::cmd("GET")
+        .arg("pw:public.orders:1001")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(cached.is_some());
+}

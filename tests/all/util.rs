@@ -306,12 +306,18 @@ pub struct RedisServer {
     pub port: u16,
     dir: TempDir,
     child: Option<Child>,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server that persists every write (AOF, fsync always), so a restart loses
     /// nothing.
     pub async fn start() -> RedisServer {
+        RedisServer::start_with(&[]).await
+    }
+
+    /// Starts a server with extra arguments, e.g. `["--requirepass", "secret"]`.
+    pub async fn start_with(extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -321,6 +327,7 @@ impl RedisServer {
             port,
             dir: TempDir::new("kw-redis"),
             child: None,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.boot().await;
         server
@@ -343,6 +350,7 @@ impl RedisServer {
             ])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null())
             .spawn()
             .expect("redis-server is not installed (scripts/setup.sh installs it)");
@@ -356,10 +364,11 @@ impl RedisServer {
                     .get_multiplexed_async_connection()
                     .await
                 {
-                    Ok(mut c) => redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok(),
+                    // A server that requires a password answers NOAUTH: it is up.
+                    Ok(mut c) => match redis::cmd("PING").query_async::<String>(&mut c).await {
+                        Ok(_) => true,
+                        Err(error) => error.code() == Some("NOAUTH"),
+                    },
                     Err(_) => false,
                 }
             }
@@ -392,9 +401,19 @@ impl Drop for RedisServer {
 
 /// Runs the `keepwarm` binary with `args`, feeding `stdin`, and returns its stdout.
 pub fn keepwarm_cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    keepwarm_cli_env(args, stdin, &[])
+}
+
+/// [`keepwarm_cli`] with extra environment variables.
+pub fn keepwarm_cli_env(
+    args: &[&str],
+    stdin: &str,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     use std::io::Write as _;
     let mut child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -74,8 +74,7 @@ impl Applier {
     ///
     /// The URL is invalid or Redis cannot be reached now.
     pub async fn connect(config: &Config) -> anyhow::Result<Applier> {
-        let client = redis::Client::open(config.redis.url.as_str())
-            .with_context(|| format!("invalid redis url {}", config.redis.url))?;
+        let client = config.redis.client()?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout()))
             .set_connection_timeout(Some(Duration::from_secs(5)))

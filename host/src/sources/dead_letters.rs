@@ -164,13 +164,12 @@ impl Acker for Settled {
 ///
 /// Redis fails.
 pub async fn replay(
-    url: &str,
+    client: redis::Client,
     stream: &str,
     scratch: &str,
     max_bytes: usize,
     ctx: SourceContext,
 ) -> anyhow::Result<ReplayReport> {
-    let client = redis::Client::open(url)?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     let settled = Arc::new(Settled::default());
     let acker: Arc<dyn Acker> = Arc::clone(&settled) as Arc<dyn Acker>;

@@ -10,7 +10,7 @@
 //! - Survives Redis restarts: every failed call is retried with capped backoff.
 
 use super::{Acker, Payload, RawPayload, SourceContext};
-use crate::config::RedisStreamSourceConfig;
+use crate::config::{RedisConfig, RedisStreamSourceConfig};
 use crate::message::ChangeMessage;
 use anyhow::Context as _;
 use redis::Value;
@@ -30,13 +30,17 @@ type Entry = (String, Vec<(String, Vec<u8>)>);
 /// The Redis URL is invalid.
 pub async fn run(
     config: RedisStreamSourceConfig,
-    default_url: String,
+    cache: &RedisConfig,
     max_message_bytes: usize,
     ctx: SourceContext,
 ) -> anyhow::Result<()> {
-    let url = config.url.clone().unwrap_or(default_url);
-    let client =
-        redis::Client::open(url.as_str()).with_context(|| format!("invalid redis url {url}"))?;
+    // A stream on the cache Redis shares its credentials; a stream elsewhere has its own URL.
+    let client = match &config.url {
+        Some(url) => {
+            redis::Client::open(url.as_str()).with_context(|| format!("invalid redis url {url}"))?
+        }
+        None => cache.client()?,
+    };
     let consumer = config.consumer.clone().unwrap_or_else(default_consumer);
     let Some(reader) = connect(&client, &ctx, config.block_ms).await else {
         return Ok(());
