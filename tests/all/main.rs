@@ -8,6 +8,7 @@ mod hostile;
 mod hot_reload;
 mod operations;
 mod redis_outage;
+mod scale_out;
 mod shutdown;
 mod sqs;
 mod stream_source;
