@@ -47,6 +47,12 @@ pub struct RedisConfig {
     /// `KEEPWARM_REDIS_PASSWORD`, when set, overrides it and any password in `url`.
     #[serde(default)]
     pub password_env: Option<String>,
+    /// The cache is a Redis Cluster; `url` (and `cluster_urls`) are seed nodes.
+    #[serde(default)]
+    pub cluster: bool,
+    /// More seed nodes of the cluster; setting them implies `cluster = true`.
+    #[serde(default)]
+    pub cluster_urls: Vec<String>,
 }
 
 /// The environment variable that, when set, is the cache Redis password.
@@ -74,6 +80,33 @@ impl RedisConfig {
                 ),
             },
         }
+    }
+
+    /// Whether the cache is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.cluster || !self.cluster_urls.is_empty()
+    }
+
+    /// A client for the cache Redis Cluster (seed nodes `url` and `cluster_urls`), with the
+    /// password from the environment.
+    ///
+    /// # Errors
+    ///
+    /// A URL is invalid, or `password_env` is unset.
+    pub fn cluster_client(
+        &self,
+        response_timeout: std::time::Duration,
+    ) -> anyhow::Result<redis::cluster::ClusterClient> {
+        let seeds: Vec<&str> = std::iter::once(self.url.as_str())
+            .chain(self.cluster_urls.iter().map(String::as_str))
+            .collect();
+        let mut builder = redis::cluster::ClusterClient::builder(seeds)
+            .response_timeout(response_timeout)
+            .connection_timeout(std::time::Duration::from_secs(5));
+        if let Some(password) = self.password()? {
+            builder = builder.password(password);
+        }
+        builder.build().context("invalid redis cluster urls")
     }
 
     /// A client for the cache Redis (`url`), with the password from the environment.

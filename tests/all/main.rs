@@ -3,6 +3,7 @@
 #![allow(unreachable_pub, reason = "test modules share helpers with pub")]
 
 mod cli;
+mod cluster;
 mod dead_letters;
 mod hostile;
 mod hot_reload;

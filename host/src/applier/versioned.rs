@@ -94,6 +94,41 @@ fn crc16(bytes: &[u8]) -> u16 {
     crc
 }
 
+/// Builds one `EVALSHA` per Redis Cluster slot of `ops` (a script may only touch keys of one
+/// slot), each with the slot its keys hash to. Each call is atomic for its keys; `PUBLISH`es go
+/// with the first call.
+pub fn commands_by_slot(
+    ops: &[&Op],
+    version: Option<Version>,
+    prefix: &str,
+    tombstone_ms: u64,
+) -> Vec<(u16, redis::Cmd)> {
+    let mut groups: Vec<(u16, Vec<&Op>)> = Vec::new();
+    let mut publishes = Vec::new();
+    for &op in ops {
+        if matches!(op, Op::Publish { .. }) {
+            publishes.push(op);
+            continue;
+        }
+        let slot = key_slot(op.key());
+        match groups.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, group)) => group.push(op),
+            None => groups.push((slot, vec![op])),
+        }
+    }
+    match groups.first_mut() {
+        Some((_, group)) => group.extend(publishes),
+        None => groups.push((
+            key_slot(publishes.first().map_or("", |op| op.key())),
+            publishes,
+        )),
+    }
+    groups
+        .into_iter()
+        .map(|(slot, group)| (slot, command(&group, version, prefix, tombstone_ms)))
+        .collect()
+}
+
 /// Builds the `EVALSHA` command that applies `ops` at `version`.
 pub fn command(
     ops: &[&Op],
@@ -209,6 +244,30 @@ mod tests {
             key_slot("{user1000}.following"),
             key_slot("{user1000}.followers")
         );
+    }
+
+    #[test]
+    fn versioned_writes_split_by_slot() {
+        let ops = [
+            Op::Del {
+                key: "{a}:1".into(),
+            },
+            Op::Del {
+                key: "{b}:1".into(),
+            },
+            Op::Publish {
+                channel: "c".into(),
+                message: b"m".to_vec(),
+            },
+            Op::Del {
+                key: "{a}:2".into(),
+            },
+        ];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let calls = commands_by_slot(&refs, None, "kw:v:", 1000);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].0, key_slot("a"));
+        assert_eq!(calls[1].0, key_slot("b"));
     }
 
     #[test]
