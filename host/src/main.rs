@@ -207,20 +207,26 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The first SIGTERM or Ctrl-C cancels the returned token (graceful shutdown); a second one
-/// exits at once.
+/// exits at once with 130.
 fn on_signals() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let cancel = token.clone();
+    // Both listeners are registered now and kept: a signal that arrives while the task is not
+    // waiting (between the first and the second) is not lost.
+    let listeners = signal(SignalKind::terminate())
+        .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    let (mut term, mut interrupt) = match listeners {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot listen for SIGTERM and SIGINT");
+            return token;
+        }
+    };
     tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            tracing::error!("cannot listen for SIGTERM");
-            return;
-        };
         for round in 0..2 {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
                 _ = term.recv() => {}
             }
             if round == 0 {

@@ -147,13 +147,11 @@ impl Stream {
                 next_claim = Instant::now() + claim_every;
                 self.claim(&mut conn, slots).await
             } else {
-                tokio::select! {
-                    read = self.read(&mut conn, slots) => read,
-                    () = ctx.shutdown.cancelled() => {
-                        ctx.release(slots);
-                        return;
-                    }
-                }
+                // Not cut short at shutdown: Redis may already have handed entries to this
+                // consumer, and a dropped reply would leave them pending until another consumer
+                // reclaims them. The read ends within `block_ms`; what it brings is processed
+                // and acknowledged during the shutdown grace, and the next reserve stops.
+                self.read(&mut conn, slots).await
             };
             match read {
                 Ok(entries) => {
