@@ -6,6 +6,7 @@
 //! entry leaves the dead-letter stream (`XDEL`) only when its replay was applied and did not
 //! fail again; an entry that fails again stays, and the new reason is reported.
 
+use super::jsonl::Progress;
 use super::{Acker, Payload, RawPayload, SourceContext};
 use crate::message::ChangeMessage;
 use anyhow::Context as _;
@@ -173,9 +174,20 @@ pub async fn replay(
     let mut conn = client.get_multiplexed_async_connection().await?;
     let settled = Arc::new(Settled::default());
     let acker: Arc<dyn Acker> = Arc::clone(&settled) as Arc<dyn Acker>;
+    let total: u64 = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
+    let progress = Progress::messages(total);
+    let settled_count = || {
+        settled.done.lock().unwrap_or_else(|p| p.into_inner()).len()
+            + *settled.abandoned.lock().unwrap_or_else(|p| p.into_inner())
+    };
     let mut after = "-".to_owned();
     let mut replayed = 0;
     loop {
+        let count = settled_count() as u64;
+        progress.update(count, replayed as u64, count);
         let entries = read(&mut conn, stream, &after, 500).await?;
         let Some(last) = entries.last() else {
             break;
@@ -192,8 +204,8 @@ pub async fn replay(
     drop(ctx);
     drop(acker);
     loop {
-        let count = settled.done.lock().unwrap_or_else(|p| p.into_inner()).len()
-            + *settled.abandoned.lock().unwrap_or_else(|p| p.into_inner());
+        let count = settled_count();
+        progress.update(count as u64, replayed as u64, count as u64);
         if count >= replayed {
             break;
         }
@@ -202,6 +214,7 @@ pub async fn replay(
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+    progress.finish();
     let mut still_failing = Vec::new();
     let mut failed_ids = HashSet::new();
     let mut after = "-".to_owned();
