@@ -3,7 +3,8 @@
 //!
 //! - `GET /plugins`: every plugin's name, version, tables, state and load details (JSON).
 //! - `GET /healthz`: 200 while the process runs.
-//! - `GET /readyz`: 200 when plugins are loaded and the cache Redis answers, 503 otherwise.
+//! - `GET /readyz`: 200 when plugins are loaded, the cache Redis answers and every source is
+//!   connected; 503 otherwise.
 //! - `GET /metrics`: Prometheus metrics (OpenMetrics text), see [`crate::telemetry::Metrics`].
 
 use crate::applier::Applier;
@@ -60,14 +61,16 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let loaded = !state.plugins.load().plugins.is_empty();
     let redis = state.applier.ping().await;
-    let status = if loaded && redis {
+    let sources = state.counters.sources();
+    let connected = sources.values().all(|up| *up);
+    let status = if loaded && redis && connected {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(serde_json::json!({"plugins_loaded": loaded, "redis": redis})),
+        Json(serde_json::json!({"plugins_loaded": loaded, "redis": redis, "sources": sources})),
     )
 }
 

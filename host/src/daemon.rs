@@ -127,6 +127,11 @@ pub async fn run(
         };
         sources.push((name, ready));
     }
+    for (name, source) in &sources {
+        // Down until it connects; a bound listener is up.
+        core.counters
+            .source_up(name, matches!(source, Ready::Http(..)));
+    }
     for (name, source) in sources {
         let ctx = SourceContext::new(
             name,

@@ -52,6 +52,8 @@ pub struct Counters {
     pub apply_retries: AtomicU64,
     /// The same, labelled, and more: what `/metrics` serves.
     pub metrics: Metrics,
+    /// Whether each source is connected, for `/readyz`.
+    sources: std::sync::Mutex<std::collections::BTreeMap<String, bool>>,
 }
 
 impl Counters {
@@ -63,6 +65,26 @@ impl Counters {
     /// Reads a counter.
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the source `name` is connected (`/readyz`, `keepwarm_source_up`).
+    pub fn source_up(&self, name: &str, up: bool) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), up);
+        self.metrics
+            .source_up
+            .get_or_create(&source(name))
+            .set(i64::from(up));
+    }
+
+    /// Every source and whether it is connected.
+    pub fn sources(&self) -> std::collections::BTreeMap<String, bool> {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -114,6 +136,8 @@ pub struct Metrics {
     pub sqs_visible: Family<SourceLabel, Gauge>,
     /// SQS `ApproximateNumberOfMessagesNotVisible` (received, not deleted).
     pub sqs_in_flight: Family<SourceLabel, Gauge>,
+    /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
+    pub source_up: Family<SourceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -133,6 +157,7 @@ impl Default for Metrics {
             stream_lag: Family::default(),
             sqs_visible: Family::default(),
             sqs_in_flight: Family::default(),
+            source_up: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -200,6 +225,11 @@ impl Default for Metrics {
             "sqs_messages_in_flight",
             "SQS ApproximateNumberOfMessagesNotVisible",
             m.sqs_in_flight.clone(),
+        );
+        registry.register(
+            "source_up",
+            "1 while the source is connected (its last read worked), else 0",
+            m.source_up.clone(),
         );
         Metrics {
             registry,

@@ -84,8 +84,11 @@ async fn metrics_count_what_a_run_did() {
 
     let (status, _) = http_get(&format!("http://{admin}/healthz")).await.unwrap();
     assert_eq!(status, 200);
+    assert_eq!(value("keepwarm_source_up", &[("source", src)]), Some(1.0));
     let (status, ready) = http_get(&format!("http://{admin}/readyz")).await.unwrap();
     assert_eq!(status, 200, "{ready}");
+    let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(ready["sources"][src], true, "{ready}");
     daemon.stop().await;
 }
 

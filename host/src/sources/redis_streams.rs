@@ -153,6 +153,7 @@ impl Stream {
                 // and acknowledged during the shutdown grace, and the next reserve stops.
                 self.read(&mut conn, slots).await
             };
+            ctx.dispatcher.counters().source_up(&ctx.name, read.is_ok());
             match read {
                 Ok(entries) => {
                     backoff.reset();

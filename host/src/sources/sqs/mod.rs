@@ -136,6 +136,9 @@ impl Receiver {
                     return;
                 }
             };
+            ctx.dispatcher
+                .counters()
+                .source_up(&ctx.name, received.is_ok());
             let messages = match received {
                 Ok(messages) => messages,
                 Err(error) => {
