@@ -13,7 +13,7 @@
 //! - [`pipeline`]: lanes by row, batching, plugin calls, apply, then ack.
 //! - [`plugin_test`]: `keepwarm test`, a plugin run without Redis.
 //! - [`sources`]: where messages come from (Redis Streams, JSONL files) and how they are acked.
-//! - [`telemetry`]: logging setup and counters.
+//! - [`telemetry`]: logging setup (text or JSON), counters and the Prometheus metrics.
 
 #![deny(unsafe_code)]
 

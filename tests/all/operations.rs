@@ -208,3 +208,68 @@ async fn the_redis_password_comes_from_the_environment() {
         .unwrap();
     assert!(cached.is_some());
 }
+
+/// The SQS source feeds `/metrics`: messages received per source and the sampled queue depth.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sqs_queue_depth_and_counts_reach_metrics() {
+    use crate::sqs::{client, fifo_queue, send_sequin, sqs_config, wait_queue_empty};
+    let url = redis_url();
+    let prefix = unique("sqs-metrics");
+    let sqs = client();
+    let queue = fifo_queue(&sqs, "metrics").await;
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(&prefix, ""),
+    );
+    let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
+    send_sequin(&sqs, &queue, &lines).await;
+    let admin = format!("127.0.0.1:{}", free_port());
+    let mut config = sqs_config(
+        plugins.path(),
+        &url,
+        &queue,
+        &format!("{prefix}:dead"),
+        "",
+        "",
+    );
+    config.admin.listen = admin.clone();
+    let source = config.sources[0].name();
+    let daemon = Daemon::start(config);
+    wait_queue_empty(&sqs, &queue, Duration::from_secs(60)).await;
+    let metrics_url = format!("http://{admin}/metrics");
+    let src = source.as_str();
+    // The depth is sampled every 5 s: wait for a sample of the drained queue.
+    wait_for(
+        "a sample of the empty queue",
+        Duration::from_secs(30),
+        || {
+            let metrics_url = metrics_url.clone();
+            async move {
+                let Some((200, body)) = http_get(&metrics_url).await else {
+                    return false;
+                };
+                metric(&body, "keepwarm_sqs_messages_visible", &[("source", src)]) == Some(0.0)
+                    && metric(&body, "keepwarm_sqs_messages_in_flight", &[("source", src)])
+                        == Some(0.0)
+            }
+        },
+    )
+    .await;
+    let (_, text) = http_get(&metrics_url).await.unwrap();
+    assert_eq!(
+        metric(
+            &text,
+            "keepwarm_messages_received_total",
+            &[("source", src)]
+        ),
+        Some(lines.len() as f64),
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "keepwarm_source_up", &[("source", src)]),
+        Some(1.0)
+    );
+    daemon.stop().await;
+}
