@@ -55,6 +55,46 @@ pub struct RedisConfig {
     pub cluster_urls: Vec<String>,
 }
 
+/// A connection to the cache Redis or Redis Cluster (see [`RedisConfig::tool_connection`]).
+#[derive(Clone)]
+pub enum ToolConnection {
+    /// One Redis.
+    Single(redis::aio::MultiplexedConnection),
+    /// A Redis Cluster.
+    Cluster(redis::cluster_async::ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for ToolConnection {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            ToolConnection::Single(conn) => conn.req_packed_command(cmd),
+            ToolConnection::Cluster(conn) => conn.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            ToolConnection::Single(conn) => conn.req_packed_commands(cmd, offset, count),
+            ToolConnection::Cluster(conn) => conn.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            ToolConnection::Single(conn) => conn.get_db(),
+            ToolConnection::Cluster(conn) => conn.get_db(),
+        }
+    }
+}
+
 /// The environment variable that, when set, is the cache Redis password.
 pub const REDIS_PASSWORD_ENV: &str = "KEEPWARM_REDIS_PASSWORD";
 
@@ -107,6 +147,32 @@ impl RedisConfig {
             builder = builder.password(password);
         }
         builder.build().context("invalid redis cluster urls")
+    }
+
+    /// A connection to the cache for the tools (`keepwarm dead-letters`): to the cluster when
+    /// `cluster` is set, else to `url`.
+    ///
+    /// # Errors
+    ///
+    /// As [`RedisConfig::client`], or Redis cannot be reached.
+    pub async fn tool_connection(&self) -> anyhow::Result<ToolConnection> {
+        Ok(if self.is_cluster() {
+            ToolConnection::Cluster(
+                self.cluster_client(std::time::Duration::from_secs(10))?
+                    .get_async_connection()
+                    .await
+                    .with_context(|| {
+                        format!("cannot connect to the redis cluster at {}", self.url)
+                    })?,
+            )
+        } else {
+            ToolConnection::Single(
+                self.client()?
+                    .get_multiplexed_async_connection()
+                    .await
+                    .with_context(|| format!("cannot connect to redis at {}", self.url))?,
+            )
+        })
     }
 
     /// A client for the cache Redis (`url`), with the password from the environment.

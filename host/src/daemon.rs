@@ -259,7 +259,7 @@ pub async fn replay_dead_letters(
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let ctx = SourceContext::new("dead-letters", dispatcher, shutdown, core.slots());
     let report = dead_letters::replay(
-        core.config.redis.client()?,
+        core.config.redis.tool_connection().await?,
         &stream,
         &scratch,
         core.config.pipeline.max_message_bytes,
@@ -335,8 +335,7 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
 ///
 /// Redis fails.
 pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> anyhow::Result<()> {
-    let client = config.redis.client()?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = config.redis.tool_connection().await?;
     let entries = dead_letters::read(&mut conn, &config.dead_letter.stream, "-", count).await?;
     for entry in &entries {
         if json {

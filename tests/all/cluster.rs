@@ -60,6 +60,9 @@ block_ms = 200
         dir = plugins.path().display(),
     );
     let config = Config::parse(&text).unwrap();
+    let dir = TempDir::new("kw-cluster");
+    let config_path = dir.path().join("keepwarm.toml");
+    std::fs::write(&config_path, &text).unwrap();
     let mut conn = connect(&url).await;
     let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
     xadd_sequin(&mut conn, &stream, &lines).await;
@@ -120,4 +123,18 @@ block_ms = 200
         .await
         .unwrap();
     assert_eq!(dead, 1);
+    // The tools find the dead letters in the cluster too.
+    let (ok, out, err) = keepwarm_cli(
+        &[
+            "dead-letters",
+            "list",
+            "--json",
+            "--config",
+            &config_path.display().to_string(),
+        ],
+        "",
+    );
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 1, "{out}");
+    assert!(out.contains("decode"), "{out}");
 }

@@ -77,7 +77,7 @@ impl Entry {
 ///
 /// Redis fails.
 pub async fn read(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     stream: &str,
     after: &str,
     count: usize,
@@ -165,13 +165,12 @@ impl Acker for Settled {
 ///
 /// Redis fails.
 pub async fn replay(
-    client: redis::Client,
+    mut conn: impl redis::aio::ConnectionLike + Send,
     stream: &str,
     scratch: &str,
     max_bytes: usize,
     ctx: SourceContext,
 ) -> anyhow::Result<ReplayReport> {
-    let mut conn = client.get_multiplexed_async_connection().await?;
     let settled = Arc::new(Settled::default());
     let acker: Arc<dyn Acker> = Arc::clone(&settled) as Arc<dyn Acker>;
     let total: u64 = redis::cmd("XLEN")
