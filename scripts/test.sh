@@ -20,11 +20,14 @@ cargo clippy "${guests[@]}" --all-targets -- -D warnings
 
 . scripts/lib/redis.sh
 . scripts/lib/moto.sh
+. scripts/lib/cluster.sh
 start_redis
 start_moto
+# A three-master Redis Cluster for the cluster tests (REDIS_CLUSTER_URLS).
+start_cluster
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
-echo "== cargo test (redis at $REDIS_URL, sqs emulator at $SQS_ENDPOINT)"
+echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, sqs emulator at $SQS_ENDPOINT)"
 log=$(mktemp -t keepwarm-test.XXXXXX)
 cargo test "${guests[@]}" 2>&1 | tee "$log"
 cargo test -p keepwarm --lib --bins --tests 2>&1 | tee -a "$log"

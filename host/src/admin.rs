@@ -5,7 +5,9 @@
 //! - `GET /metrics`: the counters (messages received, applied, dead-lettered, stale writes
 //!   skipped, …) in the Prometheus text format.
 //! - `GET /healthz`: 200 while the process runs.
-//! - `GET /readyz`: 200 when plugins are loaded and the cache Redis answers, 503 otherwise.
+//! - `GET /readyz`: 200 when plugins are loaded, the cache Redis answers and every source is
+//!   connected; 503 otherwise.
+//! - `GET /metrics`: Prometheus metrics (OpenMetrics text), see [`crate::telemetry::Metrics`].
 
 use crate::applier::Applier;
 use crate::runtime::PluginSet;
@@ -30,7 +32,7 @@ pub struct AdminState {
     pub plugins: Arc<ArcSwap<PluginSet>>,
     /// The cache writer, for readiness.
     pub applier: Arc<Applier>,
-    /// The pipeline's counters, for `/metrics`.
+    /// Counters and metrics, for `/metrics`.
     pub counters: Arc<Counters>,
 }
 
@@ -41,6 +43,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .with_state(state)
 }
 
@@ -52,23 +55,25 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4; charset=utf-8",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        state.counters.prometheus(),
+        state.counters.metrics.encode(),
     )
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let loaded = !state.plugins.load().plugins.is_empty();
     let redis = state.applier.ping().await;
-    let status = if loaded && redis {
+    let sources = state.counters.sources();
+    let connected = sources.values().all(|up| *up);
+    let status = if loaded && redis && connected {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(serde_json::json!({"plugins_loaded": loaded, "redis": redis})),
+        Json(serde_json::json!({"plugins_loaded": loaded, "redis": redis, "sources": sources})),
     )
 }
 

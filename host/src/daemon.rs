@@ -127,6 +127,11 @@ pub async fn run(
         };
         sources.push((name, ready));
     }
+    for (name, source) in &sources {
+        // Down until it connects; a bound listener is up.
+        core.counters
+            .source_up(name, matches!(source, Ready::Http(..)));
+    }
     for (name, source) in sources {
         let ctx = SourceContext::new(
             name,
@@ -135,11 +140,13 @@ pub async fn run(
             Arc::clone(&slots),
         );
         let max_bytes = core.config.pipeline.max_message_bytes;
-        let url = core.config.redis.url.clone();
+        let cache = core.config.redis.clone();
         tracker.spawn(async move {
             let name = ctx.name.clone();
             let result = match source {
-                Ready::RedisStream(stream) => redis_streams::run(stream, url, max_bytes, ctx).await,
+                Ready::RedisStream(stream) => {
+                    redis_streams::run(stream, &cache, max_bytes, ctx).await
+                }
                 Ready::Sqs(queue) => sqs::run(queue, max_bytes, ctx).await,
                 Ready::Http(http, bound) => webhook::run(http, bound, max_bytes, ctx).await,
             };
@@ -150,15 +157,18 @@ pub async fn run(
     }
     drop(dispatcher);
     tracker.spawn({
-        let (runtime, plugins, shutdown) = (
+        let (runtime, plugins, counters, shutdown) = (
             Arc::clone(&core.runtime),
             Arc::clone(&core.plugins),
+            Arc::clone(&core.counters),
             shutdown.clone(),
         );
         let dir = core.config.plugins.dir.clone();
         let every = Duration::from_secs(core.config.plugins.rescan_seconds);
         async move {
-            if let Err(error) = reload::watch(runtime, dir, plugins, every, shutdown).await {
+            if let Err(error) =
+                reload::watch(runtime, dir, plugins, every, counters, shutdown).await
+            {
                 tracing::error!(
                     error = format!("{error:#}"),
                     "cannot watch the plugin directory; hot reload is off"
@@ -249,7 +259,7 @@ pub async fn replay_dead_letters(
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let ctx = SourceContext::new("dead-letters", dispatcher, shutdown, core.slots());
     let report = dead_letters::replay(
-        &core.config.redis.url,
+        core.config.redis.tool_connection().await?,
         &stream,
         &scratch,
         core.config.pipeline.max_message_bytes,
@@ -261,14 +271,71 @@ pub async fn replay_dead_letters(
     Ok(report)
 }
 
+/// `keepwarm check`: validates a parsed configuration and loads (compiles, links, self-tests)
+/// every plugin of its directory, printing one line per item to stdout. Connects to nothing.
+/// Returns whether everything passed.
+///
+/// # Errors
+///
+/// The plugin runtime cannot be created or the plugin directory cannot be read.
+pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<bool> {
+    let sources: Vec<String> = config.sources.iter().map(SourceConfig::name).collect();
+    writeln!(
+        out,
+        "config: ok ({} sources: {})",
+        sources.len(),
+        sources.join(", ")
+    )?;
+    let mut ok = true;
+    if sources.is_empty() {
+        writeln!(
+            out,
+            "config: no [[source]]: `keepwarm run` would refuse to start"
+        )?;
+        ok = false;
+    }
+    let runtime = Runtime::new(Some(config.plugins.cache_dir()))?;
+    let files = runtime::loader::list_dir(&config.plugins.dir)?;
+    if files.is_empty() {
+        writeln!(
+            out,
+            "plugins: none in {} (every message would be acknowledged without a write)",
+            config.plugins.dir.display()
+        )?;
+    }
+    for files in &files {
+        let loaded = runtime::loader::read_files(files)
+            .and_then(|source| runtime::loader::load_source(&runtime, source));
+        match loaded {
+            Ok(loaded) => writeln!(
+                out,
+                "plugin {}: ok (version {}, tables {}, {} ms)",
+                files.name,
+                loaded.plugin.version(),
+                loaded
+                    .plugin
+                    .manifest
+                    .tables
+                    .as_ref()
+                    .map_or("*".to_owned(), |t| t.join(",")),
+                loaded.elapsed.as_millis()
+            )?,
+            Err(error) => {
+                ok = false;
+                writeln!(out, "plugin {}: FAILED: {error:#}", files.name)?;
+            }
+        }
+    }
+    Ok(ok)
+}
+
 /// Prints the dead-letter stream (`keepwarm dead-letters list`).
 ///
 /// # Errors
 ///
 /// Redis fails.
 pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> anyhow::Result<()> {
-    let client = redis::Client::open(config.redis.url.as_str())?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
+    let mut conn = config.redis.tool_connection().await?;
     let entries = dead_letters::read(&mut conn, &config.dead_letter.stream, "-", count).await?;
     for entry in &entries {
         if json {

@@ -15,7 +15,7 @@
 //! - [`plugin_test`]: `keepwarm test`, a plugin run without Redis.
 //! - [`scaffold`]: `keepwarm new`, a plugin project in Rust, JavaScript or Python.
 //! - [`sources`]: where messages come from (Redis Streams, JSONL files) and how they are acked.
-//! - [`telemetry`]: logging setup and counters.
+//! - [`telemetry`]: logging setup (text or JSON), counters and the Prometheus metrics.
 
 #![deny(unsafe_code)]
 

@@ -5,6 +5,7 @@ use keepwarm::config::Config;
 use keepwarm::daemon;
 use keepwarm::scaffold::{self, Lang, NewPlugin};
 use keepwarm::sources::jsonl::Input;
+use keepwarm::telemetry::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -14,6 +15,9 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(version, about)]
 struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -65,6 +69,13 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Validates the configuration and loads (compiles, links, self-tests) every plugin, without
+    /// connecting to Redis or any source. Exits 0 when all is well, 1 otherwise.
+    Check {
+        /// The configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
     /// Runs a plugin over change messages from stdin without Redis and prints, for each line,
     /// the operations or the error as one JSON line.
     Test {
@@ -114,8 +125,8 @@ enum DeadLetterAction {
 }
 
 fn main() -> ExitCode {
-    keepwarm::telemetry::init_logging();
     let cli = Cli::parse();
+    keepwarm::telemetry::init_logging(cli.log_format);
     match run(cli.command) {
         Ok(code) => code,
         Err(error) => {
@@ -194,6 +205,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("next: cd {} && ./test.sh", new.dir.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Check { config } => {
+            let config = Config::load(&config)?;
+            let ok = daemon::check(&config, &mut std::io::stdout().lock())?;
+            Ok(if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
         Command::Plugins { config, json } => {
             let config = Config::load(&config)?;
             keepwarm::admin::print_plugins(&config.admin.listen, json)?;
@@ -250,20 +270,26 @@ fn tokio_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 }
 
 /// The first SIGTERM or Ctrl-C cancels the returned token (graceful shutdown); a second one
-/// exits at once.
+/// exits at once with 130.
 fn on_signals() -> CancellationToken {
+    use tokio::signal::unix::{SignalKind, signal};
     let token = CancellationToken::new();
     let cancel = token.clone();
+    // Both listeners are registered now and kept: a signal that arrives while the task is not
+    // waiting (between the first and the second) is not lost.
+    let listeners = signal(SignalKind::terminate())
+        .and_then(|term| Ok((term, signal(SignalKind::interrupt())?)));
+    let (mut term, mut interrupt) = match listeners {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            tracing::error!(error = %error, "cannot listen for SIGTERM and SIGINT");
+            return token;
+        }
+    };
     tokio::spawn(async move {
-        let Ok(mut term) =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        else {
-            tracing::error!("cannot listen for SIGTERM");
-            return;
-        };
         for round in 0..2 {
             tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
+                _ = interrupt.recv() => {}
                 _ = term.recv() => {}
             }
             if round == 0 {

@@ -1,20 +1,41 @@
-//! Logging setup and the daemon's counters.
+//! Logging setup, the daemon's counters and its Prometheus metrics.
 
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
-/// Installs the `tracing` subscriber: human-readable lines on stderr, filtered by `RUST_LOG`
-/// (default `info`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
-/// Counters of what the pipeline did, shared by every lane.
+/// Installs the `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`):
+/// human-readable lines, or one JSON object per line.
+pub fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+        LogFormat::Json => builder.json().with_ansi(false).try_init(),
+    };
+}
+
+/// Counters of what the pipeline did, shared by every lane, with the labelled metrics behind
+/// `/metrics`.
 #[derive(Debug, Default)]
 pub struct Counters {
     /// Messages handed to the pipeline.
@@ -29,6 +50,10 @@ pub struct Counters {
     pub unrouted: AtomicU64,
     /// Batches retried because Redis was unavailable.
     pub apply_retries: AtomicU64,
+    /// The same, labelled, and more: what `/metrics` serves.
+    pub metrics: Metrics,
+    /// Whether each source is connected, for `/readyz`.
+    sources: std::sync::Mutex<std::collections::BTreeMap<String, bool>>,
 }
 
 impl Counters {
@@ -42,49 +67,212 @@ impl Counters {
         counter.load(Ordering::Relaxed)
     }
 
-    /// The counters in the Prometheus text format, for `GET /metrics`.
-    pub fn prometheus(&self) -> String {
-        let counters = [
-            (
-                "keepwarm_messages_received_total",
-                "Messages handed to the pipeline.",
-                &self.received,
-            ),
-            (
-                "keepwarm_messages_applied_total",
-                "Messages whose operations Redis confirmed.",
-                &self.applied,
-            ),
-            (
-                "keepwarm_messages_dead_lettered_total",
-                "Messages written to the dead-letter stream.",
-                &self.dead_lettered,
-            ),
-            (
-                "keepwarm_stale_writes_skipped_total",
-                "Versioned writes skipped because Redis held a newer version.",
-                &self.stale_skipped,
-            ),
-            (
-                "keepwarm_messages_unrouted_total",
-                "Messages no plugin subscribed to.",
-                &self.unrouted,
-            ),
-            (
-                "keepwarm_apply_retries_total",
-                "Batches retried because Redis was unavailable.",
-                &self.apply_retries,
-            ),
-        ];
-        let mut text = String::new();
-        for (name, help, counter) in counters {
-            text.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}\n",
-                Counters::get(counter)
-            ));
-        }
-        text
+    /// Records whether the source `name` is connected (`/readyz`, `keepwarm_source_up`).
+    pub fn source_up(&self, name: &str, up: bool) {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_owned(), up);
+        self.metrics
+            .source_up
+            .get_or_create(&source(name))
+            .set(i64::from(up));
     }
+
+    /// Every source and whether it is connected.
+    pub fn sources(&self) -> std::collections::BTreeMap<String, bool> {
+        self.sources
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+}
+
+/// Labels `source`.
+pub type SourceLabel = [(&'static str, String); 1];
+/// Labels `source` and `plugin`.
+pub type SourcePluginLabels = [(&'static str, String); 2];
+/// Labels `source`, `plugin` and `kind`.
+pub type DeadLetterLabels = [(&'static str, String); 3];
+/// Labels `plugin`.
+pub type PluginLabel = [(&'static str, String); 1];
+/// Labels `plugin` and `outcome`.
+pub type ReloadLabels = [(&'static str, String); 2];
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 0.1 ms to about 3.3 s.
+    Histogram::new(exponential_buckets(0.0001, 2.0, 16))
+}
+
+/// The Prometheus metrics (served as OpenMetrics text at `/metrics`).
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    /// Messages read, by source.
+    pub received: Family<SourceLabel, Counter>,
+    /// Messages no plugin subscribed to, by source.
+    pub unrouted: Family<SourceLabel, Counter>,
+    /// Messages applied, by source and plugin.
+    pub applied: Family<SourcePluginLabels, Counter>,
+    /// Dead letters written, by source, plugin (empty for decode failures) and kind.
+    pub dead_lettered: Family<DeadLetterLabels, Counter>,
+    /// Writes skipped because Redis held a newer version, by source and plugin.
+    pub stale_skipped: Family<SourcePluginLabels, Counter>,
+    /// Apply attempts that failed and were retried.
+    pub apply_retries: Counter,
+    /// Plugin batch call latency, by plugin.
+    pub plugin_call_seconds: HistogramFamily<PluginLabel>,
+    /// Redis apply latency (one pipeline per batch).
+    pub redis_apply_seconds: Histogram,
+    /// Plugin loads at reload, by plugin and outcome (`loaded`, `failed`, `removed`).
+    pub reloads: Family<ReloadLabels, Counter>,
+    /// Redis Stream entries pending in the consumer group (delivered, not acknowledged).
+    pub stream_pending: Family<SourceLabel, Gauge>,
+    /// Redis Stream entries not yet delivered to the consumer group.
+    pub stream_lag: Family<SourceLabel, Gauge>,
+    /// SQS `ApproximateNumberOfMessages` (visible messages waiting).
+    pub sqs_visible: Family<SourceLabel, Gauge>,
+    /// SQS `ApproximateNumberOfMessagesNotVisible` (received, not deleted).
+    pub sqs_in_flight: Family<SourceLabel, Gauge>,
+    /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
+    pub source_up: Family<SourceLabel, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Metrics {
+        let mut registry = Registry::with_prefix("keepwarm");
+        let metrics = Metrics {
+            received: Family::default(),
+            unrouted: Family::default(),
+            applied: Family::default(),
+            dead_lettered: Family::default(),
+            stale_skipped: Family::default(),
+            apply_retries: Counter::default(),
+            plugin_call_seconds: Family::new_with_constructor(latency_histogram),
+            redis_apply_seconds: latency_histogram(),
+            reloads: Family::default(),
+            stream_pending: Family::default(),
+            stream_lag: Family::default(),
+            sqs_visible: Family::default(),
+            sqs_in_flight: Family::default(),
+            source_up: Family::default(),
+            registry: Registry::default(),
+        };
+        let m = &metrics;
+        registry.register(
+            "messages_received",
+            "Messages read from a source",
+            m.received.clone(),
+        );
+        registry.register(
+            "messages_unrouted",
+            "Messages no plugin subscribed to (acknowledged without a write)",
+            m.unrouted.clone(),
+        );
+        registry.register(
+            "messages_applied",
+            "Messages whose operations Redis confirmed, per plugin",
+            m.applied.clone(),
+        );
+        registry.register(
+            "messages_dead_lettered",
+            "Messages written to the dead-letter stream",
+            m.dead_lettered.clone(),
+        );
+        registry.register(
+            "writes_stale_skipped",
+            "Versioned writes skipped because Redis held a newer version",
+            m.stale_skipped.clone(),
+        );
+        registry.register(
+            "apply_retries",
+            "Redis apply attempts that failed and were retried",
+            m.apply_retries.clone(),
+        );
+        registry.register(
+            "plugin_call_seconds",
+            "Latency of one plugin batch call",
+            m.plugin_call_seconds.clone(),
+        );
+        registry.register(
+            "redis_apply_seconds",
+            "Latency of one Redis apply (one pipeline per batch)",
+            m.redis_apply_seconds.clone(),
+        );
+        registry.register(
+            "plugin_reloads",
+            "Plugin reloads by outcome (loaded, failed, removed)",
+            m.reloads.clone(),
+        );
+        registry.register(
+            "stream_pending",
+            "Redis Stream entries delivered to the group and not acknowledged",
+            m.stream_pending.clone(),
+        );
+        registry.register(
+            "stream_lag",
+            "Redis Stream entries not yet delivered to the group",
+            m.stream_lag.clone(),
+        );
+        registry.register(
+            "sqs_messages_visible",
+            "SQS ApproximateNumberOfMessages",
+            m.sqs_visible.clone(),
+        );
+        registry.register(
+            "sqs_messages_in_flight",
+            "SQS ApproximateNumberOfMessagesNotVisible",
+            m.sqs_in_flight.clone(),
+        );
+        registry.register(
+            "source_up",
+            "1 while the source is connected (its last read worked), else 0",
+            m.source_up.clone(),
+        );
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+}
+
+impl Metrics {
+    /// The metrics as OpenMetrics text.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// Counts a reload outcome for `plugin`.
+    pub fn reload(&self, plugin: &str, outcome: &str) {
+        self.reloads
+            .get_or_create(&[
+                ("plugin", plugin.to_owned()),
+                ("outcome", outcome.to_owned()),
+            ])
+            .inc();
+    }
+
+    /// Records a plugin call's latency.
+    pub fn plugin_call(&self, plugin: &str, took: Duration) {
+        self.plugin_call_seconds
+            .get_or_create(&[("plugin", plugin.to_owned())])
+            .observe(took.as_secs_f64());
+    }
+}
+
+/// Labels for a source.
+pub fn source(source: &str) -> SourceLabel {
+    [("source", source.to_owned())]
+}
+
+/// Labels for a source and a plugin.
+pub fn source_plugin(source: &str, plugin: &str) -> SourcePluginLabels {
+    [("source", source.to_owned()), ("plugin", plugin.to_owned())]
 }
 
 #[cfg(test)]
@@ -92,13 +280,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn counters_render_as_prometheus_text() {
-        let counters = Counters::default();
-        Counters::add(&counters.stale_skipped, 3);
-        let text = counters.prometheus();
-        assert!(text.contains(
-            "# TYPE keepwarm_stale_writes_skipped_total counter\nkeepwarm_stale_writes_skipped_total 3\n"
-        ));
-        assert_eq!(text.lines().filter(|l| !l.starts_with('#')).count(), 6);
+    fn metrics_encode_with_labels() {
+        let m = Metrics::default();
+        m.applied
+            .get_or_create(&source_plugin("redis-stream:s", "row-cache"))
+            .inc_by(3);
+        m.plugin_call("row-cache", Duration::from_millis(2));
+        let text = m.encode();
+        assert!(
+            text.contains(
+                "keepwarm_messages_applied_total{source=\"redis-stream:s\",plugin=\"row-cache\"} 3"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("keepwarm_plugin_call_seconds_count{plugin=\"row-cache\"} 1"));
     }
 }

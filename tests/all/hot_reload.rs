@@ -8,14 +8,6 @@ use keepwarm::runtime::loader::{PluginFiles, content_hash, load_source, read_fil
 use std::path::Path;
 use std::time::Duration;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Deploys a file the normal way: write a hidden temporary, then rename into place.
 fn deploy(dir: &Path, name: &str, bytes: &[u8]) {
     let tmp = dir.join(format!(".{name}.tmp"));
@@ -178,6 +170,25 @@ async fn replacing_plugins_under_load_applies_every_message_by_exactly_one_versi
     let final_lines: Vec<String> = (0..ROWS).map(|row| change(row, 5_000_000 + row)).collect();
     xadd_sequin(&mut conn, &stream, &final_lines).await;
     wait_all_acked(&url, &stream, "kw", TOTAL + ROWS, Duration::from_secs(60)).await;
+    // Every reload is counted in /metrics.
+    let (_, metrics) = http_get(&format!("http://{admin}/metrics")).await.unwrap();
+    let reloads = |plugin: &str, outcome: &str| {
+        metric(
+            &metrics,
+            "keepwarm_plugin_reloads_total",
+            &[("plugin", plugin), ("outcome", outcome)],
+        )
+    };
+    assert!(
+        reloads("tagger", "loaded").unwrap_or(0.0) >= 10.0,
+        "{metrics}"
+    );
+    assert_eq!(reloads("row-cache", "removed"), Some(1.0), "{metrics}");
+    assert!(
+        reloads("row-cache", "loaded").unwrap_or(0.0) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(reloads("tagger", "failed"), None, "{metrics}");
     daemon.stop().await;
 
     let seen_a: Vec<String> = redis::cmd("SMEMBERS")

@@ -3,13 +3,17 @@
 #![allow(unreachable_pub, reason = "test modules share helpers with pub")]
 
 mod cli;
+mod cluster;
 mod consistency;
 mod dead_letters;
 mod hostile;
 mod hot_reload;
 mod languages;
+mod operations;
 mod redis_outage;
 mod scaffold;
+mod scale_out;
+mod shutdown;
 mod sqs;
 mod stream_source;
 mod util;

@@ -242,7 +242,12 @@ pub fn row_cache_manifest(prefix: &str, extra: &str) -> String {
 
 /// A daemon configuration for one stream.
 pub fn stream_config(plugins: &Path, stream: &str, group: &str, extra: &str) -> Config {
-    let text = format!(
+    Config::parse(&stream_config_text(plugins, stream, group, extra)).unwrap()
+}
+
+/// The text of [`stream_config`], for the real binary.
+pub fn stream_config_text(plugins: &Path, stream: &str, group: &str, extra: &str) -> String {
+    format!(
         r#"
 [redis]
 url = "{url}"
@@ -262,8 +267,7 @@ claim_idle_ms = 500
 "#,
         url = redis_url(),
         dir = plugins.display(),
-    );
-    Config::parse(&text).unwrap()
+    )
 }
 
 /// The daemon running in this process.
@@ -274,7 +278,7 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(mut config: Config) -> Daemon {
-        keepwarm::telemetry::init_logging();
+        keepwarm::telemetry::init_logging(keepwarm::telemetry::LogFormat::Text);
         // Tests run in parallel: never the fixed default admin port.
         if config.admin.listen == keepwarm::config::AdminConfig::default().listen {
             config.admin.listen = "127.0.0.1:0".to_owned();
@@ -304,19 +308,20 @@ pub struct RedisServer {
     child: Option<Child>,
     cluster: bool,
     persist: bool,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts a server that persists every write (AOF, fsync always), so a restart loses
     /// nothing.
     pub async fn start() -> RedisServer {
-        RedisServer::start_with(false, true).await
+        RedisServer::start_mode(false, true, &[]).await
     }
 
     /// Starts a server that persists nothing, for measurements.
     #[allow(dead_code, reason = "used by some test modules only")]
     pub async fn start_volatile() -> RedisServer {
-        RedisServer::start_with(false, false).await
+        RedisServer::start_mode(false, false, &[]).await
     }
 
     /// Starts a one-node Redis Cluster that serves every slot, persisting like [`start`]. It
@@ -326,10 +331,15 @@ impl RedisServer {
     /// [`start`]: RedisServer::start
     #[allow(dead_code, reason = "used by some test modules only")]
     pub async fn start_cluster() -> RedisServer {
-        RedisServer::start_with(true, true).await
+        RedisServer::start_mode(true, true, &[]).await
     }
 
-    async fn start_with(cluster: bool, persist: bool) -> RedisServer {
+    /// Starts a server with extra arguments, e.g. `["--requirepass", "secret"]`.
+    pub async fn start_with(extra: &[&str]) -> RedisServer {
+        RedisServer::start_mode(false, true, extra).await
+    }
+
+    async fn start_mode(cluster: bool, persist: bool, extra: &[&str]) -> RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -341,6 +351,7 @@ impl RedisServer {
             child: None,
             cluster,
             persist,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
         };
         server.boot().await;
         server
@@ -358,6 +369,7 @@ impl RedisServer {
             .args(["--appendfsync", "always", "--save", ""])
             .arg("--dir")
             .arg(self.dir.path())
+            .args(&self.extra)
             .stdout(Stdio::null());
         if self.cluster {
             command.args([
@@ -380,10 +392,11 @@ impl RedisServer {
                     .get_multiplexed_async_connection()
                     .await
                 {
-                    Ok(mut c) => redis::cmd("PING")
-                        .query_async::<String>(&mut c)
-                        .await
-                        .is_ok(),
+                    // A server that requires a password answers NOAUTH: it is up.
+                    Ok(mut c) => match redis::cmd("PING").query_async::<String>(&mut c).await {
+                        Ok(_) => true,
+                        Err(error) => error.code() == Some("NOAUTH"),
+                    },
                     Err(_) => false,
                 }
             }
@@ -451,9 +464,19 @@ impl Drop for RedisServer {
 
 /// Runs the `keepwarm` binary with `args`, feeding `stdin`, and returns its stdout.
 pub fn keepwarm_cli(args: &[&str], stdin: &str) -> (bool, String, String) {
+    keepwarm_cli_env(args, stdin, &[])
+}
+
+/// [`keepwarm_cli`] with extra environment variables.
+pub fn keepwarm_cli_env(
+    args: &[&str],
+    stdin: &str,
+    env: &[(&str, &str)],
+) -> (bool, String, String) {
     use std::io::Write as _;
     let mut child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
         .args(args)
+        .envs(env.iter().copied())
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -494,4 +517,156 @@ pub fn target_dir() -> PathBuf {
         .nth(2)
         .expect("the keepwarm binary is in <target>/<profile>/")
         .to_owned()
+}
+
+/// A free TCP port on localhost (for admin endpoints of daemons under test).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// GETs `url`: `(status, body)`, or `None` when nothing answers.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    let url = url.to_owned();
+    tokio::task::spawn_blocking(move || {
+        let agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent();
+        let mut response = agent.get(&url).call().ok()?;
+        let status = response.status().as_u16();
+        Some((status, response.body_mut().read_to_string().ok()?))
+    })
+    .await
+    .unwrap()
+}
+
+/// The value of the sample `name{labels}` in Prometheus text, e.g.
+/// `metric(&text, "keepwarm_messages_received_total", &[("source", "x")])`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (series, value) = line.rsplit_once(' ')?;
+        let (metric_name, rest) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric_name != name {
+            return None;
+        }
+        let found: Vec<(&str, &str)> = rest
+            .split(',')
+            .filter(|kv| !kv.is_empty())
+            .filter_map(|kv| {
+                let (k, v) = kv.split_once('=')?;
+                Some((k, v.trim_matches('"')))
+            })
+            .collect();
+        let all = labels.iter().all(|l| found.contains(l)) && found.len() == labels.len();
+        all.then(|| value.parse().ok()).flatten()
+    })
+}
+
+/// The real `keepwarm` binary running as a child process, its stderr collected line by line.
+pub struct KeepwarmProcess {
+    child: Option<Child>,
+    lines: std::sync::mpsc::Receiver<String>,
+    /// Every stderr line seen so far.
+    pub log: Vec<String>,
+}
+
+impl KeepwarmProcess {
+    pub fn spawn(args: &[&str]) -> KeepwarmProcess {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        KeepwarmProcess {
+            child: Some(child),
+            lines,
+            log: Vec::new(),
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// Sends `signal` (e.g. `TERM`, `KILL`) with kill(1).
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.pid().to_string())
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for a stderr line containing `text`; panics after `limit` or at end of output.
+    pub fn wait_log(&mut self, text: &str, limit: Duration) -> String {
+        if let Some(line) = self.log.iter().find(|l| l.contains(text)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.log.push(line.clone());
+                    if line.contains(text) {
+                        return line;
+                    }
+                }
+                Err(_) => panic!(
+                    "no log line with {text:?} within {limit:?}; log so far:\n{}",
+                    self.log.join("\n")
+                ),
+            }
+        }
+    }
+
+    /// Waits for the process to exit (panics after `limit`) and collects the rest of its log.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        let child = self.child.as_mut().unwrap();
+        // The stderr reader ends when the process (and its stderr) is gone.
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => self.log.push(line),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    panic!("keepwarm did not exit within {limit:?}")
+                }
+            }
+        }
+        let status = child.wait().unwrap();
+        self.child = None;
+        status
+    }
+}
+
+impl Drop for KeepwarmProcess {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
 }

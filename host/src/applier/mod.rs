@@ -22,6 +22,7 @@ use crate::ops::Op;
 use anyhow::Context as _;
 use dead_letter::DeadLetter;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The writes of one message.
@@ -55,9 +56,32 @@ pub enum ApplyError {
     Unavailable(String),
 }
 
+/// A connection to the cache: one Redis, or a Redis Cluster.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl Conn {
+    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
+        match self.clone() {
+            Conn::Single(mut conn) => cmd.query_async(&mut conn).await,
+            Conn::Cluster(mut conn) => cmd.query_async(&mut conn).await,
+        }
+    }
+
+    async fn pipe(&self, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<redis::Value>> {
+        match self.clone() {
+            Conn::Single(mut conn) => pipe.query_async(&mut conn).await,
+            Conn::Cluster(mut conn) => pipe.query_async(&mut conn).await,
+        }
+    }
+}
+
 /// The only writer to the cache Redis.
 pub struct Applier {
-    conn: ConnectionManager,
+    conn: Conn,
     dead_letter_stream: String,
     version_prefix: String,
     tombstone_ms: u64,
@@ -75,16 +99,27 @@ impl Applier {
     ///
     /// The URL is invalid or Redis cannot be reached now.
     pub async fn connect(config: &Config) -> anyhow::Result<Applier> {
-        let client = redis::Client::open(config.redis.url.as_str())
-            .with_context(|| format!("invalid redis url {}", config.redis.url))?;
-        let manager_config = ConnectionManagerConfig::new()
-            .set_response_timeout(Some(config.response_timeout()))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_max_delay(Duration::from_secs(2));
-        let conn = client
-            .get_connection_manager_with_config(manager_config)
-            .await
-            .with_context(|| format!("cannot connect to redis at {}", config.redis.url))?;
+        let conn = if config.redis.is_cluster() {
+            let client = config.redis.cluster_client(config.response_timeout())?;
+            Conn::Cluster(client.get_async_connection().await.with_context(|| {
+                format!(
+                    "cannot connect to the redis cluster at {}",
+                    config.redis.url
+                )
+            })?)
+        } else {
+            let client = config.redis.client()?;
+            let manager_config = ConnectionManagerConfig::new()
+                .set_response_timeout(Some(config.response_timeout()))
+                .set_connection_timeout(Some(Duration::from_secs(5)))
+                .set_max_delay(Duration::from_secs(2));
+            Conn::Single(
+                client
+                    .get_connection_manager_with_config(manager_config)
+                    .await
+                    .with_context(|| format!("cannot connect to redis at {}", config.redis.url))?,
+            )
+        };
         let applier = Applier {
             conn,
             dead_letter_stream: config.dead_letter.stream.clone(),
@@ -114,22 +149,24 @@ impl Applier {
         dead_letters: &[DeadLetter],
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
+        // Every command with what its reply settles and the cluster slot of its keys.
+        let mut commands: Vec<(redis::Cmd, u16)> = Vec::new();
         let mut slots = Vec::new();
         for (index, writes) in messages.iter().enumerate() {
             for op in &writes.plain {
-                pipe.add_command(plain::command(op));
+                commands.push((plain::command(op), versioned::key_slot(op.key())));
                 slots.push(Slot::Message(index));
             }
-            for cmd in versioned::commands(
-                &writes.versioned,
-                writes.version,
-                &self.version_prefix,
-                self.tombstone_ms,
-            ) {
-                pipe.add_command(cmd);
-                slots.push(Slot::Message(index));
+            if !writes.versioned.is_empty() {
+                for (slot, cmd) in versioned::commands_by_slot(
+                    &writes.versioned,
+                    writes.version,
+                    &self.version_prefix,
+                    self.tombstone_ms,
+                ) {
+                    commands.push((cmd, slot));
+                    slots.push(Slot::Message(index));
+                }
             }
         }
         let now_ms = SystemTime::now()
@@ -141,24 +178,13 @@ impl Applier {
             for (field, value) in letter.fields(now_ms) {
                 cmd.arg(field).arg(value);
             }
-            pipe.add_command(cmd);
+            commands.push((cmd, versioned::key_slot(&self.dead_letter_stream)));
             slots.push(Slot::DeadLetter);
         }
         if slots.is_empty() {
             return Ok(outcomes);
         }
-        let mut conn = self.conn.clone();
-        let replies: Vec<redis::Value> = pipe
-            .query_async(&mut conn)
-            .await
-            .map_err(|error| ApplyError::Unavailable(error.to_string()))?;
-        if replies.len() != slots.len() {
-            return Err(ApplyError::Unavailable(format!(
-                "expected {} replies, got {}",
-                slots.len(),
-                replies.len()
-            )));
-        }
+        let replies = self.run(commands).await?;
         for (slot, reply) in slots.iter().zip(replies) {
             match (slot, reply) {
                 (_, redis::Value::ServerError(error)) => {
@@ -200,12 +226,73 @@ impl Applier {
         Ok(outcomes)
     }
 
+    /// Sends the commands and returns their replies in order: one pipeline on a single Redis;
+    /// on a cluster, one pipeline per slot (a cluster pipeline may not cross slots), all at once.
+    async fn run(&self, commands: Vec<(redis::Cmd, u16)>) -> Result<Vec<redis::Value>, ApplyError> {
+        let expected = commands.len();
+        let unavailable = |error: redis::RedisError| ApplyError::Unavailable(error.to_string());
+        let replies = match &self.conn {
+            Conn::Single(_) => {
+                let mut pipe = redis::pipe();
+                pipe.ignore_errors();
+                for (cmd, _) in commands {
+                    pipe.add_command(cmd);
+                }
+                self.conn.pipe(&pipe).await.map_err(unavailable)?
+            }
+            Conn::Cluster(_) => {
+                let mut by_slot: Vec<(u16, redis::Pipeline, Vec<usize>)> = Vec::new();
+                for (position, (cmd, slot)) in commands.into_iter().enumerate() {
+                    let at = match by_slot.iter().position(|(s, _, _)| *s == slot) {
+                        Some(at) => at,
+                        None => {
+                            let mut pipe = redis::pipe();
+                            pipe.ignore_errors();
+                            by_slot.push((slot, pipe, Vec::new()));
+                            by_slot.len() - 1
+                        }
+                    };
+                    by_slot[at].1.add_command(cmd);
+                    by_slot[at].2.push(position);
+                }
+                let mut calls = tokio::task::JoinSet::new();
+                for (_, pipe, positions) in by_slot {
+                    let conn = self.conn.clone();
+                    calls.spawn(async move { (conn.pipe(&pipe).await, positions) });
+                }
+                let mut replies = vec![redis::Value::Nil; expected];
+                while let Some(done) = calls.join_next().await {
+                    let (answered, positions) =
+                        done.map_err(|error| ApplyError::Unavailable(error.to_string()))?;
+                    let answered = answered.map_err(unavailable)?;
+                    if answered.len() != positions.len() {
+                        return Err(ApplyError::Unavailable(format!(
+                            "expected {} replies, got {}",
+                            positions.len(),
+                            answered.len()
+                        )));
+                    }
+                    for (position, reply) in positions.into_iter().zip(answered) {
+                        replies[position] = reply;
+                    }
+                }
+                replies
+            }
+        };
+        if replies.len() != expected {
+            return Err(ApplyError::Unavailable(format!(
+                "expected {expected} replies, got {}",
+                replies.len()
+            )));
+        }
+        Ok(replies)
+    }
+
     async fn load_script(&self) -> Result<(), ApplyError> {
-        let mut conn = self.conn.clone();
-        let sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(versioned::SCRIPT)
-            .query_async(&mut conn)
+        // On a cluster, SCRIPT LOAD goes to every master.
+        let sha: String = self
+            .conn
+            .query(redis::cmd("SCRIPT").arg("LOAD").arg(versioned::SCRIPT))
             .await
             .map_err(|error| ApplyError::Unavailable(format!("SCRIPT LOAD failed: {error}")))?;
         debug_assert_eq!(sha, versioned::script_sha());
@@ -214,11 +301,7 @@ impl Applier {
 
     /// Whether Redis answers.
     pub async fn ping(&self) -> bool {
-        let mut conn = self.conn.clone();
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .is_ok()
+        self.conn.query::<String>(&redis::cmd("PING")).await.is_ok()
     }
 }
 

@@ -100,12 +100,12 @@ fn crc16(bytes: &[u8]) -> u16 {
 /// versioned and written atomically; the keys of one message in different slots are not one
 /// atomic step. A publish goes into the call of the keyed operation before it (or the first
 /// call), so it still follows the writes it announces; publishes alone make one call without keys.
-pub fn commands(
+pub fn commands_by_slot(
     ops: &[&Op],
     version: Option<Version>,
     prefix: &str,
     tombstone_ms: u64,
-) -> Vec<redis::Cmd> {
+) -> Vec<(u16, redis::Cmd)> {
     let mut groups: Vec<(Option<u16>, Vec<&Op>)> = Vec::new();
     let mut pending_publishes: Vec<&Op> = Vec::new();
     let mut current: Option<usize> = None;
@@ -134,12 +134,15 @@ pub fn commands(
     }
     groups
         .iter()
-        .map(|(_, ops)| command(ops, version, prefix, tombstone_ms))
+        .map(|(slot, ops)| {
+            let slot = slot.unwrap_or_else(|| key_slot(ops.first().map_or("", |op| op.key())));
+            (slot, command(ops, version, prefix, tombstone_ms))
+        })
         .collect()
 }
 
 /// Builds one `EVALSHA` command that applies `ops` at `version`. Its keys must share a hash slot
-/// for Redis Cluster: [`commands`] splits a message's operations accordingly.
+/// for Redis Cluster: [`commands_by_slot`] splits a message's operations accordingly.
 pub fn command(
     ops: &[&Op],
     version: Option<Version>,
@@ -225,6 +228,14 @@ pub fn score_text(score: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The commands alone, in order.
+    fn commands(ops: &[&Op], version: Option<Version>, prefix: &str, ttl: u64) -> Vec<redis::Cmd> {
+        commands_by_slot(ops, version, prefix, ttl)
+            .into_iter()
+            .map(|(_, cmd)| cmd)
+            .collect()
+    }
 
     #[test]
     fn companion_keys_share_the_slot() {
@@ -315,6 +326,30 @@ mod tests {
             (vec![], vec!["publish".to_owned()])
         );
         assert!(commands(&[], None, "kw:v:", 1000).is_empty());
+    }
+
+    #[test]
+    fn versioned_writes_split_by_slot() {
+        let ops = [
+            Op::Del {
+                key: "{a}:1".into(),
+            },
+            Op::Del {
+                key: "{b}:1".into(),
+            },
+            Op::Publish {
+                channel: "c".into(),
+                message: b"m".to_vec(),
+            },
+            Op::Del {
+                key: "{a}:2".into(),
+            },
+        ];
+        let refs: Vec<&Op> = ops.iter().collect();
+        let calls = commands_by_slot(&refs, None, "kw:v:", 1000);
+        assert_eq!(calls.len(), 2);
+        assert_eq!(calls[0].0, key_slot("a"));
+        assert_eq!(calls[1].0, key_slot("b"));
     }
 
     #[test]

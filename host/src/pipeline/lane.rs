@@ -14,9 +14,9 @@ use crate::ops::Op;
 use crate::runtime::plugin::ChangeOutcome;
 use crate::runtime::{Plugin, PluginError};
 use crate::sources::{Payload, RawPayload};
-use crate::telemetry::Counters;
+use crate::telemetry::{self, Counters};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// Runs a lane until its queue is closed and drained.
@@ -57,7 +57,7 @@ async fn dead_letter_malformed(shared: &Shared, jobs: Vec<Arc<Job>>) {
         .is_some();
     if done {
         log_letters(&letters);
-        Counters::add(&shared.counters.dead_lettered, letters.len() as u64);
+        count_letters(shared, &letters);
     }
     for job in jobs {
         job.finish(done);
@@ -107,6 +107,7 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
     };
     let mut refused = Vec::new();
     let mut n_applied = 0;
+    let metrics = &shared.counters.metrics;
     for (job, outcome) in jobs.iter().zip(&applied) {
         let Payload::Decoded(message) = &job.payload else {
             continue;
@@ -114,6 +115,11 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
         match outcome {
             MessageOutcome::Applied { stale } => {
                 n_applied += 1;
+                let labels = telemetry::source_plugin(&job.origin.source, name);
+                metrics.applied.get_or_create(&labels).inc();
+                if *stale > 0 {
+                    metrics.stale_skipped.get_or_create(&labels).inc_by(*stale);
+                }
                 Counters::add(&shared.counters.stale_skipped, *stale);
                 if *stale > 0 {
                     tracing::debug!(plugin = name, version = plugin.version(), row = %message.row_id(), stale, "stale writes skipped");
@@ -140,10 +146,8 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
     log_letters(&letters);
     log_letters(&refused);
     Counters::add(&shared.counters.applied, n_applied);
-    Counters::add(
-        &shared.counters.dead_lettered,
-        (letters.len() + refused.len()) as u64,
-    );
+    count_letters(shared, &letters);
+    count_letters(shared, &refused);
     drop(writes);
     for job in jobs {
         job.finish(true);
@@ -170,6 +174,7 @@ async fn call(
                 }
             }
         }
+        let started = Instant::now();
         let called = tokio::task::spawn_blocking({
             let (plugin, jobs) = (Arc::clone(&plugin), jobs.to_vec());
             move || {
@@ -185,7 +190,10 @@ async fn call(
         })
         .await;
         let outcomes = match called {
-            Ok(outcomes) => outcomes,
+            Ok(outcomes) => {
+                shared.counters.metrics.plugin_call(name, started.elapsed());
+                outcomes
+            }
             Err(error) => {
                 tracing::error!(plugin = name, error = %error, "plugin call task failed; batch left for redelivery");
                 abandon(jobs.to_vec());
@@ -319,6 +327,26 @@ fn plugin_letter(
     }
 }
 
+fn count_letters(shared: &Shared, letters: &[DeadLetter]) {
+    Counters::add(&shared.counters.dead_lettered, letters.len() as u64);
+    for letter in letters {
+        let plugin = letter
+            .plugin
+            .as_ref()
+            .map_or(String::new(), |(name, _)| name.clone());
+        shared
+            .counters
+            .metrics
+            .dead_lettered
+            .get_or_create(&[
+                ("source", letter.source.clone()),
+                ("plugin", plugin),
+                ("kind", letter.kind.as_str().to_owned()),
+            ])
+            .inc();
+    }
+}
+
 fn log_letters(letters: &[DeadLetter]) {
     for letter in letters {
         tracing::warn!(
@@ -343,11 +371,18 @@ async fn apply_with_retry(
 ) -> Option<Vec<MessageOutcome>> {
     let max_backoff = Duration::from_millis(shared.config.max_backoff_ms);
     let mut backoff = Duration::from_millis(50).min(max_backoff);
+    let metrics = &shared.counters.metrics;
     loop {
-        match shared.applier.apply(writes, letters).await {
+        let started = Instant::now();
+        let applied = shared.applier.apply(writes, letters).await;
+        metrics
+            .redis_apply_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match applied {
             Ok(outcomes) => return Some(outcomes),
             Err(error) => {
                 Counters::add(&shared.counters.apply_retries, 1);
+                metrics.apply_retries.inc();
                 tracing::warn!(lane, error = %error, retry_in_ms = backoff.as_millis() as u64, "apply failed; retrying the batch");
                 tokio::select! {
                     () = tokio::time::sleep(backoff) => {}

@@ -22,7 +22,7 @@ use crate::config::PipelineConfig;
 use crate::runtime::PluginSet;
 use crate::runtime::status::Registry;
 use crate::sources::{Delivery, Payload};
-use crate::telemetry::Counters;
+use crate::telemetry::{self, Counters};
 use arc_swap::ArcSwap;
 pub use job::Job;
 use std::collections::HashMap;
@@ -77,7 +77,12 @@ impl Dispatcher {
     /// plugin wants is acknowledged at once.
     pub fn dispatch(&self, delivery: Delivery) {
         let inner = &self.inner;
+        let metrics = &inner.shared.counters.metrics;
         Counters::add(&inner.shared.counters.received, 1);
+        metrics
+            .received
+            .get_or_create(&telemetry::source(&delivery.origin.source))
+            .inc();
         let mut hasher = inner.hasher.build_hasher();
         let message = match &delivery.payload {
             Payload::Decoded(message) => message,
@@ -98,6 +103,10 @@ impl Dispatcher {
             .collect();
         if routes.is_empty() {
             Counters::add(&inner.shared.counters.unrouted, 1);
+            metrics
+                .unrouted
+                .get_or_create(&telemetry::source(&delivery.origin.source))
+                .inc();
             delivery.ack.ack();
             return;
         }
@@ -108,6 +117,11 @@ impl Dispatcher {
             // unfinished and its message stays unacknowledged for redelivery.
             let _ = lanes[pick(&hasher, lanes.len())].send(Arc::clone(&job));
         }
+    }
+
+    /// The counters and metrics the pipeline feeds (sources add their gauges).
+    pub fn counters(&self) -> &Arc<Counters> {
+        &self.inner.shared.counters
     }
 
     fn lanes_of(&self, plugin: &str) -> Lanes {

@@ -15,6 +15,7 @@
 
 use super::Runtime;
 use super::loader::{PluginSet, list_dir, load_source, read_files, register};
+use crate::telemetry::{Counters, Metrics};
 use arc_swap::ArcSwap;
 use notify::event::{AccessKind, AccessMode};
 use notify::{EventKind, RecursiveMode, Watcher as _};
@@ -37,6 +38,7 @@ pub async fn watch(
     dir: PathBuf,
     set: Arc<ArcSwap<PluginSet>>,
     rescan_every: Duration,
+    counters: Arc<Counters>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let (tx, mut events) = mpsc::unbounded_channel();
@@ -64,7 +66,10 @@ pub async fn watch(
             () = shutdown.cancelled() => return Ok(()),
         }
         let (runtime, dir, set) = (Arc::clone(&runtime), dir.clone(), Arc::clone(&set));
-        if let Err(error) = tokio::task::spawn_blocking(move || rescan(&runtime, &dir, &set)).await
+        let counters = Arc::clone(&counters);
+        if let Err(error) =
+            tokio::task::spawn_blocking(move || rescan(&runtime, &dir, &set, &counters.metrics))
+                .await
         {
             tracing::error!(error = %error, "plugin rescan failed");
         }
@@ -80,8 +85,8 @@ fn is_change(kind: &EventKind) -> bool {
 }
 
 /// Compares the directory with the serving set and swaps in what changed. Returns whether the
-/// set changed.
-pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>) -> bool {
+/// set changed. Each load, failed load and removal is counted in `metrics`.
+pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: &Metrics) -> bool {
     let current = set.load_full();
     let files = match list_dir(dir) {
         Ok(files) => files,
@@ -130,6 +135,7 @@ pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>) -> bool {
             Ok(loaded) => {
                 let previous = serving.map(|p| p.version().to_owned());
                 next.push(Arc::new(register(runtime, loaded, previous.as_deref())));
+                metrics.reload(&files.name, "loaded");
                 changed = true;
             }
             Err(error) => {
@@ -142,6 +148,7 @@ pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>) -> bool {
                     "plugin failed to load; the previous version keeps serving"
                 );
                 registry.failed(&files.name, Some(&version), &reason);
+                metrics.reload(&files.name, "failed");
                 next.extend(serving.cloned());
             }
         }
@@ -154,6 +161,7 @@ pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>) -> bool {
                 "plugin removed; unloading after its in-flight work"
             );
             registry.removed(plugin.name());
+            metrics.reload(plugin.name(), "removed");
             changed = true;
         }
     }

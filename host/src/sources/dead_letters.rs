@@ -6,6 +6,7 @@
 //! entry leaves the dead-letter stream (`XDEL`) only when its replay was applied and did not
 //! fail again; an entry that fails again stays, and the new reason is reported.
 
+use super::jsonl::Progress;
 use super::{Acker, Payload, RawPayload, SourceContext};
 use crate::message::ChangeMessage;
 use anyhow::Context as _;
@@ -76,7 +77,7 @@ impl Entry {
 ///
 /// Redis fails.
 pub async fn read(
-    conn: &mut redis::aio::MultiplexedConnection,
+    conn: &mut (impl redis::aio::ConnectionLike + Send),
     stream: &str,
     after: &str,
     count: usize,
@@ -164,19 +165,28 @@ impl Acker for Settled {
 ///
 /// Redis fails.
 pub async fn replay(
-    url: &str,
+    mut conn: impl redis::aio::ConnectionLike + Send,
     stream: &str,
     scratch: &str,
     max_bytes: usize,
     ctx: SourceContext,
 ) -> anyhow::Result<ReplayReport> {
-    let client = redis::Client::open(url)?;
-    let mut conn = client.get_multiplexed_async_connection().await?;
     let settled = Arc::new(Settled::default());
     let acker: Arc<dyn Acker> = Arc::clone(&settled) as Arc<dyn Acker>;
+    let total: u64 = redis::cmd("XLEN")
+        .arg(stream)
+        .query_async(&mut conn)
+        .await?;
+    let progress = Progress::messages(total);
+    let settled_count = || {
+        settled.done.lock().unwrap_or_else(|p| p.into_inner()).len()
+            + *settled.abandoned.lock().unwrap_or_else(|p| p.into_inner())
+    };
     let mut after = "-".to_owned();
     let mut replayed = 0;
     loop {
+        let count = settled_count() as u64;
+        progress.update(count, replayed as u64, count);
         let entries = read(&mut conn, stream, &after, 500).await?;
         let Some(last) = entries.last() else {
             break;
@@ -193,8 +203,8 @@ pub async fn replay(
     drop(ctx);
     drop(acker);
     loop {
-        let count = settled.done.lock().unwrap_or_else(|p| p.into_inner()).len()
-            + *settled.abandoned.lock().unwrap_or_else(|p| p.into_inner());
+        let count = settled_count();
+        progress.update(count as u64, replayed as u64, count as u64);
         if count >= replayed {
             break;
         }
@@ -203,6 +213,7 @@ pub async fn replay(
             () = tokio::time::sleep(Duration::from_millis(200)) => {}
         }
     }
+    progress.finish();
     let mut still_failing = Vec::new();
     let mut failed_ids = HashSet::new();
     let mut after = "-".to_owned();

@@ -142,13 +142,30 @@ fn decode(text: &[u8], max_bytes: usize) -> Payload {
     }
 }
 
-/// A progress bar on a terminal, periodic log lines elsewhere.
-struct Progress {
+/// A progress bar on a terminal, periodic log lines elsewhere (also used by the dead-letter
+/// replay).
+pub(crate) struct Progress {
     bar: Option<indicatif::ProgressBar>,
     last_log: std::sync::Mutex<Instant>,
 }
 
 impl Progress {
+    /// Progress counted in messages settled out of `total`.
+    pub(crate) fn messages(total: u64) -> Progress {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(total).with_style(
+                indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} {msg} ({eta})")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            bar,
+            last_log: std::sync::Mutex::new(Instant::now()),
+        }
+    }
+
     fn new(total_bytes: Option<u64>) -> Progress {
         let bar = std::io::stderr().is_terminal().then(|| {
             let bar = match total_bytes {
@@ -169,9 +186,10 @@ impl Progress {
         }
     }
 
-    fn update(&self, bytes: u64, read: u64, done: u64) {
+    /// `position` is bytes read (file replays) or messages settled (`messages`).
+    pub(crate) fn update(&self, position: u64, read: u64, done: u64) {
         if let Some(bar) = &self.bar {
-            bar.set_position(bytes);
+            bar.set_position(position);
             bar.set_message(format!("{done}/{read} messages done"));
             return;
         }
@@ -182,7 +200,7 @@ impl Progress {
         }
     }
 
-    fn finish(&self) {
+    pub(crate) fn finish(&self) {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }

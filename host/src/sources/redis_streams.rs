@@ -10,7 +10,7 @@
 //! - Survives Redis restarts: every failed call is retried with capped backoff.
 
 use super::{Acker, Payload, RawPayload, SourceContext};
-use crate::config::RedisStreamSourceConfig;
+use crate::config::{RedisConfig, RedisStreamSourceConfig};
 use crate::message::ChangeMessage;
 use anyhow::Context as _;
 use redis::Value;
@@ -30,13 +30,17 @@ type Entry = (String, Vec<(String, Vec<u8>)>);
 /// The Redis URL is invalid.
 pub async fn run(
     config: RedisStreamSourceConfig,
-    default_url: String,
+    cache: &RedisConfig,
     max_message_bytes: usize,
     ctx: SourceContext,
 ) -> anyhow::Result<()> {
-    let url = config.url.clone().unwrap_or(default_url);
-    let client =
-        redis::Client::open(url.as_str()).with_context(|| format!("invalid redis url {url}"))?;
+    // A stream on the cache Redis shares its credentials; a stream elsewhere has its own URL.
+    let client = match &config.url {
+        Some(url) => {
+            redis::Client::open(url.as_str()).with_context(|| format!("invalid redis url {url}"))?
+        }
+        None => cache.client()?,
+    };
     let consumer = config.consumer.clone().unwrap_or_else(default_consumer);
     let Some(reader) = connect(&client, &ctx, config.block_ms).await else {
         return Ok(());
@@ -55,10 +59,17 @@ pub async fn run(
         stream.config.group.clone(),
         rx,
     ));
+    let sampler = tokio::spawn(sample_lag(
+        client.clone(),
+        stream.config.stream.clone(),
+        stream.config.group.clone(),
+        ctx.clone(),
+    ));
     tracing::info!(source = %ctx.name, group = %stream.config.group, consumer = %stream.consumer, "reading stream");
     stream
         .read_loop(reader, &ctx, &acker, max_message_bytes)
         .await;
+    sampler.abort();
     drop(acker);
     // The ack loop ends once every token is settled (its channel closes) and its XACKs are sent.
     let _ = ack_task.await;
@@ -141,14 +152,13 @@ impl Stream {
                 next_claim = Instant::now() + claim_every;
                 self.claim(&mut conn, slots).await
             } else {
-                tokio::select! {
-                    read = self.read(&mut conn, slots) => read,
-                    () = ctx.shutdown.cancelled() => {
-                        ctx.release(slots);
-                        return;
-                    }
-                }
+                // Not cut short at shutdown: Redis may already have handed entries to this
+                // consumer, and a dropped reply would leave them pending until another consumer
+                // reclaims them. The read ends within `block_ms`; what it brings is processed
+                // and acknowledged during the shutdown grace, and the next reserve stops.
+                self.read(&mut conn, slots).await
             };
+            ctx.dispatcher.counters().source_up(&ctx.name, read.is_ok());
             match read {
                 Ok(entries) => {
                     backoff.reset();
@@ -370,6 +380,53 @@ async fn ack_loop(
             }
         }
         ids.clear();
+    }
+}
+
+/// How often the group's pending count and lag are sampled for `/metrics`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(2);
+
+/// Samples `XINFO GROUPS` into the `stream_pending` and `stream_lag` gauges until shutdown, on
+/// a connection of its own (the reader's connection is busy with blocking reads).
+async fn sample_lag(client: redis::Client, stream: String, group: String, ctx: SourceContext) {
+    let labels = crate::telemetry::source(&ctx.name);
+    let metrics = &ctx.dispatcher.counters().metrics;
+    let mut conn = None;
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = ctx.shutdown.cancelled() => return,
+        }
+        if conn.is_none() {
+            conn = client.get_multiplexed_async_connection().await.ok();
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let info: redis::RedisResult<redis::streams::StreamInfoGroupsReply> = redis::cmd("XINFO")
+            .arg("GROUPS")
+            .arg(&stream)
+            .query_async(c)
+            .await;
+        match info {
+            Ok(info) => {
+                if let Some(g) = info.groups.iter().find(|g| g.name == group) {
+                    metrics
+                        .stream_pending
+                        .get_or_create(&labels)
+                        .set(g.pending as i64);
+                    // Redis reports no lag when it cannot tell (after deletions); keep the
+                    // last value then.
+                    if let Some(lag) = g.lag {
+                        metrics.stream_lag.get_or_create(&labels).set(lag as i64);
+                    }
+                }
+            }
+            Err(error) if error.is_io_error() || error.is_connection_dropped() => conn = None,
+            Err(error) => {
+                tracing::debug!(source = %ctx.name, error = %error, "cannot sample stream lag");
+            }
+        }
     }
 }
 

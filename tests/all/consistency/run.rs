@@ -117,11 +117,11 @@ pub async fn stale_skipped(admin: &str) -> u64 {
     })
     .await;
     let text = fetch(url).await.unwrap();
+    // One sample per source and plugin: their sum.
     text.lines()
-        .find_map(|line| line.strip_prefix("keepwarm_stale_writes_skipped_total "))
-        .expect("the stale-writes counter")
-        .parse()
-        .unwrap()
+        .filter(|line| line.starts_with("keepwarm_writes_stale_skipped_total"))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
 }
 
 /// A stream entry id, comparable.

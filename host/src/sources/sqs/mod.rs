@@ -71,11 +71,13 @@ pub async fn run(
         visibility,
         max_message_bytes,
     });
+    let sampler = tokio::spawn(sample_depth(Arc::clone(&receiver.queue), ctx.clone()));
     let mut receivers = JoinSet::new();
     for _ in 0..config.receivers {
         receivers.spawn(Arc::clone(&receiver).receive_loop(ctx.clone()));
     }
     while receivers.join_next().await.is_some() {}
+    sampler.abort();
     drop(receiver);
     // The settle loop ends once every token is settled (its channel closes) and the last
     // deletes are sent; until then the keeper goes on extending what is still in flight.
@@ -134,6 +136,9 @@ impl Receiver {
                     return;
                 }
             };
+            ctx.dispatcher
+                .counters()
+                .source_up(&ctx.name, received.is_ok());
             let messages = match received {
                 Ok(messages) => messages,
                 Err(error) => {
@@ -183,6 +188,48 @@ impl Receiver {
             .await
             .map(|output| output.messages.unwrap_or_default())
             .map_err(|error| DisplayErrorContext(&error).to_string())
+    }
+}
+
+/// How often the queue depth is sampled for `/metrics`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples the queue's approximate message counts into the `sqs_messages_visible` and
+/// `sqs_messages_in_flight` gauges until shutdown.
+async fn sample_depth(queue: Arc<Queue>, ctx: SourceContext) {
+    use aws_sdk_sqs::types::QueueAttributeName;
+    let labels = crate::telemetry::source(&ctx.name);
+    let metrics = &ctx.dispatcher.counters().metrics;
+    let mut every = tokio::time::interval(SAMPLE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => {}
+            () = ctx.shutdown.cancelled() => return,
+        }
+        let attributes = queue
+            .client
+            .get_queue_attributes()
+            .queue_url(&queue.url)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessages)
+            .attribute_names(QueueAttributeName::ApproximateNumberOfMessagesNotVisible)
+            .send()
+            .await;
+        let attributes = match attributes {
+            Ok(output) => output.attributes.unwrap_or_default(),
+            Err(error) => {
+                tracing::debug!(source = %ctx.name, error = %DisplayErrorContext(&error), "cannot sample queue depth");
+                continue;
+            }
+        };
+        let count =
+            |name: &QueueAttributeName| attributes.get(name).and_then(|n| n.parse::<i64>().ok());
+        if let Some(n) = count(&QueueAttributeName::ApproximateNumberOfMessages) {
+            metrics.sqs_visible.get_or_create(&labels).set(n);
+        }
+        if let Some(n) = count(&QueueAttributeName::ApproximateNumberOfMessagesNotVisible) {
+            metrics.sqs_in_flight.get_or_create(&labels).set(n);
+        }
     }
 }
 
