@@ -81,6 +81,12 @@ struct RunArgs {
     /// Where to write the JSON results (default: target/bench/results.json).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// keepwarm's `[pipeline] lanes` (default: keepwarm's default).
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// keepwarm's `[pipeline] batch_size` (default: keepwarm's default).
+    #[arg(long)]
+    batch_size: Option<usize>,
     /// Use this Redis (it is FLUSHALLed!) instead of starting a private redis-server.
     #[arg(long)]
     redis_url: Option<String>,
@@ -183,6 +189,7 @@ struct Env {
     python: PathBuf,
     myself: PathBuf,
     scratch: PathBuf,
+    pipeline: String,
     workload: Workload,
 }
 
@@ -253,6 +260,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         python,
         myself,
         scratch: scratch.clone(),
+        pipeline: pipeline_table(&args),
         workload: Workload {
             seed: args.seed,
             rows: args.rows,
@@ -327,6 +335,22 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
         latency.push(paced(env, &mut conn, name, kind, rate, args.latency_seconds).await?);
     }
     Ok((throughput, latency))
+}
+
+/// The `[pipeline]` table for keepwarm's configuration, empty for the defaults.
+fn pipeline_table(args: &RunArgs) -> String {
+    let mut table = String::new();
+    if let Some(lanes) = args.lanes {
+        table.push_str(&format!("lanes = {lanes}\n"));
+    }
+    if let Some(batch) = args.batch_size {
+        table.push_str(&format!("batch_size = {batch}\n"));
+    }
+    if table.is_empty() {
+        table
+    } else {
+        format!("[pipeline]\n{table}\n")
+    }
 }
 
 fn start_redis(scratch: &Path) -> anyhow::Result<(Child, String)> {
@@ -467,10 +491,11 @@ fn spawn(env: &Env, name: &str, kind: Kind) -> anyhow::Result<Child> {
             std::fs::write(
                 &config,
                 format!(
-                    "[redis]\nurl = \"{url}\"\n\n[plugins]\ndir = \"{dir}\"\n\n[admin]\nlisten = \"{admin}\"\n\n\
+                    "[redis]\nurl = \"{url}\"\n\n[plugins]\ndir = \"{dir}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{pipeline}\
                      [[source]]\nkind = \"redis-stream\"\nstream = \"{STREAM}\"\ngroup = \"{GROUP}\"\nconsumer = \"keepwarm\"\n",
                     url = env.url,
                     dir = plugins.display(),
+                    pipeline = env.pipeline,
                 ),
             )?;
             let mut cmd = Command::new(&env.keepwarm);
