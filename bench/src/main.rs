@@ -561,39 +561,37 @@ async fn measure(
                 && pending == 0
                 && delivered == last
             {
-                {
-                    let cpu1 = Sample::of(pid)?;
-                    let redis1 = env.redis_pid.map(Sample::of).transpose()?;
-                    let seconds = now.duration_since(*start).as_secs_f64();
+                let cpu1 = Sample::of(pid)?;
+                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
+                let seconds = now.duration_since(*start).as_secs_f64();
+                #[allow(
+                    clippy::cast_precision_loss,
+                    reason = "message counts are far below 2^52"
+                )]
+                let millions = n as f64 / 1e6;
+                let dead_letters: u64 = redis::cmd("XLEN")
+                    .arg("keepwarm:dead-letters")
+                    .query_async(conn)
+                    .await?;
+                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+                return Ok(Throughput {
+                    name: scenario.name.to_owned(),
+                    messages: n,
+                    seconds,
                     #[allow(
                         clippy::cast_precision_loss,
                         reason = "message counts are far below 2^52"
                     )]
-                    let millions = n as f64 / 1e6;
-                    let dead_letters: u64 = redis::cmd("XLEN")
-                        .arg("keepwarm:dead-letters")
-                        .query_async(conn)
-                        .await?;
-                    let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
-                    return Ok(Throughput {
-                        name: scenario.name.to_owned(),
-                        messages: n,
-                        seconds,
-                        #[allow(
-                            clippy::cast_precision_loss,
-                            reason = "message counts are far below 2^52"
-                        )]
-                        messages_per_second: n as f64 / seconds,
-                        cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
-                        redis_cpu_seconds_per_million: redis0
-                            .as_ref()
-                            .zip(redis1)
-                            .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
-                        peak_rss_mib: cpu1.peak_rss_mib,
-                        dead_letters,
-                        keys,
-                    });
-                }
+                    messages_per_second: n as f64 / seconds,
+                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
+                    redis_cpu_seconds_per_million: redis0
+                        .as_ref()
+                        .zip(redis1)
+                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
+                    peak_rss_mib: cpu1.peak_rss_mib,
+                    dead_letters,
+                    keys,
+                });
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
