@@ -17,6 +17,7 @@ echo "== cargo clippy"
 cargo clippy -p keepwarm --all-targets -- -D warnings
 guests=(-p keepwarm-guest -p row-cache -p tagger -p hostile -p wrong-world -p model-cache)
 cargo clippy "${guests[@]}" --all-targets -- -D warnings
+cargo clippy -p keepwarm-bench --all-targets -- -D warnings
 
 . scripts/lib/redis.sh
 . scripts/lib/moto.sh
@@ -31,6 +32,8 @@ echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, sqs em
 log=$(mktemp -t keepwarm-test.XXXXXX)
 cargo test "${guests[@]}" 2>&1 | tee "$log"
 cargo test -p keepwarm --lib --bins --tests 2>&1 | tee -a "$log"
+# The benchmark as a smoke test (--quick, its own redis-server; uses the keepwarm binary just built).
+cargo test -p keepwarm-bench 2>&1 | tee -a "$log"
 # One closing line over every test binary.
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

@@ -97,11 +97,17 @@ impl Dispatcher {
         message.table.hash(&mut hasher);
         message.pks.hash(&mut hasher);
         let plugins = inner.shared.plugins.load();
-        let routes: Vec<String> = plugins
+        // The lanes are picked while the message is borrowed: no plugin name is copied per
+        // message.
+        let targets: Vec<(Lanes, usize)> = plugins
             .routes(message)
-            .map(|p| p.name().to_owned())
+            .map(|p| {
+                let lanes = self.lanes_of(p.name());
+                let lane = pick(&hasher, lanes.len());
+                (lanes, lane)
+            })
             .collect();
-        if routes.is_empty() {
+        if targets.is_empty() {
             Counters::add(&inner.shared.counters.unrouted, 1);
             metrics
                 .unrouted
@@ -110,12 +116,11 @@ impl Dispatcher {
             delivery.ack.ack();
             return;
         }
-        let job = Job::new(delivery, routes.len());
-        for name in routes {
-            let lanes = self.lanes_of(&name);
+        let job = Job::new(delivery, targets.len());
+        for (lanes, lane) in targets {
             // A send fails only when the lane has ended (shutdown); the job is then dropped
             // unfinished and its message stays unacknowledged for redelivery.
-            let _ = lanes[pick(&hasher, lanes.len())].send(Arc::clone(&job));
+            let _ = lanes[lane].send(Arc::clone(&job));
         }
     }
 

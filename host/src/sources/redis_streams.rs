@@ -275,13 +275,17 @@ fn parse_entries(value: Value) -> Vec<Entry> {
             let fields = pair.pop()?;
             let id = text(pair.pop()?)?;
             let fields = match fields {
-                Value::Array(flat) => flat
-                    .chunks(2)
-                    .filter_map(|kv| match kv {
-                        [k, v] => Some((text(k.clone())?, bytes(v.clone())?)),
-                        _ => None,
-                    })
-                    .collect(),
+                Value::Array(flat) => {
+                    // By value: the field values (the whole message) are moved, not copied.
+                    let mut flat = flat.into_iter();
+                    let mut pairs = Vec::with_capacity(flat.len() / 2);
+                    while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
+                        if let (Some(k), Some(v)) = (text(k), bytes(v)) {
+                            pairs.push((k, v));
+                        }
+                    }
+                    pairs
+                }
                 Value::Map(map) => map
                     .into_iter()
                     .filter_map(|(k, v)| Some((text(k)?, bytes(v)?)))

@@ -1,0 +1,821 @@
+//! `keepwarm-bench`: keepwarm against a native Rust worker and a Python redis-py worker, on the
+//! same workload, in one run. See `docs/bench.md`.
+
+mod native;
+mod procstat;
+mod workload;
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use procstat::Sample;
+use redis::aio::MultiplexedConnection;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use workload::Workload;
+
+const STREAM: &str = "bench:changes";
+const GROUP: &str = "bench";
+
+/// Benchmarks keepwarm against the alternatives.
+#[derive(Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Baseline (a): the native Rust worker (started by the benchmark as a child process).
+    NativeWorker {
+        /// Redis URL.
+        url: String,
+        /// Stream key.
+        stream: String,
+        /// Consumer group.
+        group: String,
+    },
+}
+
+#[derive(clap::Args)]
+#[allow(
+    clippy::struct_excessive_bools,
+    reason = "independent command-line switches"
+)]
+struct RunArgs {
+    /// Change messages per throughput run.
+    #[arg(long, default_value_t = 1_000_000)]
+    messages: u64,
+    /// Distinct rows.
+    #[arg(long, default_value_t = 100_000)]
+    rows: u64,
+    /// Workload seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Seconds of the paced latency run.
+    #[arg(long, default_value_t = 10)]
+    latency_seconds: u64,
+    /// A tiny run of every scenario (smoke test; the numbers mean nothing).
+    #[arg(long)]
+    quick: bool,
+    /// The keepwarm binary (default: beside this binary).
+    #[arg(long)]
+    keepwarm: Option<PathBuf>,
+    /// Directory holding row-cache.wasm (default: target/plugins beside the binary's directory).
+    #[arg(long)]
+    plugins: Option<PathBuf>,
+    /// Python with redis-py installed (default: target/bench-venv/bin/python, then python3).
+    #[arg(long)]
+    python: Option<PathBuf>,
+    /// Skip the Python baseline.
+    #[arg(long)]
+    no_python: bool,
+    /// Only these scenarios (comma-separated names, see the table); default all.
+    #[arg(long)]
+    only: Option<String>,
+    /// Where to write the JSON results (default: target/bench/results.json).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// keepwarm's `[pipeline] lanes` (default: keepwarm's default).
+    #[arg(long)]
+    lanes: Option<usize>,
+    /// keepwarm's `[pipeline] batch_size` (default: keepwarm's default).
+    #[arg(long)]
+    batch_size: Option<usize>,
+    /// Use this Redis (it is FLUSHALLed!) instead of starting a private redis-server.
+    #[arg(long)]
+    redis_url: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Cmd::NativeWorker { url, stream, group }) => {
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(native::run(&url, &stream, &group))
+        }
+        None => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+            .block_on(bench(cli.run)),
+    }
+}
+
+/// What a consumer is.
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Keepwarm { plain: bool, threads: usize },
+    Native,
+    Python,
+}
+
+struct Scenario {
+    name: &'static str,
+    kind: Kind,
+}
+
+const SCENARIOS: [Scenario; 5] = [
+    Scenario {
+        name: "keepwarm-plain",
+        kind: Kind::Keepwarm {
+            plain: true,
+            threads: 2,
+        },
+    },
+    Scenario {
+        name: "keepwarm-versioned",
+        kind: Kind::Keepwarm {
+            plain: false,
+            threads: 2,
+        },
+    },
+    Scenario {
+        name: "keepwarm-plain-1thread",
+        kind: Kind::Keepwarm {
+            plain: true,
+            threads: 1,
+        },
+    },
+    Scenario {
+        name: "native-rust",
+        kind: Kind::Native,
+    },
+    Scenario {
+        name: "python-redis-py",
+        kind: Kind::Python,
+    },
+];
+
+/// One throughput result.
+#[derive(serde::Serialize, Clone)]
+struct Throughput {
+    name: String,
+    messages: u64,
+    seconds: f64,
+    messages_per_second: f64,
+    cpu_seconds_per_million: f64,
+    redis_cpu_seconds_per_million: Option<f64>,
+    peak_rss_mib: f64,
+    dead_letters: u64,
+    keys: u64,
+}
+
+/// One latency result.
+#[derive(serde::Serialize)]
+struct Latency {
+    name: String,
+    rate_per_second: f64,
+    sent: u64,
+    observed: u64,
+    p50_ms: f64,
+    p99_ms: f64,
+    p999_ms: f64,
+    max_ms: f64,
+}
+
+struct Env {
+    url: String,
+    redis_pid: Option<u32>,
+    keepwarm: PathBuf,
+    plugins: PathBuf,
+    python: PathBuf,
+    myself: PathBuf,
+    scratch: PathBuf,
+    pipeline: String,
+    workload: Workload,
+}
+
+async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
+    if args.quick {
+        args.messages = args.messages.min(2_000);
+        args.rows = args.rows.min(500);
+        args.latency_seconds = args.latency_seconds.min(1);
+    }
+    let myself = std::env::current_exe()?;
+    let bin_dir = myself.parent().context("binary directory")?.to_owned();
+    let target = bin_dir.parent().context("target directory")?.to_owned();
+    let keepwarm = args
+        .keepwarm
+        .clone()
+        .unwrap_or_else(|| bin_dir.join("keepwarm"));
+    let plugins = args
+        .plugins
+        .clone()
+        .unwrap_or_else(|| target.join("plugins"));
+    anyhow::ensure!(
+        keepwarm.exists(),
+        "{} not found (cargo build -p keepwarm)",
+        keepwarm.display()
+    );
+    anyhow::ensure!(
+        plugins.join("row-cache.wasm").exists(),
+        "{}/row-cache.wasm not found (scripts/build-plugins.sh)",
+        plugins.display()
+    );
+    let python = args.python.clone().unwrap_or_else(|| {
+        let venv = target.join("bench-venv/bin/python");
+        if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("python3")
+        }
+    });
+    let python_ok = !args.no_python
+        && Command::new(&python)
+            .args(["-c", "import redis"])
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+    if !args.no_python && !python_ok {
+        eprintln!(
+            "note: {} cannot import redis (scripts/bench.sh installs it); the Python baseline is skipped",
+            python.display()
+        );
+        args.no_python = true;
+    }
+    let scratch = target.join("bench");
+    std::fs::create_dir_all(&scratch)?;
+    let mut server = None;
+    let url = match &args.redis_url {
+        Some(url) => url.clone(),
+        None => {
+            let (child, url) = start_redis(&scratch)?;
+            server = Some(child);
+            url
+        }
+    };
+    let env = Env {
+        redis_pid: server.as_ref().map(Child::id),
+        url,
+        keepwarm,
+        plugins,
+        python,
+        myself,
+        scratch: scratch.clone(),
+        pipeline: pipeline_table(&args),
+        workload: Workload {
+            seed: args.seed,
+            rows: args.rows,
+        },
+    };
+    let result = run_all(&env, &args).await;
+    if let Some(mut server) = server {
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+    let (throughput, latency) = result?;
+    print_table(&throughput, &latency);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| scratch.join("results.json"));
+    let json = serde_json::json!({
+        "messages": args.messages,
+        "rows": args.rows,
+        "seed": args.seed,
+        "quick": args.quick,
+        "commit": git_commit(),
+        "throughput": throughput,
+        "latency": latency,
+        "ratios": ratios(&throughput),
+    });
+    std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
+    println!("results: {}", out.display());
+    Ok(())
+}
+
+async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, Vec<Latency>)> {
+    let only: Option<Vec<&str>> = args.only.as_deref().map(|s| s.split(',').collect());
+    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.contains(&name));
+    let mut conn = connect(&env.url).await?;
+    let mut throughput = Vec::new();
+    for scenario in &SCENARIOS {
+        if !wanted(scenario.name) || (scenario.kind == Kind::Python && args.no_python) {
+            continue;
+        }
+        eprintln!(
+            "== {}: preloading {} messages",
+            scenario.name, args.messages
+        );
+        flush(&mut conn).await?;
+        preload(&mut conn, &env.workload, args.messages).await?;
+        eprintln!("== {}: consuming", scenario.name);
+        let result = measure(env, &mut conn, scenario, args.messages).await?;
+        eprintln!(
+            "   {:.0} msg/s, {:.2} CPU s/M, {:.1} MiB",
+            result.messages_per_second, result.cpu_seconds_per_million, result.peak_rss_mib
+        );
+        throughput.push(result);
+    }
+    let mut latency = Vec::new();
+    for (name, kind) in [
+        ("keepwarm-plain", SCENARIOS[0].kind),
+        ("native-rust", Kind::Native),
+    ] {
+        if !wanted(&format!("latency:{name}")) && only.is_some() {
+            continue;
+        }
+        let Some(max) = throughput.iter().find(|t| t.name == name) else {
+            continue;
+        };
+        let rate = (max.messages_per_second / 2.0).max(100.0);
+        eprintln!(
+            "== latency {name}: {rate:.0} msg/s for {} s",
+            args.latency_seconds
+        );
+        flush(&mut conn).await?;
+        latency.push(paced(env, &mut conn, name, kind, rate, args.latency_seconds).await?);
+    }
+    Ok((throughput, latency))
+}
+
+/// The `[pipeline]` table for keepwarm's configuration, empty for the defaults.
+fn pipeline_table(args: &RunArgs) -> String {
+    let mut table = String::new();
+    if let Some(lanes) = args.lanes {
+        table.push_str(&format!("lanes = {lanes}\n"));
+    }
+    if let Some(batch) = args.batch_size {
+        table.push_str(&format!("batch_size = {batch}\n"));
+    }
+    if table.is_empty() {
+        table
+    } else {
+        format!("[pipeline]\n{table}\n")
+    }
+}
+
+fn start_redis(scratch: &Path) -> anyhow::Result<(Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = scratch.join("redis");
+    std::fs::create_dir_all(&dir)?;
+    let child = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start redis-server")?;
+    let url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(url.as_str())?;
+    for _ in 0..100 {
+        if let Ok(mut c) = client.get_connection()
+            && redis::cmd("PING").query::<String>(&mut c).is_ok()
+        {
+            return Ok((child, url));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("redis-server did not start on port {port}")
+}
+
+async fn connect(url: &str) -> anyhow::Result<MultiplexedConnection> {
+    let client = redis::Client::open(url)?;
+    let config =
+        redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(120)));
+    Ok(client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await?)
+}
+
+async fn flush(conn: &mut MultiplexedConnection) -> anyhow::Result<()> {
+    let () = redis::cmd("FLUSHALL").query_async(conn).await?;
+    Ok(())
+}
+
+fn xadd(w: &Workload, i: u64) -> (u64, redis::Cmd) {
+    let entry = w.entry(i);
+    let mut cmd = redis::cmd("XADD");
+    cmd.arg(STREAM).arg("*");
+    for (k, v) in &entry.fields {
+        cmd.arg(*k).arg(v.as_str());
+    }
+    (entry.id, cmd)
+}
+
+async fn preload(conn: &mut MultiplexedConnection, w: &Workload, n: u64) -> anyhow::Result<()> {
+    let mut i = 0;
+    while i < n {
+        let mut pipe = redis::pipe();
+        let end = (i + 1000).min(n);
+        for j in i..end {
+            pipe.add_command(xadd(w, j).1).ignore();
+        }
+        let () = pipe.query_async(conn).await?;
+        i = end;
+    }
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("0")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await?;
+    Ok(())
+}
+
+/// Pending entries and whether the group has read the stream's last entry.
+async fn progress(conn: &mut MultiplexedConnection) -> anyhow::Result<(u64, String, String)> {
+    let groups: Vec<HashMap<String, redis::Value>> = redis::cmd("XINFO")
+        .arg("GROUPS")
+        .arg(STREAM)
+        .query_async(conn)
+        .await?;
+    let info: HashMap<String, redis::Value> = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(STREAM)
+        .query_async(conn)
+        .await?;
+    let group = groups
+        .into_iter()
+        .find(|g| text(g.get("name")) == GROUP)
+        .context("consumer group missing")?;
+    let pending = match group.get("pending") {
+        Some(redis::Value::Int(n)) => u64::try_from(*n).unwrap_or(0),
+        _ => 0,
+    };
+    Ok((
+        pending,
+        text(group.get("last-delivered-id")),
+        text(info.get("last-generated-id")),
+    ))
+}
+
+fn text(value: Option<&redis::Value>) -> String {
+    match value {
+        Some(redis::Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+        Some(redis::Value::SimpleString(s)) => s.clone(),
+        _ => String::new(),
+    }
+}
+
+/// A consumer process, configured for one scenario.
+fn spawn(env: &Env, name: &str, kind: Kind) -> anyhow::Result<Child> {
+    let mut cmd = match kind {
+        Kind::Keepwarm { plain, threads } => {
+            let plugins = env.scratch.join(format!("plugins-{name}"));
+            std::fs::create_dir_all(&plugins)?;
+            std::fs::copy(
+                env.plugins.join("row-cache.wasm"),
+                plugins.join("row-cache.wasm"),
+            )?;
+            let consistency = if plain { "plain" } else { "versioned" };
+            std::fs::write(
+                plugins.join("row-cache.toml"),
+                format!(
+                    "consistency = \"{consistency}\"\n\n[config]\nkey = \"{{schema}}.{{table}}:{{pks}}\"\n"
+                ),
+            )?;
+            let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+            let config = env.scratch.join(format!("{name}.toml"));
+            std::fs::write(
+                &config,
+                format!(
+                    "[redis]\nurl = \"{url}\"\n\n[plugins]\ndir = \"{dir}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{pipeline}\
+                     [[source]]\nkind = \"redis-stream\"\nstream = \"{STREAM}\"\ngroup = \"{GROUP}\"\nconsumer = \"keepwarm\"\n",
+                    url = env.url,
+                    dir = plugins.display(),
+                    pipeline = env.pipeline,
+                ),
+            )?;
+            let mut cmd = Command::new(&env.keepwarm);
+            cmd.arg("run").arg("--config").arg(&config);
+            cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
+            cmd.env("RUST_LOG", "warn");
+            cmd
+        }
+        Kind::Native => {
+            let mut cmd = Command::new(&env.myself);
+            cmd.args(["native-worker", &env.url, STREAM, GROUP]);
+            cmd
+        }
+        Kind::Python => {
+            let mut cmd = Command::new(&env.python);
+            cmd.arg(python_worker()).args([&env.url, STREAM, GROUP]);
+            cmd
+        }
+    };
+    cmd.stdout(Stdio::null());
+    Ok(cmd.spawn()?)
+}
+
+fn python_worker() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/baselines/python_worker.py"
+    ))
+}
+
+fn stop(mut child: Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn measure(
+    env: &Env,
+    conn: &mut MultiplexedConnection,
+    scenario: &Scenario,
+    n: u64,
+) -> anyhow::Result<Throughput> {
+    let child = spawn(env, scenario.name, scenario.kind)?;
+    let pid = child.id();
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
+        loop {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not finish",
+                scenario.name
+            );
+            let (pending, delivered, last) = progress(conn).await?;
+            let now = Instant::now();
+            if first.is_none() && (pending > 0 || delivered != "0-0") {
+                first = Some((
+                    now,
+                    Sample::of(pid)?,
+                    env.redis_pid.map(Sample::of).transpose()?,
+                ));
+            }
+            if let Some((start, cpu0, redis0)) = &first
+                && pending == 0
+                && delivered == last
+            {
+                let cpu1 = Sample::of(pid)?;
+                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
+                let seconds = now.duration_since(*start).as_secs_f64();
+                #[allow(
+                    clippy::cast_precision_loss,
+                    reason = "message counts are far below 2^52"
+                )]
+                let millions = n as f64 / 1e6;
+                let dead_letters: u64 = redis::cmd("XLEN")
+                    .arg("keepwarm:dead-letters")
+                    .query_async(conn)
+                    .await?;
+                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+                return Ok(Throughput {
+                    name: scenario.name.to_owned(),
+                    messages: n,
+                    seconds,
+                    #[allow(
+                        clippy::cast_precision_loss,
+                        reason = "message counts are far below 2^52"
+                    )]
+                    messages_per_second: n as f64 / seconds,
+                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
+                    redis_cpu_seconds_per_million: redis0
+                        .as_ref()
+                        .zip(redis1)
+                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
+                    peak_rss_mib: cpu1.peak_rss_mib,
+                    dead_letters,
+                    keys,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    .await;
+    stop(child);
+    result
+}
+
+/// Paced load at `rate` messages per second; latency from XADD to the key's keyspace event.
+async fn paced(
+    env: &Env,
+    conn: &mut MultiplexedConnection,
+    name: &str,
+    kind: Kind,
+    rate: f64,
+    seconds: u64,
+) -> anyhow::Result<Latency> {
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$g")
+        .query_async(conn)
+        .await?;
+    let () = redis::cmd("XGROUP")
+        .arg("CREATE")
+        .arg(STREAM)
+        .arg(GROUP)
+        .arg("$")
+        .arg("MKSTREAM")
+        .query_async(conn)
+        .await?;
+    let sent_at: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
+    let samples: Arc<Mutex<Vec<f64>>> = Arc::default();
+    let stop_flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let listener = {
+        let (sent_at, samples, stop_flag) = (
+            Arc::clone(&sent_at),
+            Arc::clone(&samples),
+            Arc::clone(&stop_flag),
+        );
+        let client = redis::Client::open(env.url.as_str())?;
+        let mut sub_conn = client.get_connection()?;
+        let prefix = format!(
+            "__keyspace@0__:{}.{}:",
+            workload::TABLE.0,
+            workload::TABLE.1
+        );
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let mut pubsub = sub_conn.as_pubsub();
+            pubsub.psubscribe(format!("{prefix}*"))?;
+            pubsub.set_read_timeout(Some(Duration::from_millis(200)))?;
+            while !stop_flag.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(msg) = pubsub.get_message() else {
+                    continue;
+                };
+                let now = Instant::now();
+                let channel = msg.get_channel_name();
+                let Some(id) = channel
+                    .strip_prefix(&prefix)
+                    .and_then(|s| s.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                if let Some(at) = sent_at
+                    .lock()
+                    .map_err(|_| anyhow::anyhow!("poisoned"))?
+                    .remove(&id)
+                {
+                    samples
+                        .lock()
+                        .map_err(|_| anyhow::anyhow!("poisoned"))?
+                        .push(now.duration_since(at).as_secs_f64() * 1e3);
+                }
+            }
+            Ok(())
+        })
+    };
+    let child = spawn(env, &format!("{name}-latency"), kind)?;
+    let result = async {
+        // Let the consumer start and block on the empty stream.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let start = Instant::now();
+        let end = start + Duration::from_secs(seconds);
+        let mut sent: u64 = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        // Paced messages continue the throughput workload's numbering.
+        let base = 10_000_000_u64;
+        while Instant::now() < end {
+            tick.tick().await;
+            #[allow(
+                clippy::cast_possible_truncation,
+                clippy::cast_sign_loss,
+                reason = "a small positive count"
+            )]
+            let due = (start.elapsed().as_secs_f64() * rate) as u64;
+            if due <= sent {
+                continue;
+            }
+            let mut pipe = redis::pipe();
+            let now = Instant::now();
+            {
+                let mut map = sent_at.lock().map_err(|_| anyhow::anyhow!("poisoned"))?;
+                for i in sent..due {
+                    let (id, cmd) = xadd(&env.workload, base + i);
+                    map.insert(id, now);
+                    pipe.add_command(cmd).ignore();
+                }
+            }
+            let () = pipe.query_async(conn).await?;
+            sent = due;
+        }
+        // Wait for the consumer to catch up.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let (pending, delivered, last) = progress(conn).await?;
+            if pending == 0 && delivered == last {
+                break;
+            }
+            anyhow::ensure!(Instant::now() < deadline, "{name} did not catch up");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        anyhow::Ok(sent)
+    }
+    .await;
+    stop(child);
+    stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    listener
+        .join()
+        .map_err(|_| anyhow::anyhow!("listener panicked"))??;
+    let sent = result?;
+    let mut samples =
+        std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    samples.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> f64 {
+        if samples.is_empty() {
+            return f64::NAN;
+        }
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss,
+            reason = "an index into the samples"
+        )]
+        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[i]
+    };
+    Ok(Latency {
+        name: name.to_owned(),
+        rate_per_second: rate,
+        sent,
+        observed: samples.len() as u64,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        p999_ms: pct(0.999),
+        max_ms: samples.last().copied().unwrap_or(f64::NAN),
+    })
+}
+
+fn ratios(t: &[Throughput]) -> serde_json::Value {
+    let get = |name: &str| {
+        t.iter()
+            .find(|x| x.name == name)
+            .map(|x| x.messages_per_second)
+    };
+    let kw = get("keepwarm-plain");
+    serde_json::json!({
+        "keepwarm_plain_vs_native": kw.zip(get("native-rust")).map(|(a, b)| a / b),
+        "keepwarm_plain_vs_python": kw.zip(get("python-redis-py")).map(|(a, b)| a / b),
+        "keepwarm_versioned_vs_native": get("keepwarm-versioned").zip(get("native-rust")).map(|(a, b)| a / b),
+    })
+}
+
+fn print_table(t: &[Throughput], l: &[Latency]) {
+    println!();
+    println!(
+        "| scenario | messages | seconds | msg/s | CPU s / M msgs | Redis CPU s / M msgs | peak RSS MiB | dead letters |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    for r in t {
+        println!(
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.1} | {} |",
+            r.name,
+            r.messages,
+            r.seconds,
+            r.messages_per_second,
+            r.cpu_seconds_per_million,
+            r.redis_cpu_seconds_per_million
+                .map_or("-".to_owned(), |v| format!("{v:.2}")),
+            r.peak_rss_mib,
+            r.dead_letters
+        );
+    }
+    let r = ratios(t);
+    println!();
+    for (k, v) in r.as_object().into_iter().flatten() {
+        if let Some(v) = v.as_f64() {
+            println!("{k}: {v:.2}x");
+        }
+    }
+    if !l.is_empty() {
+        println!();
+        println!(
+            "| paced latency (XADD to applied) | rate msg/s | observed | p50 ms | p99 ms | p99.9 ms | max ms |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|");
+        for x in l {
+            println!(
+                "| {} | {:.0} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                x.name, x.rate_per_second, x.observed, x.p50_ms, x.p99_ms, x.p999_ms, x.max_ms
+            );
+        }
+    }
+}
+
+fn git_commit() -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()?;
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}

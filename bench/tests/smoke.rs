@@ -1,0 +1,48 @@
+//! Smoke test: `keepwarm-bench --quick` runs every scenario on a tiny workload against a private
+//! redis-server and writes valid JSON. No timing assertions: the numbers mean nothing here.
+//!
+//! Needs the `keepwarm` binary of the same profile (built by `cargo test -p keepwarm`) and
+//! `target/plugins/row-cache.wasm` (`scripts/build-plugins.sh`); fails loudly otherwise.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+#[test]
+fn quick_run_writes_results() {
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_keepwarm-bench"));
+    let bin_dir = exe.parent().unwrap();
+    let target = bin_dir.parent().unwrap();
+    let keepwarm = bin_dir.join("keepwarm");
+    let plugins =
+        std::env::var_os("KEEPWARM_PLUGINS").map_or_else(|| target.join("plugins"), PathBuf::from);
+    assert!(
+        keepwarm.exists() && plugins.join("row-cache.wasm").exists(),
+        "needs {} (cargo build -p keepwarm) and {}/row-cache.wasm (scripts/build-plugins.sh)",
+        keepwarm.display(),
+        plugins.display()
+    );
+    let out = target.join("bench").join("smoke.json");
+    let _ = std::fs::remove_file(&out);
+    let status = Command::new(&exe)
+        .arg("--quick")
+        .arg("--plugins")
+        .arg(&plugins)
+        .arg("--out")
+        .arg(&out)
+        .status()
+        .unwrap();
+    assert!(status.success(), "keepwarm-bench --quick failed");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let runs = json["throughput"].as_array().unwrap();
+    let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    for name in ["keepwarm-plain", "keepwarm-versioned", "native-rust"] {
+        assert!(names.contains(&name), "{name} missing from {names:?}");
+    }
+    for run in runs {
+        assert_eq!(run["messages"], 2000, "{run}");
+        assert_eq!(run["dead_letters"], 0, "{run}");
+        assert!(run["keys"].as_u64().unwrap() > 0, "{run}");
+    }
+    assert!(!json["latency"].as_array().unwrap().is_empty());
+}

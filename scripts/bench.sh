@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# The benchmark (docs/bench.md): keepwarm against a native Rust worker and a Python redis-py
+# worker on the same workload, in one run. Builds in release, installs redis-py into a venv under
+# target/, starts a private redis-server, prints a table and writes target/bench/results.json.
+# Arguments go to keepwarm-bench (e.g. --messages 200000, --only keepwarm-plain,native-rust).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+target="${CARGO_TARGET_DIR:-$(pwd)/target}"
+
+if [ ! -f "$target/plugins/row-cache.wasm" ]; then
+    scripts/build-plugins.sh
+fi
+cargo build --release -p keepwarm -p keepwarm-bench
+if [ ! -x "$target/bench-venv/bin/python" ] || ! "$target/bench-venv/bin/python" -c 'import redis' 2>/dev/null; then
+    python3 -m venv "$target/bench-venv"
+    "$target/bench-venv/bin/pip" install --quiet redis
+fi
+exec "$target/release/keepwarm-bench" --plugins "$target/plugins" "$@"
