@@ -166,8 +166,9 @@ async fn call(
             return Some((None, Vec::new()));
         };
         if let Some(pause) = plugin.breaker.paused_for() {
+            // Wake at least every second: a new version (with a fresh breaker) ends the wait.
             tokio::select! {
-                () = tokio::time::sleep(pause) => continue,
+                () = tokio::time::sleep(pause.min(Duration::from_secs(1))) => continue,
                 () = shared.shutdown.cancelled() => {
                     abandon(jobs.to_vec());
                     return None;

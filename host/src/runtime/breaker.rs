@@ -66,6 +66,13 @@ impl Breaker {
         if state.failures <= self.threshold {
             return None;
         }
+        if let Some(left) = state
+            .paused_until
+            .and_then(|u| u.checked_duration_since(now))
+        {
+            // Already paused by a call that failed at the same time: no extra doubling.
+            return Some(left);
+        }
         let pause = state.next_pause;
         state.paused_until = Some(now + pause);
         state.next_pause = (pause * 2).min(MAX_PAUSE);
@@ -77,6 +84,12 @@ impl Breaker {
     /// Pauses now, whatever the count: the plugin failed as a whole.
     pub fn trip(&self) -> Duration {
         let mut state = self.lock();
+        if let Some(left) = state
+            .paused_until
+            .and_then(|u| u.checked_duration_since(Instant::now()))
+        {
+            return left;
+        }
         let pause = state.next_pause;
         state.paused_until = Some(Instant::now() + pause);
         state.next_pause = (pause * 2).min(MAX_PAUSE);
@@ -95,13 +108,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn trips_past_the_threshold_and_backs_off() {
+    fn trips_past_the_threshold_once_per_pause() {
         let breaker = Breaker::new(3, Duration::from_secs(60));
         assert_eq!(breaker.record(2), None);
         assert_eq!(breaker.record(1), None);
         assert_eq!(breaker.record(1), Some(Duration::from_secs(5)));
         assert!(breaker.paused_for().is_some());
-        assert_eq!(breaker.record(4), Some(Duration::from_secs(10)));
+        // Failures of calls made while it was already paused don't double the pause again.
+        assert!(
+            breaker
+                .record(4)
+                .is_some_and(|left| left <= Duration::from_secs(5))
+        );
+        assert!(breaker.trip() <= Duration::from_secs(5));
         assert_eq!(breaker.record(0), None);
     }
 }
