@@ -7,16 +7,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 fn order(row: u64) -> String {
-    fixtures()[0]
-        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-        .replace(
-            r#""record_pks":["1001"]"#,
-            &format!(r#""record_pks":["{row}"]"#),
-        )
-        .replace(
-            r#""commit_lsn":1243361160"#,
-            &format!(r#""commit_lsn":{}"#, 5_000 + row),
-        )
+    order_change(fixtures()[0], row, Some(5_000 + row))
 }
 
 fn hostile_manifest(prefix: &str, mode: &str, victims: Option<&[u64]>, extra: &str) -> String {

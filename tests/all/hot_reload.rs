@@ -77,16 +77,7 @@ block_ms = 100
 }
 
 fn change(row: u64, lsn: u64) -> String {
-    fixtures()[2]
-        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-        .replace(
-            r#""record_pks":["1001"]"#,
-            &format!(r#""record_pks":["{row}"]"#),
-        )
-        .replace(
-            r#""commit_lsn":1243362320"#,
-            &format!(r#""commit_lsn":{lsn}"#),
-        )
+    order_change(fixtures()[2], row, Some(lsn))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -32,12 +32,7 @@ block_ms = 200
 }
 
 fn order_line(row: u64) -> String {
-    fixtures()[0]
-        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-        .replace(
-            r#""record_pks":["1001"]"#,
-            &format!(r#""record_pks":["{row}"]"#),
-        )
+    order_change(fixtures()[0], row, None)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

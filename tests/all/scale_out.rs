@@ -5,12 +5,7 @@ use crate::util::*;
 use std::time::Duration;
 
 fn order(row: u64) -> String {
-    fixtures()[0]
-        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-        .replace(
-            r#""record_pks":["1001"]"#,
-            &format!(r#""record_pks":["{row}"]"#),
-        )
+    order_change(fixtures()[0], row, None)
 }
 
 /// Three real processes on one stream and group; one is killed with SIGKILL mid-run. The

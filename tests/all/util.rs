@@ -87,6 +87,27 @@ pub async fn connect(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// A fixture's order change (`base` is a fixture line of `public.orders` row 1001) moved to `row`,
+/// and to commit LSN `lsn` when given.
+pub fn order_change(base: &str, row: u64, lsn: Option<u64>) -> String {
+    let line = base
+        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
+        .replace(
+            r#""record_pks":["1001"]"#,
+            &format!(r#""record_pks":["{row}"]"#),
+        );
+    match lsn {
+        None => line,
+        Some(lsn) => {
+            let at = line
+                .find(r#""commit_lsn":"#)
+                .expect("a change with a commit_lsn");
+            let end = at + line[at..].find(',').unwrap();
+            format!("{}\"commit_lsn\":{lsn}{}", &line[..at], &line[end..])
+        }
+    }
+}
+
 /// The stream fields Sequin's Redis Stream sink writes for a message: one per top-level key,
 /// strings raw and everything else as JSON text (SEQUIN-FORMAT.md §2.1).
 pub fn stream_fields(line: &str) -> Vec<(String, String)> {
