@@ -84,9 +84,9 @@ pub struct ChangeMessage {
     /// Table name.
     pub table: String,
     /// The row as JSON object text, exactly as delivered.
-    pub record: Box<RawValue>,
+    pub record: JsonObject,
     /// Old values of changed columns (JSON object text), when the message has them.
-    pub changes: Option<Box<RawValue>>,
+    pub changes: Option<JsonObject>,
     /// Primary-key values as strings, in key-column order.
     pub pks: Vec<String>,
     /// Commit version; `None` exactly for backfill reads.
@@ -96,7 +96,31 @@ pub struct ChangeMessage {
     /// Sequin's idempotency key.
     pub idempotency_key: String,
     /// The whole `metadata` object, exactly as delivered.
-    pub metadata: Box<RawValue>,
+    pub metadata: JsonObject,
+}
+
+/// The text of a JSON object, checked when its message was decoded (valid JSON, an object, at
+/// most [`MAX_DEPTH`] deep) and kept byte for byte, without surrounding whitespace. Only this
+/// module makes one.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct JsonObject(Box<str>);
+
+impl JsonObject {
+    /// The JSON text.
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+
+    /// Wraps text that [`check_object`] accepted, moving it rather than copying when it has no
+    /// surrounding whitespace (the usual case).
+    fn checked(text: String) -> JsonObject {
+        let trimmed = text.trim();
+        if trimmed.len() == text.len() {
+            JsonObject(text.into_boxed_str())
+        } else {
+            JsonObject(trimmed.into())
+        }
+    }
 }
 
 /// Why a payload is not a change message. The text is the dead-letter reason.
@@ -132,6 +156,25 @@ struct MessageWire<'a> {
     metadata: Option<&'a RawValue>,
 }
 
+/// The fields of a stream entry, by value: names and raw values.
+pub type StreamFields = Vec<(String, Vec<u8>)>;
+
+/// What checking the parts of a message found, before the message takes its texts.
+struct Checked {
+    action: Action,
+    meta: MetadataWire,
+    version: Option<Version>,
+    has_changes: bool,
+}
+
+/// Whether the texts handed to [`check`] were already parsed as JSON (they came out of a parsed
+/// message object) or still need to be.
+#[derive(Clone, Copy, PartialEq)]
+enum Syntax {
+    Parsed,
+    Unchecked,
+}
+
 impl ChangeMessage {
     /// Decodes a change message from its JSON object text.
     ///
@@ -153,16 +196,22 @@ impl ChangeMessage {
         let wire: MessageWire<'_> =
             serde_json::from_str(text).map_err(|error| bad(format!("invalid JSON: {error}")))?;
         let action = wire.action.ok_or_else(|| bad("missing field `action`"))?;
-        let record = wire.record.ok_or_else(|| bad("missing field `record`"))?;
+        let record = wire
+            .record
+            .ok_or_else(|| bad("missing field `record`"))?
+            .get();
         let metadata = wire
             .metadata
-            .ok_or_else(|| bad("missing field `metadata`"))?;
-        Self::assemble(
-            action,
-            record.get(),
-            wire.changes.map(RawValue::get),
-            metadata.get(),
-        )
+            .ok_or_else(|| bad("missing field `metadata`"))?
+            .get();
+        let changes = wire.changes.map(RawValue::get);
+        let checked = check(action, record, changes, metadata, Syntax::Parsed)?;
+        Ok(Self::build(
+            checked,
+            record.to_owned(),
+            changes.map(str::to_owned),
+            metadata.to_owned(),
+        ))
     }
 
     /// Decodes a change message from the four fields of a Sequin Redis Stream entry.
@@ -175,75 +224,81 @@ impl ChangeMessage {
     pub fn from_stream_fields<'a>(
         field: impl Fn(&str) -> Option<&'a [u8]>,
     ) -> Result<ChangeMessage, DecodeError> {
-        let text = |name: &str| -> Result<Option<&'a str>, DecodeError> {
-            field(name)
-                .map(|bytes| {
-                    std::str::from_utf8(bytes)
-                        .map_err(|error| bad(format!("field `{name}` is not valid UTF-8: {error}")))
-                })
-                .transpose()
-        };
-        let action = text("action")?.ok_or_else(|| bad("missing field `action`"))?;
-        let record = text("record")?.ok_or_else(|| bad("missing field `record`"))?;
-        let metadata = text("metadata")?.ok_or_else(|| bad("missing field `metadata`"))?;
-        let changes = text("changes")?;
-        Self::assemble(action, record, changes, metadata)
+        let (checked, [record, changes, metadata]) = check_stream_fields(&field)?;
+        Ok(Self::build(
+            checked,
+            record.unwrap_or_default().to_owned(),
+            changes.map(str::to_owned),
+            metadata.unwrap_or_default().to_owned(),
+        ))
     }
 
-    fn assemble(
-        action: &str,
-        record: &str,
-        changes: Option<&str>,
-        metadata: &str,
-    ) -> Result<ChangeMessage, DecodeError> {
-        let action = Action::parse(action).ok_or_else(|| {
-            bad(format!(
-                "unknown action {action:?} (expected insert, update, delete or read)"
-            ))
-        })?;
-        let record = json_object("record", record)?;
-        let changes = match changes {
-            None => None,
-            Some(text) if text.trim() == "null" => None,
-            Some(text) => Some(json_object("changes", text)?),
+    /// As [`ChangeMessage::from_stream_fields`], taking the entry's fields by value so that the
+    /// message keeps their texts without copying them. A rejected entry's fields come back with
+    /// the error, untouched, for its dead letter.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChangeMessage::from_stream_fields`].
+    pub fn from_stream_entry(
+        mut fields: StreamFields,
+    ) -> Result<ChangeMessage, (DecodeError, StreamFields)> {
+        let find = |name: &str| {
+            fields
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_slice())
         };
-        let metadata = json_object("metadata", metadata)?;
-        let meta: MetadataWire = serde_json::from_str(metadata.get())
-            .map_err(|error| bad(format!("field `metadata`: {error}")))?;
-        let version = match (action, meta.commit_lsn, meta.commit_idx) {
-            (Action::Read, None, None) => None,
-            (Action::Read, _, _) => {
-                return Err(bad(
-                    "a read (backfill) message carries a commit_lsn or commit_idx",
-                ));
-            }
-            (_, Some(lsn), Some(idx)) => Some(Version { lsn, idx }),
-            (_, _, _) => {
-                return Err(bad(format!(
-                    "an {action} message needs commit_lsn and commit_idx"
-                )));
-            }
+        let checked = match check_stream_fields(&find) {
+            Ok((checked, _)) => checked,
+            Err(error) => return Err((error, fields)),
         };
-        if meta.record_pks.is_empty() {
-            return Err(bad("metadata.record_pks is empty"));
-        }
-        Ok(ChangeMessage {
+        let mut take = |name: &str| {
+            fields
+                .iter_mut()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| owned_text(std::mem::take(v)))
+        };
+        let record = take("record").unwrap_or_default();
+        let metadata = take("metadata").unwrap_or_default();
+        let changes = if checked.has_changes {
+            take("changes")
+        } else {
+            None
+        };
+        Ok(Self::build(checked, record, changes, metadata))
+    }
+
+    /// The message, from checked parts and their texts.
+    fn build(
+        checked: Checked,
+        record: String,
+        changes: Option<String>,
+        metadata: String,
+    ) -> ChangeMessage {
+        let Checked {
+            action,
+            meta,
+            version,
+            has_changes,
+        } = checked;
+        ChangeMessage {
             action,
             schema: meta.table_schema,
             table: meta.table_name,
-            record,
-            changes,
+            record: JsonObject::checked(record),
+            changes: changes.filter(|_| has_changes).map(JsonObject::checked),
             pks: meta.record_pks,
             version,
             commit_timestamp: meta.commit_timestamp,
             idempotency_key: meta.idempotency_key,
-            metadata,
-        })
+            metadata: JsonObject::checked(metadata),
+        }
     }
 
     /// The message as Sequin's JSON object, for dead letters and replays.
     pub fn to_sequin_json(&self) -> String {
-        let changes = self.changes.as_deref().map_or("null", RawValue::get);
+        let changes = self.changes.as_ref().map_or("null", JsonObject::get);
         format!(
             r#"{{"record":{},"changes":{},"action":"{}","metadata":{}}}"#,
             self.record.get(),
@@ -259,22 +314,119 @@ impl ChangeMessage {
     }
 }
 
+/// Text that was checked to be UTF-8 before; never lossy.
+fn owned_text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+}
+
+/// The checks of a stream entry's fields, and the texts of `record`, `changes`, `metadata`.
+type StreamTexts<'a> = (Checked, [Option<&'a str>; 3]);
+
+fn check_stream_fields<'a>(
+    field: &impl Fn(&str) -> Option<&'a [u8]>,
+) -> Result<StreamTexts<'a>, DecodeError> {
+    let text = |name: &str| -> Result<Option<&'a str>, DecodeError> {
+        field(name)
+            .map(|bytes| {
+                std::str::from_utf8(bytes)
+                    .map_err(|error| bad(format!("field `{name}` is not valid UTF-8: {error}")))
+            })
+            .transpose()
+    };
+    let action = text("action")?.ok_or_else(|| bad("missing field `action`"))?;
+    let record = text("record")?.ok_or_else(|| bad("missing field `record`"))?;
+    let metadata = text("metadata")?.ok_or_else(|| bad("missing field `metadata`"))?;
+    let changes = text("changes")?;
+    let checked = check(action, record, changes, metadata, Syntax::Unchecked)?;
+    Ok((checked, [Some(record), changes, Some(metadata)]))
+}
+
+/// Checks every part of a message; `metadata` is parsed once, for its syntax and its fields.
+fn check(
+    action: &str,
+    record: &str,
+    changes: Option<&str>,
+    metadata: &str,
+    syntax: Syntax,
+) -> Result<Checked, DecodeError> {
+    let action = Action::parse(action).ok_or_else(|| {
+        bad(format!(
+            "unknown action {action:?} (expected insert, update, delete or read)"
+        ))
+    })?;
+    check_object("record", record, syntax)?;
+    let has_changes = match changes {
+        None => false,
+        Some(text) if text.trim() == "null" => false,
+        Some(text) => {
+            check_object("changes", text, syntax)?;
+            true
+        }
+    };
+    // A struct also deserializes from a JSON array: insist on an object first.
+    if !metadata.trim_start().starts_with('{') {
+        return Err(
+            match serde_json::from_str::<serde::de::IgnoredAny>(metadata) {
+                Err(error) => bad(format!("field `metadata` is not valid JSON: {error}")),
+                Ok(_) => bad("field `metadata` is not a JSON object"),
+            },
+        );
+    }
+    let meta: MetadataWire = serde_json::from_str(metadata)
+        .map_err(|error| bad(format!("field `metadata`: {error}")))?;
+    check_depth("metadata", metadata)?;
+    let version = match (action, meta.commit_lsn, meta.commit_idx) {
+        (Action::Read, None, None) => None,
+        (Action::Read, _, _) => {
+            return Err(bad(
+                "a read (backfill) message carries a commit_lsn or commit_idx",
+            ));
+        }
+        (_, Some(lsn), Some(idx)) => Some(Version { lsn, idx }),
+        (_, _, _) => {
+            return Err(bad(format!(
+                "an {action} message needs commit_lsn and commit_idx"
+            )));
+        }
+    };
+    if meta.record_pks.is_empty() {
+        return Err(bad("metadata.record_pks is empty"));
+    }
+    Ok(Checked {
+        action,
+        meta,
+        version,
+        has_changes,
+    })
+}
+
 /// Deepest nesting accepted in a field; deeper JSON is refused before it reaches a plugin
 /// (whose own parser would stop at about this depth anyway).
 pub const MAX_DEPTH: usize = 128;
 
-fn json_object(name: &str, text: &str) -> Result<Box<RawValue>, DecodeError> {
-    let raw: Box<RawValue> = serde_json::from_str(text)
-        .map_err(|error| bad(format!("field `{name}` is not valid JSON: {error}")))?;
-    if !raw.get().starts_with('{') {
+/// Checks that `text` is one JSON object, nested at most [`MAX_DEPTH`] deep.
+fn check_object(name: &str, text: &str, syntax: Syntax) -> Result<(), DecodeError> {
+    if syntax == Syntax::Unchecked {
+        serde_json::from_str::<&RawValue>(text)
+            .map_err(|error| bad(format!("field `{name}` is not valid JSON: {error}")))?;
+    }
+    if !text.trim_start().starts_with('{') {
         return Err(bad(format!("field `{name}` is not a JSON object")));
     }
-    if nesting_depth(raw.get()) > MAX_DEPTH {
+    check_depth(name, text)
+}
+
+fn check_depth(name: &str, text: &str) -> Result<(), DecodeError> {
+    // Fewer opening brackets than the limit cannot nest deeper than it: one quick count (it
+    // vectorises) spares the exact scan for nearly every message.
+    let opening = text.bytes().filter(|b| matches!(b, b'{' | b'[')).count();
+    if opening > MAX_DEPTH && nesting_depth(text) > MAX_DEPTH {
         return Err(bad(format!(
             "field `{name}` is nested deeper than {MAX_DEPTH} levels"
         )));
     }
-    Ok(raw)
+    Ok(())
 }
 
 /// The deepest nesting of arrays and objects in valid JSON text.

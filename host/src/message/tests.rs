@@ -247,3 +247,60 @@ fn absurd_nesting_is_an_error_not_a_crash() {
     );
     assert!(ChangeMessage::from_json(&line).is_ok());
 }
+
+#[test]
+fn entries_taken_by_value_decode_like_borrowed_ones() {
+    for line in fixtures() {
+        let fields = stream_fields(line);
+        let borrowed = from_fields(&fields).unwrap();
+        let owned = ChangeMessage::from_stream_entry(fields).unwrap();
+        assert_eq!(owned.to_sequin_json(), borrowed.to_sequin_json());
+        assert_eq!(owned.pks, borrowed.pks);
+        assert_eq!(owned.version, borrowed.version);
+    }
+}
+
+#[test]
+fn a_rejected_entry_gives_its_fields_back_untouched() {
+    let mut fields = stream_fields(fixtures()[0]);
+    let record = fields.iter_mut().find(|(k, _)| k == "record").unwrap();
+    record.1.truncate(record.1.len() - 1);
+    let before = fields.clone();
+    let (error, after) = ChangeMessage::from_stream_entry(fields).unwrap_err();
+    assert!(error.0.contains("`record` is not valid JSON"), "{error}");
+    assert_eq!(after, before);
+}
+
+#[test]
+fn whitespace_around_a_field_is_not_kept() {
+    let mut fields = stream_fields(fixtures()[0]);
+    for (k, v) in &mut fields {
+        if k == "record" || k == "metadata" {
+            *v = [b" \n".as_slice(), v, b"\t "].concat();
+        }
+    }
+    let message = ChangeMessage::from_stream_entry(fields).unwrap();
+    assert!(message.record.get().starts_with('{') && message.record.get().ends_with('}'));
+    assert!(message.metadata.get().starts_with('{') && message.metadata.get().ends_with('}'));
+}
+
+#[test]
+fn many_shallow_brackets_are_not_deep_nesting() {
+    // More opening brackets than the depth limit, none deeper than 2: the quick count passes
+    // the text on to the exact scan, which accepts it.
+    let wide = vec!["[1]"; 500].join(",");
+    let line = fixtures()[0].replace(r#""is_gift":false"#, &format!(r#""is_gift":[{wide}]"#));
+    assert!(ChangeMessage::from_json(&line).is_ok());
+}
+
+#[test]
+fn metadata_must_be_an_object() {
+    let line = fixtures()[0];
+    let start = line.find(r#""metadata":"#).unwrap() + r#""metadata":"#.len();
+    let as_array = format!("{}[{}]}}", &line[..start], &line[start..line.len() - 1]);
+    assert!(
+        reason(&as_array).contains("`metadata` is not a JSON object"),
+        "{}",
+        reason(&as_array)
+    );
+}

@@ -2,7 +2,7 @@
 //! the record text) and the WIT `op` to [`Op`].
 
 use super::bindings::keepwarm::plugin::types as wit;
-use crate::message::{Action, ChangeMessage};
+use crate::message::{Action, ChangeMessage, JsonObject};
 use crate::ops::Op;
 
 /// The primary keys as the WIT call borrows them.
@@ -22,10 +22,7 @@ pub fn change_param<'a>(message: &'a ChangeMessage, pks: &'a [&'a str]) -> wit::
         schema: &message.schema,
         table: &message.table,
         record: message.record.get(),
-        changes: message
-            .changes
-            .as_deref()
-            .map(serde_json::value::RawValue::get),
+        changes: message.changes.as_ref().map(JsonObject::get),
         pks,
         commit_lsn: message.version.map(|v| v.lsn),
         commit_idx: message.version.map(|v| v.idx),
