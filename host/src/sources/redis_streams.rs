@@ -65,11 +65,20 @@ pub async fn run(
         stream.config.group.clone(),
         ctx.clone(),
     ));
+    // Decoding runs in a task of its own, so the next read is already on its way while a batch
+    // is decoded and dispatched. Entries reach it in stream order.
+    let (entries, entries_rx) = mpsc::channel(2);
+    let decoder = tokio::spawn(decode_loop(
+        entries_rx,
+        ctx.clone(),
+        Arc::clone(&acker),
+        max_message_bytes,
+    ));
     tracing::info!(source = %ctx.name, group = %stream.config.group, consumer = %stream.consumer, "reading stream");
-    stream
-        .read_loop(reader, &ctx, &acker, max_message_bytes)
-        .await;
+    stream.read_loop(reader, &ctx, &entries).await;
     sampler.abort();
+    drop(entries);
+    let _ = decoder.await;
     drop(acker);
     // The ack loop ends once every token is settled (its channel closes) and its XACKs are sent.
     let _ = ack_task.await;
@@ -123,8 +132,7 @@ impl Stream {
         &self,
         mut conn: ConnectionManager,
         ctx: &SourceContext,
-        acker: &Arc<dyn Acker>,
-        max_bytes: usize,
+        decoder: &mpsc::Sender<Vec<Entry>>,
     ) {
         let mut backoff = Backoff::new();
         let mut group_ready = false;
@@ -166,8 +174,8 @@ impl Stream {
                         tracing::info!(source = %ctx.name, entries = entries.len(), "reclaimed entries pending on other consumers");
                     }
                     ctx.release(slots - entries.len().min(slots));
-                    for (id, fields) in entries {
-                        ctx.deliver(decode(fields, max_bytes), id, acker);
+                    if !entries.is_empty() && decoder.send(entries).await.is_err() {
+                        return;
                     }
                 }
                 Err(error) => {
@@ -311,27 +319,34 @@ fn text(value: Value) -> Option<String> {
     String::from_utf8(bytes(value)?).ok()
 }
 
+/// Decodes and delivers what the reader read, in order, until the reader is done.
+async fn decode_loop(
+    mut entries: mpsc::Receiver<Vec<Entry>>,
+    ctx: SourceContext,
+    acker: Arc<dyn Acker>,
+    max_bytes: usize,
+) {
+    while let Some(batch) = entries.recv().await {
+        for (id, fields) in batch {
+            ctx.deliver(decode(fields, max_bytes), id, &acker);
+        }
+    }
+}
+
 /// Decodes one entry, or explains why it is not a change message.
 fn decode(fields: Vec<(String, Vec<u8>)>, max_bytes: usize) -> Payload {
     let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
-    let decoded = if size > max_bytes {
-        Err(format!(
-            "message of {size} bytes exceeds the limit of {max_bytes} bytes"
-        ))
-    } else {
-        ChangeMessage::from_stream_fields(|name| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_slice())
-        })
-        .map_err(|error| error.0)
-    };
-    match decoded {
-        Ok(message) => Payload::Decoded(message),
-        Err(reason) => Payload::Malformed {
+    if size > max_bytes {
+        return Payload::Malformed {
             raw: RawPayload::StreamFields(fields),
-            reason,
+            reason: format!("message of {size} bytes exceeds the limit of {max_bytes} bytes"),
+        };
+    }
+    match ChangeMessage::from_stream_entry(fields) {
+        Ok(message) => Payload::Decoded(message),
+        Err((error, fields)) => Payload::Malformed {
+            raw: RawPayload::StreamFields(fields),
+            reason: error.0,
         },
     }
 }
