@@ -11,6 +11,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 
+// The per-message path allocates and frees many small buffers on several threads (stream
+// replies, decoded messages, plugin results, Redis commands); glibc's allocator spent about a
+// fifth of keepwarm's CPU there (docs/bench.md, "Profile findings").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Keeps Redis caches in sync with Postgres change streams through WebAssembly plugins.
 #[derive(Parser)]
 #[command(version, about)]
