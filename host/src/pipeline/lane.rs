@@ -107,7 +107,7 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
     };
     let mut refused = Vec::new();
     let mut n_applied = 0;
-    let metrics = &shared.counters.metrics;
+    let mut tally = Tally::new(shared, name);
     for (job, outcome) in jobs.iter().zip(&applied) {
         let Payload::Decoded(message) = &job.payload else {
             continue;
@@ -115,12 +115,7 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
         match outcome {
             MessageOutcome::Applied { stale } => {
                 n_applied += 1;
-                let labels = telemetry::source_plugin(&job.origin.source, name);
-                metrics.applied.get_or_create(&labels).inc();
-                if *stale > 0 {
-                    metrics.stale_skipped.get_or_create(&labels).inc_by(*stale);
-                }
-                Counters::add(&shared.counters.stale_skipped, *stale);
+                tally.applied(&job.origin.source, *stale);
                 if *stale > 0 {
                     tracing::debug!(plugin = name, version = plugin.version(), row = %message.row_id(), stale, "stale writes skipped");
                 }
@@ -143,6 +138,7 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
         abandon(jobs);
         return;
     }
+    tally.flush();
     log_letters(&letters);
     log_letters(&refused);
     Counters::add(&shared.counters.applied, n_applied);
@@ -151,6 +147,57 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
     drop(writes);
     for job in jobs {
         job.finish(true);
+    }
+}
+
+/// Counts a batch's applied messages and stale writes per source, adding to the labelled
+/// metrics once per run of messages from one source (usually once per batch) rather than per
+/// message.
+struct Tally<'a> {
+    shared: &'a Shared,
+    plugin: &'a str,
+    source: Option<Arc<str>>,
+    applied: u64,
+    stale: u64,
+}
+
+impl<'a> Tally<'a> {
+    fn new(shared: &'a Shared, plugin: &'a str) -> Tally<'a> {
+        Tally {
+            shared,
+            plugin,
+            source: None,
+            applied: 0,
+            stale: 0,
+        }
+    }
+
+    fn applied(&mut self, source: &Arc<str>, stale: u64) {
+        if self.source.as_ref().is_some_and(|s| s != source) {
+            self.flush();
+        }
+        if self.source.is_none() {
+            self.source = Some(Arc::clone(source));
+        }
+        self.applied += 1;
+        self.stale += stale;
+    }
+
+    fn flush(&mut self) {
+        let Some(source) = self.source.take() else {
+            return;
+        };
+        let metrics = &self.shared.counters.metrics;
+        let labels = telemetry::source_plugin(&source, self.plugin);
+        metrics.applied.get_or_create(&labels).inc_by(self.applied);
+        if self.stale > 0 {
+            metrics
+                .stale_skipped
+                .get_or_create(&labels)
+                .inc_by(self.stale);
+        }
+        Counters::add(&self.shared.counters.stale_skipped, self.stale);
+        (self.applied, self.stale) = (0, 0);
     }
 }
 

@@ -78,11 +78,8 @@ impl Dispatcher {
     pub fn dispatch(&self, delivery: Delivery) {
         let inner = &self.inner;
         let metrics = &inner.shared.counters.metrics;
+        // `messages_received` is counted by the source's context (one lookup per source).
         Counters::add(&inner.shared.counters.received, 1);
-        metrics
-            .received
-            .get_or_create(&telemetry::source(&delivery.origin.source))
-            .inc();
         let mut hasher = inner.hasher.build_hasher();
         let message = match &delivery.payload {
             Payload::Decoded(message) => message,
