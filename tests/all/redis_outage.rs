@@ -6,6 +6,18 @@ use keepwarm::config::Config;
 use std::time::Duration;
 
 fn config(plugins: &std::path::Path, cache_url: &str, stream_url: &str, stream: &str) -> Config {
+    config_with(plugins, cache_url, stream_url, stream, "", "")
+}
+
+/// [`config`] with more `[pipeline]` and `[[source]]` settings.
+fn config_with(
+    plugins: &std::path::Path,
+    cache_url: &str,
+    stream_url: &str,
+    stream: &str,
+    pipeline: &str,
+    source: &str,
+) -> Config {
     Config::parse(&format!(
         r#"
 [redis]
@@ -15,6 +27,7 @@ response_timeout_ms = 2000
 dir = "{dir}"
 [pipeline]
 max_backoff_ms = 200
+{pipeline}
 [admin]
 listen = "127.0.0.1:0"
 [dead_letter]
@@ -25,6 +38,7 @@ url = "{stream_url}"
 stream = "{stream}"
 group = "kw"
 block_ms = 200
+{source}
 "#,
         dir = plugins.display()
     ))
@@ -114,6 +128,67 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     let mut conn = connect(&url).await;
     for row in 0..total {
         let value = get(&mut conn, &format!("{prefix}:public.orders:{row}")).await;
+        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_keeps_reading_while_part_of_its_budget_is_stuck() {
+    // Three slots, reads of up to three: with one message stuck behind the outage, the source
+    // must still read the next two into the two free slots, not wait for three free at once.
+    let stream_url = redis_url();
+    let mut cache = RedisServer::start().await;
+    let prefix = unique("budget");
+    let stream = format!("{prefix}:stream");
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(&prefix, ""),
+    );
+    let daemon = Daemon::start(config_with(
+        plugins.path(),
+        &cache.url(),
+        &stream_url,
+        &stream,
+        "max_in_flight = 3\nbatch_size = 1",
+        "read_count = 3",
+    ));
+    let mut conn = connect(&stream_url).await;
+    xadd_sequin(&mut conn, &stream, &[order_line(0)]).await;
+    wait_all_acked(&stream_url, &stream, "kw", 1, Duration::from_secs(30)).await;
+
+    cache.stop();
+    let watcher = conn.clone();
+    let read = |n: u64| {
+        let (conn, stream) = (watcher.clone(), stream.clone());
+        move || {
+            let (mut conn, stream) = (conn.clone(), stream.clone());
+            async move { group_progress(&mut conn, &stream, "kw").await.0 == n }
+        }
+    };
+    xadd_sequin(&mut conn, &stream, &[order_line(1)]).await;
+    wait_for(
+        "the daemon to read entry 1",
+        Duration::from_secs(30),
+        read(2),
+    )
+    .await;
+    xadd_sequin(&mut conn, &stream, &[order_line(2), order_line(3)]).await;
+    wait_for(
+        "the daemon to read entries 2 and 3 into its free slots",
+        Duration::from_secs(30),
+        read(4),
+    )
+    .await;
+    assert_eq!(group_progress(&mut conn, &stream, "kw").await, (4, 3));
+
+    cache.restart().await;
+    wait_all_acked(&stream_url, &stream, "kw", 4, Duration::from_secs(60)).await;
+    daemon.stop().await;
+    let mut cache_conn = connect(&cache.url()).await;
+    for row in 0..=3u64 {
+        let value = get(&mut cache_conn, &format!("{prefix}:public.orders:{row}")).await;
         assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
     }
 }

@@ -206,18 +206,63 @@ pub async fn group_progress(
                         && matches!(&p[1], redis::Value::BulkString(v) if v == group.as_bytes())
                 });
                 if is_ours {
+                    let mut last_delivered = None;
                     for p in pairs {
-                        if matches!(&p[0], redis::Value::BulkString(k) if k == b"entries-read")
-                            && let redis::Value::Int(n) = p[1]
-                        {
-                            read = n as u64;
+                        match (&p[0], &p[1]) {
+                            (redis::Value::BulkString(k), redis::Value::Int(n))
+                                if k == b"entries-read" =>
+                            {
+                                read = *n as u64;
+                            }
+                            (redis::Value::BulkString(k), redis::Value::BulkString(id))
+                                if k == b"last-delivered-id" =>
+                            {
+                                last_delivered = Some(id.clone());
+                            }
+                            _ => {}
                         }
+                    }
+                    // Redis cannot always tell `entries-read` (it is nil after a restart that
+                    // replayed the group, for one): a group that has delivered the stream's last
+                    // entry has read all of it.
+                    if read == 0
+                        && let Some(id) = last_delivered
+                    {
+                        read = read_to_end(conn, stream, &id).await.unwrap_or(0);
                     }
                 }
             }
         }
     }
     (read, pending)
+}
+
+/// The stream's length when `last_delivered` is its last entry's id.
+async fn read_to_end(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    last_delivered: &[u8],
+) -> Option<u64> {
+    let info: redis::Value = redis::cmd("XINFO")
+        .arg("STREAM")
+        .arg(stream)
+        .query_async(conn)
+        .await
+        .ok()?;
+    let redis::Value::Array(kv) = info else {
+        return None;
+    };
+    let field = |name: &[u8]| {
+        kv.chunks(2)
+            .find(|p| matches!(&p[0], redis::Value::BulkString(k) if k == name))
+            .map(|p| p[1].clone())
+    };
+    match (field(b"last-generated-id")?, field(b"length")?) {
+        (redis::Value::BulkString(last), redis::Value::Int(length)) if last == last_delivered => {
+            Some(length as u64)
+        }
+        _ => None,
+    }
 }
 
 /// Waits until the group has read `n` entries and none is pending (all acknowledged).

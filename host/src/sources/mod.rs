@@ -22,9 +22,10 @@ pub mod webhook;
 
 use crate::message::ChangeMessage;
 use crate::pipeline::Dispatcher;
+use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 /// One message from a source, decoded or not, with its acknowledgement.
@@ -122,6 +123,8 @@ pub struct SourceContext {
     /// Cancelled when the daemon shuts down: stop reading, let in-flight work finish.
     pub shutdown: CancellationToken,
     slots: Arc<Semaphore>,
+    /// This source's `messages_received` counter, looked up once rather than per message.
+    received: Counter,
 }
 
 impl SourceContext {
@@ -132,26 +135,53 @@ impl SourceContext {
         shutdown: CancellationToken,
         slots: Arc<Semaphore>,
     ) -> SourceContext {
+        let name = name.into();
+        let received = dispatcher
+            .counters()
+            .metrics
+            .received
+            .get_or_create(&crate::telemetry::source(&name))
+            .clone();
         SourceContext {
-            name: name.into(),
+            name,
             dispatcher,
             shutdown,
             slots,
+            received,
         }
     }
 
-    /// Waits until `n` more messages may be in flight, and reserves them. Returns `None` on
+    /// Waits until at least one more message may be in flight, then reserves as many slots as
+    /// are free, up to `n`, and returns how many it reserved (at least 1). Returns `None` on
     /// shutdown. Reserved slots are handed to tokens with [`SourceContext::deliver`]; slots not
     /// used must be given back with [`SourceContext::release`].
+    ///
+    /// Waiting for all `n` at once would stall a source while part of its budget is stuck in
+    /// flight (say, behind a Redis outage): messages would wait in the queue though slots are
+    /// free.
     pub async fn reserve(&self, n: usize) -> Option<usize> {
-        let n = n.min(u32::MAX as usize) as u32;
+        let n = n.clamp(1, u32::MAX as usize) as u32;
         tokio::select! {
-            permit = self.slots.acquire_many(n) => {
-                permit.ok()?.forget();
-                Some(n as usize)
-            }
-            () = self.shutdown.cancelled() => None,
+            permit = self.slots.acquire() => permit.ok()?.forget(),
+            () = self.shutdown.cancelled() => return None,
         }
+        let mut reserved = 1;
+        while reserved < n {
+            let free = (self.slots.available_permits() as u32).min(n - reserved);
+            if free == 0 {
+                break;
+            }
+            match self.slots.try_acquire_many(free) {
+                Ok(permit) => {
+                    permit.forget();
+                    reserved += free;
+                }
+                // Another source took some meanwhile: look again.
+                Err(TryAcquireError::NoPermits) => {}
+                Err(TryAcquireError::Closed) => break,
+            }
+        }
+        Some(reserved as usize)
     }
 
     /// Gives back `n` reserved slots that were not used.
@@ -169,6 +199,7 @@ impl SourceContext {
             source: Arc::clone(&self.name),
             id,
         };
+        self.received.inc();
         self.dispatcher.dispatch(Delivery {
             payload,
             origin,
