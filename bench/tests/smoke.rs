@@ -45,4 +45,15 @@ fn quick_run_writes_results() {
         assert!(run["keys"].as_u64().unwrap() > 0, "{run}");
     }
     assert!(!json["latency"].as_array().unwrap().is_empty());
+    // Every example plugin was called on every change and accepted all of them.
+    let calls = json["plugin_calls"].as_array().unwrap();
+    let plugins: Vec<&str> = calls
+        .iter()
+        .map(|c| c["plugin"].as_str().unwrap())
+        .collect();
+    assert_eq!(plugins, ["row-cache", "orders-index", "product-catalog"]);
+    for call in calls {
+        assert_eq!(call["rejected"], 0, "{call}");
+        assert!(call["ops_per_change"].as_f64().unwrap() >= 1.0, "{call}");
+    }
 }
