@@ -49,18 +49,22 @@ fn order_line(row: u64) -> String {
     order_change(fixtures()[0], row, None)
 }
 
+/// Rows `0..=last` are in the cache, each holding its record exactly.
+async fn assert_rows_cached(cache_url: &str, prefix: &str, last: u64) {
+    let mut conn = connect(cache_url).await;
+    for row in 0..=last {
+        let value = get(&mut conn, &format!("{prefix}:public.orders:{row}")).await;
+        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nothing_is_acknowledged_while_the_cache_is_down_and_nothing_is_lost() {
     let stream_url = redis_url();
     let mut cache = RedisServer::start().await;
     let prefix = unique("outage");
     let stream = format!("{prefix}:stream");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
+    let plugins = row_cache_dir(&prefix, "");
     let daemon = Daemon::start(config(plugins.path(), &cache.url(), &stream_url, &stream));
     let mut conn = connect(&stream_url).await;
     // Make sure the daemon is up and applying before the outage.
@@ -86,11 +90,7 @@ async fn nothing_is_acknowledged_while_the_cache_is_down_and_nothing_is_lost() {
     cache.restart().await;
     wait_all_acked(&stream_url, &stream, "kw", 51, Duration::from_secs(60)).await;
     daemon.stop().await;
-    let mut cache_conn = connect(&cache.url()).await;
-    for row in 0..=50u64 {
-        let value = get(&mut cache_conn, &format!("{prefix}:public.orders:{row}")).await;
-        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
-    }
+    assert_rows_cached(&cache.url(), &prefix, 50).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,12 +99,7 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     let url = server.url();
     let prefix = unique("restart");
     let stream = format!("{prefix}:stream");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
+    let plugins = row_cache_dir(&prefix, "");
     let mut conn = connect(&url).await;
     let total = 3000u64;
     let lines: Vec<String> = (0..total).map(order_line).collect();
@@ -125,11 +120,7 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     server.restart().await;
     wait_all_acked(&url, &stream, "kw", total, Duration::from_secs(120)).await;
     daemon.stop().await;
-    let mut conn = connect(&url).await;
-    for row in 0..total {
-        let value = get(&mut conn, &format!("{prefix}:public.orders:{row}")).await;
-        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
-    }
+    assert_rows_cached(&url, &prefix, total - 1).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -140,12 +131,7 @@ async fn the_source_keeps_reading_while_part_of_its_budget_is_stuck() {
     let mut cache = RedisServer::start().await;
     let prefix = unique("budget");
     let stream = format!("{prefix}:stream");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
+    let plugins = row_cache_dir(&prefix, "");
     let daemon = Daemon::start(config_with(
         plugins.path(),
         &cache.url(),
@@ -186,9 +172,5 @@ async fn the_source_keeps_reading_while_part_of_its_budget_is_stuck() {
     cache.restart().await;
     wait_all_acked(&stream_url, &stream, "kw", 4, Duration::from_secs(60)).await;
     daemon.stop().await;
-    let mut cache_conn = connect(&cache.url()).await;
-    for row in 0..=3u64 {
-        let value = get(&mut cache_conn, &format!("{prefix}:public.orders:{row}")).await;
-        assert_eq!(value, Some(record_text(&order_line(row))), "row {row}");
-    }
+    assert_rows_cached(&cache.url(), &prefix, 3).await;
 }

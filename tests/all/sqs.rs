@@ -169,23 +169,13 @@ wait_time_seconds = 1
     .unwrap()
 }
 
-fn row_cache(prefix: &str, extra: &str) -> PluginDir {
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(prefix, extra),
-    );
-    plugins
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequin_sqs_messages_become_exact_cache_entries_and_are_deleted() {
     let url = redis_url();
     let prefix = unique("sqs-exact");
     let sqs = client();
     let queue = fifo_queue(&sqs, "exact").await;
-    let plugins = row_cache(&prefix, "");
+    let plugins = row_cache_dir(&prefix, "");
     let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
     send_sequin(&sqs, &queue, &lines).await;
     let dead = format!("{prefix}:dead");
@@ -227,7 +217,7 @@ async fn malformed_sqs_bodies_are_dead_lettered_with_the_reason_and_deleted() {
     let prefix = unique("sqs-malformed");
     let sqs = client();
     let queue = fifo_queue(&sqs, "malformed").await;
-    let plugins = row_cache(&prefix, "");
+    let plugins = row_cache_dir(&prefix, "");
     let bad = [
         "this is not JSON".to_owned(),
         r#"{"id":1,"name":"not a change message"}"#.to_owned(),
@@ -293,7 +283,7 @@ async fn each_rows_order_is_kept_through_the_lanes() {
     let sqs = client();
     let queue = fifo_queue(&sqs, "order").await;
     // Last write wins: only the order of application decides what the cache holds.
-    let plugins = row_cache(&prefix, "consistency = \"plain\"");
+    let plugins = row_cache_dir(&prefix, "consistency = \"plain\"");
     let (rows, versions) = (20u64, 10u64);
     let mut lines = Vec::new();
     for version in 0..versions {
@@ -344,7 +334,7 @@ async fn messages_stay_invisible_while_in_flight_and_are_deleted_only_after_appl
     let prefix = unique("sqs-visibility");
     let sqs = client();
     let queue = fifo_queue(&sqs, "visibility").await;
-    let plugins = row_cache(&prefix, "");
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     // Three slots for three messages: the daemon cannot receive a message twice, so a message
     // whose visibility ran out would show as visible in the queue.
@@ -394,7 +384,7 @@ async fn throughput_of_a_fifo_backlog() {
     let prefix = unique("sqs-rate");
     let sqs = client();
     let queue = fifo_queue(&sqs, "rate").await;
-    let plugins = row_cache(&prefix, "");
+    let plugins = row_cache_dir(&prefix, "");
     // One message per row: no message group waits for another.
     let total = 300u64;
     let lines: Vec<String> = (0..total).map(|row| order_line(row, 0)).collect();

@@ -302,6 +302,17 @@ impl PluginDir {
 }
 
 /// A row-cache manifest that writes under `prefix`.
+/// A plugin directory holding row-cache, writing under `prefix`, with `extra` manifest lines.
+pub fn row_cache_dir(prefix: &str, extra: &str) -> PluginDir {
+    let plugins = PluginDir::new();
+    plugins.add(
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(prefix, extra),
+    );
+    plugins
+}
+
 pub fn row_cache_manifest(prefix: &str, extra: &str) -> String {
     format!("{extra}\n[config]\nkey = \"{prefix}:{{schema}}.{{table}}:{{pks}}\"\n")
 }

@@ -89,16 +89,6 @@ pub fn batch(lines: &[String]) -> String {
     format!(r#"{{"data":[{}]}}"#, lines.join(","))
 }
 
-fn row_cache(prefix: &str) -> PluginDir {
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(prefix, ""),
-    );
-    plugins
-}
-
 /// An order message for `row` at `version`.
 fn order_line(row: u64, version: u64) -> String {
     fixtures()[2]
@@ -121,7 +111,7 @@ fn order_line(row: u64, version: u64) -> String {
 async fn both_body_shapes_are_applied_before_the_reply() {
     let url = redis_url();
     let prefix = unique("http-shapes");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
     let mut conn = connect(&url).await;
@@ -163,7 +153,7 @@ async fn both_body_shapes_are_applied_before_the_reply() {
 async fn requests_without_the_right_token_get_401_and_change_nothing() {
     let url = redis_url();
     let prefix = unique("http-auth");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
     let body = fixtures()[0].to_owned();
@@ -218,7 +208,7 @@ async fn requests_without_the_right_token_get_401_and_change_nothing() {
 async fn a_body_over_the_limit_gets_413_and_changes_nothing() {
     let url = redis_url();
     let prefix = unique("http-limit");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &url, &dead, "max_body_bytes = 4096", "").await;
     let lines: Vec<String> = (0..20).map(|row| order_line(row, 0)).collect();
@@ -246,7 +236,7 @@ async fn a_body_over_the_limit_gets_413_and_changes_nothing() {
 async fn a_malformed_message_is_dead_lettered_without_failing_its_batch() {
     let url = redis_url();
     let prefix = unique("http-malformed");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
     let bad = [
@@ -298,7 +288,7 @@ async fn a_malformed_message_is_dead_lettered_without_failing_its_batch() {
 async fn the_same_batch_twice_is_harmless_even_after_a_newer_one() {
     let url = redis_url();
     let prefix = unique("http-retry");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
     let first = batch(&[order_line(1, 1), order_line(2, 1)]);
@@ -324,7 +314,7 @@ async fn the_same_batch_twice_is_harmless_even_after_a_newer_one() {
 async fn a_slow_redis_holds_the_reply_until_the_write_is_done() {
     let cache = RedisServer::start().await;
     let prefix = unique("http-slow");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &cache.url(), &dead, "", "").await;
     let mut conn = connect(&cache.url()).await;
@@ -355,7 +345,7 @@ async fn a_slow_redis_holds_the_reply_until_the_write_is_done() {
 async fn redis_down_gets_503_and_the_retry_succeeds_with_nothing_lost() {
     let mut cache = RedisServer::start().await;
     let prefix = unique("http-down");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(
         plugins.path(),
@@ -388,7 +378,7 @@ async fn redis_down_gets_503_and_the_retry_succeeds_with_nothing_lost() {
 async fn throughput_of_batched_webhooks() {
     let url = redis_url();
     let prefix = unique("http-rate");
-    let plugins = row_cache(&prefix);
+    let plugins = row_cache_dir(&prefix, "");
     let dead = format!("{prefix}:dead");
     let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
     let (total, per_batch) = (2000u64, 100usize);
