@@ -4,16 +4,14 @@
 //!
 //! On a terminal it shows a progress bar; otherwise it logs progress every few seconds.
 
-use super::{Acker, Payload, RawPayload, SourceContext};
+use super::{Acker, Payload, RawPayload, SourceContext, Tally};
 use crate::message::ChangeMessage;
 use anyhow::Context as _;
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
-use tokio::sync::Notify;
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -33,27 +31,6 @@ pub enum Input {
     File(PathBuf),
     /// Standard input.
     Stdin,
-}
-
-#[derive(Default)]
-struct Tally {
-    done: AtomicU64,
-    abandoned: AtomicU64,
-    changed: Notify,
-}
-
-impl Tally {
-    fn settled(&self) -> u64 {
-        self.done.load(Ordering::Acquire) + self.abandoned.load(Ordering::Acquire)
-    }
-}
-
-impl Acker for Tally {
-    fn settle(&self, _id: &str, done: bool) {
-        let counter = if done { &self.done } else { &self.abandoned };
-        counter.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
-    }
 }
 
 /// Feeds every line of `input` into the pipeline and waits until each one is settled.
@@ -104,7 +81,7 @@ pub async fn run(
         }
         messages += 1;
         ctx.deliver(decode(text, max_bytes), format!("line {line_no}"), &acker);
-        progress.update(read_bytes, messages, tally.done.load(Ordering::Relaxed));
+        progress.update(read_bytes, messages, tally.done());
     }
     drop(acker);
     while tally.settled() < messages {
@@ -112,13 +89,13 @@ pub async fn run(
             () = tally.changed.notified() => {}
             () = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
-        progress.update(read_bytes, messages, tally.done.load(Ordering::Relaxed));
+        progress.update(read_bytes, messages, tally.done());
     }
     progress.finish();
     Ok(ReplaySummary {
         messages,
-        done: tally.done.load(Ordering::Acquire),
-        abandoned: tally.abandoned.load(Ordering::Acquire),
+        done: tally.done(),
+        abandoned: tally.abandoned(),
     })
 }
 

@@ -24,8 +24,9 @@ use crate::message::ChangeMessage;
 use crate::pipeline::Dispatcher;
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::{Semaphore, TryAcquireError};
+use tokio::sync::{Notify, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 /// One message from a source, decoded or not, with its acknowledgement.
@@ -205,6 +206,41 @@ impl SourceContext {
             origin,
             ack,
         });
+    }
+}
+
+/// An acker that counts settled messages, for a source that waits until everything it handed
+/// over is settled (a webhook request, a JSONL file).
+#[derive(Default)]
+pub(crate) struct Tally {
+    done: AtomicU64,
+    abandoned: AtomicU64,
+    /// Notified at every settlement.
+    pub(crate) changed: Notify,
+}
+
+impl Tally {
+    /// Messages settled as done.
+    pub(crate) fn done(&self) -> u64 {
+        self.done.load(Ordering::Acquire)
+    }
+
+    /// Messages abandoned (left for redelivery).
+    pub(crate) fn abandoned(&self) -> u64 {
+        self.abandoned.load(Ordering::Acquire)
+    }
+
+    /// Messages settled either way.
+    pub(crate) fn settled(&self) -> u64 {
+        self.done() + self.abandoned()
+    }
+}
+
+impl Acker for Tally {
+    fn settle(&self, _id: &str, done: bool) {
+        let counter = if done { &self.done } else { &self.abandoned };
+        counter.fetch_add(1, Ordering::AcqRel);
+        self.changed.notify_one();
     }
 }
 

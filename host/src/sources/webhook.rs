@@ -15,7 +15,7 @@
 //! 503 goes out keep going; the retry that follows (or Sequin's own transient retry of a batch it
 //! already sent) applies them again, which versioned writes make harmless.
 
-use super::{Acker, Payload, RawPayload, SourceContext};
+use super::{Acker, Payload, RawPayload, SourceContext, Tally};
 use crate::config::HttpSourceConfig;
 use crate::message::ChangeMessage;
 use anyhow::Context as _;
@@ -29,10 +29,9 @@ use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-use tokio::sync::Notify;
 
 /// A listening socket and the token, ready to serve: binding happens at start-up, so a port in
 /// use or a missing token stops the daemon before it runs.
@@ -131,17 +130,17 @@ impl Webhook {
                 }
                 remaining -= slots;
             }
-            while tally.settled() < total {
+            while tally.settled() < total as u64 {
                 tally.changed.notified().await;
             }
             true
         })
         .await;
         match finished {
-            Ok(true) if tally.abandoned.load(Ordering::Acquire) == 0 => Delivered::Done,
-            Ok(true) => Delivered::Abandoned(tally.abandoned.load(Ordering::Acquire)),
+            Ok(true) if tally.abandoned() == 0 => Delivered::Done,
+            Ok(true) => Delivered::Abandoned(tally.abandoned() as usize),
             Ok(false) => Delivered::ShuttingDown,
-            Err(_) => Delivered::TimedOut(total - tally.done.load(Ordering::Acquire)),
+            Err(_) => Delivered::TimedOut(total - tally.done() as usize),
         }
     }
 }
@@ -174,28 +173,6 @@ enum Delivered {
     Abandoned(usize),
     TimedOut(usize),
     ShuttingDown,
-}
-
-/// Counts a request's settled messages.
-#[derive(Default)]
-struct Tally {
-    done: AtomicUsize,
-    abandoned: AtomicUsize,
-    changed: Notify,
-}
-
-impl Tally {
-    fn settled(&self) -> usize {
-        self.done.load(Ordering::Acquire) + self.abandoned.load(Ordering::Acquire)
-    }
-}
-
-impl Acker for Tally {
-    fn settle(&self, _id: &str, done: bool) {
-        let counter = if done { &self.done } else { &self.abandoned };
-        counter.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
-    }
 }
 
 /// The endpoint's router: `POST {path}` only (other methods get 405, other paths 404).
