@@ -13,6 +13,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::fmt;
+use std::str::Utf8Error;
 
 /// What happened to the row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -224,7 +225,8 @@ impl ChangeMessage {
     pub fn from_stream_fields<'a>(
         field: impl Fn(&str) -> Option<&'a [u8]>,
     ) -> Result<ChangeMessage, DecodeError> {
-        let (checked, [record, changes, metadata]) = check_stream_fields(&field)?;
+        let (checked, [record, changes, metadata]) =
+            check_stream_fields(&|name: &str| field(name).map(std::str::from_utf8))?;
         Ok(Self::build(
             checked,
             record.unwrap_or_default().to_owned(),
@@ -243,30 +245,48 @@ impl ChangeMessage {
     pub fn from_stream_entry(
         mut fields: StreamFields,
     ) -> Result<ChangeMessage, (DecodeError, StreamFields)> {
-        let find = |name: &str| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_slice())
+        // The four fields become text in place (moved, and checked for UTF-8 once); whatever
+        // goes wrong, their bytes go back where they were.
+        let mut texts: [Option<(usize, Result<String, Utf8Error>)>; 4] = Default::default();
+        for (at, (name, value)) in fields.iter_mut().enumerate() {
+            let Some(slot) = STREAM_FIELDS.iter().position(|f| f == name) else {
+                continue;
+            };
+            if texts[slot].is_none() {
+                let text = String::from_utf8(std::mem::take(value)).map_err(|error| {
+                    let reason = error.utf8_error();
+                    *value = error.into_bytes();
+                    reason
+                });
+                texts[slot] = Some((at, text));
+            }
+        }
+        let lookup = |name: &str| {
+            let slot = STREAM_FIELDS.iter().position(|f| *f == name)?;
+            let (_, text) = texts[slot].as_ref()?;
+            Some(text.as_deref().map_err(|error| *error))
         };
-        let checked = match check_stream_fields(&find) {
-            Ok((checked, _)) => checked,
-            Err(error) => return Err((error, fields)),
+        let checked = check_stream_fields(&lookup).map(|(checked, _)| checked);
+        let owned = texts.map(|text| match text {
+            Some((at, Ok(text))) => Some((at, text)),
+            _ => None,
+        });
+        let checked = match checked {
+            Ok(checked) => checked,
+            Err(error) => {
+                for (at, text) in owned.into_iter().flatten() {
+                    fields[at].1 = text.into_bytes();
+                }
+                return Err((error, fields));
+            }
         };
-        let mut take = |name: &str| {
-            fields
-                .iter_mut()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| owned_text(std::mem::take(v)))
-        };
-        let record = take("record").unwrap_or_default();
-        let metadata = take("metadata").unwrap_or_default();
-        let changes = if checked.has_changes {
-            take("changes")
-        } else {
-            None
-        };
-        Ok(Self::build(checked, record, changes, metadata))
+        let [_, record, metadata, changes] = owned.map(|text| text.map(|(_, text)| text));
+        Ok(Self::build(
+            checked,
+            record.unwrap_or_default(),
+            changes,
+            metadata.unwrap_or_default(),
+        ))
     }
 
     /// The message, from checked parts and their texts.
@@ -314,30 +334,28 @@ impl ChangeMessage {
     }
 }
 
-/// Text that was checked to be UTF-8 before; never lossy.
-fn owned_text(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes)
-        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
-}
+/// The fields of a stream entry that make a change message, in the order their problems are
+/// reported.
+const STREAM_FIELDS: [&str; 4] = ["action", "record", "metadata", "changes"];
 
 /// The checks of a stream entry's fields, and the texts of `record`, `changes`, `metadata`.
 type StreamTexts<'a> = (Checked, [Option<&'a str>; 3]);
 
+/// Checks a stream entry given the text of each field by name (`None` when absent, an error
+/// when not UTF-8).
 fn check_stream_fields<'a>(
-    field: &impl Fn(&str) -> Option<&'a [u8]>,
+    field: &impl Fn(&str) -> Option<Result<&'a str, Utf8Error>>,
 ) -> Result<StreamTexts<'a>, DecodeError> {
     let text = |name: &str| -> Result<Option<&'a str>, DecodeError> {
         field(name)
-            .map(|bytes| {
-                std::str::from_utf8(bytes)
-                    .map_err(|error| bad(format!("field `{name}` is not valid UTF-8: {error}")))
-            })
             .transpose()
+            .map_err(|error| bad(format!("field `{name}` is not valid UTF-8: {error}")))
     };
-    let action = text("action")?.ok_or_else(|| bad("missing field `action`"))?;
-    let record = text("record")?.ok_or_else(|| bad("missing field `record`"))?;
-    let metadata = text("metadata")?.ok_or_else(|| bad("missing field `metadata`"))?;
-    let changes = text("changes")?;
+    let [action, record, metadata, changes] = STREAM_FIELDS;
+    let action = text(action)?.ok_or_else(|| bad("missing field `action`"))?;
+    let record = text(record)?.ok_or_else(|| bad("missing field `record`"))?;
+    let metadata = text(metadata)?.ok_or_else(|| bad("missing field `metadata`"))?;
+    let changes = text(changes)?;
     let checked = check(action, record, changes, metadata, Syntax::Unchecked)?;
     Ok((checked, [Some(record), changes, Some(metadata)]))
 }

@@ -269,6 +269,18 @@ fn a_rejected_entry_gives_its_fields_back_untouched() {
     let (error, after) = ChangeMessage::from_stream_entry(fields).unwrap_err();
     assert!(error.0.contains("`record` is not valid JSON"), "{error}");
     assert_eq!(after, before);
+
+    // Not UTF-8 in one field, valid text in the others (already turned into text): all of it
+    // comes back as it arrived, and the reason names the field, as for a borrowed entry.
+    let mut fields = stream_fields(fixtures()[0]);
+    let metadata = fields.iter_mut().find(|(k, _)| k == "metadata").unwrap();
+    metadata.1.push(0xff);
+    let before = fields.clone();
+    let borrowed = from_fields(&fields).unwrap_err();
+    let (error, after) = ChangeMessage::from_stream_entry(fields).unwrap_err();
+    assert!(error.0.contains("`metadata` is not valid UTF-8"), "{error}");
+    assert_eq!(error, borrowed);
+    assert_eq!(after, before);
 }
 
 #[test]

@@ -78,7 +78,9 @@ pub async fn run(
     stream.read_loop(reader, &ctx, &entries).await;
     sampler.abort();
     drop(entries);
-    let _ = decoder.await;
+    if let Err(error) = decoder.await {
+        tracing::error!(source = %ctx.name, error = %error, "decode task failed");
+    }
     drop(acker);
     // The ack loop ends once every token is settled (its channel closes) and its XACKs are sent.
     let _ = ack_task.await;
@@ -175,6 +177,9 @@ impl Stream {
                     }
                     ctx.release(slots - entries.len().min(slots));
                     if !entries.is_empty() && decoder.send(entries).await.is_err() {
+                        // Only a panic ends the decoder early; what it held stays pending and
+                        // is redelivered.
+                        tracing::error!(source = %ctx.name, "decode task failed; source stops reading");
                         return;
                     }
                 }
