@@ -36,6 +36,18 @@ impl Outcome {
 
 /// Runs rows `0..rows` through the hostile plugin (and nothing else) and waits for all acks.
 async fn run(mode: &str, victims: Option<&[u64]>, extra: &str, rows: u64) -> Outcome {
+    run_lines(mode, victims, extra, "", || (0..rows).map(order).collect()).await
+}
+
+/// Runs the lines `lines` makes once the daemon reads through the hostile plugin, with
+/// `pipeline` settings, and waits for all acks.
+async fn run_lines(
+    mode: &str,
+    victims: Option<&[u64]>,
+    extra: &str,
+    pipeline: &str,
+    lines: impl FnOnce() -> Vec<String>,
+) -> Outcome {
     let url = redis_url();
     let prefix = unique(&format!("hostile-{mode}"));
     let stream = format!("{prefix}:stream");
@@ -46,9 +58,16 @@ async fn run(mode: &str, victims: Option<&[u64]>, extra: &str, rows: u64) -> Out
         &hostile_manifest(&prefix, mode, victims, extra),
     );
     let mut conn = connect(&url).await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, "kw", ""));
-    let lines: Vec<String> = (0..rows).map(order).collect();
+    let daemon = Daemon::start(stream_config(plugins.path(), &stream, "kw", pipeline));
+    wait_for("the daemon to read", Duration::from_secs(30), || {
+        let mut conn = conn.clone();
+        let stream = stream.clone();
+        async move { group_progress(&mut conn, &stream, "kw").await.1 != u64::MAX }
+    })
+    .await;
+    let lines = lines();
     xadd_sequin(&mut conn, &stream, &lines).await;
+    let rows = lines.len() as u64;
     wait_all_acked(&url, &stream, "kw", rows, Duration::from_secs(120)).await;
     daemon.stop().await;
     let dead = entries(&mut conn, &format!("{stream}:dead")).await;
@@ -85,6 +104,41 @@ async fn an_infinite_loop_fails_only_the_guilty_change_within_the_deadline() {
     }
     assert!(outcome.get("2").await.is_none());
     println!("loop contained in {:?}", started.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_change_slow_only_once_is_called_again_not_dead_lettered() {
+    // The deadline is wall-clock time: a load spike can push a good change past it. Row 0
+    // busy-waits until 1.5 s after it is written, against a deadline of 1 s: its first call
+    // runs past the deadline, the second (begun over 1 s after the write) gets through.
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64
+    };
+    let mut written = 0;
+    let mut outcome = run_lines(
+        "stall",
+        Some(&[0]),
+        "[limits]\ndeadline_ms = 1000\n[grants]\nclock = true",
+        "[pipeline]\nbatch_size = 1",
+        || {
+            written = now_ms();
+            let field = format!(r#""id":0,"stall_until_ms":{}"#, written + 1_500);
+            vec![order(0).replace(r#""id":0"#, &field)]
+        },
+    )
+    .await;
+    let reasons: Vec<String> = outcome.dead.iter().map(|d| field(d, "reason")).collect();
+    assert!(reasons.is_empty(), "dead-lettered: {reasons:?}");
+    let value = outcome.get("0").await.expect("row 0 applied");
+    let started: u64 = value.strip_prefix("started ").unwrap().parse().unwrap();
+    assert!(
+        started >= written + 1_000,
+        "the call that got through began {} ms after the write: not a second call",
+        started - written
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

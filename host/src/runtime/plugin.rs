@@ -3,7 +3,8 @@
 //!
 //! A call that traps, runs past its deadline or exceeds its memory cap discards the instance
 //! and retries the batch's changes one by one in fresh instances, so only the guilty change is
-//! reported as failed.
+//! reported as failed. A change found guilty of a timeout is called once more first: the
+//! deadline is wall-clock time, and a load spike must not dead-letter a good change.
 
 use super::PluginError;
 use super::bindings::PluginPre;
@@ -125,47 +126,73 @@ impl Plugin {
     }
 
     fn call_batch_unserialized(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
-        match self.call_once(changes) {
-            Ok(outcomes) => outcomes,
-            Err(error) if changes.len() == 1 => vec![Err(error)],
-            Err(error) => {
-                tracing::warn!(
-                    plugin = self.name(),
-                    version = self.version(),
-                    changes = changes.len(),
-                    error = %error,
-                    "batch call failed; retrying its changes one by one"
-                );
-                // One by one, so only the guilty changes fail. A plugin that fails on several
-                // changes in a row is failing as a whole: the rest are not attempted (and the
-                // caller pauses the plugin) rather than burning a deadline on each.
-                let mut outcomes = Vec::with_capacity(changes.len());
-                let mut in_a_row = 0;
-                for change in changes {
-                    if in_a_row >= Self::GIVE_UP_AFTER {
-                        outcomes.push(Err(PluginError::Unattempted));
-                        continue;
-                    }
-                    let outcome = match self.call_once(std::slice::from_ref(change)) {
-                        Ok(mut single) => single.pop().unwrap_or_else(|| {
-                            Err(PluginError::Misbehaved(
-                                "no result for the change".to_owned(),
-                            ))
-                        }),
-                        Err(error) => Err(error),
-                    };
-                    in_a_row = if outcome
-                        .as_ref()
-                        .is_err_and(PluginError::is_instance_failure)
-                    {
-                        in_a_row + 1
-                    } else {
-                        0
-                    };
-                    outcomes.push(outcome);
-                }
-                outcomes
+        let error = match self.call_once(changes) {
+            Ok(outcomes) => return outcomes,
+            Err(error) => error,
+        };
+        if let [change] = changes {
+            return vec![self.after_failure(change, error)];
+        }
+        tracing::warn!(
+            plugin = self.name(),
+            version = self.version(),
+            changes = changes.len(),
+            error = %error,
+            "batch call failed; retrying its changes one by one"
+        );
+        // One by one, so only the guilty changes fail. A plugin that fails on several changes
+        // in a row is failing as a whole: the rest are not attempted (and the caller pauses the
+        // plugin) rather than burning a deadline on each.
+        let mut outcomes = Vec::with_capacity(changes.len());
+        let mut in_a_row = 0;
+        for change in changes {
+            if in_a_row >= Self::GIVE_UP_AFTER {
+                outcomes.push(Err(PluginError::Unattempted));
+                continue;
             }
+            let outcome = match self.call_single(change) {
+                Err(error) => self.after_failure(change, error),
+                ok => ok,
+            };
+            in_a_row = if outcome
+                .as_ref()
+                .is_err_and(PluginError::is_instance_failure)
+            {
+                in_a_row + 1
+            } else {
+                0
+            };
+            outcomes.push(outcome);
+        }
+        outcomes
+    }
+
+    /// The outcome of `change` alone, whose call just failed with `error`. A deadline is
+    /// wall-clock time, so a machine stalled by load can push a good change past it: a timeout
+    /// earns one more call before it counts, and a change that really loops runs past the
+    /// deadline again.
+    fn after_failure(&self, change: &ChangeMessage, error: PluginError) -> ChangeOutcome {
+        if !matches!(error, PluginError::Timeout { .. }) {
+            return Err(error);
+        }
+        tracing::warn!(
+            plugin = self.name(),
+            version = self.version(),
+            error = %error,
+            "a change ran past its deadline; calling it once more before dead-lettering it"
+        );
+        self.call_single(change)
+    }
+
+    /// One call with `change` alone.
+    fn call_single(&self, change: &ChangeMessage) -> ChangeOutcome {
+        match self.call_once(std::slice::from_ref(&change)) {
+            Ok(mut single) => single.pop().unwrap_or_else(|| {
+                Err(PluginError::Misbehaved(
+                    "no result for the change".to_owned(),
+                ))
+            }),
+            Err(error) => Err(error),
         }
     }
 

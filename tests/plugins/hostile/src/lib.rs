@@ -6,6 +6,9 @@
 //!   memory on every call and behaves; `panic`: panics;
 //! - `outside`: writes `forbidden:<pks>`; `huge`: returns an 8 MiB value; `many-ops`: returns
 //!   10,000 operations; `log-flood`: logs 10,000 lines and behaves;
+//! - `stall`: busy-waits until the wall-clock time in the record's `stall_until_ms` (needs the
+//!   clock grant), then caches `started <ms>`, when its call began: a change that is slow only
+//!   once, as on a machine stalled by load;
 //! - `fs`, `net`, `env`, `clock`: tries to read `/etc/hostname`, connect to 127.0.0.1:6379,
 //!   read `$HOME`, or read the wall clock, and caches what it got as `<prefix>probe:<pks>`.
 
@@ -77,6 +80,21 @@ impl Plugin for Hostile {
                 Ok(normal)
             }
             "panic" => panic!("hostile plugin panics on {pks}"),
+            "stall" => {
+                let until = change
+                    .record_value()?
+                    .get("stall_until_ms")
+                    .and_then(|v| v.as_u64())
+                    .ok_or("the record has no stall_until_ms")?;
+                let started = now_ms();
+                while now_ms() < until {
+                    std::hint::spin_loop();
+                }
+                Ok(vec![ops::set(
+                    format!("{}{pks}", self.prefix),
+                    format!("started {started}"),
+                )])
+            }
             "outside" => Ok(vec![ops::set(format!("forbidden:{pks}"), "x")]),
             "huge" => Ok(vec![ops::set(
                 format!("{}{pks}", self.prefix),
@@ -112,6 +130,13 @@ impl Plugin for Hostile {
             other => Err(format!("unknown mode {other}")),
         }
     }
+}
+
+/// The wall clock in milliseconds since the epoch (0 without the clock grant).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |since| since.as_millis() as u64)
 }
 
 keepwarm_guest::export_plugin!(Hostile);
