@@ -174,3 +174,76 @@ async fn the_source_keeps_reading_while_part_of_its_budget_is_stuck() {
     daemon.stop().await;
     assert_rows_cached(&cache.url(), &prefix, 3).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_stuck_behind_an_outage_are_not_reclaimed_by_their_own_daemon() {
+    // To Redis, entries stuck in flight look idle: the daemon's own XAUTOCLAIM hands them back.
+    // Delivered again, they would fill the free half of the budget with copies, and the
+    // entries written after them would wait for the outage to end.
+    let stream_url = redis_url();
+    let mut cache = RedisServer::start().await;
+    let prefix = unique("reclaim");
+    let stream = format!("{prefix}:stream");
+    let plugins = row_cache_dir(&prefix, "");
+    let daemon = Daemon::start(config_with(
+        plugins.path(),
+        &cache.url(),
+        &stream_url,
+        &stream,
+        "max_in_flight = 6\nbatch_size = 1",
+        "read_count = 3\nclaim_idle_ms = 300",
+    ));
+    let mut conn = connect(&stream_url).await;
+    xadd_sequin(&mut conn, &stream, &[order_line(0)]).await;
+    wait_all_acked(&stream_url, &stream, "kw", 1, Duration::from_secs(30)).await;
+
+    cache.stop();
+    let lines: Vec<String> = (1..=3).map(order_line).collect();
+    xadd_sequin(&mut conn, &stream, &lines).await;
+    wait_for(
+        "a claim to hand the stuck entries back",
+        Duration::from_secs(30),
+        || {
+            let (mut conn, stream) = (conn.clone(), stream.clone());
+            async move { least_delivery_count(&mut conn, &stream, 3).await >= 2 }
+        },
+    )
+    .await;
+    let lines: Vec<String> = (4..=6).map(order_line).collect();
+    xadd_sequin(&mut conn, &stream, &lines).await;
+    wait_for(
+        "the daemon to read the later entries into its free slots",
+        Duration::from_secs(30),
+        || {
+            let (mut conn, stream) = (conn.clone(), stream.clone());
+            async move { group_progress(&mut conn, &stream, "kw").await.0 == 7 }
+        },
+    )
+    .await;
+
+    cache.restart().await;
+    wait_all_acked(&stream_url, &stream, "kw", 7, Duration::from_secs(60)).await;
+    daemon.stop().await;
+    assert_rows_cached(&cache.url(), &prefix, 6).await;
+}
+
+/// The smallest delivery count among the group's pending entries, 0 unless `n` are pending.
+async fn least_delivery_count(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    n: usize,
+) -> i64 {
+    let pending: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("kw")
+        .arg("-")
+        .arg("+")
+        .arg(100)
+        .query_async(conn)
+        .await
+        .unwrap_or_default();
+    if pending.len() != n {
+        return 0;
+    }
+    pending.iter().map(|p| p.3).min().unwrap_or(0)
+}

@@ -6,7 +6,9 @@
 //! - Acknowledges with `XACK`, batched, only for messages the pipeline settled as done.
 //!   Abandoned messages stay pending.
 //! - Reclaims entries pending longer than `claim_idle_ms` on any consumer (a crashed or killed
-//!   worker) with `XAUTOCLAIM`, so nothing stays pending forever.
+//!   worker, or this one's abandoned messages) with `XAUTOCLAIM`, so nothing stays pending
+//!   forever. Entries this process still holds (stuck behind a cache outage, in a slow plugin
+//!   call, or done but not yet acknowledged) look as idle to Redis: they are not delivered again.
 //! - Survives Redis restarts: every failed call is retried with capped backoff.
 
 use super::{Acker, Payload, RawPayload, SourceContext};
@@ -15,12 +17,25 @@ use crate::message::ChangeMessage;
 use anyhow::Context as _;
 use redis::Value;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 
 /// One stream entry: its id and its fields.
 type Entry = (String, Vec<(String, Vec<u8>)>);
+
+/// The ids of the entries this process holds: read and not yet acknowledged or abandoned.
+#[derive(Clone, Default)]
+struct Held(Arc<Mutex<HashSet<String>>>);
+
+impl Held {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
 
 /// Runs the source until shutdown, then waits until every message it read is settled and
 /// acknowledged.
@@ -45,7 +60,12 @@ pub async fn run(
     let Some(reader) = connect(&client, &ctx, config.block_ms).await else {
         return Ok(());
     };
-    let stream = Stream { config, consumer };
+    let held = Held::default();
+    let stream = Stream {
+        config,
+        consumer,
+        held: held.clone(),
+    };
     let (tx, rx) = mpsc::unbounded_channel();
     let acker: Arc<dyn Acker> = Arc::new(StreamAcker { tx });
     // Acks get their own connection: on the reader's, each XACK would queue behind a blocking
@@ -58,6 +78,7 @@ pub async fn run(
         stream.config.stream.clone(),
         stream.config.group.clone(),
         rx,
+        held,
     ));
     let sampler = tokio::spawn(sample_lag(
         client.clone(),
@@ -91,6 +112,7 @@ pub async fn run(
 struct Stream {
     config: RedisStreamSourceConfig,
     consumer: String,
+    held: Held,
 }
 
 fn default_consumer() -> String {
@@ -170,11 +192,9 @@ impl Stream {
             };
             ctx.dispatcher.counters().source_up(&ctx.name, read.is_ok());
             match read {
-                Ok(entries) => {
+                Ok(mut entries) => {
                     backoff.reset();
-                    if claiming && !entries.is_empty() {
-                        tracing::info!(source = %ctx.name, entries = entries.len(), "reclaimed entries pending on other consumers");
-                    }
+                    self.hold(&mut entries, claiming, ctx);
                     ctx.release(slots - entries.len().min(slots));
                     if !entries.is_empty() && decoder.send(entries).await.is_err() {
                         // Only a panic ends the decoder early; what it held stays pending and
@@ -197,6 +217,22 @@ impl Stream {
                 }
             }
         }
+    }
+
+    /// Records `entries` as held; from a claim, first drops those this process holds already.
+    fn hold(&self, entries: &mut Vec<Entry>, claimed: bool, ctx: &SourceContext) {
+        let mut held = self.held.lock();
+        if claimed {
+            let claimed = entries.len();
+            entries.retain(|(id, _)| !held.contains(id));
+            if !entries.is_empty() {
+                tracing::info!(source = %ctx.name, entries = entries.len(), "reclaimed entries left pending by another consumer or abandoned here");
+            }
+            if claimed > entries.len() {
+                tracing::debug!(source = %ctx.name, entries = claimed - entries.len(), "claim skipped entries still held here");
+            }
+        }
+        held.extend(entries.iter().map(|(id, _)| id.clone()));
     }
 
     async fn create_group(&self, conn: &mut ConnectionManager) -> redis::RedisResult<()> {
@@ -356,28 +392,44 @@ fn decode(fields: Vec<(String, Vec<u8>)>, max_bytes: usize) -> Payload {
     }
 }
 
-/// Settled ids go to the ack loop; abandoned ones stay pending.
+/// Settled ids go to the ack loop: done ones to be acknowledged, abandoned ones to stay pending
+/// (and be reclaimed).
 struct StreamAcker {
-    tx: mpsc::UnboundedSender<String>,
+    tx: mpsc::UnboundedSender<(String, bool)>,
 }
 
 impl Acker for StreamAcker {
     fn settle(&self, id: &str, done: bool) {
-        if done {
-            let _ = self.tx.send(id.to_owned());
-        }
+        let _ = self.tx.send((id.to_owned(), done));
     }
 }
 
 /// Sends `XACK`s in batches until every token is gone, retrying while Redis is unavailable.
+/// An id stops being held once it is acknowledged, or at once when it was abandoned.
 async fn ack_loop(
     mut conn: ConnectionManager,
     stream: String,
     group: String,
-    mut rx: mpsc::UnboundedReceiver<String>,
+    mut rx: mpsc::UnboundedReceiver<(String, bool)>,
+    held: Held,
 ) {
+    let mut settled = Vec::new();
     let mut ids = Vec::new();
-    while rx.recv_many(&mut ids, 4096).await > 0 {
+    let sort = |settled: &mut Vec<(String, bool)>, ids: &mut Vec<String>| {
+        let mut held = held.lock();
+        for (id, done) in settled.drain(..) {
+            if done {
+                ids.push(id);
+            } else {
+                held.remove(&id);
+            }
+        }
+    };
+    while rx.recv_many(&mut settled, 4096).await > 0 {
+        sort(&mut settled, &mut ids);
+        if ids.is_empty() {
+            continue;
+        }
         let mut delay = Duration::from_millis(50);
         loop {
             let acked: redis::RedisResult<i64> = redis::cmd("XACK")
@@ -397,13 +449,17 @@ async fn ack_loop(
                     tokio::time::sleep(delay).await;
                     delay = (delay * 2).min(Duration::from_secs(2));
                     // Take what arrived meanwhile into the same XACK.
-                    while let Ok(id) = rx.try_recv() {
-                        ids.push(id);
+                    while let Ok(one) = rx.try_recv() {
+                        settled.push(one);
                     }
+                    sort(&mut settled, &mut ids);
                 }
             }
         }
-        ids.clear();
+        let mut held = held.lock();
+        for id in ids.drain(..) {
+            held.remove(&id);
+        }
     }
 }
 
