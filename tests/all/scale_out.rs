@@ -99,7 +99,7 @@ async fn three_processes_share_a_stream_and_survive_one_killed() {
             workers.iter().any(|w| w
                 .log
                 .iter()
-                .any(|l| l.contains("reclaimed entries pending on other consumers"))),
+                .any(|l| l.contains("reclaimed entries left pending"))),
             "the killed worker held {} entries; nobody reclaimed them",
             held.len()
         );
