@@ -123,56 +123,97 @@ async fn a_redis_restart_mid_stream_loses_nothing() {
     assert_rows_cached(&url, &prefix, total - 1).await;
 }
 
+/// A daemon on its own cache, which applied row 0 and then stopped: what the daemon reads next
+/// is stuck in flight until the cache is back.
+struct Outage {
+    cache: RedisServer,
+    daemon: Daemon,
+    conn: redis::aio::MultiplexedConnection,
+    prefix: String,
+    stream: String,
+    _plugins: PluginDir,
+}
+
+impl Outage {
+    async fn start(name: &str, pipeline: &str, source: &str) -> Outage {
+        let stream_url = redis_url();
+        let mut cache = RedisServer::start().await;
+        let prefix = unique(name);
+        let stream = format!("{prefix}:stream");
+        let plugins = row_cache_dir(&prefix, "");
+        let daemon = Daemon::start(config_with(
+            plugins.path(),
+            &cache.url(),
+            &stream_url,
+            &stream,
+            pipeline,
+            source,
+        ));
+        let mut conn = connect(&stream_url).await;
+        xadd_sequin(&mut conn, &stream, &[order_line(0)]).await;
+        wait_all_acked(&stream_url, &stream, "kw", 1, Duration::from_secs(30)).await;
+        cache.stop();
+        Outage {
+            cache,
+            daemon,
+            conn,
+            prefix,
+            stream,
+            _plugins: plugins,
+        }
+    }
+
+    async fn add(&mut self, rows: std::ops::RangeInclusive<u64>) {
+        let lines: Vec<String> = rows.map(order_line).collect();
+        xadd_sequin(&mut self.conn, &self.stream, &lines).await;
+    }
+
+    /// Waits until the group has delivered `n` entries.
+    async fn wait_read(&self, n: u64, what: &str) {
+        wait_for(what, Duration::from_secs(30), || {
+            let (mut conn, stream) = (self.conn.clone(), self.stream.clone());
+            async move { group_progress(&mut conn, &stream, "kw").await.0 == n }
+        })
+        .await;
+    }
+
+    /// Restarts the cache and checks that rows `0..=last` end up applied and acknowledged.
+    async fn end(mut self, last: u64) {
+        self.cache.restart().await;
+        wait_all_acked(
+            &redis_url(),
+            &self.stream,
+            "kw",
+            last + 1,
+            Duration::from_secs(60),
+        )
+        .await;
+        self.daemon.stop().await;
+        assert_rows_cached(&self.cache.url(), &self.prefix, last).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_source_keeps_reading_while_part_of_its_budget_is_stuck() {
     // Three slots, reads of up to three: with one message stuck behind the outage, the source
     // must still read the next two into the two free slots, not wait for three free at once.
-    let stream_url = redis_url();
-    let mut cache = RedisServer::start().await;
-    let prefix = unique("budget");
-    let stream = format!("{prefix}:stream");
-    let plugins = row_cache_dir(&prefix, "");
-    let daemon = Daemon::start(config_with(
-        plugins.path(),
-        &cache.url(),
-        &stream_url,
-        &stream,
+    let mut outage = Outage::start(
+        "budget",
         "max_in_flight = 3\nbatch_size = 1",
         "read_count = 3",
-    ));
-    let mut conn = connect(&stream_url).await;
-    xadd_sequin(&mut conn, &stream, &[order_line(0)]).await;
-    wait_all_acked(&stream_url, &stream, "kw", 1, Duration::from_secs(30)).await;
-
-    cache.stop();
-    let watcher = conn.clone();
-    let read = |n: u64| {
-        let (conn, stream) = (watcher.clone(), stream.clone());
-        move || {
-            let (mut conn, stream) = (conn.clone(), stream.clone());
-            async move { group_progress(&mut conn, &stream, "kw").await.0 == n }
-        }
-    };
-    xadd_sequin(&mut conn, &stream, &[order_line(1)]).await;
-    wait_for(
-        "the daemon to read entry 1",
-        Duration::from_secs(30),
-        read(2),
     )
     .await;
-    xadd_sequin(&mut conn, &stream, &[order_line(2), order_line(3)]).await;
-    wait_for(
-        "the daemon to read entries 2 and 3 into its free slots",
-        Duration::from_secs(30),
-        read(4),
-    )
-    .await;
-    assert_eq!(group_progress(&mut conn, &stream, "kw").await, (4, 3));
-
-    cache.restart().await;
-    wait_all_acked(&stream_url, &stream, "kw", 4, Duration::from_secs(60)).await;
-    daemon.stop().await;
-    assert_rows_cached(&cache.url(), &prefix, 3).await;
+    outage.add(1..=1).await;
+    outage.wait_read(2, "the daemon to read entry 1").await;
+    outage.add(2..=3).await;
+    outage
+        .wait_read(4, "the daemon to read entries 2 and 3 into its free slots")
+        .await;
+    assert_eq!(
+        group_progress(&mut outage.conn, &outage.stream, "kw").await,
+        (4, 3)
+    );
+    outage.end(3).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,51 +221,30 @@ async fn entries_stuck_behind_an_outage_are_not_reclaimed_by_their_own_daemon() 
     // To Redis, entries stuck in flight look idle: the daemon's own XAUTOCLAIM hands them back.
     // Delivered again, they would fill the free half of the budget with copies, and the
     // entries written after them would wait for the outage to end.
-    let stream_url = redis_url();
-    let mut cache = RedisServer::start().await;
-    let prefix = unique("reclaim");
-    let stream = format!("{prefix}:stream");
-    let plugins = row_cache_dir(&prefix, "");
-    let daemon = Daemon::start(config_with(
-        plugins.path(),
-        &cache.url(),
-        &stream_url,
-        &stream,
+    let mut outage = Outage::start(
+        "reclaim",
         "max_in_flight = 6\nbatch_size = 1",
         "read_count = 3\nclaim_idle_ms = 300",
-    ));
-    let mut conn = connect(&stream_url).await;
-    xadd_sequin(&mut conn, &stream, &[order_line(0)]).await;
-    wait_all_acked(&stream_url, &stream, "kw", 1, Duration::from_secs(30)).await;
-
-    cache.stop();
-    let lines: Vec<String> = (1..=3).map(order_line).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
+    )
+    .await;
+    outage.add(1..=3).await;
     wait_for(
         "a claim to hand the stuck entries back",
         Duration::from_secs(30),
         || {
-            let (mut conn, stream) = (conn.clone(), stream.clone());
+            let (mut conn, stream) = (outage.conn.clone(), outage.stream.clone());
             async move { least_delivery_count(&mut conn, &stream, 3).await >= 2 }
         },
     )
     .await;
-    let lines: Vec<String> = (4..=6).map(order_line).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    wait_for(
-        "the daemon to read the later entries into its free slots",
-        Duration::from_secs(30),
-        || {
-            let (mut conn, stream) = (conn.clone(), stream.clone());
-            async move { group_progress(&mut conn, &stream, "kw").await.0 == 7 }
-        },
-    )
-    .await;
-
-    cache.restart().await;
-    wait_all_acked(&stream_url, &stream, "kw", 7, Duration::from_secs(60)).await;
-    daemon.stop().await;
-    assert_rows_cached(&cache.url(), &prefix, 6).await;
+    outage.add(4..=6).await;
+    outage
+        .wait_read(
+            7,
+            "the daemon to read the later entries into its free slots",
+        )
+        .await;
+    outage.end(6).await;
 }
 
 /// The smallest delivery count among the group's pending entries, 0 unless `n` are pending.
