@@ -26,6 +26,9 @@ start_redis
 start_moto
 # A three-master Redis Cluster for the cluster tests (REDIS_CLUSTER_URLS).
 start_cluster
+# A failing test prints where and why it panicked; a backtrace after that would push the why
+# out of the short excerpt a CI log keeps.
+export RUST_BACKTRACE=0
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
 echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, sqs emulator at $SQS_ENDPOINT)"
