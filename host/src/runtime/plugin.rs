@@ -259,10 +259,16 @@ impl Plugin {
         );
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks);
-        let bindings = self
-            .pre
-            .instantiate(&mut store)
-            .map_err(|error| PluginError::Trap(format!("instantiation failed: {error:#}")))?;
+        let bindings =
+            self.pre
+                .instantiate(&mut store)
+                .map_err(|error| match self.classify(error) {
+                    // Past the deadline while starting up is a timeout like any other.
+                    PluginError::Trap(text) => {
+                        PluginError::Trap(format!("instantiation failed: {text}"))
+                    }
+                    other => other,
+                })?;
         Ok(Warm {
             store,
             bindings,
