@@ -247,6 +247,68 @@ async fn entries_stuck_behind_an_outage_are_not_reclaimed_by_their_own_daemon() 
     outage.end(6).await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_a_dead_consumer_left_behind_held_ones_are_still_reclaimed() {
+    // The pending list is in id order, and the daemon's own stuck entries come first: its claim
+    // finds them idle, skips them (they are held), and must still reach the entries a dead
+    // consumer left after them. (It does because a claim resets the idle time of what it
+    // claims, so the next claim scans past the held entries.)
+    let mut outage = Outage::start(
+        "cursor",
+        "max_in_flight = 6\nbatch_size = 1",
+        "read_count = 3\nclaim_idle_ms = 300",
+    )
+    .await;
+    outage.add(1..=3).await;
+    outage
+        .wait_read(4, "the daemon to read entries 1 to 3")
+        .await;
+    // Entries 4 and 5 go to a consumer that then dies: added and read in one transaction, so
+    // the daemon's blocked read cannot take them first.
+    let mut pipe = redis::pipe();
+    pipe.atomic();
+    for row in 4..=5 {
+        let cmd = pipe.cmd("XADD").arg(&outage.stream).arg("*");
+        for (k, v) in stream_fields(&order_line(row)) {
+            cmd.arg(k).arg(v);
+        }
+        cmd.ignore();
+    }
+    pipe.cmd("XREADGROUP")
+        .arg("GROUP")
+        .arg("kw")
+        .arg("dead")
+        .arg("COUNT")
+        .arg(2)
+        .arg("STREAMS")
+        .arg(&outage.stream)
+        .arg(">")
+        .ignore();
+    let () = pipe.query_async(&mut outage.conn).await.unwrap();
+    wait_for(
+        "the daemon to reclaim what the dead consumer held",
+        Duration::from_secs(30),
+        || {
+            let (mut conn, stream) = (outage.conn.clone(), outage.stream.clone());
+            async move {
+                let held: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
+                    .arg(&stream)
+                    .arg("kw")
+                    .arg("-")
+                    .arg("+")
+                    .arg(10)
+                    .arg("dead")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                held.is_empty()
+            }
+        },
+    )
+    .await;
+    outage.end(5).await;
+}
+
 /// The smallest delivery count among the group's pending entries, 0 unless `n` are pending.
 async fn least_delivery_count(
     conn: &mut redis::aio::MultiplexedConnection,
