@@ -285,24 +285,14 @@ async fn entries_a_dead_consumer_left_behind_held_ones_are_still_reclaimed() {
         .arg(">")
         .ignore();
     let () = pipe.query_async(&mut outage.conn).await.unwrap();
+    let dead = pending(&mut outage.conn, &outage.stream, Some("dead")).await;
+    assert_eq!(dead.len(), 2, "the dead consumer holds entries 4 and 5");
     wait_for(
         "the daemon to reclaim what the dead consumer held",
         Duration::from_secs(30),
         || {
             let (mut conn, stream) = (outage.conn.clone(), outage.stream.clone());
-            async move {
-                let held: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
-                    .arg(&stream)
-                    .arg("kw")
-                    .arg("-")
-                    .arg("+")
-                    .arg(10)
-                    .arg("dead")
-                    .query_async(&mut conn)
-                    .await
-                    .unwrap();
-                held.is_empty()
-            }
+            async move { pending(&mut conn, &stream, Some("dead")).await.is_empty() }
         },
     )
     .await;
@@ -315,17 +305,24 @@ async fn least_delivery_count(
     stream: &str,
     n: usize,
 ) -> i64 {
-    let pending: Vec<(String, String, i64, i64)> = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg("kw")
-        .arg("-")
-        .arg("+")
-        .arg(100)
-        .query_async(conn)
-        .await
-        .unwrap_or_default();
+    let pending = pending(conn, stream, None).await;
     if pending.len() != n {
         return 0;
     }
     pending.iter().map(|p| p.3).min().unwrap_or(0)
+}
+
+/// The group's first 100 pending entries (of `consumer` only, if given): id, consumer, idle
+/// ms, delivery count.
+async fn pending(
+    conn: &mut redis::aio::MultiplexedConnection,
+    stream: &str,
+    consumer: Option<&str>,
+) -> Vec<(String, String, i64, i64)> {
+    let mut cmd = redis::cmd("XPENDING");
+    cmd.arg(stream).arg("kw").arg("-").arg("+").arg(100);
+    if let Some(consumer) = consumer {
+        cmd.arg(consumer);
+    }
+    cmd.query_async(conn).await.unwrap()
 }

@@ -301,7 +301,6 @@ impl PluginDir {
     }
 }
 
-/// A row-cache manifest that writes under `prefix`.
 /// A plugin directory holding row-cache, writing under `prefix`, with `extra` manifest lines.
 pub fn row_cache_dir(prefix: &str, extra: &str) -> PluginDir {
     let plugins = PluginDir::new();
@@ -313,6 +312,7 @@ pub fn row_cache_dir(prefix: &str, extra: &str) -> PluginDir {
     plugins
 }
 
+/// A row-cache manifest that writes under `prefix`.
 pub fn row_cache_manifest(prefix: &str, extra: &str) -> String {
     format!("{extra}\n[config]\nkey = \"{prefix}:{{schema}}.{{table}}:{{pks}}\"\n")
 }

@@ -107,7 +107,7 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
     };
     let mut refused = Vec::new();
     let mut n_applied = 0;
-    let mut tally = Tally::new(shared, name);
+    let mut tally = AppliedTally::new(shared, name);
     for (job, outcome) in jobs.iter().zip(&applied) {
         let Payload::Decoded(message) = &job.payload else {
             continue;
@@ -153,7 +153,7 @@ async fn process(name: &str, lane: usize, shared: &Shared, jobs: Vec<Arc<Job>>) 
 /// Counts a batch's applied messages and stale writes per source, adding to the labelled
 /// metrics once per run of messages from one source (usually once per batch) rather than per
 /// message.
-struct Tally<'a> {
+struct AppliedTally<'a> {
     shared: &'a Shared,
     plugin: &'a str,
     source: Option<Arc<str>>,
@@ -161,9 +161,9 @@ struct Tally<'a> {
     stale: u64,
 }
 
-impl<'a> Tally<'a> {
-    fn new(shared: &'a Shared, plugin: &'a str) -> Tally<'a> {
-        Tally {
+impl<'a> AppliedTally<'a> {
+    fn new(shared: &'a Shared, plugin: &'a str) -> AppliedTally<'a> {
+        AppliedTally {
             shared,
             plugin,
             source: None,

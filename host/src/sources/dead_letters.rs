@@ -56,18 +56,7 @@ impl Entry {
             .iter()
             .filter_map(|(k, v)| Some((k.strip_prefix("entry.")?.to_owned(), v.clone())))
             .collect();
-        match ChangeMessage::from_stream_fields(|name| {
-            fields
-                .iter()
-                .find(|(k, _)| k == name)
-                .map(|(_, v)| v.as_slice())
-        }) {
-            Ok(message) => Payload::Decoded(message),
-            Err(error) => Payload::Malformed {
-                raw: RawPayload::StreamFields(fields),
-                reason: error.0,
-            },
-        }
+        super::redis_streams::decode(fields, max_bytes)
     }
 }
 

@@ -374,8 +374,9 @@ async fn decode_loop(
     }
 }
 
-/// Decodes one entry, or explains why it is not a change message.
-fn decode(fields: Vec<(String, Vec<u8>)>, max_bytes: usize) -> Payload {
+/// Decodes one entry, or explains why it is not a change message (its fields kept whole for
+/// the dead letter).
+pub(super) fn decode(fields: Vec<(String, Vec<u8>)>, max_bytes: usize) -> Payload {
     let size: usize = fields.iter().map(|(k, v)| k.len() + v.len()).sum();
     if size > max_bytes {
         return Payload::Malformed {
@@ -415,7 +416,8 @@ async fn ack_loop(
 ) {
     let mut settled = Vec::new();
     let mut ids = Vec::new();
-    let sort = |settled: &mut Vec<(String, bool)>, ids: &mut Vec<String>| {
+    // Done ids wait in `ids` for their XACK; abandoned ones are let go at once.
+    let take_settled = |settled: &mut Vec<(String, bool)>, ids: &mut Vec<String>| {
         let mut held = held.lock();
         for (id, done) in settled.drain(..) {
             if done {
@@ -426,7 +428,7 @@ async fn ack_loop(
         }
     };
     while rx.recv_many(&mut settled, 4096).await > 0 {
-        sort(&mut settled, &mut ids);
+        take_settled(&mut settled, &mut ids);
         if ids.is_empty() {
             continue;
         }
@@ -452,7 +454,7 @@ async fn ack_loop(
                     while let Ok(one) = rx.try_recv() {
                         settled.push(one);
                     }
-                    sort(&mut settled, &mut ids);
+                    take_settled(&mut settled, &mut ids);
                 }
             }
         }
