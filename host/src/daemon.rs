@@ -2,14 +2,12 @@
 
 use crate::admin::{self, AdminState};
 use crate::applier::Applier;
-use crate::config::{
-    Config, HttpSourceConfig, RedisStreamSourceConfig, SourceConfig, SqsSourceConfig,
-};
+use crate::config::Config;
 use crate::pipeline::{self, Dispatcher, Shared};
 use crate::runtime::{self, PluginSet, Runtime, reload};
 use crate::sources::dead_letters;
 use crate::sources::jsonl::{self, ReplaySummary};
-use crate::sources::{SourceContext, redis_streams, sqs, webhook};
+use crate::sources::{SourceConfig, SourceContext, SourceEnv};
 use crate::telemetry::Counters;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
@@ -75,16 +73,28 @@ impl Core {
         )
     }
 
-    pub(crate) fn slots(&self) -> Arc<Semaphore> {
+    /// A context for the source `name`, drawing on the in-flight budget `permits`.
+    fn context(
+        &self,
+        name: impl Into<Arc<str>>,
+        dispatcher: Dispatcher,
+        shutdown: &CancellationToken,
+        permits: &Arc<Semaphore>,
+    ) -> SourceContext {
+        SourceContext::new(
+            name,
+            Arc::new(dispatcher),
+            Arc::clone(&self.counters),
+            shutdown.clone(),
+            Arc::clone(permits),
+            self.config.pipeline.max_message_bytes,
+        )
+    }
+
+    /// The in-flight budget every source of one run shares.
+    fn permits(&self) -> Arc<Semaphore> {
         Arc::new(Semaphore::new(self.config.pipeline.max_in_flight))
     }
-}
-
-/// A source ready to run: what must fail at start-up has been done.
-enum Ready {
-    RedisStream(RedisStreamSourceConfig),
-    Sqs(SqsSourceConfig),
-    Http(HttpSourceConfig, webhook::Bound),
 }
 
 /// Runs the configured sources until `shutdown`, then lets in-flight work finish for at most
@@ -109,48 +119,28 @@ pub async fn run(
     let (_, admin) = admin::serve(&core.config.admin.listen, admin_state, shutdown.clone()).await?;
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
-    let slots = core.slots();
-    // Listeners are bound before anything runs, so a port in use or a missing token stops the
-    // daemon at start-up rather than leaving it running without that source.
+    let permits = core.permits();
+    // Every source is built before anything runs, so a port in use or a missing token stops
+    // the daemon at start-up rather than leaving it running without that source.
     let mut sources = Vec::new();
-    for source in core.config.sources.clone() {
-        let name = source.name();
-        let ready = match source {
-            SourceConfig::RedisStream(stream) => Ready::RedisStream(stream),
-            SourceConfig::Sqs(queue) => Ready::Sqs(queue),
-            SourceConfig::Http(http) => {
-                let bound = webhook::bind(&http)
-                    .await
-                    .with_context(|| format!("cannot start source {name}"))?;
-                Ready::Http(http, bound)
-            }
+    for config in core.config.sources.clone() {
+        let name = config.name();
+        let env = SourceEnv {
+            cache_redis: core.config.redis.client()?,
         };
-        sources.push((name, ready));
-    }
-    for (name, source) in &sources {
-        // Down until it connects; a bound listener is up.
-        core.counters
-            .source_up(name, matches!(source, Ready::Http(..)));
+        let source = config
+            .build(env)
+            .await
+            .with_context(|| format!("cannot start source {name}"))?;
+        // Down until it first reaches its queue; a bound listener is up.
+        core.counters.source_up(&name, source.up_at_start());
+        sources.push((name, source));
     }
     for (name, source) in sources {
-        let ctx = SourceContext::new(
-            name,
-            dispatcher.clone(),
-            shutdown.clone(),
-            Arc::clone(&slots),
-        );
-        let max_bytes = core.config.pipeline.max_message_bytes;
-        let cache = core.config.redis.clone();
+        let ctx = core.context(name.as_str(), dispatcher.clone(), &shutdown, &permits);
         tracker.spawn(async move {
-            let name = ctx.name.clone();
-            let result = match source {
-                Ready::RedisStream(stream) => {
-                    redis_streams::run(stream, &cache, max_bytes, ctx).await
-                }
-                Ready::Sqs(queue) => sqs::run(queue, max_bytes, ctx).await,
-                Ready::Http(http, bound) => webhook::run(http, bound, max_bytes, ctx).await,
-            };
-            if let Err(error) = result {
+            if let Err(error) = source.run(ctx).await {
+                let error = anyhow::Error::from(error);
                 tracing::error!(source = %name, error = format!("{error:#}"), "source failed");
             }
         });
@@ -206,10 +196,8 @@ pub async fn replay(
     let core = Core::start(config).await?;
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
-    let ctx = SourceContext::new("jsonl", dispatcher, shutdown, core.slots());
-    let summary = jsonl::run(input, core.config.pipeline.max_message_bytes, ctx)
-        .await
-        .context("replay failed")?;
+    let ctx = core.context("jsonl", dispatcher, &shutdown, &core.permits());
+    let summary = jsonl::run(input, ctx).await.context("replay failed")?;
     tracker.close();
     tracker.wait().await;
     log_counters(&core.counters);
@@ -257,7 +245,7 @@ pub async fn replay_dead_letters(
     let core = Core::start(config).await?;
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
-    let ctx = SourceContext::new("dead-letters", dispatcher, shutdown, core.slots());
+    let ctx = core.context("dead-letters", dispatcher, &shutdown, &core.permits());
     let report = dead_letters::replay(
         core.config.redis.tool_connection().await?,
         &stream,

@@ -170,14 +170,22 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     eprintln!("still failing: {id}: {reason}");
                 }
                 eprintln!(
-                    "replayed {} dead letters: {} fixed and removed, {} still failing, {} left unapplied",
+                    "replayed {} dead letters: {} fixed and removed, {} still failing, {} left unapplied{}",
                     report.replayed,
                     report.fixed,
                     report.still_failing.len(),
-                    report.abandoned
+                    report.abandoned,
+                    if report.interrupted {
+                        " (interrupted: the rest were not read and stay)"
+                    } else {
+                        ""
+                    }
                 );
                 Ok(
-                    if report.still_failing.is_empty() && report.abandoned == 0 {
+                    if report.still_failing.is_empty()
+                        && report.abandoned == 0
+                        && !report.interrupted
+                    {
                         ExitCode::SUCCESS
                     } else {
                         ExitCode::FAILURE

@@ -124,13 +124,54 @@ impl JsonObject {
     }
 }
 
-/// Why a payload is not a change message. The text is the dead-letter reason.
+/// Why a payload is not a change message: a poison message, dead-lettered with this text as
+/// its reason and never retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct DecodeError(pub String);
+pub enum DecodeError {
+    /// Larger than `pipeline.max_message_bytes`.
+    #[error("message of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The message's size in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+    /// The queue delivered no body at all.
+    #[error("{source_kind} message has no body")]
+    NoBody {
+        /// The kind of source, e.g. `sqs`.
+        source_kind: &'static str,
+    },
+    /// The bytes (or one stream field) are not UTF-8.
+    #[error("{part} is not valid UTF-8: {error}")]
+    NotUtf8 {
+        /// `message`, or a stream field as ``field `record` ``.
+        part: String,
+        /// Where the first bad byte is.
+        error: std::str::Utf8Error,
+    },
+    /// The text is not JSON.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// Valid JSON of another shape (a string, a number, an array, a field that is not an
+    /// object): not a change message.
+    #[error("{0}")]
+    WrongShape(String),
+    /// A required field is absent.
+    #[error("missing field `{0}`")]
+    MissingField(&'static str),
+    /// The fields are there but break the format's rules (unknown action, a version that does
+    /// not fit the action, empty `record_pks`, nesting too deep).
+    #[error("{0}")]
+    Invalid(String),
+}
 
 fn bad(reason: impl Into<String>) -> DecodeError {
-    DecodeError(reason.into())
+    DecodeError::Invalid(reason.into())
+}
+
+fn shape(reason: impl Into<String>) -> DecodeError {
+    DecodeError::WrongShape(reason.into())
 }
 
 /// The fields of `metadata` that keepwarm reads; the rest is passed through as text.
@@ -187,23 +228,25 @@ impl ChangeMessage {
         let trimmed = text.trim_start();
         if !trimmed.starts_with('{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
-                Err(error) => bad(format!("invalid JSON: {error}")),
+                Err(error) => DecodeError::InvalidJson(error.to_string()),
                 Ok(_) if trimmed.starts_with('"') => {
-                    bad("a JSON string, not a change message (a Sequin transform output?)")
+                    shape("a JSON string, not a change message (a Sequin transform output?)")
                 }
-                Ok(_) => bad("JSON value is not an object, not a change message"),
+                Ok(_) => shape("JSON value is not an object, not a change message"),
             });
         }
-        let wire: MessageWire<'_> =
-            serde_json::from_str(text).map_err(|error| bad(format!("invalid JSON: {error}")))?;
-        let action = wire.action.ok_or_else(|| bad("missing field `action`"))?;
+        let wire: MessageWire<'_> = serde_json::from_str(text)
+            .map_err(|error| DecodeError::InvalidJson(error.to_string()))?;
+        let action = wire
+            .action
+            .ok_or_else(|| DecodeError::MissingField("action"))?;
         let record = wire
             .record
-            .ok_or_else(|| bad("missing field `record`"))?
+            .ok_or_else(|| DecodeError::MissingField("record"))?
             .get();
         let metadata = wire
             .metadata
-            .ok_or_else(|| bad("missing field `metadata`"))?
+            .ok_or_else(|| DecodeError::MissingField("metadata"))?
             .get();
         let changes = wire.changes.map(RawValue::get);
         let checked = check(action, record, changes, metadata, Syntax::Parsed)?;
@@ -349,12 +392,15 @@ fn check_stream_fields<'a>(
     let text = |name: &str| -> Result<Option<&'a str>, DecodeError> {
         field(name)
             .transpose()
-            .map_err(|error| bad(format!("field `{name}` is not valid UTF-8: {error}")))
+            .map_err(|error| DecodeError::NotUtf8 {
+                part: format!("field `{name}`"),
+                error,
+            })
     };
     let [action, record, metadata, changes] = STREAM_FIELDS;
-    let action = text(action)?.ok_or_else(|| bad("missing field `action`"))?;
-    let record = text(record)?.ok_or_else(|| bad("missing field `record`"))?;
-    let metadata = text(metadata)?.ok_or_else(|| bad("missing field `metadata`"))?;
+    let action = text(action)?.ok_or_else(|| DecodeError::MissingField("action"))?;
+    let record = text(record)?.ok_or_else(|| DecodeError::MissingField("record"))?;
+    let metadata = text(metadata)?.ok_or_else(|| DecodeError::MissingField("metadata"))?;
     let changes = text(changes)?;
     let checked = check(action, record, changes, metadata, Syntax::Unchecked)?;
     Ok((checked, [Some(record), changes, Some(metadata)]))
@@ -386,8 +432,8 @@ fn check(
     if !metadata.trim_start().starts_with('{') {
         return Err(
             match serde_json::from_str::<serde::de::IgnoredAny>(metadata) {
-                Err(error) => bad(format!("field `metadata` is not valid JSON: {error}")),
-                Ok(_) => bad("field `metadata` is not a JSON object"),
+                Err(error) => shape(format!("field `metadata` is not valid JSON: {error}")),
+                Ok(_) => shape("field `metadata` is not a JSON object"),
             },
         );
     }
@@ -427,10 +473,10 @@ pub const MAX_DEPTH: usize = 128;
 fn check_object(name: &str, text: &str, syntax: Syntax) -> Result<(), DecodeError> {
     if syntax == Syntax::Unchecked {
         serde_json::from_str::<&RawValue>(text)
-            .map_err(|error| bad(format!("field `{name}` is not valid JSON: {error}")))?;
+            .map_err(|error| shape(format!("field `{name}` is not valid JSON: {error}")))?;
     }
     if !text.trim_start().starts_with('{') {
-        return Err(bad(format!("field `{name}` is not a JSON object")));
+        return Err(shape(format!("field `{name}` is not a JSON object")));
     }
     check_depth(name, text)
 }

@@ -52,7 +52,7 @@ pub fn run(
         let number = index + 1;
         let answer = match std::str::from_utf8(text)
             .map_err(|error| format!("message is not valid UTF-8: {error}"))
-            .and_then(|t| ChangeMessage::from_json(t).map_err(|e| format!("decode: {}", e.0)))
+            .and_then(|t| ChangeMessage::from_json(t).map_err(|e| format!("decode: {e}")))
         {
             Err(error) => json!({"line": number, "error": error}),
             Ok(message) if !plugin.manifest.subscribes(&message) => json!({

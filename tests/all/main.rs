@@ -11,6 +11,7 @@ mod hot_reload;
 mod languages;
 mod operations;
 mod redis_outage;
+mod regressions;
 mod scaffold;
 mod scale_out;
 mod shutdown;

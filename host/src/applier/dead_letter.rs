@@ -5,7 +5,7 @@
 //! (Sequin JSON, or the body as received) or, for a stream entry that did not decode, in one
 //! `entry.<field>` per original field, byte for byte, so a replay sees exactly what arrived.
 
-use crate::sources::RawPayload;
+use crate::delivery::RawPayload;
 
 /// Why a message was dead-lettered.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -119,7 +119,7 @@ fn apply(text: &str, mutation: &Mutation) -> Vec<u8> {
 
 fn decode_bytes(bytes: &[u8]) -> Result<ChangeMessage, String> {
     let text = std::str::from_utf8(bytes).map_err(|e| e.to_string())?;
-    ChangeMessage::from_json(text).map_err(|e| e.0)
+    ChangeMessage::from_json(text).map_err(|e| e.to_string())
 }
 
 proptest! {

@@ -183,7 +183,7 @@ fn to_sequin_json_round_trips() {
 }
 
 fn reason(text: &str) -> String {
-    ChangeMessage::from_json(text).unwrap_err().0
+    ChangeMessage::from_json(text).unwrap_err().to_string()
 }
 
 #[test]
@@ -222,7 +222,7 @@ fn stream_entries_with_missing_or_bad_fields_are_rejected() {
     assert!(
         from_fields(&fields)
             .unwrap_err()
-            .0
+            .to_string()
             .contains("missing field `metadata`")
     );
     let mut fields = stream_fields(fixtures()[0]);
@@ -230,7 +230,7 @@ fn stream_entries_with_missing_or_bad_fields_are_rejected() {
     assert!(
         from_fields(&fields)
             .unwrap_err()
-            .0
+            .to_string()
             .contains("not valid UTF-8")
     );
 }
@@ -267,7 +267,10 @@ fn a_rejected_entry_gives_its_fields_back_untouched() {
     record.1.truncate(record.1.len() - 1);
     let before = fields.clone();
     let (error, after) = ChangeMessage::from_stream_entry(fields).unwrap_err();
-    assert!(error.0.contains("`record` is not valid JSON"), "{error}");
+    assert!(
+        error.to_string().contains("`record` is not valid JSON"),
+        "{error}"
+    );
     assert_eq!(after, before);
 
     // Not UTF-8 in one field, valid text in the others (already turned into text): all of it
@@ -278,7 +281,10 @@ fn a_rejected_entry_gives_its_fields_back_untouched() {
     let before = fields.clone();
     let borrowed = from_fields(&fields).unwrap_err();
     let (error, after) = ChangeMessage::from_stream_entry(fields).unwrap_err();
-    assert!(error.0.contains("`metadata` is not valid UTF-8"), "{error}");
+    assert!(
+        error.to_string().contains("`metadata` is not valid UTF-8"),
+        "{error}"
+    );
     assert_eq!(error, borrowed);
     assert_eq!(after, before);
 }

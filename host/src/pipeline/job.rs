@@ -2,7 +2,7 @@
 //! settled once each part is finished: as done when every part is done, as abandoned
 //! (redeliver) when any part was abandoned or dropped unfinished.
 
-use crate::sources::{AckToken, Delivery, Origin, Payload};
+use crate::delivery::{AckToken, Delivery, Origin, Payload};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 

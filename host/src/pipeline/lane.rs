@@ -8,12 +8,12 @@
 use super::{Job, Shared};
 use crate::applier::dead_letter::{DeadLetter, DeadLetterKind};
 use crate::applier::{MessageOutcome, MessageWrites};
+use crate::delivery::{Payload, RawPayload};
 use crate::manifest::Consistency;
 use crate::message::ChangeMessage;
 use crate::ops::Op;
 use crate::runtime::plugin::ChangeOutcome;
 use crate::runtime::{Plugin, PluginError};
-use crate::sources::{Payload, RawPayload};
 use crate::telemetry::{self, Counters};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +43,7 @@ async fn dead_letter_malformed(shared: &Shared, jobs: Vec<Arc<Job>>) {
         .filter_map(|job| match &job.payload {
             Payload::Malformed { raw, reason } => Some(DeadLetter {
                 kind: DeadLetterKind::Decode,
-                reason: reason.clone(),
+                reason: reason.to_string(),
                 plugin: None,
                 source: job.origin.source.to_string(),
                 source_id: job.origin.id.clone(),

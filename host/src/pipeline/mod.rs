@@ -19,9 +19,9 @@ pub mod lane;
 
 use crate::applier::Applier;
 use crate::config::PipelineConfig;
+use crate::delivery::{Delivery, Dispatch, Payload};
 use crate::runtime::PluginSet;
 use crate::runtime::status::Registry;
-use crate::sources::{Delivery, Payload};
 use crate::telemetry::{self, Counters};
 use arc_swap::ArcSwap;
 pub use job::Job;
@@ -72,10 +72,10 @@ pub struct Dispatcher {
     inner: Arc<Inner>,
 }
 
-impl Dispatcher {
+impl Dispatch for Dispatcher {
     /// Sends a delivery to the lane of its row in every plugin subscribed to it; a message no
     /// plugin wants is acknowledged at once.
-    pub fn dispatch(&self, delivery: Delivery) {
+    fn dispatch(&self, delivery: Delivery) {
         let inner = &self.inner;
         let metrics = &inner.shared.counters.metrics;
         // `messages_received` is counted by the source's context (one lookup per source).
@@ -120,12 +120,9 @@ impl Dispatcher {
             let _ = lanes[lane].send(Arc::clone(&job));
         }
     }
+}
 
-    /// The counters and metrics the pipeline feeds (sources add their gauges).
-    pub fn counters(&self) -> &Arc<Counters> {
-        &self.inner.shared.counters
-    }
-
+impl Dispatcher {
     fn lanes_of(&self, plugin: &str) -> Lanes {
         let inner = &self.inner;
         let mut groups = inner.groups.lock().unwrap_or_else(|p| p.into_inner());

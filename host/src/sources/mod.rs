@@ -1,272 +1,221 @@
 //! Sources: where change messages come from, and how each one is acknowledged.
 //!
-//! A source reads from its queue, decodes each message into a [`Delivery`] and hands it to the
-//! pipeline through its [`SourceContext`]. Every delivery carries an [`AckToken`]; the pipeline
-//! settles the token only once Redis has confirmed the message's operations (or its dead-letter
-//! entry), and the source then acknowledges to its queue. A token dropped unsettled (shutdown,
-//! crash of a lane) means "not done": the source leaves the message for redelivery.
+//! Each kind of source is a folder behind one trait: its config type (`config.rs`, parsed from
+//! a `[[source]]` table) builds a [`Source`], which runs with a [`SourceContext`]. The context
+//! owns what every source needs (dispatch into the pipeline, in-flight permits, the one
+//! decode, backoff, metrics, shutdown), so a source's folder holds only what talks to its
+//! queue. Every delivery carries an [`AckToken`](crate::delivery::AckToken); the pipeline
+//! settles it once the cache confirmed the message's writes (or its dead letter), and the
+//! source then acknowledges to its queue. A token dropped unsettled means "redeliver".
 //!
-//! Sources never write to the cache; only the applier does. Only sources talk to queues.
+//! Sources never write to the cache and never name the pipeline: they see it as a
+//! [`Dispatch`](crate::delivery::Dispatch) handle. Only sources talk to queues.
 //!
-//! - [`redis_streams`]: Sequin's Redis Stream sink, through a consumer group.
+//! Adding a kind: a folder here with `config.rs` and `mod.rs`, one line in [`registry!`]'s
+//! call below, and its section in `docs/sources.md` and `config/example.toml`.
+//!
+//! - [`redis_stream`]: Sequin's Redis Stream sink, through a consumer group.
 //! - [`sqs`]: Sequin's SQS sink (FIFO or standard queues); deletes after apply.
 //! - [`webhook`]: Sequin's webhook sink (HTTP push); replies 200 after apply.
+//! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line (`keepwarm replay`).
 //! - [`dead_letters`]: the dead-letter stream, listed and replayed.
-//! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line.
 
+mod context;
 pub mod dead_letters;
 pub mod jsonl;
-pub mod redis_streams;
-pub mod sqs;
-pub mod webhook;
+mod tally;
 
-use crate::message::ChangeMessage;
-use crate::pipeline::Dispatcher;
-use prometheus_client::metrics::counter::Counter;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
-use tokio::sync::{Notify, Semaphore, TryAcquireError};
-use tokio_util::sync::CancellationToken;
+pub use context::{Permits, SourceContext};
+pub(crate) use context::{decode_json, decode_stream_entry};
+pub use tally::{Counts, Tally};
 
-/// One message from a source, decoded or not, with its acknowledgement.
-pub struct Delivery {
-    /// The decoded message, or the raw payload and why it did not decode.
-    pub payload: Payload,
-    /// Where it came from.
-    pub origin: Origin,
-    /// Settled by the pipeline once the message is done.
-    pub ack: AckToken,
+use std::future::Future;
+use std::pin::Pin;
+
+/// A boxed future, so that sources can sit behind `dyn`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// A source ready to run: whatever had to fail at start-up (a port in use) has been done.
+pub trait Source: Send + 'static {
+    /// Reads until `ctx.shutdown`, then waits until what it delivered is settled and
+    /// acknowledged, and returns.
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>>;
+
+    /// Whether the source counts as up before it first reaches its queue (a bound listener).
+    fn up_at_start(&self) -> bool {
+        false
+    }
 }
 
-/// What a source read.
-pub enum Payload {
-    /// A change message.
-    Decoded(ChangeMessage),
-    /// Something that is not a change message; it goes to the dead-letter stream.
-    Malformed {
-        /// The bytes as received.
-        raw: RawPayload,
-        /// Why it was rejected.
-        reason: String,
+/// What the daemon knows that a source's configuration may need when it is built.
+pub struct SourceEnv {
+    /// A client for the cache Redis (not connected), for sources that default to it.
+    pub cache_redis: redis::Client,
+}
+
+/// Settings of the daemon that a source's configuration is checked against.
+pub struct SourceLimits {
+    /// `pipeline.max_in_flight`: no source may need more permits at once.
+    pub max_in_flight: usize,
+}
+
+/// A `[[source]]` table of one kind.
+pub trait SourceConfigure: Send + Sync + std::fmt::Debug {
+    /// A short name for logs, metrics and dead letters, e.g. `redis-stream:orders`.
+    fn name(&self) -> String;
+
+    /// Checks that need more than the types: rules between keys, the daemon's limits.
+    ///
+    /// # Errors
+    ///
+    /// The table is inconsistent.
+    fn validate(&self, limits: &SourceLimits) -> Result<(), SourceConfigError>;
+
+    /// Builds the running source.
+    fn build(
+        self: Box<Self>,
+        env: SourceEnv,
+    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>>;
+}
+
+/// A `[[source]]` table that is well-formed but not usable.
+#[derive(Debug, thiserror::Error)]
+#[error("{key}: {reason}")]
+pub struct SourceConfigError {
+    /// The key at fault (or keys, `a/b`).
+    pub key: &'static str,
+    /// What is wrong and what would be right.
+    pub reason: String,
+}
+
+impl SourceConfigError {
+    /// `key` is wrong because of `reason`.
+    pub fn new(key: &'static str, reason: impl Into<String>) -> SourceConfigError {
+        SourceConfigError {
+            key,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Why a source could not start or stopped early. Failures of its queue while running are
+/// retried with backoff and logged, not returned.
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    /// Its configuration cannot be used (an unset environment variable).
+    #[error(transparent)]
+    Config(#[from] SourceConfigError),
+    /// A listener could not be bound.
+    #[error("cannot listen on {address}")]
+    Listen {
+        /// The address.
+        address: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// Input could not be read.
+    #[error("cannot read {what}")]
+    Read {
+        /// The file, stream or socket.
+        what: String,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// A Redis command failed for good.
+    #[error("redis: cannot {what}")]
+    Redis {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        error: redis::RedisError,
+    },
+    /// The queue's client failed for good.
+    #[error("{what}")]
+    Client {
+        /// What was being done.
+        what: String,
+        /// Why.
+        #[source]
+        error: Box<dyn std::error::Error + Send + Sync>,
     },
 }
 
-/// A payload as received, kept for dead letters.
-#[derive(Clone, Debug)]
-pub enum RawPayload {
-    /// A JSON document (or what was meant to be one).
-    Body(Vec<u8>),
-    /// The fields of a stream entry.
-    StreamFields(Vec<(String, Vec<u8>)>),
-}
+/// Declares each kind's module and its variant of [`SourceConfig`], tagged by `kind`.
+macro_rules! registry {
+    ($($module:ident: $kind:literal => $variant:ident($config:ty)),* $(,)?) => {
+        $(pub mod $module;)*
 
-/// Where a message came from.
-#[derive(Clone, Debug)]
-pub struct Origin {
-    /// The source's name, e.g. `redis-stream:orders`.
-    pub source: Arc<str>,
-    /// The message's id in that source (stream entry id, SQS message id, line number).
-    pub id: String,
-}
-
-/// How a source learns that a message is done.
-pub trait Acker: Send + Sync + 'static {
-    /// Called exactly once per message: `done` is true when the message was applied or
-    /// dead-lettered, false when it was abandoned and must be redelivered.
-    fn settle(&self, id: &str, done: bool);
-}
-
-/// The acknowledgement of one message. Settling it releases the message's in-flight slot.
-pub struct AckToken {
-    acker: Arc<dyn Acker>,
-    id: String,
-    slots: Option<Arc<Semaphore>>,
-    settled: bool,
-}
-
-impl AckToken {
-    /// A token that reports to `acker` under `id`.
-    pub fn new(acker: Arc<dyn Acker>, id: String) -> AckToken {
-        AckToken {
-            acker,
-            id,
-            slots: None,
-            settled: false,
+        /// One `[[source]]` table; its `kind` picks the source.
+        #[derive(Clone, Debug)]
+        pub enum SourceConfig {
+            $(
+                #[doc = concat!("`kind = \"", $kind, "\"`")]
+                $variant($config),
+            )*
         }
-    }
 
-    /// Marks the message done: applied, or safely dead-lettered.
-    pub fn ack(mut self) {
-        self.settled = true;
-        self.acker.settle(&self.id, true);
-    }
-}
+        /// Every `kind` there is.
+        pub const SOURCE_KINDS: &[&str] = &[$($kind),*];
 
-impl Drop for AckToken {
-    fn drop(&mut self) {
-        if !self.settled {
-            self.acker.settle(&self.id, false);
-        }
-        if let Some(slots) = &self.slots {
-            slots.add_permits(1);
-        }
-    }
-}
-
-/// What a running source is given: the way into the pipeline, flow control and shutdown.
-#[derive(Clone)]
-pub struct SourceContext {
-    /// The source's name for logs and dead letters.
-    pub name: Arc<str>,
-    /// Hands deliveries to the pipeline's lanes.
-    pub dispatcher: Dispatcher,
-    /// Cancelled when the daemon shuts down: stop reading, let in-flight work finish.
-    pub shutdown: CancellationToken,
-    slots: Arc<Semaphore>,
-    /// This source's `messages_received` counter, looked up once rather than per message.
-    received: Counter,
-}
-
-impl SourceContext {
-    /// A context for the source `name`.
-    pub fn new(
-        name: impl Into<Arc<str>>,
-        dispatcher: Dispatcher,
-        shutdown: CancellationToken,
-        slots: Arc<Semaphore>,
-    ) -> SourceContext {
-        let name = name.into();
-        let received = dispatcher
-            .counters()
-            .metrics
-            .received
-            .get_or_create(&crate::telemetry::source(&name))
-            .clone();
-        SourceContext {
-            name,
-            dispatcher,
-            shutdown,
-            slots,
-            received,
-        }
-    }
-
-    /// Waits until at least one more message may be in flight, then reserves as many slots as
-    /// are free, up to `n`, and returns how many it reserved (at least 1). Returns `None` on
-    /// shutdown. Reserved slots are handed to tokens with [`SourceContext::deliver`]; slots not
-    /// used must be given back with [`SourceContext::release`].
-    ///
-    /// Waiting for all `n` at once would stall a source while part of its budget is stuck in
-    /// flight (say, behind a Redis outage): messages would wait in the queue though slots are
-    /// free.
-    pub async fn reserve(&self, n: usize) -> Option<usize> {
-        let n = n.clamp(1, u32::MAX as usize) as u32;
-        tokio::select! {
-            permit = self.slots.acquire() => permit.ok()?.forget(),
-            () = self.shutdown.cancelled() => return None,
-        }
-        let mut reserved = 1;
-        while reserved < n {
-            let free = (self.slots.available_permits() as u32).min(n - reserved);
-            if free == 0 {
-                break;
+        impl<'de> serde::Deserialize<'de> for SourceConfig {
+            /// Reads the table, then its kind's type from the rest of it: unlike serde's
+            /// tagged enums, an error then names the key at fault.
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                use serde::de::Error as _;
+                let mut table = toml::Table::deserialize(deserializer)?;
+                let kind = match table.remove("kind") {
+                    Some(toml::Value::String(kind)) => kind,
+                    Some(_) => return Err(D::Error::custom("`kind` must be a string")),
+                    None => return Err(D::Error::missing_field("kind")),
+                };
+                let rest = toml::Value::Table(table);
+                let config = match kind.as_str() {
+                    $($kind => rest.try_into().map(SourceConfig::$variant),)*
+                    other => {
+                        return Err(D::Error::custom(format!(
+                            "unknown source kind {other:?}; the kinds are {}",
+                            SOURCE_KINDS.join(", ")
+                        )));
+                    }
+                };
+                config.map_err(|error| D::Error::custom(format!("{kind} source: {error}")))
             }
-            match self.slots.try_acquire_many(free) {
-                Ok(permit) => {
-                    permit.forget();
-                    reserved += free;
+        }
+
+        impl SourceConfig {
+            /// The table, as its kind's configuration.
+            pub fn kind(&self) -> &dyn SourceConfigure {
+                match self {
+                    $(SourceConfig::$variant(config) => config,)*
                 }
-                // Another source took some meanwhile: look again.
-                Err(TryAcquireError::NoPermits) => {}
-                Err(TryAcquireError::Closed) => break,
+            }
+
+            /// Builds the running source.
+            ///
+            /// # Errors
+            ///
+            /// What must fail at start-up failed (a port in use, an unset variable).
+            pub async fn build(self, env: SourceEnv) -> Result<Box<dyn Source>, SourceError> {
+                match self {
+                    $(SourceConfig::$variant(config) => Box::new(config).build(env).await,)*
+                }
             }
         }
-        Some(reserved as usize)
-    }
-
-    /// Gives back `n` reserved slots that were not used.
-    pub fn release(&self, n: usize) {
-        if n > 0 {
-            self.slots.add_permits(n);
-        }
-    }
-
-    /// Hands one message to the pipeline, using one reserved slot.
-    pub fn deliver(&self, payload: Payload, id: String, acker: &Arc<dyn Acker>) {
-        let mut ack = AckToken::new(Arc::clone(acker), id.clone());
-        ack.slots = Some(Arc::clone(&self.slots));
-        let origin = Origin {
-            source: Arc::clone(&self.name),
-            id,
-        };
-        self.received.inc();
-        self.dispatcher.dispatch(Delivery {
-            payload,
-            origin,
-            ack,
-        });
-    }
+    };
 }
 
-/// An acker that counts settled messages, for a source that waits until everything it handed
-/// over is settled (a webhook request, a JSONL file).
-#[derive(Default)]
-pub(crate) struct Tally {
-    done: AtomicU64,
-    abandoned: AtomicU64,
-    /// Notified at every settlement.
-    pub(crate) changed: Notify,
+registry! {
+    redis_stream: "redis-stream" => RedisStream(redis_stream::RedisStreamSourceConfig),
+    sqs: "sqs" => Sqs(sqs::SqsSourceConfig),
+    webhook: "http" => Http(webhook::HttpSourceConfig),
 }
 
-impl Tally {
-    /// Messages settled as done.
-    pub(crate) fn done(&self) -> u64 {
-        self.done.load(Ordering::Acquire)
-    }
-
-    /// Messages abandoned (left for redelivery).
-    pub(crate) fn abandoned(&self) -> u64 {
-        self.abandoned.load(Ordering::Acquire)
-    }
-
-    /// Messages settled either way.
-    pub(crate) fn settled(&self) -> u64 {
-        self.done() + self.abandoned()
-    }
-}
-
-impl Acker for Tally {
-    fn settle(&self, _id: &str, done: bool) {
-        let counter = if done { &self.done } else { &self.abandoned };
-        counter.fetch_add(1, Ordering::AcqRel);
-        self.changed.notify_one();
-    }
-}
-
-/// Capped exponential backoff (100 ms doubling to 5 s) that gives up on shutdown.
-pub(crate) struct Backoff {
-    delay: Duration,
-}
-
-impl Backoff {
-    pub(crate) fn new() -> Backoff {
-        Backoff {
-            delay: Duration::from_millis(100),
-        }
-    }
-
-    pub(crate) fn reset(&mut self) {
-        self.delay = Duration::from_millis(100);
-    }
-
-    /// Sleeps; returns false if shutdown came first.
-    pub(crate) async fn wait(&mut self, ctx: &SourceContext) -> bool {
-        let delay = self.delay;
-        self.delay = (self.delay * 2).min(Duration::from_secs(5));
-        tokio::select! {
-            () = tokio::time::sleep(delay) => true,
-            () = ctx.shutdown.cancelled() => false,
-        }
+impl SourceConfig {
+    /// A short name for logs and dead letters.
+    pub fn name(&self) -> String {
+        self.kind().name()
     }
 }

@@ -7,7 +7,8 @@
 //! out and another consumer received it) is logged and dropped: the message comes back and the
 //! versioned writes make its replay harmless.
 
-use super::super::Acker;
+use crate::backoff::Backoff;
+use crate::delivery::{Settle, Settled};
 use aws_sdk_sqs::error::DisplayErrorContext;
 use aws_sdk_sqs::types::{
     ChangeMessageVisibilityBatchRequestEntry, DeleteMessageBatchRequestEntry,
@@ -39,10 +40,10 @@ pub(super) struct Queue {
 /// Messages received and not yet settled, by message id.
 #[derive(Default)]
 pub(super) struct InFlight {
-    held: Mutex<HashMap<String, Held>>,
+    held: Mutex<HashMap<String, HeldMessage>>,
 }
 
-struct Held {
+struct HeldMessage {
     /// The newest receipt handle (only the newest is valid for a FIFO queue).
     receipt: String,
     /// When SQS makes the message visible again unless its timeout is extended.
@@ -55,7 +56,7 @@ impl InFlight {
     /// Records a received message.
     pub(super) fn hold(&self, id: &str, receipt: String, visible_until: Instant) {
         let mut held = self.lock();
-        let entry = held.entry(id.to_owned()).or_insert(Held {
+        let entry = held.entry(id.to_owned()).or_insert(HeldMessage {
             receipt: String::new(),
             visible_until,
             copies: 0,
@@ -97,13 +98,13 @@ impl InFlight {
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Held>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, HeldMessage>> {
         self.held.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 
 /// What to do with a settled message.
-pub(super) enum Settled {
+pub(super) enum Disposal {
     /// Done (applied or dead-lettered): delete it.
     Delete(String),
     /// Abandoned: make it visible again now.
@@ -111,24 +112,50 @@ pub(super) enum Settled {
 }
 
 /// Turns settled tokens into deletes and visibility resets.
-pub(super) struct SqsAcker {
+pub(super) struct SqsSettle {
     /// The in-flight table.
     pub(super) inflight: Arc<InFlight>,
     /// To the settle loop.
-    pub(super) tx: mpsc::UnboundedSender<Settled>,
+    pub(super) tx: mpsc::UnboundedSender<Disposal>,
 }
 
-impl Acker for SqsAcker {
-    fn settle(&self, id: &str, done: bool) {
+impl Settle for SqsSettle {
+    fn settle(&self, id: &str, settled: Settled) {
         let Some((receipt, last)) = self.inflight.settle(id) else {
             return;
         };
-        if done {
-            let _ = self.tx.send(Settled::Delete(receipt));
-        } else if last {
+        match settled {
+            Settled::Done => {
+                let _ = self.tx.send(Disposal::Delete(receipt));
+            }
             // Another copy still in flight keeps the message; it decides.
-            let _ = self.tx.send(Settled::Return(receipt));
+            Settled::Abandoned if last => {
+                let _ = self.tx.send(Disposal::Return(receipt));
+            }
+            Settled::Abandoned => {}
         }
+    }
+}
+
+/// A failed SQS call; it keeps the SDK's error, whose whole chain it prints.
+#[derive(Debug)]
+pub(super) struct SqsCallError(Box<dyn std::error::Error + Send + Sync>);
+
+impl SqsCallError {
+    pub(super) fn new<E: std::error::Error + Send + Sync + 'static>(error: E) -> SqsCallError {
+        SqsCallError(Box::new(error))
+    }
+}
+
+impl std::fmt::Display for SqsCallError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", DisplayErrorContext(&*self.0))
+    }
+}
+
+impl std::error::Error for SqsCallError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&*self.0)
     }
 }
 
@@ -146,7 +173,7 @@ impl Queue {
         &self,
         action: Action,
         entries: &[(String, String)],
-    ) -> Result<Vec<(String, bool, String)>, String> {
+    ) -> Result<Vec<(String, bool, String)>, SqsCallError> {
         let failed = match action {
             Action::Delete => {
                 let entries = entries
@@ -165,7 +192,7 @@ impl Queue {
                     .set_entries(Some(entries))
                     .send()
                     .await
-                    .map_err(|error| DisplayErrorContext(&error).to_string())?
+                    .map_err(SqsCallError::new)?
                     .failed
             }
             Action::SetVisibility(seconds) => {
@@ -186,7 +213,7 @@ impl Queue {
                     .set_entries(Some(entries))
                     .send()
                     .await
-                    .map_err(|error| DisplayErrorContext(&error).to_string())?
+                    .map_err(SqsCallError::new)?
                     .failed
             }
         };
@@ -210,7 +237,7 @@ impl Queue {
             .enumerate()
             .map(|(i, receipt)| (i.to_string(), receipt))
             .collect();
-        let mut delay = Duration::from_millis(100);
+        let mut backoff = Backoff::default();
         for attempt in 1..=ATTEMPTS {
             match self.call(action, &pending).await {
                 Ok(failed) => {
@@ -232,8 +259,7 @@ impl Queue {
                     tracing::warn!(source = %self.source, entries = pending.len(), attempt, error = %error, "sqs {what} failed; retrying");
                 }
             }
-            tokio::time::sleep(delay).await;
-            delay = (delay * 2).min(Duration::from_secs(5));
+            backoff.sleep().await;
         }
         tracing::error!(source = %self.source, entries = pending.len(), "sqs {what} failed {ATTEMPTS} times; giving up: those messages come back after their visibility timeout and are re-applied harmlessly");
     }
@@ -248,15 +274,15 @@ impl Queue {
 
 /// Deletes and returns settled messages in batches until every token is settled and the
 /// channel closes, then waits for the last calls.
-pub(super) async fn settle_loop(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Settled>) {
+pub(super) async fn settle_loop(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiver<Disposal>) {
     let mut settled = Vec::new();
     let mut calls = JoinSet::new();
     while rx.recv_many(&mut settled, BATCH * CONCURRENT_CALLS).await > 0 {
         let (mut deletes, mut returns) = (Vec::new(), Vec::new());
         for item in settled.drain(..) {
             match item {
-                Settled::Delete(receipt) => deletes.push(receipt),
-                Settled::Return(receipt) => returns.push(receipt),
+                Disposal::Delete(receipt) => deletes.push(receipt),
+                Disposal::Return(receipt) => returns.push(receipt),
             }
         }
         let batches = deletes
@@ -291,8 +317,9 @@ pub(super) async fn keep_visible(
     let seconds = i32::try_from(visibility.as_secs()).unwrap_or(i32::MAX);
     loop {
         tokio::select! {
-            () = tokio::time::sleep(tick) => {}
+            biased;
             () = stop.cancelled() => return,
+            () = tokio::time::sleep(tick) => {}
         }
         let due = inflight.due(Instant::now() + visibility / 2);
         if due.is_empty() {

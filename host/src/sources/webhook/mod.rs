@@ -15,10 +15,10 @@
 //! 503 goes out keep going; the retry that follows (or Sequin's own transient retry of a batch it
 //! already sent) applies them again, which versioned writes make harmless.
 
-use super::{Acker, Payload, RawPayload, SourceContext, Tally};
-use crate::config::HttpSourceConfig;
-use crate::message::ChangeMessage;
-use anyhow::Context as _;
+pub mod config;
+
+use super::{BoxFuture, Source, SourceContext, SourceError, Tally};
+use crate::delivery::{Payload, Settle};
 use axum::Router;
 use axum::body::{Body, HttpBody as _};
 use axum::extract::{Request, State};
@@ -32,56 +32,53 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
+pub use config::HttpSourceConfig;
 
-/// A listening socket and the token, ready to serve: binding happens at start-up, so a port in
-/// use or a missing token stops the daemon before it runs.
-pub struct Bound {
-    listener: TcpListener,
-    token: String,
+/// A bound listener and the endpoint's settings: binding happens at start-up, so a port in use
+/// or a missing token stops the daemon before it runs.
+pub(crate) struct HttpSource {
+    pub(crate) config: HttpSourceConfig,
+    pub(crate) listener: TcpListener,
+    pub(crate) token: String,
 }
 
-/// Binds the configured address and resolves the token.
-///
-/// # Errors
-///
-/// The address cannot be bound, or `token_env` names an unset variable.
-pub async fn bind(config: &HttpSourceConfig) -> anyhow::Result<Bound> {
-    let token = config.resolve_token()?;
-    let listener = TcpListener::bind(config.listen)
-        .await
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    Ok(Bound { listener, token })
+impl Source for HttpSource {
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(self.serve(ctx))
+    }
+
+    fn up_at_start(&self) -> bool {
+        true
+    }
 }
 
-/// Serves until shutdown, then stops accepting and lets requests in progress finish.
-///
-/// # Errors
-///
-/// The server fails.
-pub async fn run(
-    config: HttpSourceConfig,
-    bound: Bound,
-    max_message_bytes: usize,
-    ctx: SourceContext,
-) -> anyhow::Result<()> {
-    let shutdown = ctx.shutdown.clone();
-    let name = Arc::clone(&ctx.name);
-    let address = bound.listener.local_addr()?;
-    let webhook = Webhook::new(&config, &bound.token, max_message_bytes, ctx);
-    tracing::info!(source = %name, address = %address, path = %config.path, "listening for sequin webhooks");
-    axum::serve(bound.listener, router(webhook, &config.path))
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .with_context(|| format!("http source on {address} failed"))?;
-    tracing::info!(source = %name, "source stopped");
-    Ok(())
+impl HttpSource {
+    /// Serves until shutdown, then stops accepting and lets requests in progress finish.
+    async fn serve(self, ctx: SourceContext) -> Result<(), SourceError> {
+        let shutdown = ctx.shutdown.clone();
+        let name = Arc::clone(&ctx.name);
+        let address = self.listener.local_addr().map_err(|error| SourceError::Read {
+            what: "the listener's address".to_owned(),
+            error,
+        })?;
+        let webhook = Webhook::new(&self.config, &self.token, ctx);
+        tracing::info!(source = %name, address = %address, path = %self.config.path, "listening for sequin webhooks");
+        axum::serve(self.listener, router(webhook, &self.config.path))
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .map_err(|error| SourceError::Read {
+                what: format!("http requests on {address}"),
+                error,
+            })?;
+        tracing::info!(source = %name, "source stopped");
+        Ok(())
+    }
 }
 
 /// The endpoint's state.
 pub struct Webhook {
     token_digest: [u8; 32],
     max_body_bytes: usize,
-    max_message_bytes: usize,
     ack_timeout: Duration,
     requests: AtomicU64,
     ctx: SourceContext,
@@ -89,17 +86,11 @@ pub struct Webhook {
 
 impl Webhook {
     /// The endpoint for `config`, accepting `token`.
-    pub fn new(
-        config: &HttpSourceConfig,
-        token: &str,
-        max_message_bytes: usize,
-        ctx: SourceContext,
-    ) -> Arc<Webhook> {
+    pub fn new(config: &HttpSourceConfig, token: &str, ctx: SourceContext) -> Arc<Webhook> {
         Arc::new(Webhook {
             token_digest: Sha256::digest(token.as_bytes()).into(),
-            max_body_bytes: config.max_body_bytes,
-            max_message_bytes,
-            ack_timeout: Duration::from_millis(config.ack_timeout_ms),
+            max_body_bytes: config.max_body_bytes.get(),
+            ack_timeout: Duration::from_millis(config.ack_timeout_ms.get()),
             requests: AtomicU64::new(0),
             ctx,
         })
@@ -111,36 +102,37 @@ impl Webhook {
         let total = payloads.len();
         let request = self.requests.fetch_add(1, Ordering::Relaxed);
         let tally = Arc::new(Tally::default());
-        let acker: Arc<dyn Acker> = Arc::clone(&tally) as Arc<dyn Acker>;
+        let settle: Arc<dyn Settle> = Arc::clone(&tally) as Arc<dyn Settle>;
         let mut payloads = payloads.into_iter().enumerate();
         let finished = tokio::time::timeout(self.ack_timeout, async {
             let mut remaining = total;
             while remaining > 0 {
-                // Slots are reserved a few at a time: a request larger than the whole
+                // Permits are reserved a few at a time: a request larger than the whole
                 // in-flight budget still goes through as the lanes settle its first messages.
-                let Some(slots) = self.ctx.reserve(remaining.min(64)).await else {
+                let Some(mut permits) = self.ctx.reserve(remaining.min(64)).await else {
                     return false;
                 };
-                for (index, payload) in payloads.by_ref().take(slots) {
-                    self.ctx.deliver(
-                        payload,
-                        format!("request {request} message {index}"),
-                        &acker,
-                    );
+                while let Some(permit) = permits.take() {
+                    let Some((index, payload)) = payloads.next() else {
+                        break;
+                    };
+                    let id = format!("request {request} message {index}");
+                    self.ctx.deliver(permit, payload, id, &settle);
+                    remaining -= 1;
                 }
-                remaining -= slots;
             }
-            while tally.settled() < total as u64 {
-                tally.changed.notified().await;
-            }
+            tally
+                .wait_settled(total as u64, Duration::from_secs(3600), |_| {})
+                .await;
             true
         })
         .await;
+        let counts = tally.counts();
         match finished {
-            Ok(true) if tally.abandoned() == 0 => Delivered::Done,
-            Ok(true) => Delivered::Abandoned(tally.abandoned() as usize),
+            Ok(true) if counts.abandoned == 0 => Delivered::Done,
+            Ok(true) => Delivered::Abandoned(counts.abandoned as usize),
             Ok(false) => Delivered::ShuttingDown,
-            Err(_) => Delivered::TimedOut(total - tally.done() as usize),
+            Err(_) => Delivered::TimedOut(total - counts.done as usize),
         }
     }
 }
@@ -203,11 +195,18 @@ async fn handle(State(webhook): State<Arc<Webhook>>, request: Request) -> Respon
     }
     let body = match read_body(body, webhook.max_body_bytes).await {
         Ok(body) => body,
-        Err(BodyError::TooLarge) => {
-            return reply(
+        Err(BodyError::TooLarge(rest)) => {
+            // The client may be sending the whole body before it reads: let it finish (up to
+            // a bound), so that it sees this reply rather than a broken pipe.
+            drain(rest, webhook.max_body_bytes).await;
+            let mut response = reply(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!("body exceeds {} bytes", webhook.max_body_bytes),
             );
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return response;
         }
         Err(BodyError::Read(error)) => {
             return reply(
@@ -219,7 +218,7 @@ async fn handle(State(webhook): State<Arc<Webhook>>, request: Request) -> Respon
     if body.trim_ascii().is_empty() {
         return reply(StatusCode::BAD_REQUEST, "empty body".into());
     }
-    let payloads = split(&body, webhook.max_message_bytes);
+    let payloads = split(body, |body| webhook.ctx.decode_json(body));
     let total = payloads.len();
     let undecodable = payloads
         .iter()
@@ -257,26 +256,53 @@ fn reply(status: StatusCode, error: String) -> Response {
 }
 
 enum BodyError {
-    TooLarge,
+    /// Over the limit; the body's unread rest, to drain.
+    TooLarge(Body),
     Read(axum::Error),
 }
+
+/// How much of a too-large body is read and thrown away, at most, so that its client sees the
+/// 413: this many times the limit, and no more than this long.
+const DRAIN_FACTOR: usize = 16;
+const DRAIN_FOR: Duration = Duration::from_secs(10);
 
 /// Reads the whole body, stopping as soon as it passes `limit`.
 async fn read_body(mut body: Body, limit: usize) -> Result<Vec<u8>, BodyError> {
     if body.size_hint().lower() > limit as u64 {
-        return Err(BodyError::TooLarge);
+        return Err(BodyError::TooLarge(body));
     }
     let mut bytes = Vec::new();
-    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
-        let frame = frame.map_err(BodyError::Read)?;
-        if let Ok(data) = frame.into_data() {
+    while let Some(data) = next_data(&mut body).await {
+        if let Some(data) = data.map_err(BodyError::Read)? {
             if bytes.len() + data.len() > limit {
-                return Err(BodyError::TooLarge);
+                return Err(BodyError::TooLarge(body));
             }
             bytes.extend_from_slice(&data);
         }
     }
     Ok(bytes)
+}
+
+/// The body's next frame: its data, or `None` for a frame without (trailers).
+async fn next_data(body: &mut Body) -> Option<Result<Option<bytes::Bytes>, axum::Error>> {
+    let frame = std::future::poll_fn(|cx| Pin::new(&mut *body).poll_frame(cx)).await?;
+    Some(frame.map(|frame| frame.into_data().ok()))
+}
+
+/// Reads and discards the rest of a body, up to [`DRAIN_FACTOR`] times `limit` and
+/// [`DRAIN_FOR`].
+async fn drain(mut body: Body, limit: usize) {
+    let most = limit.saturating_mul(DRAIN_FACTOR).max(1 << 20);
+    let _ = tokio::time::timeout(DRAIN_FOR, async {
+        let mut drained = 0usize;
+        while let Some(Ok(data)) = next_data(&mut body).await {
+            drained += data.map_or(0, |data| data.len());
+            if drained > most {
+                return;
+            }
+        }
+    })
+    .await;
 }
 
 /// `{"data": [message, …]}`: each element is kept as its exact JSON text.
@@ -287,58 +313,42 @@ struct Batch<'a> {
 }
 
 /// Splits a body into its messages, each decoded on its own: a batch, or one bare message.
-/// What is neither (invalid JSON, a JSON string) is one malformed message.
-fn split(body: &[u8], max_bytes: usize) -> Vec<Payload> {
-    let Ok(text) = std::str::from_utf8(body) else {
-        return vec![Payload::Malformed {
-            raw: RawPayload::Body(body.to_vec()),
-            reason: "request body is not valid UTF-8".to_owned(),
-        }];
-    };
-    match serde_json::from_str::<Batch<'_>>(text) {
-        Ok(batch) => batch
+/// What is neither (invalid JSON, a JSON string, not UTF-8) is one malformed message.
+fn split(body: Vec<u8>, decode: impl Fn(Vec<u8>) -> Payload) -> Vec<Payload> {
+    let batch = std::str::from_utf8(&body)
+        .ok()
+        .and_then(|text| serde_json::from_str::<Batch<'_>>(text).ok());
+    match batch {
+        Some(batch) => batch
             .data
             .iter()
-            .map(|raw| decode(raw.get(), max_bytes))
+            .map(|raw| decode(raw.get().as_bytes().to_vec()))
             .collect(),
-        Err(_) => vec![decode(text, max_bytes)],
-    }
-}
-
-fn decode(text: &str, max_bytes: usize) -> Payload {
-    let decoded = if text.len() > max_bytes {
-        Err(format!(
-            "message of {} bytes exceeds the limit of {max_bytes} bytes",
-            text.len()
-        ))
-    } else {
-        ChangeMessage::from_json(text).map_err(|error| error.0)
-    };
-    match decoded {
-        Ok(message) => Payload::Decoded(message),
-        Err(reason) => Payload::Malformed {
-            raw: RawPayload::Body(text.as_bytes().to_vec()),
-            reason,
-        },
+        None => vec![decode(body)],
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::RawPayload;
 
-    const LINE: &str = include_str!("../../../tests/fixtures/sequin-examples.jsonl");
+    fn decode(body: Vec<u8>) -> Payload {
+        crate::sources::decode_json(body, 1 << 20)
+    }
+
+    const LINE: &str = include_str!("../../../../tests/fixtures/sequin-examples.jsonl");
 
     fn first() -> &'static str {
         LINE.lines().next().unwrap()
     }
 
     fn shapes(body: &str) -> Vec<Result<String, String>> {
-        split(body.as_bytes(), 1 << 20)
+        split(body.as_bytes().to_vec(), decode)
             .into_iter()
             .map(|p| match p {
                 Payload::Decoded(m) => Ok(m.row_id()),
-                Payload::Malformed { reason, .. } => Err(reason),
+                Payload::Malformed { reason, .. } => Err(reason.to_string()),
             })
             .collect()
     }
@@ -385,7 +395,7 @@ mod tests {
     fn a_batch_element_keeps_its_exact_bytes() {
         let element = r#"{"weird" : "spacing","n":1.50}"#;
         let body = format!(r#"{{"data":[ {element} ]}}"#);
-        match &split(body.as_bytes(), 1 << 20)[0] {
+        match &split(body.into_bytes(), decode)[0] {
             Payload::Malformed {
                 raw: RawPayload::Body(raw),
                 ..

@@ -1,0 +1,398 @@
+//! The daemon's configuration file (TOML), parsed strictly and validated once.
+//!
+//! Every table denies unknown keys, so a typo is an error naming the key rather than a silently
+//! ignored setting. `config/example.toml` documents every key and is parsed by a unit test.
+
+mod redis;
+
+use crate::sources::{SourceConfig, SourceConfigError, SourceLimits};
+pub use redis::{REDIS_PASSWORD_ENV, RedisConfig, ToolConnection};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Why a configuration cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read config {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// The file's contents are not a valid configuration.
+    #[error("invalid config {path}")]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong in it.
+        #[source]
+        error: Box<ConfigError>,
+    },
+    /// Not TOML, an unknown key, a value of the wrong type or out of range.
+    #[error(transparent)]
+    Syntax(#[from] toml::de::Error),
+    /// A key's value breaks a rule between keys.
+    #[error("{key} {rule}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// The rule it breaks.
+        rule: &'static str,
+    },
+    /// A `[[source]]` table is well-formed but not usable.
+    #[error("source {name}")]
+    Source {
+        /// The source's name.
+        name: String,
+        /// What is wrong.
+        #[source]
+        error: SourceConfigError,
+    },
+}
+
+fn ensure(ok: bool, key: &'static str, rule: &'static str) -> Result<(), ConfigError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Invalid { key, rule })
+    }
+}
+
+/// The whole configuration file.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The cache: where plugin operations and dead letters are written.
+    pub redis: RedisConfig,
+    /// Where plugins live.
+    pub plugins: PluginsConfig,
+    /// Lanes, batching and flow control.
+    #[serde(default)]
+    pub pipeline: PipelineConfig,
+    /// Where messages that cannot be applied go.
+    #[serde(default)]
+    pub dead_letter: DeadLetterConfig,
+    /// Versioned writes.
+    #[serde(default)]
+    pub versioning: VersioningConfig,
+    /// The admin endpoint.
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Where change messages come from.
+    #[serde(default, rename = "source")]
+    pub sources: Vec<SourceConfig>,
+}
+
+/// `[plugins]`: the plugin directory.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Directory holding `<name>.wasm` components and their optional `<name>.toml` manifests.
+    /// A relative path is resolved against the configuration file's directory.
+    pub dir: PathBuf,
+    /// Where compiled components are cached (default: `.cache` inside `dir`).
+    #[serde(default)]
+    pub cache_dir: Option<PathBuf>,
+    /// Rescan the directory this often even without file events, in seconds.
+    #[serde(default = "default_rescan_seconds")]
+    pub rescan_seconds: u64,
+}
+
+fn default_rescan_seconds() -> u64 {
+    60
+}
+
+impl PluginsConfig {
+    /// The artifact cache directory.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.join(".cache"))
+    }
+}
+
+/// `[pipeline]`: lanes, batching and flow control.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PipelineConfig {
+    /// Number of lanes; changes to one row always take the same lane, in order.
+    pub lanes: usize,
+    /// Most messages one lane takes into one plugin call and one Redis pipeline.
+    pub batch_size: usize,
+    /// Most messages read but not yet acknowledged, over all sources; sources stop reading when
+    /// it is reached.
+    pub max_in_flight: usize,
+    /// Upper bound of the backoff between retries of a failed Redis apply, in milliseconds.
+    pub max_backoff_ms: u64,
+    /// Largest accepted message, in bytes; larger ones are dead-lettered.
+    pub max_message_bytes: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> PipelineConfig {
+        PipelineConfig {
+            lanes: 8,
+            batch_size: 256,
+            max_in_flight: 20_000,
+            max_backoff_ms: 5_000,
+            max_message_bytes: 4 << 20,
+        }
+    }
+}
+
+/// `[dead_letter]`: the dead-letter stream.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeadLetterConfig {
+    /// Stream (in the cache Redis) that receives dead letters.
+    pub stream: String,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> DeadLetterConfig {
+        DeadLetterConfig {
+            stream: "keepwarm:dead-letters".to_owned(),
+        }
+    }
+}
+
+/// `[admin]`: the admin endpoint (plugin status, health, readiness).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminConfig {
+    /// Address to listen on; keep it on localhost unless it is protected.
+    pub listen: String,
+}
+
+impl Default for AdminConfig {
+    fn default() -> AdminConfig {
+        AdminConfig {
+            listen: "127.0.0.1:9464".to_owned(),
+        }
+    }
+}
+
+/// `[versioning]`: how versioned writes keep their versions.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VersioningConfig {
+    /// How long a delete's tombstone version is kept, in seconds. It must outlive any
+    /// redelivery window: the default of 7 days covers Sequin's 10-minute retry cap, SQS's
+    /// longest visibility timeout (12 h) and a pending stream entry reclaimed after a weekend.
+    pub tombstone_ttl_seconds: u64,
+    /// Prefix of the companion keys that hold versions.
+    pub key_prefix: String,
+}
+
+impl Default for VersioningConfig {
+    fn default() -> VersioningConfig {
+        VersioningConfig {
+            tombstone_ttl_seconds: 7 * 24 * 3600,
+            key_prefix: "kw:v:".to_owned(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative paths in it are resolved
+    /// against the file's directory.
+    ///
+    /// # Errors
+    ///
+    /// The file cannot be read, has a syntax error or an unknown key, or fails validation.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
+            path: path.to_owned(),
+            error,
+        })?;
+        let mut config = Config::parse(&text).map_err(|error| ConfigError::File {
+            path: path.to_owned(),
+            error: Box::new(error),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        if config.plugins.dir.is_relative() {
+            config.plugins.dir = base.join(&config.plugins.dir);
+        }
+        if let Some(cache) = &config.plugins.cache_dir
+            && cache.is_relative()
+        {
+            config.plugins.cache_dir = Some(base.join(cache));
+        }
+        Ok(config)
+    }
+
+    /// Parses and validates configuration text.
+    ///
+    /// # Errors
+    ///
+    /// Syntax errors, unknown keys, and values out of range.
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text)?;
+        let pipeline = &config.pipeline;
+        ensure(pipeline.lanes >= 1, "pipeline.lanes", "must be at least 1")?;
+        ensure(
+            config.plugins.rescan_seconds >= 1,
+            "plugins.rescan_seconds",
+            "must be at least 1",
+        )?;
+        ensure(
+            pipeline.batch_size >= 1,
+            "pipeline.batch_size",
+            "must be at least 1",
+        )?;
+        ensure(
+            pipeline.max_in_flight >= pipeline.batch_size,
+            "pipeline.max_in_flight",
+            "must be at least pipeline.batch_size",
+        )?;
+        ensure(
+            !config.dead_letter.stream.is_empty(),
+            "dead_letter.stream",
+            "must not be empty",
+        )?;
+        ensure(
+            !config.versioning.key_prefix.contains(['{', '}']),
+            "versioning.key_prefix",
+            "must not contain braces (they would change the hash slot)",
+        )?;
+        let limits = SourceLimits {
+            max_in_flight: pipeline.max_in_flight,
+        };
+        for source in &config.sources {
+            source
+                .kind()
+                .validate(&limits)
+                .map_err(|error| ConfigError::Source {
+                    name: source.name(),
+                    error,
+                })?;
+        }
+        Ok(config)
+    }
+
+    /// The Redis response timeout.
+    pub fn response_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis.response_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn example_config_parses() {
+        let text = include_str!("../../../config/example.toml");
+        let config = Config::parse(text).unwrap();
+        let names: Vec<String> = config.sources.iter().map(SourceConfig::name).collect();
+        assert_eq!(
+            names,
+            [
+                "redis-stream:sequin.changes",
+                "sqs:sequin-changes.fifo",
+                "http:0.0.0.0:8080/sequin"
+            ]
+        );
+    }
+
+    const BASE: &str = "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n[[source]]\n";
+
+    /// The whole chain of the error, as the CLI prints it.
+    fn chain(error: ConfigError) -> String {
+        format!("{:#}", anyhow::Error::from(error))
+    }
+
+    fn source_error(source: &str) -> String {
+        chain(Config::parse(&format!("{BASE}{source}")).unwrap_err())
+    }
+
+    #[test]
+    fn sqs_sources_take_defaults_and_reject_out_of_range_values() {
+        let config = Config::parse(&format!(
+            "{BASE}kind = \"sqs\"\nqueue_url = \"http://127.0.0.1:5000/1/q.fifo\"\nregion = \"us-east-1\"\n"
+        ))
+        .unwrap();
+        let SourceConfig::Sqs(sqs) = &config.sources[0] else {
+            panic!("not sqs")
+        };
+        assert_eq!(
+            (
+                sqs.receivers.get(),
+                sqs.max_messages.get(),
+                sqs.wait_time_seconds.get()
+            ),
+            (2, 10, 20)
+        );
+        assert_eq!(sqs.visibility_timeout_seconds.get(), 30);
+        let sqs = "kind = \"sqs\"\nqueue_url = \"https://q/1/q\"\nregion = \"r\"\n";
+        assert!(source_error(&format!("{sqs}max_messages = 11\n")).contains("max_messages"));
+        assert!(source_error(&format!("{sqs}wait_time_seconds = 21\n")).contains("wait_time"));
+        assert!(source_error(&format!("{sqs}receivers = 0\n")).contains("receivers"));
+        assert!(source_error(&format!("{sqs}queue = \"x\"\n")).contains("queue"));
+        assert!(
+            source_error("kind = \"sqs\"\nqueue_url = \"q\"\nregion = \"r\"\n").contains("URL")
+        );
+    }
+
+    #[test]
+    fn http_sources_need_exactly_one_token_and_never_print_it() {
+        let http = "kind = \"http\"\nlisten = \"127.0.0.1:0\"\npath = \"/hook\"\n";
+        assert!(source_error(http).contains("exactly one of token and token_env"));
+        assert!(
+            source_error(&format!("{http}token = \"a\"\ntoken_env = \"B\"\n"))
+                .contains("exactly one")
+        );
+        assert!(
+            source_error(
+                "kind = \"http\"\nlisten = \"127.0.0.1:0\"\npath = \"hook\"\ntoken = \"t\"\n"
+            )
+            .contains("path")
+        );
+        let error =
+            source_error("kind = \"http\"\nlisten = \"nowhere\"\npath = \"/h\"\ntoken = \"t\"\n");
+        assert!(error.contains("address"), "{error}");
+        let config = Config::parse(&format!("{BASE}{http}token = \"s3cret\"\n")).unwrap();
+        let SourceConfig::Http(source) = &config.sources[0] else {
+            panic!("not http")
+        };
+        assert_eq!(source.resolve_token().unwrap(), "s3cret");
+        assert_eq!(
+            (source.max_body_bytes.get(), source.ack_timeout_ms.get()),
+            (8 << 20, 25_000)
+        );
+        assert!(!format!("{config:?}").contains("s3cret"));
+        let config = Config::parse(&format!(
+            "{BASE}{http}token_env = \"KEEPWARM_TEST_SURELY_UNSET_TOKEN\"\n"
+        ))
+        .unwrap();
+        let SourceConfig::Http(source) = &config.sources[0] else {
+            panic!("not http")
+        };
+        assert!(
+            format!("{:#}", source.resolve_token().unwrap_err())
+                .contains("KEEPWARM_TEST_SURELY_UNSET_TOKEN")
+        );
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_by_name() {
+        let text = "[redis]\nurl = \"redis://x\"\nurll = 1\n[plugins]\ndir = \"p\"\n";
+        let error = chain(Config::parse(text).unwrap_err());
+        assert!(error.contains("urll"), "{error}");
+        let text = "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n[[source]]\nkind = \"redis-stream\"\nstream = \"s\"\ngroup = \"g\"\nblock = 5\n";
+        let error = chain(Config::parse(text).unwrap_err());
+        assert!(error.contains("block"), "{error}");
+    }
+
+    #[test]
+    fn unknown_source_kind_is_rejected() {
+        let text =
+            "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n[[source]]\nkind = \"kafka\"\n";
+        let error = chain(Config::parse(text).unwrap_err());
+        assert!(error.contains("kafka"), "{error}");
+    }
+}

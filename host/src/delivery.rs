@@ -1,0 +1,116 @@
+//! What a source hands to the pipeline, and how the pipeline tells it a message is done.
+//!
+//! A leaf: it names nothing of keepwarm's but the message type. Sources build [`Delivery`]s
+//! and give them to a [`Dispatch`] handle; the pipeline and the applier read them and settle
+//! their [`AckToken`]s. Neither side names the other.
+//!
+//! A token carries the message's in-flight permit: the permit goes back to the budget when the
+//! token is dropped, settled or not, so no source counts its budget by hand.
+
+use crate::message::{ChangeMessage, DecodeError};
+use std::sync::Arc;
+use tokio::sync::OwnedSemaphorePermit;
+
+/// One message from a source, decoded or not, with its acknowledgement.
+pub struct Delivery {
+    /// The decoded message, or the raw payload and why it did not decode.
+    pub payload: Payload,
+    /// Where it came from.
+    pub origin: Origin,
+    /// Settled by the pipeline once the message is done.
+    pub ack: AckToken,
+}
+
+/// What a source read.
+pub enum Payload {
+    /// A change message.
+    Decoded(ChangeMessage),
+    /// Something that is not a change message; it goes to the dead-letter stream.
+    Malformed {
+        /// The bytes as received.
+        raw: RawPayload,
+        /// Why it was rejected.
+        reason: DecodeError,
+    },
+}
+
+/// A payload as received, kept byte for byte for its dead letter.
+#[derive(Clone, Debug)]
+pub enum RawPayload {
+    /// A JSON document (or what was meant to be one).
+    Body(Vec<u8>),
+    /// The fields of a stream entry.
+    StreamFields(Vec<(String, Vec<u8>)>),
+}
+
+/// Where a message came from.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    /// The source's name, e.g. `redis-stream:orders`.
+    pub source: Arc<str>,
+    /// The message's id in that source (stream entry id, SQS message id, line number,
+    /// topic/partition/offset).
+    pub id: String,
+}
+
+/// How a message ended, as far as its source is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Settled {
+    /// Applied, or safely dead-lettered: acknowledge it to the queue.
+    Done,
+    /// Not done (shutdown while the cache was down, a lane that ended): leave it for
+    /// redelivery.
+    Abandoned,
+}
+
+/// How a source learns that a message is settled.
+pub trait Settle: Send + Sync + 'static {
+    /// Called exactly once per message.
+    fn settle(&self, id: &str, settled: Settled);
+}
+
+/// The acknowledgement of one message. Settling it as done, or dropping it (abandoned), tells
+/// the source; dropping it also returns its in-flight permit.
+pub struct AckToken {
+    settle: Arc<dyn Settle>,
+    id: String,
+    /// Returned to the in-flight budget when the token goes.
+    _permit: Option<OwnedSemaphorePermit>,
+    settled: bool,
+}
+
+impl AckToken {
+    /// A token that reports to `settle` under `id`, holding `permit` until it goes.
+    pub fn new(
+        settle: Arc<dyn Settle>,
+        id: String,
+        permit: Option<OwnedSemaphorePermit>,
+    ) -> AckToken {
+        AckToken {
+            settle,
+            id,
+            _permit: permit,
+            settled: false,
+        }
+    }
+
+    /// Marks the message done: applied, or safely dead-lettered.
+    pub fn ack(mut self) {
+        self.settled = true;
+        self.settle.settle(&self.id, Settled::Done);
+    }
+}
+
+impl Drop for AckToken {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.settle.settle(&self.id, Settled::Abandoned);
+        }
+    }
+}
+
+/// Where sources hand their deliveries: the pipeline's dispatcher, seen from below.
+pub trait Dispatch: Send + Sync + 'static {
+    /// Takes one delivery; its token is settled later (or dropped, on shutdown).
+    fn dispatch(&self, delivery: Delivery);
+}

@@ -1,0 +1,102 @@
+//! Configuration values checked when they are parsed (numbers in a range, texts that are not
+//! empty), so that a bad value is a parse error naming the key and code that reads it needs no
+//! second check.
+
+use serde::{Deserialize, Deserializer};
+use std::fmt;
+
+/// A `u64` in `MIN..=MAX`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Bounded<const MIN: u64, const MAX: u64>(u64);
+
+impl<const MIN: u64, const MAX: u64> Bounded<MIN, MAX> {
+    /// `value`, if it is in range.
+    pub const fn new(value: u64) -> Option<Self> {
+        if value >= MIN && value <= MAX {
+            Some(Bounded(value))
+        } else {
+            None
+        }
+    }
+
+    /// A constant known to be in range (a default); out of range fails to compile when used
+    /// in a `const`.
+    pub const fn of(value: u64) -> Self {
+        match Self::new(value) {
+            Some(bounded) => bounded,
+            None => panic!("constant out of range"),
+        }
+    }
+
+    /// The value.
+    pub const fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl<const MIN: u64, const MAX: u64> fmt::Display for Bounded<MIN, MAX> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = u64::deserialize(deserializer)?;
+        Bounded::new(value).ok_or_else(|| {
+            serde::de::Error::custom(format!("must be between {MIN} and {MAX}, got {value}"))
+        })
+    }
+}
+
+/// A string that is not empty.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct NonEmpty(String);
+
+impl NonEmpty {
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::ops::Deref for NonEmpty {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for NonEmpty {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<'de> Deserialize<'de> for NonEmpty {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        if text.is_empty() {
+            return Err(serde::de::Error::custom("must not be empty"));
+        }
+        Ok(NonEmpty(text))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Deserialize, Debug)]
+    struct Sample {
+        n: Bounded<1, 10>,
+    }
+
+    #[test]
+    fn values_out_of_range_are_refused_with_the_range() {
+        assert_eq!(toml::from_str::<Sample>("n = 10").unwrap().n.get(), 10);
+        let error = toml::from_str::<Sample>("n = 11").unwrap_err().to_string();
+        assert!(error.contains("between 1 and 10, got 11"), "{error}");
+        assert!(toml::from_str::<Sample>("n = -1").is_err());
+    }
+}
