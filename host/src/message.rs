@@ -237,16 +237,14 @@ impl ChangeMessage {
         }
         let wire: MessageWire<'_> = serde_json::from_str(text)
             .map_err(|error| DecodeError::InvalidJson(error.to_string()))?;
-        let action = wire
-            .action
-            .ok_or_else(|| DecodeError::MissingField("action"))?;
+        let action = wire.action.ok_or(DecodeError::MissingField("action"))?;
         let record = wire
             .record
-            .ok_or_else(|| DecodeError::MissingField("record"))?
+            .ok_or(DecodeError::MissingField("record"))?
             .get();
         let metadata = wire
             .metadata
-            .ok_or_else(|| DecodeError::MissingField("metadata"))?
+            .ok_or(DecodeError::MissingField("metadata"))?
             .get();
         let changes = wire.changes.map(RawValue::get);
         let checked = check(action, record, changes, metadata, Syntax::Parsed)?;
@@ -398,9 +396,9 @@ fn check_stream_fields<'a>(
             })
     };
     let [action, record, metadata, changes] = STREAM_FIELDS;
-    let action = text(action)?.ok_or_else(|| DecodeError::MissingField("action"))?;
-    let record = text(record)?.ok_or_else(|| DecodeError::MissingField("record"))?;
-    let metadata = text(metadata)?.ok_or_else(|| DecodeError::MissingField("metadata"))?;
+    let action = text(action)?.ok_or(DecodeError::MissingField("action"))?;
+    let record = text(record)?.ok_or(DecodeError::MissingField("record"))?;
+    let metadata = text(metadata)?.ok_or(DecodeError::MissingField("metadata"))?;
     let changes = text(changes)?;
     let checked = check(action, record, changes, metadata, Syntax::Unchecked)?;
     Ok((checked, [Some(record), changes, Some(metadata)]))
