@@ -12,21 +12,21 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 
 /// Who a store belongs to, for log lines.
 #[derive(Debug)]
-pub struct PluginIdent {
+pub(crate) struct PluginIdent {
     /// Plugin name (the file stem).
-    pub name: String,
+    pub(crate) name: String,
     /// Short content hash of the component and manifest.
-    pub version: String,
+    pub(crate) version: String,
     /// The manifest's `[config]` table as JSON text.
-    pub config_json: String,
+    pub(crate) config_json: String,
 }
 
 /// The store data of one plugin instance.
-pub struct PluginState {
+pub(crate) struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     /// Memory cap, enforced through `Store::limiter`.
-    pub limiter: MemoryLimiter,
+    pub(crate) limiter: MemoryLimiter,
     ident: Arc<PluginIdent>,
     log_budget: Arc<Mutex<LogBudget>>,
 }
@@ -35,7 +35,11 @@ impl PluginState {
     /// A state with the given memory cap and no WASI capabilities beyond what `grants` allows:
     /// no files, no network, no environment (unless named), and clocks stopped at the Unix
     /// epoch (unless granted). Stdout and stderr go to the log.
-    pub fn new(ident: Arc<PluginIdent>, memory_bytes: usize, grants: &Grants) -> PluginState {
+    pub(crate) fn new(
+        ident: Arc<PluginIdent>,
+        memory_bytes: usize,
+        grants: &Grants,
+    ) -> PluginState {
         let log_budget = Arc::new(Mutex::new(LogBudget::new()));
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestOutput::new(
