@@ -6,12 +6,12 @@ use crate::message::{Action, ChangeMessage, JsonObject};
 use crate::ops::Op;
 
 /// The primary keys as the WIT call borrows them.
-pub(crate) fn pk_refs(message: &ChangeMessage) -> Vec<&str> {
+pub fn pk_refs(message: &ChangeMessage) -> Vec<&str> {
     message.pks.iter().map(String::as_str).collect()
 }
 
 /// The WIT view of a change, borrowing from the message (and its [`pk_refs`]).
-pub(crate) fn change_param<'a>(message: &'a ChangeMessage, pks: &'a [&'a str]) -> wit::Change<'a> {
+pub fn change_param<'a>(message: &'a ChangeMessage, pks: &'a [&'a str]) -> wit::Change<'a> {
     wit::Change {
         action: match message.action {
             Action::Insert => wit::Action::Insert,
@@ -33,7 +33,7 @@ pub(crate) fn change_param<'a>(message: &'a ChangeMessage, pks: &'a [&'a str]) -
 }
 
 /// The host form of an operation a plugin returned.
-pub(crate) fn op(op: wit::Op) -> Op {
+pub fn op(op: wit::Op) -> Op {
     match op {
         wit::Op::Set(set) => Op::Set {
             key: set.key,

@@ -15,10 +15,10 @@
 //! - [`reload`]: watching the plugin directory and swapping versions atomically.
 //! - [`status`]: what `keepwarm plugins` shows.
 
-mod bindings;
+pub mod bindings;
 pub(crate) mod breaker;
 pub mod cache;
-mod convert;
+pub mod convert;
 pub mod error;
 mod guest_output;
 mod limiter;
@@ -26,7 +26,7 @@ pub mod loader;
 pub mod plugin;
 pub mod reload;
 mod selftest;
-mod state;
+pub mod state;
 pub mod status;
 
 pub use error::{EngineError, LoadError, PluginError};
@@ -43,7 +43,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 /// How often the epoch advances; deadlines are counted in these ticks.
-pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// The engine and linker shared by every plugin.
 pub struct Runtime {
@@ -99,7 +99,8 @@ impl Runtime {
         })
     }
 
-    pub(crate) fn engine(&self) -> &Engine {
+    /// The engine (host/examples/plugin_cost.rs measures with it).
+    pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
@@ -114,7 +115,7 @@ impl Runtime {
     }
 
     /// The linker with WASI (granting nothing) and keepwarm's imports.
-    pub(crate) fn linker(&self) -> &Linker<PluginState> {
+    pub fn linker(&self) -> &Linker<PluginState> {
         &self.linker
     }
 }

@@ -22,7 +22,7 @@ use wasmtime::{Engine, Store};
 /// A plugin ready to take calls.
 pub struct Plugin {
     /// Name (the file stem) and version (content hash).
-    ident: Arc<PluginIdent>,
+    pub ident: Arc<PluginIdent>,
     /// The validated manifest.
     pub manifest: Manifest,
     engine: Engine,

@@ -12,17 +12,17 @@ use wasmtime_wasi::{HostMonotonicClock, HostWallClock, WasiCtx, WasiCtxView, Was
 
 /// Who a store belongs to, for log lines.
 #[derive(Debug)]
-pub(crate) struct PluginIdent {
+pub struct PluginIdent {
     /// Plugin name (the file stem).
-    pub(crate) name: String,
+    pub name: String,
     /// Short content hash of the component and manifest.
-    pub(crate) version: String,
+    pub version: String,
     /// The manifest's `[config]` table as JSON text.
-    pub(crate) config_json: String,
+    pub config_json: String,
 }
 
 /// The store data of one plugin instance.
-pub(crate) struct PluginState {
+pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     /// Memory cap, enforced through `Store::limiter`.
@@ -35,11 +35,7 @@ impl PluginState {
     /// A state with the given memory cap and no WASI capabilities beyond what `grants` allows:
     /// no files, no network, no environment (unless named), and clocks stopped at the Unix
     /// epoch (unless granted). Stdout and stderr go to the log.
-    pub(crate) fn new(
-        ident: Arc<PluginIdent>,
-        memory_bytes: usize,
-        grants: &Grants,
-    ) -> PluginState {
+    pub fn new(ident: Arc<PluginIdent>, memory_bytes: usize, grants: &Grants) -> PluginState {
         let log_budget = Arc::new(Mutex::new(LogBudget::new()));
         let mut wasi = WasiCtx::builder();
         wasi.stdout(GuestOutput::new(
