@@ -3,15 +3,14 @@
 //!
 //! - `GET /plugins`: every plugin's name, version, tables, state and load details (JSON).
 //! - `GET /metrics`: the counters (messages received, applied, dead-lettered, stale writes
-//!   skipped, …) in the Prometheus text format.
+//!   skipped, …) as OpenMetrics text, see [`crate::telemetry::Metrics`].
 //! - `GET /healthz`: 200 while the process runs.
 //! - `GET /readyz`: 200 when plugins are loaded, the cache Redis answers and every source is
 //!   connected; 503 otherwise.
-//! - `GET /metrics`: Prometheus metrics (OpenMetrics text), see [`crate::telemetry::Metrics`].
 
 use crate::applier::Applier;
 use crate::runtime::PluginSet;
-use crate::runtime::status::Registry;
+use crate::runtime::status::StatusBoard;
 use crate::telemetry::Counters;
 use arc_swap::ArcSwap;
 use axum::Router;
@@ -23,11 +22,40 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
+/// Why the admin endpoint or `keepwarm plugins` failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The admin address cannot be bound.
+    #[error("cannot bind the admin endpoint to {listen}: {error}")]
+    Bind {
+        /// The configured address.
+        listen: String,
+        /// The socket's error.
+        error: std::io::Error,
+    },
+    /// No daemon answers at the admin address.
+    #[error("no keepwarm answers at {url}: {error}")]
+    Unreachable {
+        /// The `/plugins` URL asked.
+        url: String,
+        /// The HTTP client's error.
+        error: ureq::Error,
+    },
+    /// The daemon's answer is not the expected JSON.
+    #[error("unexpected answer from {url}: {error}")]
+    Answer {
+        /// The `/plugins` URL asked.
+        url: String,
+        /// The JSON parser's error.
+        error: serde_json::Error,
+    },
+}
+
 /// What the admin endpoint reads.
 #[derive(Clone)]
 pub struct AdminState {
-    /// Plugin status.
-    pub registry: Arc<Registry>,
+    /// Every plugin's status, for `/plugins`.
+    pub registry: Arc<StatusBoard>,
     /// The serving plugins.
     pub plugins: Arc<ArcSwap<PluginSet>>,
     /// The cache writer, for readiness.
@@ -37,7 +65,7 @@ pub struct AdminState {
 }
 
 /// The admin routes.
-pub fn router(state: AdminState) -> Router {
+pub(crate) fn router(state: AdminState) -> Router {
     Router::new()
         .route("/plugins", get(plugins))
         .route("/metrics", get(metrics))
@@ -85,11 +113,13 @@ pub async fn serve(
     listen: &str,
     state: AdminState,
     shutdown: CancellationToken,
-) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|error| anyhow::anyhow!("cannot bind the admin endpoint to {listen}: {error}"))?;
-    let addr = listener.local_addr()?;
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), AdminError> {
+    let bind = |error| AdminError::Bind {
+        listen: listen.to_owned(),
+        error,
+    };
+    let listener = tokio::net::TcpListener::bind(listen).await.map_err(bind)?;
+    let addr = listener.local_addr().map_err(bind)?;
     tracing::info!(%addr, "admin endpoint listening");
     let task = tokio::spawn(async move {
         let served = axum::serve(listener, router(state))
@@ -107,18 +137,21 @@ pub async fn serve(
 /// # Errors
 ///
 /// The daemon does not answer.
-pub fn print_plugins(listen: &str, json: bool) -> anyhow::Result<()> {
+pub fn print_plugins(listen: &str, json: bool) -> Result<(), AdminError> {
     let url = format!("http://{listen}/plugins");
     let body = ureq::get(&url)
         .call()
-        .map_err(|error| anyhow::anyhow!("no keepwarm answers at {url}: {error}"))?
-        .body_mut()
-        .read_to_string()?;
+        .and_then(|mut answer| answer.body_mut().read_to_string())
+        .map_err(|error| AdminError::Unreachable {
+            url: url.clone(),
+            error,
+        })?;
     if json {
         println!("{body}");
         return Ok(());
     }
-    let plugins: Vec<serde_json::Value> = serde_json::from_str(&body)?;
+    let plugins: Vec<serde_json::Value> =
+        serde_json::from_str(&body).map_err(|error| AdminError::Answer { url, error })?;
     println!(
         "{:<20} {:<13} {:<18} {:<8} {:>8}  TABLES / ERROR",
         "NAME", "VERSION", "STATE", "COMPILED", "LOAD_MS"

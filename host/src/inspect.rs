@@ -6,11 +6,34 @@
 //! sorted-set members, hash fields), as `commit_lsn/commit_idx` with the LSN also in Postgres
 //! notation (`0/4A1C2F88`). It only reads.
 
-use crate::applier::versioned::{key_slot, version_key};
+use crate::applier::cluster::{HashSlot, key_slot};
+use crate::applier::versioned::{VersionField, parse_version, version_key};
 use crate::config::Config;
 use crate::message::Version;
-use anyhow::Context as _;
 use serde_json::json;
+
+/// Why the versions of a key could not be read.
+#[derive(Debug, thiserror::Error)]
+pub enum InspectError {
+    /// The URL is invalid or Redis cannot be reached.
+    #[error("cannot connect to redis at {url}: {error}")]
+    Connect {
+        /// The configured URL.
+        url: String,
+        /// The client's error.
+        error: redis::RedisError,
+    },
+    /// Redis refused a read.
+    #[error("cannot read {key} and {versions_key}: {error}")]
+    Read {
+        /// The data key.
+        key: String,
+        /// Its companion hash.
+        versions_key: String,
+        /// The client's error.
+        error: redis::RedisError,
+    },
+}
 
 /// What Redis holds for one key and its versions.
 #[derive(Debug, Clone, PartialEq)]
@@ -24,7 +47,7 @@ pub struct KeyVersions {
     /// The companion hash holding the versions.
     pub versions_key: String,
     /// The Redis Cluster hash slot both share.
-    pub slot: u16,
+    pub slot: HashSlot,
     /// The companion's time to live in milliseconds (a tombstone's countdown).
     pub versions_ttl_ms: Option<i64>,
     /// The version of the last change written to the key as a whole (`set`, `del`, `expire`).
@@ -91,15 +114,6 @@ impl KeyVersions {
     }
 }
 
-/// A version as the versioned script stores it (`"LLLL…:IIII…"`, zero-padded).
-pub fn parse_version(text: &str) -> Option<Version> {
-    let (lsn, idx) = text.split_once(':')?;
-    Some(Version {
-        lsn: lsn.parse().ok()?,
-        idx: idx.parse().ok()?,
-    })
-}
-
 /// `lsn/idx (LSN X/Y)`.
 fn describe(version: Version) -> String {
     format!(
@@ -117,13 +131,17 @@ fn describe(version: Version) -> String {
 /// # Errors
 ///
 /// Redis cannot be reached or refuses a command.
-pub async fn read(config: &Config, key: &str) -> anyhow::Result<KeyVersions> {
+pub async fn read(config: &Config, key: &str) -> Result<KeyVersions, InspectError> {
     let url = &config.redis.url;
+    let connect = |error| InspectError::Connect {
+        url: url.clone(),
+        error,
+    };
     let mut conn = redis::Client::open(url.as_str())
-        .with_context(|| format!("invalid redis url {url}"))?
+        .map_err(connect)?
         .get_multiplexed_async_connection()
         .await
-        .with_context(|| format!("cannot connect to redis at {url}"))?;
+        .map_err(connect)?;
     let versions_key = version_key(&config.versioning.key_prefix, key);
     let ttl = |ms: i64| (ms >= 0).then_some(ms);
     let (kind, ttl_ms, fields, versions_ttl): (String, i64, Vec<(String, String)>, i64) =
@@ -138,7 +156,11 @@ pub async fn read(config: &Config, key: &str) -> anyhow::Result<KeyVersions> {
             .arg(&versions_key)
             .query_async(&mut conn)
             .await
-            .with_context(|| format!("cannot read {key} and {versions_key}"))?;
+            .map_err(|error| InspectError::Read {
+                key: key.to_owned(),
+                versions_key: versions_key.clone(),
+                error,
+            })?;
     let mut report = KeyVersions {
         key: key.to_owned(),
         kind,
@@ -151,10 +173,10 @@ pub async fn read(config: &Config, key: &str) -> anyhow::Result<KeyVersions> {
         unknown: Vec::new(),
     };
     for (field, value) in fields {
-        match (field.as_str(), parse_version(&value)) {
-            ("", Some(version)) => report.version = Some(version),
-            (member, Some(version)) if member.starts_with("m:") => {
-                report.members.push((member[2..].to_owned(), version));
+        match (VersionField::parse(&field), parse_version(&value)) {
+            (Some(VersionField::Key), Some(version)) => report.version = Some(version),
+            (Some(VersionField::Member(member)), Some(version)) => {
+                report.members.push((member.to_owned(), version));
             }
             _ => report.unknown.push((field, value)),
         }
@@ -168,16 +190,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stored_versions_parse_back() {
-        assert_eq!(
-            parse_version("00000000001243362320:00000000000000000001"),
-            Some(Version {
-                lsn: 1_243_362_320,
-                idx: 1
-            })
-        );
-        assert_eq!(parse_version(""), None);
-        assert_eq!(parse_version("12"), None);
+    fn versions_are_described_with_the_lsn_in_postgres_notation() {
         assert_eq!(
             describe(Version {
                 lsn: 1_243_361_160,

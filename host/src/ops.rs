@@ -23,42 +23,42 @@ pub enum Op {
     },
     /// `HSET key field value …`.
     HashSet {
-        /// Hash key.
+        /// The hash.
         key: String,
         /// Fields and their values.
         fields: Vec<(String, Vec<u8>)>,
     },
     /// `HDEL key field …`.
     HashDel {
-        /// Hash key.
+        /// The hash.
         key: String,
         /// Fields to delete.
         fields: Vec<String>,
     },
     /// `SADD key member …`.
     SetAdd {
-        /// Set key.
+        /// The set.
         key: String,
         /// Members to add.
         members: Vec<String>,
     },
     /// `SREM key member …`.
     SetRemove {
-        /// Set key.
+        /// The set.
         key: String,
         /// Members to remove.
         members: Vec<String>,
     },
     /// `ZADD key score member …`.
     SortedSetAdd {
-        /// Sorted-set key.
+        /// The sorted set.
         key: String,
         /// Scores and members.
         members: Vec<(f64, String)>,
     },
     /// `ZREM key member …`.
     SortedSetRemove {
-        /// Sorted-set key.
+        /// The sorted set.
         key: String,
         /// Members to remove.
         members: Vec<String>,
@@ -74,7 +74,7 @@ pub enum Op {
     Publish {
         /// Channel to publish on.
         channel: String,
-        /// Message bytes.
+        /// The payload, as bytes.
         message: Vec<u8>,
     },
 }

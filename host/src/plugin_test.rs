@@ -12,10 +12,24 @@
 
 use crate::message::ChangeMessage;
 use crate::runtime::loader::PluginFiles;
-use crate::runtime::{Runtime, load_plugin};
+use crate::runtime::{EngineError, LoadError, Runtime, load_plugin};
 use serde_json::json;
 use std::io::{BufRead, Write};
 use std::path::Path;
+
+/// Why `keepwarm test` stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum PluginTestError {
+    /// The engine did not start.
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// The plugin did not load.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// Reading the input or writing the output failed.
+    #[error("input or output failed: {0}")]
+    Io(#[from] std::io::Error),
+}
 
 /// Loads the plugin and answers every line of `input` on `output`.
 ///
@@ -27,7 +41,7 @@ pub fn run(
     manifest: Option<&Path>,
     input: impl BufRead,
     mut output: impl Write,
-) -> anyhow::Result<()> {
+) -> Result<(), PluginTestError> {
     let runtime = Runtime::new(None)?;
     let name = wasm
         .file_stem()

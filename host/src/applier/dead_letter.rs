@@ -29,20 +29,20 @@ impl DeadLetterKind {
     }
 }
 
-/// One dead-letter entry.
+/// One dead-letter entry (the pipeline builds them in `pipeline/lane/letters.rs`).
 #[derive(Clone, Debug)]
 pub struct DeadLetter {
-    /// Why.
+    /// What failed: decoding, the plugin, or Redis.
     pub kind: DeadLetterKind,
-    /// The reason, for people.
+    /// The error, for people.
     pub reason: String,
-    /// The plugin involved, with its version.
+    /// The plugin involved: its name and version.
     pub plugin: Option<(String, String)>,
-    /// The source's name.
+    /// The name of the source the message came from.
     pub source: String,
     /// The message's id in its source.
     pub source_id: String,
-    /// The message as received.
+    /// The message as received (or as Sequin JSON once decoded).
     pub payload: RawPayload,
 }
 

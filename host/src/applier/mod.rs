@@ -2,27 +2,32 @@
 //!
 //! A lane's batch becomes one pipeline: every message's operations (plain commands, or one
 //! `EVALSHA` of the versioned script per message and hash slot) followed by the batch's dead
-//! letters. Every
-//! reply is checked. A reply error that retrying can cure (connection lost, `LOADING`, `OOM`,
-//! `NOSCRIPT`, …) fails the whole batch with [`ApplyError::Unavailable`], and the lane retries
-//! it; the operations are idempotent, so re-applying what did go through is harmless. Any other
-//! reply error (`WRONGTYPE`, …) fails only its message, which the lane then dead-letters.
+//! letters. Every reply is checked. A reply error that retrying can cure (connection lost,
+//! `LOADING`, `OOM`, `NOSCRIPT`, …) fails the whole batch with an [`ApplyError`], and the lane
+//! retries it; the operations are idempotent, so re-applying what did go through is harmless.
+//! Any other reply error (`WRONGTYPE`, …) fails only its message ([`MessageOutcome::Refused`]),
+//! which the lane then dead-letters.
 //!
 //! - [`plain`]: an operation as its Redis command.
-//! - [`versioned`]: the versioned script, companion keys and hash slots.
+//! - [`versioned`]: the versioned script and the companion keys that hold versions.
+//! - [`cluster`]: Redis Cluster hash slots.
+//! - [`connection`]: one Redis or a cluster, and a batch's pipelines over it.
 //! - [`dead_letter`]: the dead-letter entry.
 
+pub(crate) mod cluster;
+mod connection;
 pub mod dead_letter;
-pub mod plain;
-pub mod versioned;
+pub(crate) mod plain;
+pub(crate) mod versioned;
 
 use crate::config::Config;
 use crate::message::Version;
 use crate::ops::Op;
-use anyhow::Context as _;
+use cluster::key_slot;
+use connection::Connection;
 use dead_letter::DeadLetter;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster_async::ClusterConnection;
+use redis::aio::ConnectionManagerConfig;
+use redis::{ServerError, ServerErrorKind};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The writes of one message.
@@ -37,57 +42,91 @@ pub struct MessageWrites<'a> {
 }
 
 /// What happened to one message's writes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum MessageOutcome {
-    /// Redis confirmed every operation; `stale` writes were skipped as older than the cache.
+    /// Redis confirmed every operation.
     Applied {
         /// Writes skipped because Redis held a newer version.
         stale: u64,
     },
     /// Redis refused an operation for good; the message must be dead-lettered.
-    Refused(String),
+    Refused(Refusal),
 }
+
+/// A reply error that retrying cannot cure (`WRONGTYPE`, …): the message's own fault.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("redis refused a write: {}", reply_text(.0))]
+pub struct Refusal(pub redis::ServerError);
 
 /// A failure that retrying the whole batch can cure.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
-    /// Redis is unreachable, loading, out of memory, read-only, or lost the script.
+    /// The connection failed, timed out or was dropped.
     #[error("redis unavailable: {0}")]
-    Unavailable(String),
+    Connection(#[from] redis::RedisError),
+    /// Redis answered with an error that passes (`LOADING`, `OOM`, `READONLY`, `TRYAGAIN`, …).
+    #[error("redis unavailable: {}", reply_text(.0))]
+    Busy(redis::ServerError),
+    /// Redis lost the versioned-write script (it restarted); it has been loaded again.
+    #[error("the versioned-write script was not loaded (redis restarted?)")]
+    ScriptMissing,
+    /// Loading the versioned-write script failed.
+    #[error("SCRIPT LOAD failed: {0}")]
+    ScriptLoad(redis::RedisError),
+    /// The dead-letter stream refused an entry: the batch's dead letters must not be lost.
+    #[error("dead-letter stream {stream} refused an entry: {}", reply_text(.error))]
+    DeadLetterRefused {
+        /// The dead-letter stream.
+        stream: String,
+        /// Redis's answer.
+        error: redis::ServerError,
+    },
+    /// A pipeline came back with another number of replies than commands.
+    #[error("expected {expected} replies, got {got}")]
+    ReplyCount {
+        /// Commands sent.
+        expected: usize,
+        /// Replies received.
+        got: usize,
+    },
+    /// A cluster pipeline's task failed.
+    #[error("a cluster pipeline task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
 }
 
-/// A connection to the cache: one Redis, or a Redis Cluster.
-#[derive(Clone)]
-enum Conn {
-    Single(ConnectionManager),
-    Cluster(ClusterConnection),
-}
-
-impl Conn {
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> redis::RedisResult<T> {
-        match self.clone() {
-            Conn::Single(mut conn) => cmd.query_async(&mut conn).await,
-            Conn::Cluster(mut conn) => cmd.query_async(&mut conn).await,
-        }
-    }
-
-    async fn pipe(&self, pipe: &redis::Pipeline) -> redis::RedisResult<Vec<redis::Value>> {
-        match self.clone() {
-            Conn::Single(mut conn) => pipe.query_async(&mut conn).await,
-            Conn::Cluster(mut conn) => pipe.query_async(&mut conn).await,
-        }
-    }
+/// Why [`Applier::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The `[redis]` settings do not make a client (invalid URL, password variable unset), as
+    /// `config` words it.
+    #[error("{0}")]
+    Config(String),
+    /// Redis (or the cluster) cannot be reached now.
+    #[error("cannot connect to {what} at {url}: {error}")]
+    Unreachable {
+        /// `redis` or `the redis cluster`.
+        what: &'static str,
+        /// The configured URL.
+        url: String,
+        /// The client's error.
+        error: redis::RedisError,
+    },
+    /// The versioned-write script cannot be loaded.
+    #[error(transparent)]
+    Script(ApplyError),
 }
 
 /// The only writer to the cache Redis.
 pub struct Applier {
-    conn: Conn,
+    conn: Connection,
     dead_letter_stream: String,
     version_prefix: String,
     tombstone_ms: u64,
 }
 
-enum Slot {
+/// What a command's reply settles.
+enum ReplyFor {
+    /// A write of the message at this index.
     Message(usize),
     DeadLetter,
 }
@@ -98,26 +137,40 @@ impl Applier {
     /// # Errors
     ///
     /// The URL is invalid or Redis cannot be reached now.
-    pub async fn connect(config: &Config) -> anyhow::Result<Applier> {
+    pub async fn connect(config: &Config) -> Result<Applier, ConnectError> {
+        let url = &config.redis.url;
+        let unreachable = |what| {
+            move |error| ConnectError::Unreachable {
+                what,
+                url: url.clone(),
+                error,
+            }
+        };
         let conn = if config.redis.is_cluster() {
-            let client = config.redis.cluster_client(config.response_timeout())?;
-            Conn::Cluster(client.get_async_connection().await.with_context(|| {
-                format!(
-                    "cannot connect to the redis cluster at {}",
-                    config.redis.url
-                )
-            })?)
+            let client = config
+                .redis
+                .cluster_client(config.response_timeout())
+                .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
+            Connection::Cluster(
+                client
+                    .get_async_connection()
+                    .await
+                    .map_err(unreachable("the redis cluster"))?,
+            )
         } else {
-            let client = config.redis.client()?;
+            let client = config
+                .redis
+                .client()
+                .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
             let manager_config = ConnectionManagerConfig::new()
                 .set_response_timeout(Some(config.response_timeout()))
                 .set_connection_timeout(Some(Duration::from_secs(5)))
                 .set_max_delay(Duration::from_secs(2));
-            Conn::Single(
+            Connection::Single(
                 client
                     .get_connection_manager_with_config(manager_config)
                     .await
-                    .with_context(|| format!("cannot connect to redis at {}", config.redis.url))?,
+                    .map_err(unreachable("redis"))?,
             )
         };
         let applier = Applier {
@@ -126,10 +179,7 @@ impl Applier {
             version_prefix: config.versioning.key_prefix.clone(),
             tombstone_ms: config.versioning.tombstone_ttl_seconds.saturating_mul(1000),
         };
-        applier
-            .load_script()
-            .await
-            .map_err(|error| anyhow::anyhow!("{error}"))?;
+        applier.load_script().await.map_err(ConnectError::Script)?;
         Ok(applier)
     }
 
@@ -139,23 +189,63 @@ impl Applier {
     }
 
     /// Applies the writes of a batch of messages and writes its dead letters, in one pipeline.
+    /// Returns one outcome per message, in order.
     ///
     /// # Errors
     ///
-    /// [`ApplyError::Unavailable`] when the batch must be retried as a whole.
+    /// An [`ApplyError`] when the batch must be retried as a whole.
     pub async fn apply(
         &self,
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
-        // Every command with what its reply settles and the cluster slot of its keys.
-        let mut commands: Vec<(redis::Cmd, u16)> = Vec::new();
-        let mut slots = Vec::new();
+        let (commands, settles) = self.commands(messages, dead_letters);
+        if commands.is_empty() {
+            return Ok(outcomes);
+        }
+        let replies = self.conn.run(commands).await?;
+        for (settles, reply) in settles.iter().zip(replies) {
+            match (settles, reply) {
+                (_, redis::Value::ServerError(error)) => {
+                    self.retry_on(&error).await?;
+                    match settles {
+                        ReplyFor::Message(index) => {
+                            if matches!(outcomes[*index], MessageOutcome::Applied { .. }) {
+                                outcomes[*index] = MessageOutcome::Refused(Refusal(error));
+                            }
+                        }
+                        ReplyFor::DeadLetter => {
+                            return Err(ApplyError::DeadLetterRefused {
+                                stream: self.dead_letter_stream.clone(),
+                                error,
+                            });
+                        }
+                    }
+                }
+                (ReplyFor::Message(index), redis::Value::Int(stale)) => {
+                    if let MessageOutcome::Applied { stale: total } = &mut outcomes[*index] {
+                        *total += stale.max(0) as u64;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Every command of the batch with the hash slot of its keys, and what each reply settles.
+    fn commands(
+        &self,
+        messages: &[MessageWrites<'_>],
+        dead_letters: &[DeadLetter],
+    ) -> (Vec<(redis::Cmd, cluster::HashSlot)>, Vec<ReplyFor>) {
+        let mut commands = Vec::new();
+        let mut settles = Vec::new();
         for (index, writes) in messages.iter().enumerate() {
             for op in &writes.plain {
-                commands.push((plain::command(op), versioned::key_slot(op.key())));
-                slots.push(Slot::Message(index));
+                commands.push((plain::command(op), key_slot(op.key())));
+                settles.push(ReplyFor::Message(index));
             }
             if !writes.versioned.is_empty() {
                 for (slot, cmd) in versioned::commands_by_slot(
@@ -165,7 +255,7 @@ impl Applier {
                     self.tombstone_ms,
                 ) {
                     commands.push((cmd, slot));
-                    slots.push(Slot::Message(index));
+                    settles.push(ReplyFor::Message(index));
                 }
             }
         }
@@ -178,114 +268,23 @@ impl Applier {
             for (field, value) in letter.fields(now_ms) {
                 cmd.arg(field).arg(value);
             }
-            commands.push((cmd, versioned::key_slot(&self.dead_letter_stream)));
-            slots.push(Slot::DeadLetter);
+            commands.push((cmd, key_slot(&self.dead_letter_stream)));
+            settles.push(ReplyFor::DeadLetter);
         }
-        if slots.is_empty() {
-            return Ok(outcomes);
-        }
-        let replies = self.run(commands).await?;
-        for (slot, reply) in slots.iter().zip(replies) {
-            match (slot, reply) {
-                (_, redis::Value::ServerError(error)) => {
-                    let code = error.code().to_owned();
-                    let text = format!("{code} {}", error.details().unwrap_or_default());
-                    if code == "NOSCRIPT" {
-                        self.load_script().await?;
-                        return Err(ApplyError::Unavailable(
-                            "the versioned-write script was not loaded (redis restarted?)".into(),
-                        ));
-                    }
-                    if is_transient(&code) {
-                        return Err(ApplyError::Unavailable(text));
-                    }
-                    match slot {
-                        Slot::Message(index) => {
-                            if matches!(outcomes[*index], MessageOutcome::Applied { .. }) {
-                                outcomes[*index] = MessageOutcome::Refused(format!(
-                                    "redis refused a write: {text}"
-                                ));
-                            }
-                        }
-                        Slot::DeadLetter => {
-                            return Err(ApplyError::Unavailable(format!(
-                                "dead-letter stream {} refused an entry: {text}",
-                                self.dead_letter_stream
-                            )));
-                        }
-                    }
-                }
-                (Slot::Message(index), redis::Value::Int(stale)) => {
-                    if let MessageOutcome::Applied { stale: total } = &mut outcomes[*index] {
-                        *total += stale.max(0) as u64;
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(outcomes)
+        (commands, settles)
     }
 
-    /// Sends the commands and returns their replies in order: one pipeline on a single Redis;
-    /// on a cluster, one pipeline per slot (a cluster pipeline may not cross slots), all at once.
-    async fn run(&self, commands: Vec<(redis::Cmd, u16)>) -> Result<Vec<redis::Value>, ApplyError> {
-        let expected = commands.len();
-        let unavailable = |error: redis::RedisError| ApplyError::Unavailable(error.to_string());
-        let replies = match &self.conn {
-            Conn::Single(_) => {
-                let mut pipe = redis::pipe();
-                pipe.ignore_errors();
-                for (cmd, _) in commands {
-                    pipe.add_command(cmd);
-                }
-                self.conn.pipe(&pipe).await.map_err(unavailable)?
-            }
-            Conn::Cluster(_) => {
-                let mut by_slot: Vec<(u16, redis::Pipeline, Vec<usize>)> = Vec::new();
-                for (position, (cmd, slot)) in commands.into_iter().enumerate() {
-                    let at = match by_slot.iter().position(|(s, _, _)| *s == slot) {
-                        Some(at) => at,
-                        None => {
-                            let mut pipe = redis::pipe();
-                            pipe.ignore_errors();
-                            by_slot.push((slot, pipe, Vec::new()));
-                            by_slot.len() - 1
-                        }
-                    };
-                    by_slot[at].1.add_command(cmd);
-                    by_slot[at].2.push(position);
-                }
-                let mut calls = tokio::task::JoinSet::new();
-                for (_, pipe, positions) in by_slot {
-                    let conn = self.conn.clone();
-                    calls.spawn(async move { (conn.pipe(&pipe).await, positions) });
-                }
-                let mut replies = vec![redis::Value::Nil; expected];
-                while let Some(done) = calls.join_next().await {
-                    let (answered, positions) =
-                        done.map_err(|error| ApplyError::Unavailable(error.to_string()))?;
-                    let answered = answered.map_err(unavailable)?;
-                    if answered.len() != positions.len() {
-                        return Err(ApplyError::Unavailable(format!(
-                            "expected {} replies, got {}",
-                            positions.len(),
-                            answered.len()
-                        )));
-                    }
-                    for (position, reply) in positions.into_iter().zip(answered) {
-                        replies[position] = reply;
-                    }
-                }
-                replies
-            }
-        };
-        if replies.len() != expected {
-            return Err(ApplyError::Unavailable(format!(
-                "expected {expected} replies, got {}",
-                replies.len()
-            )));
+    /// Fails the batch when retrying cures the reply `error`; a lost script is loaded again
+    /// first.
+    async fn retry_on(&self, error: &ServerError) -> Result<(), ApplyError> {
+        if error.kind() == Some(ServerErrorKind::NoScript) {
+            self.load_script().await?;
+            return Err(ApplyError::ScriptMissing);
         }
-        Ok(replies)
+        if passes(error) {
+            return Err(ApplyError::Busy(error.clone()));
+        }
+        Ok(())
     }
 
     async fn load_script(&self) -> Result<(), ApplyError> {
@@ -294,7 +293,7 @@ impl Applier {
             .conn
             .query(redis::cmd("SCRIPT").arg("LOAD").arg(versioned::SCRIPT))
             .await
-            .map_err(|error| ApplyError::Unavailable(format!("SCRIPT LOAD failed: {error}")))?;
+            .map_err(ApplyError::ScriptLoad)?;
         debug_assert_eq!(sha, versioned::script_sha());
         Ok(())
     }
@@ -305,20 +304,26 @@ impl Applier {
     }
 }
 
-/// Reply errors that retrying cures.
-fn is_transient(code: &str) -> bool {
-    matches!(
-        code,
-        "LOADING"
-            | "BUSY"
-            | "OOM"
-            | "READONLY"
-            | "MASTERDOWN"
-            | "TRYAGAIN"
-            | "CLUSTERDOWN"
-            | "MOVED"
-            | "ASK"
-            | "NOREPLICAS"
-            | "MISCONF"
-    )
+/// Whether a reply error passes, so that retrying cures it.
+fn passes(error: &ServerError) -> bool {
+    use ServerErrorKind as Kind;
+    match error.kind() {
+        Some(
+            Kind::BusyLoading
+            | Kind::ReadOnly
+            | Kind::MasterDown
+            | Kind::TryAgain
+            | Kind::ClusterDown
+            | Kind::Moved
+            | Kind::Ask,
+        ) => true,
+        Some(_) => false,
+        // Codes redis-rs has no kind for.
+        None => matches!(error.code(), "BUSY" | "OOM" | "NOREPLICAS" | "MISCONF"),
+    }
+}
+
+/// A reply error as Redis wrote it: `CODE details`.
+fn reply_text(error: &ServerError) -> String {
+    format!("{} {}", error.code(), error.details().unwrap_or_default())
 }

@@ -4,7 +4,7 @@ use super::versioned::score_text;
 use crate::ops::Op;
 
 /// The Redis command for one operation.
-pub fn command(op: &Op) -> redis::Cmd {
+pub(crate) fn command(op: &Op) -> redis::Cmd {
     let mut cmd;
     match op {
         Op::Set { key, value, ttl_ms } => {

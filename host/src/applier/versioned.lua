@@ -1,4 +1,4 @@
--- keepwarm versioned apply, contract v2.
+-- keepwarm versioned apply, contract v3.
 --
 -- Applies the operations of one change only where they are newer than what Redis holds.
 -- KEYS: per keyed operation, the data key then its companion version key (a hash that shares the
@@ -8,7 +8,8 @@
 --          so string order is version order), or "" for a backfill read, which only fills keys
 --          (members) that hold no version at all.
 -- ARGV[2]: tombstone time to live in milliseconds.
--- ARGV[3..]: operations, each as: name, argument count, arguments.
+-- ARGV[3..]: operations, each as: name (the Redis command it stands for, as `Op::name` in
+--           ops.rs spells it), argument count, arguments.
 -- Returns the number of writes skipped as stale.
 
 local ver = ARGV[1]
@@ -89,12 +90,12 @@ while a <= #ARGV do
   local args = {}
   for i = 1, n do args[i] = ARGV[a + 1 + i] end
   a = a + 2 + n
-  if op == 'publish' then
+  if op == 'PUBLISH' then
     redis.call('PUBLISH', args[1], args[2])
   else
     local key, vkey = KEYS[k], KEYS[k + 1]
     k = k + 2
-    if op == 'set' then
+    if op == 'SET' then
       if may_write(vkey) then
         if args[2] ~= '' then
           redis.call('SET', key, args[1], 'PX', args[2])
@@ -106,14 +107,14 @@ while a <= #ARGV do
       else
         skipped = skipped + 1
       end
-    elseif op == 'del' then
+    elseif op == 'DEL' then
       if may_write(vkey) then
         -- A tombstone: older writes arriving late must not resurrect the key.
         delete(key, vkey)
       else
         skipped = skipped + 1
       end
-    elseif op == 'expire' then
+    elseif op == 'PEXPIRE' then
       if may_write(vkey) then
         redis.call('PEXPIRE', key, args[1])
         stamp(vkey, '')
@@ -123,19 +124,19 @@ while a <= #ARGV do
       end
     else
       -- Member operations: each member (or hash field) is versioned on its own.
-      local step = (op == 'hset' or op == 'zadd') and 2 or 1
+      local step = (op == 'HSET' or op == 'ZADD') and 2 or 1
       local i = 1
       local wrote = false
       while i <= n do
-        local member = (op == 'zadd') and args[i + 1] or args[i]
+        local member = (op == 'ZADD') and args[i + 1] or args[i]
         local field = 'm:' .. member
         if may_write(vkey, field) then
-          if op == 'hset' then redis.call('HSET', key, args[i], args[i + 1])
-          elseif op == 'zadd' then redis.call('ZADD', key, args[i], args[i + 1])
-          elseif op == 'hdel' then redis.call('HDEL', key, args[i])
-          elseif op == 'sadd' then redis.call('SADD', key, args[i])
-          elseif op == 'srem' then redis.call('SREM', key, args[i])
-          elseif op == 'zrem' then redis.call('ZREM', key, args[i])
+          if op == 'HSET' then redis.call('HSET', key, args[i], args[i + 1])
+          elseif op == 'ZADD' then redis.call('ZADD', key, args[i], args[i + 1])
+          elseif op == 'HDEL' then redis.call('HDEL', key, args[i])
+          elseif op == 'SADD' then redis.call('SADD', key, args[i])
+          elseif op == 'SREM' then redis.call('SREM', key, args[i])
+          elseif op == 'ZREM' then redis.call('ZREM', key, args[i])
           else return redis.error_reply('keepwarm: unknown operation ' .. op) end
           stamp(vkey, field)
           wrote = true

@@ -2,29 +2,67 @@
 //! change's version with the version stored for each key (or member) and skips stale writes.
 //!
 //! Versions live in a companion hash per data key, named so that it shares the data key's Redis
-//! Cluster hash slot (see [`version_key`]). Field `""` holds the key's version; field
-//! `m:<member>` the version of a set member, sorted-set member or hash field.
+//! Cluster hash slot (see [`version_key`]). Field `""` ([`KEY_FIELD`]) holds the key's version;
+//! field `m:<member>` ([`MEMBER_FIELD_PREFIX`]) the version of a set member, sorted-set member or
+//! hash field. `versioned.lua` writes them; `keepwarm version` ([`crate::inspect`]) reads them
+//! back with [`VersionField::parse`] and [`parse_version`].
 
+use super::cluster::{HashSlot, hash_tag, key_slot, slot_tag};
 use crate::message::Version;
 use crate::ops::Op;
 use std::sync::OnceLock;
 
 /// The Lua source of the versioned apply script.
-pub const SCRIPT: &str = include_str!("versioned.lua");
+pub(crate) const SCRIPT: &str = include_str!("versioned.lua");
 
 /// The script's SHA-1, as `EVALSHA` wants it.
-pub fn script_sha() -> &'static str {
+pub(crate) fn script_sha() -> &'static str {
     static SHA: OnceLock<String> = OnceLock::new();
     SHA.get_or_init(|| redis::Script::new(SCRIPT).get_hash().to_owned())
 }
 
-/// The version as the script compares it: zero-padded so that string order is version order.
-/// A backfill read (no version) is the empty string.
-pub fn version_arg(version: Option<Version>) -> String {
+/// The companion-hash field that holds the version of the key as a whole.
+pub(crate) const KEY_FIELD: &str = "";
+/// The prefix of the companion-hash field that holds a member's version (`m:<member>`).
+pub(crate) const MEMBER_FIELD_PREFIX: &str = "m:";
+
+/// What a field of a companion hash versions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum VersionField<'a> {
+    /// The key as a whole (`set`, `del`, `expire`).
+    Key,
+    /// One member: a hash field, a set or sorted-set member.
+    Member(&'a str),
+}
+
+impl<'a> VersionField<'a> {
+    /// Reads a companion-hash field name; `None` for a field keepwarm does not write.
+    pub(crate) fn parse(field: &'a str) -> Option<VersionField<'a>> {
+        if field == KEY_FIELD {
+            return Some(VersionField::Key);
+        }
+        field
+            .strip_prefix(MEMBER_FIELD_PREFIX)
+            .map(VersionField::Member)
+    }
+}
+
+/// The version as the script compares and stores it: zero-padded so that string order is
+/// version order. A backfill read (no version) is the empty string.
+pub(crate) fn version_arg(version: Option<Version>) -> String {
     match version {
         Some(v) => format!("{:020}:{:020}", v.lsn, v.idx),
         None => String::new(),
     }
+}
+
+/// A version as the script stores it (see [`version_arg`]).
+pub(crate) fn parse_version(text: &str) -> Option<Version> {
+    let (lsn, idx) = text.split_once(':')?;
+    Some(Version {
+        lsn: lsn.parse().ok()?,
+        idx: idx.parse().ok()?,
+    })
 }
 
 /// The companion key that holds the versions of `key`; it always hashes to `key`'s slot.
@@ -35,7 +73,7 @@ pub fn version_arg(version: Option<Version>) -> String {
 ///   what Redis hashes for a key without a tag.
 /// - otherwise (a `}` but no valid tag, e.g. `a}b` or `x{}y`): a tag chosen to land on the same
 ///   slot, then the key: `prefix + "{" + tag + "}" + key`.
-pub fn version_key(prefix: &str, key: &str) -> String {
+pub(crate) fn version_key(prefix: &str, key: &str) -> String {
     if hash_tag(key).is_some() {
         format!("{prefix}{key}")
     } else if !key.is_empty() && !key.contains('}') {
@@ -45,68 +83,19 @@ pub fn version_key(prefix: &str, key: &str) -> String {
     }
 }
 
-/// The part of a key Redis Cluster hashes: the content of the first `{…}` when it is not empty.
-pub fn hash_tag(key: &str) -> Option<&str> {
-    let open = key.find('{')?;
-    let close = key[open + 1..].find('}')?;
-    (close > 0).then(|| &key[open + 1..open + 1 + close])
-}
-
-/// The Redis Cluster slot of a key.
-pub fn key_slot(key: &str) -> u16 {
-    crc16(hash_tag(key).unwrap_or(key).as_bytes()) % 16384
-}
-
-/// A short tag for every slot (the first decimal number that hashes to it).
-fn slot_tag(slot: u16) -> &'static str {
-    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
-    let tags = TAGS.get_or_init(|| {
-        let mut tags = vec![String::new(); 16384];
-        let mut missing = 16384;
-        let mut n = 0u64;
-        while missing > 0 {
-            let text = n.to_string();
-            let slot = usize::from(crc16(text.as_bytes()) % 16384);
-            if tags[slot].is_empty() {
-                tags[slot] = text;
-                missing -= 1;
-            }
-            n += 1;
-        }
-        tags
-    });
-    &tags[usize::from(slot)]
-}
-
-/// CRC16-CCITT (XMODEM), the hash of Redis Cluster.
-fn crc16(bytes: &[u8]) -> u16 {
-    let mut crc: u16 = 0;
-    for &byte in bytes {
-        crc ^= u16::from(byte) << 8;
-        for _ in 0..8 {
-            crc = if crc & 0x8000 != 0 {
-                (crc << 1) ^ 0x1021
-            } else {
-                crc << 1
-            };
-        }
-    }
-    crc
-}
-
 /// Builds the `EVALSHA` commands that apply `ops` at `version`: one per Redis Cluster hash slot
 /// the operations touch, in the order of each slot's first operation, so that no call names keys
 /// of two slots (Redis Cluster refuses that with `CROSSSLOT`). Each key, with its members, is
 /// versioned and written atomically; the keys of one message in different slots are not one
 /// atomic step. A publish goes into the call of the keyed operation before it (or the first
 /// call), so it still follows the writes it announces; publishes alone make one call without keys.
-pub fn commands_by_slot(
+pub(crate) fn commands_by_slot(
     ops: &[&Op],
     version: Option<Version>,
     prefix: &str,
     tombstone_ms: u64,
-) -> Vec<(u16, redis::Cmd)> {
-    let mut groups: Vec<(Option<u16>, Vec<&Op>)> = Vec::new();
+) -> Vec<(HashSlot, redis::Cmd)> {
+    let mut groups: Vec<(Option<HashSlot>, Vec<&Op>)> = Vec::new();
     let mut pending_publishes: Vec<&Op> = Vec::new();
     let mut current: Option<usize> = None;
     for op in ops {
@@ -143,63 +132,48 @@ pub fn commands_by_slot(
 
 /// Builds one `EVALSHA` command that applies `ops` at `version`. Its keys must share a hash slot
 /// for Redis Cluster: [`commands_by_slot`] splits a message's operations accordingly.
-pub fn command(
-    ops: &[&Op],
-    version: Option<Version>,
-    prefix: &str,
-    tombstone_ms: u64,
-) -> redis::Cmd {
+fn command(ops: &[&Op], version: Option<Version>, prefix: &str, tombstone_ms: u64) -> redis::Cmd {
     let mut keys: Vec<String> = Vec::with_capacity(ops.len() * 2);
     let mut args: Vec<Vec<u8>> = vec![
         version_arg(version).into_bytes(),
         tombstone_ms.to_string().into_bytes(),
     ];
-    let mut push = |name: &str, list: Vec<Vec<u8>>| {
-        args.push(name.as_bytes().to_vec());
-        args.push(list.len().to_string().into_bytes());
-        args.extend(list);
-    };
     let text = |s: &String| s.as_bytes().to_vec();
     for op in ops {
         if !matches!(op, Op::Publish { .. }) {
             keys.push(op.key().to_owned());
             keys.push(version_key(prefix, op.key()));
         }
-        match op {
-            Op::Set { value, ttl_ms, .. } => push(
-                "set",
-                vec![
-                    value.clone(),
-                    ttl_ms
-                        .map(|t| t.to_string())
-                        .unwrap_or_default()
-                        .into_bytes(),
-                ],
-            ),
-            Op::Del { .. } => push("del", vec![]),
-            Op::Expire { ttl_ms, .. } => push("expire", vec![ttl_ms.to_string().into_bytes()]),
-            Op::HashSet { fields, .. } => push(
-                "hset",
-                fields
-                    .iter()
-                    .flat_map(|(f, v)| [text(f), v.clone()])
-                    .collect(),
-            ),
-            Op::HashDel { fields, .. } => push("hdel", fields.iter().map(text).collect()),
-            Op::SetAdd { members, .. } => push("sadd", members.iter().map(text).collect()),
-            Op::SetRemove { members, .. } => push("srem", members.iter().map(text).collect()),
-            Op::SortedSetAdd { members, .. } => push(
-                "zadd",
-                members
-                    .iter()
-                    .flat_map(|(score, m)| [score_text(*score).into_bytes(), text(m)])
-                    .collect(),
-            ),
-            Op::SortedSetRemove { members, .. } => push("zrem", members.iter().map(text).collect()),
-            Op::Publish { channel, message } => {
-                push("publish", vec![text(channel), message.clone()])
+        let list: Vec<Vec<u8>> = match op {
+            Op::Set { value, ttl_ms, .. } => vec![
+                value.clone(),
+                ttl_ms
+                    .map(|t| t.to_string())
+                    .unwrap_or_default()
+                    .into_bytes(),
+            ],
+            Op::Del { .. } => vec![],
+            Op::Expire { ttl_ms, .. } => vec![ttl_ms.to_string().into_bytes()],
+            Op::HashSet { fields, .. } => fields
+                .iter()
+                .flat_map(|(f, v)| [text(f), v.clone()])
+                .collect(),
+            Op::HashDel {
+                fields: members, ..
             }
-        }
+            | Op::SetAdd { members, .. }
+            | Op::SetRemove { members, .. }
+            | Op::SortedSetRemove { members, .. } => members.iter().map(text).collect(),
+            Op::SortedSetAdd { members, .. } => members
+                .iter()
+                .flat_map(|(score, m)| [score_text(*score).into_bytes(), text(m)])
+                .collect(),
+            Op::Publish { channel, message } => vec![text(channel), message.clone()],
+        };
+        // The script dispatches on the Redis command name (`Op::name`).
+        args.push(op.name().as_bytes().to_vec());
+        args.push(list.len().to_string().into_bytes());
+        args.extend(list);
     }
     let mut cmd = redis::cmd("EVALSHA");
     cmd.arg(script_sha()).arg(keys.len());
@@ -213,7 +187,7 @@ pub fn command(
 }
 
 /// A score as Redis parses it (`inf`/`-inf` for infinities).
-pub fn score_text(score: f64) -> String {
+pub(crate) fn score_text(score: f64) -> String {
     if score.is_infinite() {
         if score > 0.0 {
             "+inf".to_owned()
@@ -257,14 +231,58 @@ mod tests {
     }
 
     #[test]
-    fn slots_match_redis_cluster() {
-        // Values from the Redis Cluster specification's test vectors and CLUSTER KEYSLOT.
-        assert_eq!(crc16(b"123456789"), 0x31C3);
-        assert_eq!(key_slot("foo"), 12182);
+    fn the_script_knows_every_operation_and_the_member_prefix() {
+        let ops = [
+            Op::Set {
+                key: String::new(),
+                value: Vec::new(),
+                ttl_ms: None,
+            },
+            Op::Del { key: String::new() },
+            Op::HashSet {
+                key: String::new(),
+                fields: Vec::new(),
+            },
+            Op::HashDel {
+                key: String::new(),
+                fields: Vec::new(),
+            },
+            Op::SetAdd {
+                key: String::new(),
+                members: Vec::new(),
+            },
+            Op::SetRemove {
+                key: String::new(),
+                members: Vec::new(),
+            },
+            Op::SortedSetAdd {
+                key: String::new(),
+                members: Vec::new(),
+            },
+            Op::SortedSetRemove {
+                key: String::new(),
+                members: Vec::new(),
+            },
+            Op::Expire {
+                key: String::new(),
+                ttl_ms: 1,
+            },
+            Op::Publish {
+                channel: String::new(),
+                message: Vec::new(),
+            },
+        ];
+        for op in &ops {
+            let name = op.name();
+            assert!(SCRIPT.contains(&format!("op == '{name}'")), "{name}");
+        }
+        assert!(SCRIPT.contains(&format!("'{MEMBER_FIELD_PREFIX}' ..")));
+        assert_eq!(VersionField::parse(KEY_FIELD), Some(VersionField::Key));
         assert_eq!(
-            key_slot("{user1000}.following"),
-            key_slot("{user1000}.followers")
+            VersionField::parse("m:a:b"),
+            Some(VersionField::Member("a:b"))
         );
+        assert_eq!(VersionField::parse("x"), None);
     }
 
     /// The keys (after the script's SHA and key count) and the operation names of a command.
@@ -312,10 +330,10 @@ mod tests {
         assert_eq!(cmds.len(), 2);
         let (keys, names) = keys_and_ops(&cmds[0]);
         assert_eq!(keys, ["a", "kw:v:{a}", "{a}:index", "kw:v:{a}:index"]);
-        assert_eq!(names, ["publish", "set", "sadd", "publish"]);
+        assert_eq!(names, ["PUBLISH", "SET", "SADD", "PUBLISH"]);
         let (keys, names) = keys_and_ops(&cmds[1]);
         assert_eq!(keys, ["b", "kw:v:{b}", "b", "kw:v:{b}"]);
-        assert_eq!(names, ["set", "del"]);
+        assert_eq!(names, ["SET", "DEL"]);
         for cmd in &cmds {
             let (keys, _) = keys_and_ops(cmd);
             assert!(keys.iter().all(|k| key_slot(k) == key_slot(&keys[0])));
@@ -323,7 +341,7 @@ mod tests {
         let only_publish = commands(&[&publish], None, "kw:v:", 1000);
         assert_eq!(
             keys_and_ops(&only_publish[0]),
-            (vec![], vec!["publish".to_owned()])
+            (vec![], vec!["PUBLISH".to_owned()])
         );
         assert!(commands(&[], None, "kw:v:", 1000).is_empty());
     }
@@ -359,5 +377,15 @@ mod tests {
         let c = version_arg(Some(Version { lsn: 10, idx: 2 }));
         assert!(a < b && b < c);
         assert_eq!(version_arg(None), "");
+        assert_eq!(parse_version(&a), Some(Version { lsn: 9, idx: 10 }));
+        assert_eq!(
+            parse_version("00000000001243362320:00000000000000000001"),
+            Some(Version {
+                lsn: 1_243_362_320,
+                idx: 1
+            })
+        );
+        assert_eq!(parse_version(""), None);
+        assert_eq!(parse_version("12"), None);
     }
 }

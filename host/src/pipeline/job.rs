@@ -3,15 +3,16 @@
 //! (redeliver) when any part was abandoned or dropped unfinished.
 
 use crate::delivery::{AckToken, Delivery, Origin, Payload};
+use crate::message::ChangeMessage;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// One message in the pipeline.
-pub struct Job {
+pub(crate) struct Job {
     /// The decoded message or the malformed payload.
-    pub payload: Payload,
-    /// Where it came from.
-    pub origin: Origin,
+    pub(crate) payload: Payload,
+    /// The source and the message's id in it.
+    pub(crate) origin: Origin,
     ack: Mutex<Option<AckToken>>,
     remaining: AtomicUsize,
     abandoned: AtomicBool,
@@ -19,7 +20,7 @@ pub struct Job {
 
 impl Job {
     /// Wraps a delivery that `parts` lanes will each finish once.
-    pub fn new(delivery: Delivery, parts: usize) -> Arc<Job> {
+    pub(crate) fn new(delivery: Delivery, parts: usize) -> Arc<Job> {
         Arc::new(Job {
             payload: delivery.payload,
             origin: delivery.origin,
@@ -29,9 +30,17 @@ impl Job {
         })
     }
 
+    /// The message, when it decoded.
+    pub(crate) fn message(&self) -> Option<&ChangeMessage> {
+        match &self.payload {
+            Payload::Decoded(message) => Some(message),
+            Payload::Malformed { .. } => None,
+        }
+    }
+
     /// Finishes one part: `done` when it was applied or dead-lettered, false when it was
     /// abandoned. The last part settles the acknowledgement.
-    pub fn finish(&self, done: bool) {
+    pub(crate) fn finish(&self, done: bool) {
         if !done {
             self.abandoned.store(true, Ordering::Release);
         }

@@ -8,23 +8,23 @@
 //! its own lanes. A message is acknowledged once every plugin's part of it is done ([`Job`]).
 //!
 //! Lane queues are unbounded, but the number of messages in flight is bounded by the sources'
-//! slots (`pipeline.max_in_flight`): when a lane is stuck (Redis down, plugin paused) the slots
-//! run out and the sources stop reading. Nothing is dropped.
+//! in-flight permits (`pipeline.max_in_flight`): when a lane is stuck (Redis down, plugin
+//! paused) the permits run out and the sources stop reading. Nothing is dropped.
 //!
 //! - [`lane`]: one lane's loop: batch, call the plugin, check limits, apply, retry, finish.
 //! - [`job`]: a message shared by the lanes of its plugins, acknowledged when all are done.
 
-pub mod job;
-pub mod lane;
+mod job;
+mod lane;
 
 use crate::applier::Applier;
 use crate::config::PipelineConfig;
 use crate::delivery::{Delivery, Dispatch, Payload};
 use crate::runtime::PluginSet;
-use crate::runtime::status::Registry;
+use crate::runtime::status::StatusBoard;
 use crate::telemetry::{self, Counters};
 use arc_swap::ArcSwap;
-pub use job::Job;
+use job::Job;
 use std::collections::HashMap;
 use std::hash::{BuildHasher as _, Hash as _};
 use std::sync::{Arc, Mutex};
@@ -36,13 +36,13 @@ use tokio_util::task::TaskTracker;
 pub struct Shared {
     /// The plugins serving traffic; swapped atomically on reload.
     pub plugins: Arc<ArcSwap<PluginSet>>,
-    /// The cache writer.
+    /// The only writer to the cache.
     pub applier: Arc<Applier>,
     /// Plugin status, where pauses are shown.
-    pub registry: Arc<Registry>,
-    /// Counters.
+    pub registry: Arc<StatusBoard>,
+    /// What the lanes count, and the metrics behind `/metrics`.
     pub counters: Arc<Counters>,
-    /// Lane settings.
+    /// Batch size, lanes per plugin, retry backoff.
     pub config: PipelineConfig,
     /// Prefix of keepwarm's version keys, which plugins may not write.
     pub reserved_prefix: String,

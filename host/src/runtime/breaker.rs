@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 /// Failure bookkeeping and pause state.
 #[derive(Debug)]
-pub struct Breaker {
+pub(crate) struct Breaker {
     threshold: u32,
     window: Duration,
     state: Mutex<State>,
@@ -26,7 +26,7 @@ const MAX_PAUSE: Duration = Duration::from_secs(300);
 
 impl Breaker {
     /// A breaker that trips after more than `threshold` failed changes within `window`.
-    pub fn new(threshold: u32, window: Duration) -> Breaker {
+    pub(crate) fn new(threshold: u32, window: Duration) -> Breaker {
         Breaker {
             threshold,
             window,
@@ -40,7 +40,7 @@ impl Breaker {
     }
 
     /// How long the plugin is still paused, if it is.
-    pub fn paused_for(&self) -> Option<Duration> {
+    pub(crate) fn paused_for(&self) -> Option<Duration> {
         let state = self.lock();
         let until = state.paused_until?;
         until.checked_duration_since(Instant::now())
@@ -48,7 +48,7 @@ impl Breaker {
 
     /// Records the outcome of a call: `failed` changes failed as a whole instance failure.
     /// Returns the pause when this call tripped the breaker.
-    pub fn record(&self, failed: u32) -> Option<Duration> {
+    pub(crate) fn record(&self, failed: u32) -> Option<Duration> {
         let mut state = self.lock();
         let now = Instant::now();
         if failed == 0 {
@@ -82,7 +82,7 @@ impl Breaker {
     }
 
     /// Pauses now, whatever the count: the plugin failed as a whole.
-    pub fn trip(&self) -> Duration {
+    pub(crate) fn trip(&self) -> Duration {
         let mut state = self.lock();
         if let Some(left) = state
             .paused_until

@@ -23,7 +23,7 @@ pub enum Compiled {
 }
 
 impl Compiled {
-    /// `"cold"` or `"cached"`.
+    /// `"cold"` or `"cached"`, for logs and `keepwarm plugins`.
     pub fn as_str(self) -> &'static str {
         match self {
             Compiled::Cold => "cold",
@@ -33,7 +33,7 @@ impl Compiled {
 }
 
 /// The artifact cache of one engine.
-pub struct ArtifactCache {
+pub(crate) struct ArtifactCache {
     dir: Option<PathBuf>,
     engine_tag: String,
 }
@@ -53,7 +53,7 @@ impl Hasher for ShaHasher {
 
 impl ArtifactCache {
     /// A cache in `dir` (none: always compile).
-    pub fn new(dir: Option<PathBuf>, engine: &Engine) -> ArtifactCache {
+    pub(crate) fn new(dir: Option<PathBuf>, engine: &Engine) -> ArtifactCache {
         let mut hasher = ShaHasher(Sha256::new());
         engine.precompile_compatibility_hash().hash(&mut hasher);
         ArtifactCache {
@@ -67,7 +67,11 @@ impl ArtifactCache {
     /// # Errors
     ///
     /// The bytes do not compile.
-    pub fn component(&self, engine: &Engine, wasm: &[u8]) -> anyhow::Result<(Component, Compiled)> {
+    pub(crate) fn component(
+        &self,
+        engine: &Engine,
+        wasm: &[u8],
+    ) -> wasmtime::Result<(Component, Compiled)> {
         let Some(dir) = &self.dir else {
             return Ok((Component::new(engine, wasm)?, Compiled::Cold));
         };
@@ -101,10 +105,10 @@ impl ArtifactCache {
     reason = "deserializing native code: the entry was serialized by this cache for this exact engine \
               (its name carries the engine's compatibility hash), and wasmtime checks its header"
 )]
-fn deserialize(engine: &Engine, path: &std::path::Path) -> anyhow::Result<Component> {
+fn deserialize(engine: &Engine, path: &std::path::Path) -> wasmtime::Result<Component> {
     // SAFETY: the file is one this cache wrote with `Component::serialize` for an engine
     // with the same compatibility hash; the cache directory belongs to keepwarm.
-    Ok(unsafe { Component::deserialize_file(engine, path) }?)
+    unsafe { Component::deserialize_file(engine, path) }
 }
 
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {

@@ -14,7 +14,7 @@ const MAX_LINE: usize = 4096;
 
 /// A token bucket for plugin log lines: a flood of logs costs the plugin, not the host.
 #[derive(Debug)]
-pub struct LogBudget {
+pub(crate) struct LogBudget {
     tokens: f64,
     last: Instant,
     dropped: u64,
@@ -25,7 +25,7 @@ impl LogBudget {
     const BURST: f64 = 200.0;
 
     /// A full bucket.
-    pub fn new() -> LogBudget {
+    pub(crate) fn new() -> LogBudget {
         LogBudget {
             tokens: Self::BURST,
             last: Instant::now(),
@@ -34,7 +34,7 @@ impl LogBudget {
     }
 
     /// Takes a token; false when the line must be dropped.
-    pub fn take(&mut self, ident: &PluginIdent) -> bool {
+    pub(crate) fn take(&mut self, ident: &PluginIdent) -> bool {
         let now = Instant::now();
         let elapsed = now.duration_since(self.last).as_secs_f64();
         self.last = now;
@@ -66,7 +66,7 @@ impl Default for LogBudget {
 
 /// One of a plugin's output streams.
 #[derive(Clone)]
-pub struct GuestOutput {
+pub(crate) struct GuestOutput {
     ident: Arc<PluginIdent>,
     stream: &'static str,
     budget: Arc<Mutex<LogBudget>>,
@@ -75,7 +75,7 @@ pub struct GuestOutput {
 
 impl GuestOutput {
     /// The `stream` ("stdout" or "stderr") of a plugin.
-    pub fn new(
+    pub(crate) fn new(
         ident: Arc<PluginIdent>,
         stream: &'static str,
         budget: Arc<Mutex<LogBudget>>,

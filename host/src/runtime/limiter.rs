@@ -1,26 +1,28 @@
 //! Memory cap and high-water mark of one plugin instance.
 
+use super::error::MemoryCapExceeded;
+
 /// A `wasmtime::ResourceLimiter` that caps linear memory and remembers the largest size asked for,
 /// so that a slowly leaking instance is recycled before it reaches the cap.
 #[derive(Debug)]
-pub struct MemoryLimiter {
+pub(crate) struct MemoryLimiter {
     cap: usize,
     peak: usize,
 }
 
 impl MemoryLimiter {
     /// A limiter allowing at most `cap` bytes per linear memory.
-    pub fn new(cap: usize) -> MemoryLimiter {
+    pub(crate) fn new(cap: usize) -> MemoryLimiter {
         MemoryLimiter { cap, peak: 0 }
     }
 
     /// The largest memory size this instance has grown to, in bytes.
-    pub fn peak(&self) -> usize {
+    pub(crate) fn peak(&self) -> usize {
         self.peak
     }
 
     /// The cap, in bytes.
-    pub fn cap(&self) -> usize {
+    pub(crate) fn cap(&self) -> usize {
         self.cap
     }
 }
@@ -33,11 +35,11 @@ impl wasmtime::ResourceLimiter for MemoryLimiter {
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.cap {
-            wasmtime::bail!(
-                "memory cap exceeded: the plugin asked for {} MiB, its limit is {} MiB",
-                desired.div_ceil(1 << 20),
-                self.cap >> 20
-            );
+            // Typed, so that the runtime finds it again in the trap it causes.
+            return Err(wasmtime::Error::new(MemoryCapExceeded {
+                asked_mib: desired.div_ceil(1 << 20),
+                cap_mib: self.cap >> 20,
+            }));
         }
         self.peak = self.peak.max(desired);
         Ok(true)

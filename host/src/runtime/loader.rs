@@ -6,11 +6,11 @@
 
 use super::bindings::PluginPre;
 use super::cache::Compiled;
+use super::error::LoadError;
 use super::state::PluginIdent;
 use super::{Plugin, Runtime};
 use crate::manifest::Manifest;
 use crate::message::ChangeMessage;
-use anyhow::{Context as _, bail};
 use sha2::{Digest as _, Sha256};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 /// The plugins serving traffic, sorted by name.
 #[derive(Default)]
 pub struct PluginSet {
-    /// Loaded plugins.
+    /// The plugins, in name order.
     pub plugins: Vec<Arc<Plugin>>,
 }
 
@@ -43,11 +43,11 @@ impl PluginSet {
 /// The files of one plugin on disk.
 #[derive(Debug, Clone)]
 pub struct PluginFiles {
-    /// Plugin name: the file stem.
+    /// The plugin's name: the file stem.
     pub name: String,
-    /// The component.
+    /// The component's path.
     pub wasm: PathBuf,
-    /// The manifest, when present.
+    /// The manifest's path, when there is one.
     pub manifest: Option<PathBuf>,
 }
 
@@ -57,12 +57,14 @@ pub struct PluginFiles {
 /// # Errors
 ///
 /// The directory cannot be read.
-pub fn list_dir(dir: &Path) -> anyhow::Result<Vec<PluginFiles>> {
-    let entries = std::fs::read_dir(dir)
-        .with_context(|| format!("cannot read plugin directory {}", dir.display()))?;
+pub fn list_dir(dir: &Path) -> Result<Vec<PluginFiles>, LoadError> {
+    let unreadable = |error| LoadError::ListDir {
+        dir: dir.to_owned(),
+        error,
+    };
     let mut found = Vec::new();
-    for entry in entries {
-        let path = entry?.path();
+    for entry in std::fs::read_dir(dir).map_err(unreadable)? {
+        let path = entry.map_err(unreadable)?.path();
         if path.extension().is_some_and(|ext| ext == "wasm") && path.is_file() {
             let Some(name) = path.file_stem().and_then(|s| s.to_str()) else {
                 continue;
@@ -86,11 +88,10 @@ pub fn list_dir(dir: &Path) -> anyhow::Result<Vec<PluginFiles>> {
 pub struct PluginSource {
     /// Where they came from.
     pub files: PluginFiles,
-    /// The component bytes.
-    pub wasm: Vec<u8>,
+    wasm: Vec<u8>,
     /// The manifest text (empty when there is none).
-    pub manifest_text: Vec<u8>,
-    /// Content hash of both.
+    manifest_text: Vec<u8>,
+    /// The content hash of both: the version.
     pub version: String,
 }
 
@@ -99,13 +100,16 @@ pub struct PluginSource {
 /// # Errors
 ///
 /// A file cannot be read.
-pub fn read_files(files: &PluginFiles) -> anyhow::Result<PluginSource> {
-    let wasm = std::fs::read(&files.wasm)
-        .with_context(|| format!("cannot read {}", files.wasm.display()))?;
+pub fn read_files(files: &PluginFiles) -> Result<PluginSource, LoadError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|error| LoadError::Read {
+            path: path.to_owned(),
+            error,
+        })
+    };
+    let wasm = read(&files.wasm)?;
     let manifest_text = match &files.manifest {
-        Some(path) => {
-            std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))?
-        }
+        Some(path) => read(path)?,
         None => Vec::new(),
     };
     let version = content_hash(&wasm, &manifest_text);
@@ -119,9 +123,9 @@ pub fn read_files(files: &PluginFiles) -> anyhow::Result<PluginSource> {
 
 /// A freshly loaded plugin and how its loading went.
 pub struct Loaded {
-    /// The plugin.
+    /// The plugin, self-tested.
     pub plugin: Plugin,
-    /// Compiled now or taken from the artifact cache.
+    /// Whether it was compiled now or taken from the artifact cache.
     pub compiled: Compiled,
     /// Time from bytes to a self-tested plugin.
     pub elapsed: Duration,
@@ -134,12 +138,15 @@ pub struct Loaded {
 /// # Errors
 ///
 /// The directory cannot be read, or a plugin fails to load (the error names it).
-pub fn load_dir(runtime: &Runtime, dir: &Path) -> anyhow::Result<PluginSet> {
+pub fn load_dir(runtime: &Runtime, dir: &Path) -> Result<PluginSet, LoadError> {
     let mut plugins = Vec::new();
     for files in list_dir(dir)? {
         let loaded = read_files(&files)
             .and_then(|source| load_source(runtime, source))
-            .with_context(|| format!("plugin {} failed to load", files.name))?;
+            .map_err(|error| LoadError::Plugin {
+                name: files.name.clone(),
+                error: Box::new(error),
+            })?;
         plugins.push(Arc::new(register(runtime, loaded, None)));
     }
     Ok(PluginSet { plugins })
@@ -173,7 +180,7 @@ pub(super) fn register(runtime: &Runtime, loaded: Loaded, previous: Option<&str>
 /// # Errors
 ///
 /// As [`load_source`], and files that cannot be read.
-pub fn load_plugin(runtime: &Runtime, files: &PluginFiles) -> anyhow::Result<Plugin> {
+pub fn load_plugin(runtime: &Runtime, files: &PluginFiles) -> Result<Plugin, LoadError> {
     Ok(load_source(runtime, read_files(files)?)?.plugin)
 }
 
@@ -183,13 +190,18 @@ pub fn load_plugin(runtime: &Runtime, files: &PluginFiles) -> anyhow::Result<Plu
 ///
 /// The manifest is invalid, the component does not compile or does not export this contract's
 /// `transform`, it fails to instantiate, or a self-test fails.
-pub fn load_source(runtime: &Runtime, source: PluginSource) -> anyhow::Result<Loaded> {
+pub fn load_source(runtime: &Runtime, source: PluginSource) -> Result<Loaded, LoadError> {
     let start = Instant::now();
     let manifest = match &source.files.manifest {
         Some(path) => {
+            let invalid = |reason| LoadError::Manifest {
+                path: path.clone(),
+                reason,
+            };
             let text = std::str::from_utf8(&source.manifest_text)
-                .with_context(|| format!("manifest {} is not UTF-8", path.display()))?;
-            Manifest::parse(text).with_context(|| format!("invalid manifest {}", path.display()))?
+                .map_err(|error| invalid(format!("not UTF-8: {error}")))?;
+            // The manifest reports its errors as `anyhow`: kept as their text.
+            Manifest::parse(text).map_err(|error| invalid(format!("{error:#}")))?
         }
         None => Manifest::default(),
     };
@@ -207,31 +219,24 @@ pub fn load_source(runtime: &Runtime, source: PluginSource) -> anyhow::Result<Lo
 }
 
 /// Compiles, links, instantiates and self-tests a component.
-///
-/// # Errors
-///
-/// As [`load_source`].
-pub fn load_bytes(
+fn load_bytes(
     runtime: &Runtime,
     wasm: &[u8],
     ident: Arc<PluginIdent>,
     manifest: Manifest,
-) -> anyhow::Result<(Plugin, Compiled)> {
+) -> Result<(Plugin, Compiled), LoadError> {
     if !wasm.starts_with(b"\0asm") {
-        bail!("not a WebAssembly file (bad magic number)");
+        return Err(LoadError::NotWasm);
     }
     let (component, compiled) = runtime
         .cache()
         .component(runtime.engine(), wasm)
-        .context("compile failed")?;
+        .map_err(LoadError::Compile)?;
     let instance_pre = runtime
         .linker()
         .instantiate_pre(&component)
-        .map_err(anyhow::Error::from)
-        .context("the component needs imports keepwarm does not provide")?;
-    let pre = PluginPre::new(instance_pre)
-        .map_err(anyhow::Error::from)
-        .context("the component does not implement the keepwarm:plugin/transform@0.1.0 contract")?;
+        .map_err(LoadError::Imports)?;
+    let pre = PluginPre::new(instance_pre).map_err(LoadError::Contract)?;
     let plugin = Plugin::new(
         runtime.engine().clone(),
         pre,
@@ -239,9 +244,7 @@ pub fn load_bytes(
         manifest,
         super::EPOCH_TICK,
     );
-    plugin
-        .check_instantiate()
-        .map_err(|error| anyhow::anyhow!("{error}"))?;
+    plugin.check_instantiate().map_err(LoadError::Instantiate)?;
     super::selftest::run(&plugin)?;
     Ok((plugin, compiled))
 }

@@ -1,6 +1,7 @@
 //! The plugin runtime: one wasmtime engine, plugins compiled and pre-linked once, warm
 //! instances, CPU deadlines by epoch interruption, memory caps, and no WASI capabilities.
 //!
+//! - [`error`]: plugin faults, load and engine errors.
 //! - [`bindings`]: the only `bindgen!`.
 //! - [`state`]: store data (WASI view, limiter, `log` and `config` imports).
 //! - [`limiter`]: memory cap and high-water mark.
@@ -15,24 +16,26 @@
 //! - [`status`]: what `keepwarm plugins` shows.
 
 pub mod bindings;
-pub mod breaker;
+pub(crate) mod breaker;
 pub mod cache;
 pub mod convert;
-pub mod guest_output;
-pub mod limiter;
+pub mod error;
+mod guest_output;
+mod limiter;
 pub mod loader;
 pub mod plugin;
 pub mod reload;
-pub mod selftest;
+mod selftest;
 pub mod state;
 pub mod status;
 
+pub use error::{EngineError, LoadError, PluginError};
 pub use loader::{PluginSet, load_dir, load_plugin};
 pub use plugin::Plugin;
 
 use cache::ArtifactCache;
 use state::PluginState;
-use status::Registry;
+use status::StatusBoard;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -42,49 +45,12 @@ use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConf
 /// How often the epoch advances; deadlines are counted in these ticks.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// Why a plugin could not handle a change (or could not load).
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum PluginError {
-    /// The plugin returned an error for the change: its verdict, dead-lettered as is.
-    #[error("plugin rejected the change: {0}")]
-    Rejected(String),
-    /// The instance trapped (a panic, an unreachable, a failed host call).
-    #[error("plugin trapped: {0}")]
-    Trap(String),
-    /// The call ran past its CPU deadline.
-    #[error("plugin exceeded its deadline of {deadline_ms} ms")]
-    Timeout {
-        /// The deadline that was exceeded.
-        deadline_ms: u64,
-    },
-    /// The instance grew past its memory cap.
-    #[error("plugin exceeded its memory cap: {0}")]
-    Memory(String),
-    /// Not attempted: the plugin failed on several changes in a row just before (it is paused).
-    #[error("not attempted: the plugin is failing on every change")]
-    Unattempted,
-    /// The plugin broke the contract (wrong number of results, operation over a limit or outside
-    /// its key prefixes).
-    #[error("plugin misbehaved: {0}")]
-    Misbehaved(String),
-}
-
-impl PluginError {
-    /// Whether the instance failed (trap, timeout, memory) rather than the plugin answering.
-    pub fn is_instance_failure(&self) -> bool {
-        matches!(
-            self,
-            PluginError::Trap(_) | PluginError::Timeout { .. } | PluginError::Memory(_)
-        )
-    }
-}
-
 /// The engine and linker shared by every plugin.
 pub struct Runtime {
     engine: Engine,
     linker: Linker<PluginState>,
     cache: ArtifactCache,
-    registry: Arc<Registry>,
+    status: Arc<StatusBoard>,
     /// Whether the pooling allocator could be used on this machine.
     pub pooling: bool,
 }
@@ -97,20 +63,22 @@ impl Runtime {
     /// # Errors
     ///
     /// The engine cannot be created at all.
-    pub fn new(cache_dir: Option<PathBuf>) -> anyhow::Result<Runtime> {
+    pub fn new(cache_dir: Option<PathBuf>) -> Result<Runtime, EngineError> {
         let (engine, pooling) = match Engine::new(&engine_config(true)) {
             Ok(engine) => (engine, true),
             Err(error) => {
                 tracing::warn!(error = %error, "pooling allocator unavailable, using on-demand allocation");
-                (Engine::new(&engine_config(false))?, false)
+                let engine = Engine::new(&engine_config(false)).map_err(EngineError::Wasmtime)?;
+                (engine, false)
             }
         };
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Wasmtime)?;
         bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |state| state,
-        )?;
+        )
+        .map_err(EngineError::Wasmtime)?;
         let weak = engine.weak();
         std::thread::Builder::new()
             .name("keepwarm-epoch".to_owned())
@@ -120,29 +88,30 @@ impl Runtime {
                     drop(engine);
                     std::thread::sleep(EPOCH_TICK);
                 }
-            })?;
+            })
+            .map_err(EngineError::EpochThread)?;
         Ok(Runtime {
             cache: ArtifactCache::new(cache_dir, &engine),
             engine,
             linker,
-            registry: Arc::new(Registry::default()),
+            status: Arc::new(StatusBoard::default()),
             pooling,
         })
     }
 
-    /// The engine.
+    /// The engine (host/examples/plugin_cost.rs measures with it).
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
-    /// The artifact cache.
-    pub fn cache(&self) -> &ArtifactCache {
+    pub(crate) fn cache(&self) -> &ArtifactCache {
         &self.cache
     }
 
     /// The status of every plugin, for `keepwarm plugins`.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    // Named `status_board` once `daemon.rs` (which calls it) follows.
+    pub fn registry(&self) -> &Arc<StatusBoard> {
+        &self.status
     }
 
     /// The linker with WASI (granting nothing) and keepwarm's imports.

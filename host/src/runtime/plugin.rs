@@ -6,17 +6,17 @@
 //! reported as failed. A change found guilty of a timeout is called once more first: the
 //! deadline is wall-clock time, and a load spike must not dead-letter a good change.
 
-use super::PluginError;
 use super::bindings::PluginPre;
 use super::breaker::Breaker;
 use super::convert;
+use super::error::{MemoryCapExceeded, Misbehavior, PluginError};
 use super::state::{PluginIdent, PluginState};
 use crate::manifest::Manifest;
 use crate::message::ChangeMessage;
 use crate::ops::Op;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 use wasmtime::{Engine, Store};
 
 /// A plugin ready to take calls.
@@ -25,14 +25,12 @@ pub struct Plugin {
     pub ident: Arc<PluginIdent>,
     /// The validated manifest.
     pub manifest: Manifest,
-    /// When this version was loaded.
-    pub loaded_at: SystemTime,
     engine: Engine,
     pre: PluginPre<PluginState>,
     deadline_ticks: u64,
     warm: Mutex<Vec<Warm>>,
     /// Pauses the plugin when its calls keep failing.
-    pub breaker: Breaker,
+    pub(crate) breaker: Breaker,
     suspect: AtomicBool,
     turns: Mutex<()>,
 }
@@ -63,7 +61,6 @@ impl Plugin {
             (manifest.limits.deadline_ms as u128).div_ceil(tick.as_millis().max(1)) as u64 + 1;
         Plugin {
             ident,
-            loaded_at: SystemTime::now(),
             engine,
             pre,
             deadline_ticks,
@@ -78,7 +75,7 @@ impl Plugin {
         }
     }
 
-    /// The plugin's name.
+    /// The file stem.
     pub fn name(&self) -> &str {
         &self.ident.name
     }
@@ -93,7 +90,7 @@ impl Plugin {
     /// # Errors
     ///
     /// The instantiation trapped or ran out of memory or time.
-    pub fn check_instantiate(&self) -> Result<(), PluginError> {
+    pub(crate) fn check_instantiate(&self) -> Result<(), PluginError> {
         let warm = self.instantiate()?;
         self.put_back(warm);
         Ok(())
@@ -187,11 +184,9 @@ impl Plugin {
     /// One call with `change` alone.
     fn call_single(&self, change: &ChangeMessage) -> ChangeOutcome {
         match self.call_once(std::slice::from_ref(&change)) {
-            Ok(mut single) => single.pop().unwrap_or_else(|| {
-                Err(PluginError::Misbehaved(
-                    "no result for the change".to_owned(),
-                ))
-            }),
+            Ok(mut single) => single
+                .pop()
+                .unwrap_or(Err(PluginError::Misbehaved(Misbehavior::NoResult))),
             Err(error) => Err(error),
         }
     }
@@ -211,13 +206,12 @@ impl Plugin {
             .keepwarm_plugin_transform()
             .call_handle_batch(&mut warm.store, &params);
         warm.calls += 1;
-        let results = result.map_err(|error| self.classify(error))?;
+        let results = result.map_err(|error| self.classify(&error))?;
         if results.len() != changes.len() {
-            return Err(PluginError::Misbehaved(format!(
-                "returned {} results for a batch of {} changes",
-                results.len(),
-                changes.len()
-            )));
+            return Err(PluginError::Misbehaved(Misbehavior::ResultCount {
+                expected: changes.len(),
+                got: results.len(),
+            }));
         }
         let outcomes = results
             .into_iter()
@@ -230,17 +224,20 @@ impl Plugin {
         Ok(outcomes)
     }
 
-    fn classify(&self, error: wasmtime::Error) -> PluginError {
-        if let Some(wasmtime::Trap::Interrupt) = error.downcast_ref::<wasmtime::Trap>() {
+    fn classify(&self, error: &wasmtime::Error) -> PluginError {
+        let code = error.downcast_ref::<wasmtime::Trap>().copied();
+        if code == Some(wasmtime::Trap::Interrupt) {
             return PluginError::Timeout {
                 deadline_ms: self.manifest.limits.deadline_ms,
             };
         }
-        let text = format!("{error:#}");
-        if text.contains("memory cap exceeded") {
-            return PluginError::Memory(text);
+        if let Some(exceeded) = error.downcast_ref::<MemoryCapExceeded>() {
+            return PluginError::Memory(exceeded.clone());
         }
-        PluginError::Trap(text)
+        PluginError::Trap {
+            code,
+            message: format!("{error:#}"),
+        }
     }
 
     fn take_warm(&self) -> Result<Warm, PluginError> {
@@ -262,11 +259,12 @@ impl Plugin {
         let bindings =
             self.pre
                 .instantiate(&mut store)
-                .map_err(|error| match self.classify(error) {
+                .map_err(|error| match self.classify(&error) {
                     // Past the deadline while starting up is a timeout like any other.
-                    PluginError::Trap(text) => {
-                        PluginError::Trap(format!("instantiation failed: {text}"))
-                    }
+                    PluginError::Trap { code, message } => PluginError::Trap {
+                        code,
+                        message: format!("instantiation failed: {message}"),
+                    },
                     other => other,
                 })?;
         Ok(Warm {

@@ -26,7 +26,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// How long the directory must be quiet before a rescan.
-pub const DEBOUNCE: Duration = Duration::from_millis(200);
+const DEBOUNCE: Duration = Duration::from_millis(200);
 
 /// Watches `dir` and reloads plugins into `set` until shutdown.
 ///
@@ -40,7 +40,7 @@ pub async fn watch(
     rescan_every: Duration,
     counters: Arc<Counters>,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
+) -> Result<(), notify::Error> {
     let (tx, mut events) = mpsc::unbounded_channel();
     let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
         match event {
@@ -86,13 +86,13 @@ fn is_change(kind: &EventKind) -> bool {
 
 /// Compares the directory with the serving set and swaps in what changed. Returns whether the
 /// set changed. Each load, failed load and removal is counted in `metrics`.
-pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: &Metrics) -> bool {
+fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: &Metrics) -> bool {
     let current = set.load_full();
     let files = match list_dir(dir) {
         Ok(files) => files,
         Err(error) => {
             tracing::warn!(
-                error = format!("{error:#}"),
+                error = %error,
                 "cannot list the plugin directory; keeping the plugins loaded"
             );
             return false;
@@ -112,7 +112,7 @@ pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: 
             Ok(source) => source,
             Err(error) => {
                 // Gone between listing and reading (a rename in progress): keep what serves.
-                tracing::debug!(plugin = %files.name, error = format!("{error:#}"), "cannot read plugin files");
+                tracing::debug!(plugin = %files.name, error = %error, "cannot read plugin files");
                 next.extend(serving.cloned());
                 continue;
             }
@@ -139,7 +139,7 @@ pub fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: 
                 changed = true;
             }
             Err(error) => {
-                let reason = format!("{error:#}");
+                let reason = error.to_string();
                 tracing::error!(
                     plugin = %files.name,
                     version = %version,

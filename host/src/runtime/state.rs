@@ -26,7 +26,7 @@ pub struct PluginState {
     wasi: WasiCtx,
     table: ResourceTable,
     /// Memory cap, enforced through `Store::limiter`.
-    pub limiter: MemoryLimiter,
+    pub(crate) limiter: MemoryLimiter,
     ident: Arc<PluginIdent>,
     log_budget: Arc<Mutex<LogBudget>>,
 }

@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-/// The state of one plugin.
+/// Where a plugin stands: serving, failing to load, or paused (the `state` of its row).
 #[derive(Debug, Clone, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
-pub enum PluginState {
+pub enum PluginPhase {
     /// The loaded version serves traffic.
     Serving,
     /// A newer file failed to load; the previous version keeps serving.
@@ -22,14 +22,14 @@ pub enum PluginState {
 /// One row of `keepwarm plugins`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PluginStatus {
-    /// Plugin name (file stem).
+    /// The file stem.
     pub name: String,
     /// The version serving traffic, if any.
     pub version: Option<String>,
     /// Tables it serves (`None`: every table).
     pub tables: Option<Vec<String>>,
-    /// Serving, failed to reload, or failed.
-    pub state: PluginState,
+    /// Serving, failed to reload, failed, or paused.
+    pub state: PluginPhase,
     /// Why the last load failed.
     pub error: Option<String>,
     /// The version that failed to load.
@@ -46,13 +46,13 @@ pub struct PluginStatus {
 
 /// The status of every plugin, kept by the loader and read by the admin endpoint.
 #[derive(Debug, Default)]
-pub struct Registry {
+pub struct StatusBoard {
     plugins: Mutex<BTreeMap<String, PluginStatus>>,
 }
 
-impl Registry {
+impl StatusBoard {
     /// Records a successful load of `name`.
-    pub fn loaded(
+    pub(crate) fn loaded(
         &self,
         name: &str,
         version: &str,
@@ -66,7 +66,7 @@ impl Registry {
                 name: name.to_owned(),
                 version: Some(version.to_owned()),
                 tables,
-                state: PluginState::Serving,
+                state: PluginPhase::Serving,
                 error: None,
                 failed_version: None,
                 loaded_at: Some(now_secs()),
@@ -78,7 +78,7 @@ impl Registry {
     }
 
     /// Records a failed load of `name`; a version already serving keeps serving.
-    pub fn failed(&self, name: &str, version: Option<&str>, error: &str) {
+    pub(crate) fn failed(&self, name: &str, version: Option<&str>, error: &str) {
         let mut plugins = self.lock();
         let entry = plugins
             .entry(name.to_owned())
@@ -86,7 +86,7 @@ impl Registry {
                 name: name.to_owned(),
                 version: None,
                 tables: None,
-                state: PluginState::Failed,
+                state: PluginPhase::Failed,
                 error: None,
                 failed_version: None,
                 loaded_at: None,
@@ -95,32 +95,32 @@ impl Registry {
                 paused_until_ms: None,
             });
         entry.state = if entry.version.is_some() {
-            PluginState::FailedToReload
+            PluginPhase::FailedToReload
         } else {
-            PluginState::Failed
+            PluginPhase::Failed
         };
         entry.error = Some(error.to_owned());
         entry.failed_version = version.map(str::to_owned);
     }
 
     /// Clears a failure once the directory holds the serving version again.
-    pub fn recovered(&self, name: &str) {
+    pub(crate) fn recovered(&self, name: &str) {
         if let Some(entry) = self.lock().get_mut(name)
             && entry.version.is_some()
         {
-            entry.state = PluginState::Serving;
+            entry.state = PluginPhase::Serving;
             entry.error = None;
             entry.failed_version = None;
         }
     }
 
     /// Forgets a plugin whose files were removed.
-    pub fn removed(&self, name: &str) {
+    pub(crate) fn removed(&self, name: &str) {
         self.lock().remove(name);
     }
 
     /// Records that `name` is paused for `pause`.
-    pub fn paused(&self, name: &str, pause: std::time::Duration) {
+    pub(crate) fn paused(&self, name: &str, pause: std::time::Duration) {
         if let Some(entry) = self.lock().get_mut(name) {
             entry.paused_until_ms = Some(now_ms() + pause.as_millis() as u64);
         }
@@ -134,7 +134,7 @@ impl Registry {
             .cloned()
             .map(|mut status| {
                 if status.paused_until_ms.is_some_and(|until| until > now) {
-                    status.state = PluginState::Paused;
+                    status.state = PluginPhase::Paused;
                 }
                 status
             })

@@ -1,0 +1,116 @@
+//! Calling a lane's plugin on a batch: in a blocking task, after any pause, with the breaker
+//! fed by the outcome. A plugin failing as a whole keeps its batch (nothing applied, order
+//! kept) and is called again after the pause, possibly as a fixed version.
+
+use super::Shared;
+use crate::pipeline::Job;
+use crate::runtime::plugin::ChangeOutcome;
+use crate::runtime::{Plugin, PluginError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What calling the plugin on a batch came to.
+pub(super) enum Called {
+    /// The plugin answered: one outcome per decoded message, in order.
+    Answered {
+        plugin: Arc<Plugin>,
+        outcomes: Vec<ChangeOutcome>,
+    },
+    /// The plugin was removed: its part of the batch is done.
+    Gone,
+    /// Shutdown came first, or the call's task failed: the batch is left for redelivery.
+    Abandoned,
+}
+
+/// Calls the plugin serving `name` on the batch, waiting while it is paused.
+pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Called {
+    loop {
+        let Some(plugin) = shared.plugins.load().get(name).cloned() else {
+            return Called::Gone;
+        };
+        if let Some(pause) = plugin.breaker.paused_for() {
+            // Wake at least every second: a new version (with a fresh breaker) ends the wait.
+            tokio::select! {
+                biased;
+                () = shared.shutdown.cancelled() => return Called::Abandoned,
+                () = tokio::time::sleep(pause.min(Duration::from_secs(1))) => continue,
+            }
+        }
+        let Some(outcomes) = call_blocking(name, shared, &plugin, jobs).await else {
+            return Called::Abandoned;
+        };
+        if paused_meanwhile(&plugin, &outcomes) {
+            continue;
+        }
+        if !trips(name, shared, &plugin, &outcomes) {
+            return Called::Answered { plugin, outcomes };
+        }
+    }
+}
+
+/// One batch call off the async executor; `None` when its task failed.
+async fn call_blocking(
+    name: &str,
+    shared: &Shared,
+    plugin: &Arc<Plugin>,
+    jobs: &[Arc<Job>],
+) -> Option<Vec<ChangeOutcome>> {
+    let started = Instant::now();
+    let called = tokio::task::spawn_blocking({
+        let (plugin, jobs) = (Arc::clone(plugin), jobs.to_vec());
+        move || {
+            let messages: Vec<_> = jobs.iter().filter_map(|job| job.message()).collect();
+            plugin.call_batch(&messages)
+        }
+    })
+    .await;
+    match called {
+        Ok(outcomes) => {
+            shared.counters.metrics.plugin_call(name, started.elapsed());
+            Some(outcomes)
+        }
+        Err(error) => {
+            tracing::error!(plugin = name, error = %error, "plugin call task failed; batch left for redelivery");
+            None
+        }
+    }
+}
+
+/// Whether another lane paused the plugin while this call waited its turn: nothing was
+/// attempted, so the pause is waited out.
+fn paused_meanwhile(plugin: &Plugin, outcomes: &[ChangeOutcome]) -> bool {
+    !outcomes.is_empty()
+        && outcomes
+            .iter()
+            .all(|o| matches!(o, Err(PluginError::Unattempted)))
+        && plugin.breaker.paused_for().is_some()
+}
+
+/// Feeds the breaker with the call's instance failures. Returns whether it tripped: the plugin
+/// is failing as a whole and now paused.
+fn trips(name: &str, shared: &Shared, plugin: &Plugin, outcomes: &[ChangeOutcome]) -> bool {
+    let failed = outcomes
+        .iter()
+        .filter(|o| o.as_ref().is_err_and(PluginError::is_instance_failure))
+        .count() as u32;
+    let gave_up = outcomes
+        .iter()
+        .any(|o| matches!(o, Err(PluginError::Unattempted)));
+    let tripped = if gave_up {
+        Some(plugin.breaker.trip())
+    } else {
+        plugin.breaker.record(failed)
+    };
+    let Some(pause) = tripped else {
+        return false;
+    };
+    shared.registry.paused(name, pause);
+    tracing::warn!(
+        plugin = name,
+        version = plugin.version(),
+        pause_ms = pause.as_millis() as u64,
+        failed,
+        "plugin keeps failing; paused, its messages wait unacknowledged"
+    );
+    true
+}
