@@ -3,7 +3,8 @@
 
 use crate::util::*;
 
-/// Runs the daemon over `lines` (already written with `raw` entries) until all `n` are acked.
+/// Runs the daemon until the `n` entries written so far are acknowledged; returns the dead
+/// letters.
 async fn run_to_end(env: &TestEnv, n: u64) -> Vec<DeadLetter> {
     let daemon = env.run();
     env.wait_drained(n).await;
