@@ -1,6 +1,5 @@
 //! The `keepwarm` command line: `test` and `replay`.
 
-use crate::stream_source::{get, record_text};
 use crate::util::*;
 
 #[test]
@@ -63,43 +62,15 @@ fn keepwarm_test_reports_a_plugin_that_fails_to_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepwarm_replay_warms_the_cache_from_a_file() {
-    let prefix = unique("replay");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
+    let env = TestEnv::row_cache("replay");
     let dir = TempDir::new("kw-replay");
-    let config = dir.path().join("keepwarm.toml");
-    std::fs::write(
-        &config,
-        format!("[redis]\nurl = \"{}\"\n[plugins]\ndir = \"{}\"\n[dead_letter]\nstream = \"{prefix}:dead\"\n", redis_url(), plugins.path().display()),
-    )
-    .unwrap();
-    let input = dir.path().join("changes.jsonl");
-    std::fs::write(&input, FIXTURES).unwrap();
-    let (ok, _, err) = tokio::task::spawn_blocking({
-        let (config, input) = (config.clone(), input.clone());
-        move || {
-            keepwarm_cli(
-                &[
-                    "replay",
-                    "--config",
-                    config.to_str().unwrap(),
-                    input.to_str().unwrap(),
-                ],
-                "",
-            )
-        }
-    })
-    .await
-    .unwrap();
+    let config = env.config().write(&dir, "keepwarm.toml");
+    let input = dir.write("changes.jsonl", FIXTURES);
+    let (ok, _, err) = keepwarm_cli_async(&["replay", "--config", &config, &input]).await;
     assert!(ok, "{err}");
     assert!(err.contains("replayed 12 messages: 12 done"), "{err}");
-    let mut conn = connect(&redis_url()).await;
     assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:1001")).await,
+        env.keys().await.get("public.orders:1001").await,
         Some(record_text(fixtures()[2]))
     );
 }

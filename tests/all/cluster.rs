@@ -1,10 +1,8 @@
 //! A Redis Cluster as the cache (`REDIS_CLUSTER_URLS`, started by `scripts/test.sh`): writes
 //! split by slot, versioned writes atomic per slot, dead letters in the cluster.
 
-use crate::stream_source::record_text;
+use crate::stream_source::fixture_lines;
 use crate::util::*;
-use keepwarm::config::Config;
-use std::time::Duration;
 
 /// The cluster's masters; the suite fails loudly without them rather than skipping.
 fn cluster_urls() -> Vec<String> {
@@ -19,62 +17,25 @@ fn cluster_urls() -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_row_cache_flow_runs_against_a_redis_cluster() {
     let urls = cluster_urls();
-    let url = redis_url();
-    let prefix = unique("cluster");
-    let (stream, group) = (format!("{prefix}:stream"), "kw");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
+    let env = TestEnv::row_cache("cluster").with_cache(&urls[0]);
     // Two keys in two slots per message: each message's versioned write is split by slot.
-    plugins.add(
-        "tagger",
-        &test_plugin_wasm("tagger"),
-        &format!("[config]\nprefix = \"{prefix}:t:\"\ntag = \"x\"\n"),
-    );
+    let tagger = format!("[config]\nprefix = \"{}:t:\"\ntag = \"x\"\n", env.prefix);
+    env.add_plugin("tagger", &test_plugin_wasm("tagger"), &tagger);
     let seeds: Vec<String> = urls[1..].iter().map(|u| format!("\"{u}\"")).collect();
-    let text = format!(
-        r#"
-[redis]
-url = "{first}"
-cluster = true
-cluster_urls = [{seeds}]
-[plugins]
-dir = "{dir}"
-[dead_letter]
-stream = "{prefix}:dead"
-[admin]
-listen = "127.0.0.1:0"
-[[source]]
-kind = "redis-stream"
-url = "{url}"
-stream = "{stream}"
-group = "{group}"
-block_ms = 200
-"#,
-        first = urls[0],
-        seeds = seeds.join(", "),
-        dir = plugins.path().display(),
-    );
-    let config = Config::parse(&text).unwrap();
+    let config = env
+        .stream_config()
+        .redis(&format!(
+            "cluster = true\ncluster_urls = [{}]",
+            seeds.join(", ")
+        ))
+        .source_lines("claim_idle_ms = 30000");
     let dir = TempDir::new("kw-cluster");
-    let config_path = dir.path().join("keepwarm.toml");
-    std::fs::write(&config_path, &text).unwrap();
-    let mut conn = connect(&url).await;
-    let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    xadd_raw(&mut conn, &stream, &[("garbage", b"x")]).await;
-    let daemon = Daemon::start(config);
-    wait_all_acked(
-        &url,
-        &stream,
-        group,
-        lines.len() as u64 + 1,
-        Duration::from_secs(60),
-    )
-    .await;
+    let config_path = config.write(&dir, "keepwarm.toml");
+    let lines = fixture_lines();
+    env.xadd(&lines).await;
+    env.xadd_raw(&[("garbage", b"x")]).await;
+    let daemon = config.run();
+    env.wait_drained(lines.len() as u64 + 1).await;
     daemon.stop().await;
 
     let cluster = redis::cluster::ClusterClient::new(urls.clone()).unwrap();
@@ -91,46 +52,39 @@ block_ms = 200
         }
     };
     let f = fixtures();
-    let key = |rest: &str| format!("{prefix}:{rest}");
     assert_eq!(
-        get(key("public.orders:1001")).await,
+        get(env.key("public.orders:1001")).await,
         Some(record_text(f[2]))
     );
     assert_eq!(
-        get(key("public.order_items:1001:1")).await,
+        get(env.key("public.order_items:1001:1")).await,
         Some(record_text(f[1]))
     );
-    assert_eq!(get(key("public.orders:998")).await, None);
+    assert_eq!(get(env.key("public.orders:998")).await, None);
     // The versions live beside the keys, in the same slot.
     let versions: std::collections::HashMap<String, String> = redis::cmd("HGETALL")
-        .arg(format!("kw:v:{{{}}}", key("public.orders:1001")))
+        .arg(version_key(&env.key("public.orders:1001")))
         .query_async(&mut c)
         .await
         .unwrap();
     assert!(versions.contains_key(""), "{versions:?}");
     // The tagger's two keys of each message, in different slots.
-    assert_eq!(get(format!("{prefix}:t:row:1001")).await, Some("x".into()));
+    assert_eq!(get(env.key("t:row:1001")).await, Some("x".into()));
     let seen: u64 = redis::cmd("SCARD")
-        .arg(format!("{prefix}:t:seen:x"))
+        .arg(env.key("t:seen:x"))
         .query_async(&mut c)
         .await
         .unwrap();
     assert!(seen > 0);
     let dead: u64 = redis::cmd("XLEN")
-        .arg(format!("{prefix}:dead"))
+        .arg(&env.dead)
         .query_async(&mut c)
         .await
         .unwrap();
     assert_eq!(dead, 1);
     // The tools find the dead letters in the cluster too.
     let (ok, out, err) = keepwarm_cli(
-        &[
-            "dead-letters",
-            "list",
-            "--json",
-            "--config",
-            &config_path.display().to_string(),
-        ],
+        &["dead-letters", "list", "--json", "--config", &config_path],
         "",
     );
     assert!(ok, "{err}");

@@ -19,6 +19,7 @@
 
 mod model;
 mod plan;
+mod process;
 mod run;
 mod throughput;
 
@@ -48,14 +49,14 @@ const SIZE: Size = Size {
 /// The plugin directory (a versioned and a plain copy of `model-cache`) and a shared artifact
 /// cache, so that restarted processes do not compile again.
 struct Setup {
-    plugins: PluginDir,
+    plugins: TempDir,
     cache: TempDir,
     work: TempDir,
 }
 
 impl Setup {
     fn new() -> Setup {
-        let plugins = PluginDir::new();
+        let plugins = TempDir::new("kw-plugins");
         let wasm = test_plugin_wasm("model-cache");
         for (name, mode, prefix) in [
             ("model-versioned", "versioned", VERSIONED),
@@ -64,7 +65,7 @@ impl Setup {
             let manifest = format!(
                 "tables = [\"public.users\"]\nconsistency = \"{mode}\"\n[config]\nprefix = \"{prefix}\"\n"
             );
-            plugins.add(name, &wasm, &manifest);
+            add_plugin(plugins.path(), name, &wasm, &manifest);
         }
         Setup {
             plugins,

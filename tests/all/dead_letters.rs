@@ -2,134 +2,66 @@
 //! acknowledged: never a crash, never a silent loss.
 
 use crate::util::*;
-use std::collections::HashMap;
-use std::time::Duration;
 
-/// Every entry of a stream as a map of fields.
-pub async fn entries(
-    conn: &mut redis::aio::MultiplexedConnection,
-    stream: &str,
-) -> Vec<HashMap<String, Vec<u8>>> {
-    let reply: Vec<(String, HashMap<String, Vec<u8>>)> = {
-        let raw: redis::Value = redis::cmd("XRANGE")
-            .arg(stream)
-            .arg("-")
-            .arg("+")
-            .query_async(conn)
-            .await
-            .unwrap();
-        let redis::Value::Array(items) = raw else {
-            return Vec::new();
-        };
-        items
-            .into_iter()
-            .map(|item| {
-                let redis::Value::Array(mut pair) = item else {
-                    panic!("bad entry")
-                };
-                let fields = pair.pop().unwrap();
-                let id: String = redis::from_redis_value(pair.pop().unwrap()).unwrap();
-                let redis::Value::Array(flat) = fields else {
-                    panic!("bad fields")
-                };
-                let map = flat
-                    .chunks(2)
-                    .map(|kv| {
-                        (
-                            redis::from_redis_value::<String>(kv[0].clone()).unwrap(),
-                            redis::from_redis_value::<Vec<u8>>(kv[1].clone()).unwrap(),
-                        )
-                    })
-                    .collect();
-                (id, map)
-            })
-            .collect()
-    };
-    reply.into_iter().map(|(_, m)| m).collect()
-}
-
-pub fn field(entry: &HashMap<String, Vec<u8>>, name: &str) -> String {
-    String::from_utf8_lossy(entry.get(name).unwrap_or_else(|| panic!("no field {name}")))
-        .into_owned()
+/// Runs the daemon until the `n` entries written so far are acknowledged; returns the dead
+/// letters.
+async fn run_to_end(env: &TestEnv, n: u64) -> Vec<DeadLetter> {
+    let daemon = env.run();
+    env.wait_drained(n).await;
+    daemon.stop().await;
+    env.dead_letters().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_entries_are_dead_lettered_with_a_reason_and_acked() {
-    let url = redis_url();
-    let prefix = unique("malformed");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
+    let env = TestEnv::row_cache("malformed");
     let good = stream_fields(fixtures()[0]);
     let get = |name: &str| good.iter().find(|(k, _)| k == name).unwrap().1.clone();
     let (record, metadata) = (get("record"), get("metadata"));
-    // Missing `metadata`.
-    xadd_raw(
-        &mut conn,
-        &stream,
+    let (record, metadata) = (record.as_bytes(), metadata.as_bytes());
+    let bad: [&[(&str, &[u8])]; 4] = [
+        // Missing `metadata`.
         &[
             ("action", b"insert"),
-            ("record", record.as_bytes()),
+            ("record", record),
             ("changes", b"null"),
         ],
-    )
-    .await;
-    // Invalid JSON in `record`.
-    xadd_raw(
-        &mut conn,
-        &stream,
+        // Invalid JSON in `record`.
         &[
             ("action", b"insert"),
             ("record", b"{\"id\":"),
             ("changes", b"null"),
-            ("metadata", metadata.as_bytes()),
+            ("metadata", metadata),
         ],
-    )
-    .await;
-    // Unknown action.
-    xadd_raw(
-        &mut conn,
-        &stream,
+        // Unknown action.
         &[
             ("action", b"upsert"),
-            ("record", record.as_bytes()),
+            ("record", record),
             ("changes", b"null"),
-            ("metadata", metadata.as_bytes()),
+            ("metadata", metadata),
         ],
-    )
-    .await;
-    // Not UTF-8.
-    xadd_raw(
-        &mut conn,
-        &stream,
+        // Not UTF-8.
         &[
             ("action", b"insert"),
             ("record", &[0xff, 0xfe]),
             ("changes", b"null"),
-            ("metadata", metadata.as_bytes()),
+            ("metadata", metadata),
         ],
-    )
-    .await;
+    ];
+    for fields in bad {
+        env.xadd_raw(fields).await;
+    }
     // And one good message after them.
-    xadd_sequin(&mut conn, &stream, &[fixtures()[0].to_string()]).await;
+    env.xadd(&[fixtures()[0].to_string()]).await;
 
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(&url, &stream, &group, 5, Duration::from_secs(30)).await;
-    daemon.stop().await;
-
-    let dead = entries(&mut conn, &format!("{stream}:dead")).await;
-    let reasons: Vec<String> = dead.iter().map(|e| field(e, "reason")).collect();
+    let dead = run_to_end(&env, 5).await;
+    let reasons: Vec<String> = dead.iter().map(|e| e.field("reason")).collect();
     assert_eq!(dead.len(), 4, "{reasons:?}");
     // Lanes run in parallel, so the entries may come in any order: find each by its reason.
     let find = |needle: &str| {
         let found: Vec<_> = dead
             .iter()
-            .filter(|e| field(e, "reason").contains(needle))
+            .filter(|e| e.field("reason").contains(needle))
             .collect();
         assert_eq!(found.len(), 1, "{needle:?} in {reasons:?}");
         found[0]
@@ -139,176 +71,88 @@ async fn malformed_entries_are_dead_lettered_with_a_reason_and_acked() {
     let unknown = find("unknown action \"upsert\"");
     let not_utf8 = find("not valid UTF-8");
     for entry in &dead {
-        assert_eq!(field(entry, "kind"), "decode");
-        assert_eq!(field(entry, "source"), format!("redis-stream:{stream}"));
-        assert!(field(entry, "source_id").contains('-'));
+        assert_eq!(entry.field("kind"), "decode");
+        assert_eq!(
+            entry.field("source"),
+            format!("redis-stream:{}", env.stream())
+        );
+        assert!(entry.field("source_id").contains('-'));
     }
     // The original fields are kept byte for byte.
-    assert_eq!(not_utf8.get("entry.record").unwrap(), &vec![0xff, 0xfe]);
-    assert_eq!(unknown.get("entry.action").unwrap(), b"upsert");
-    let value: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}:public.orders:1001"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    assert_eq!(not_utf8.raw("entry.record"), vec![0xff, 0xfe]);
+    assert_eq!(unknown.raw("entry.action"), b"upsert");
     assert!(
-        value.is_some(),
+        env.keys().await.get("public.orders:1001").await.is_some(),
         "the good message after the bad ones was applied"
     );
 }
 
+/// A row-cache keyed by a column only `stock_levels` has: other tables' changes are rejected.
+fn by_sku(env: &TestEnv, key: &str) {
+    let manifest = format!("[config]\nkey = \"{}:{key}\"\n", env.prefix);
+    env.add_plugin("by-sku", &plugin_wasm("row-cache"), &manifest);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_change_the_plugin_rejects_is_dead_lettered_with_the_plugin_and_version() {
-    let url = redis_url();
-    let prefix = unique("rejected");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    // The key names a column only stock_levels has: other tables' changes are rejected.
-    let manifest = format!("[config]\nkey = \"{prefix}:{{sku}}\"\n");
-    plugins.add("by-sku", &plugin_wasm("row-cache"), &manifest);
-    let mut conn = connect(&url).await;
-    xadd_sequin(
-        &mut conn,
-        &stream,
-        &[fixtures()[0].to_string(), fixtures()[4].to_string()],
-    )
-    .await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(&url, &stream, &group, 2, Duration::from_secs(30)).await;
-    daemon.stop().await;
-
-    let dead = entries(&mut conn, &format!("{stream}:dead")).await;
+    let env = TestEnv::new("rejected");
+    by_sku(&env, "{sku}");
+    env.xadd(&[fixtures()[0].to_string(), fixtures()[4].to_string()])
+        .await;
+    let dead = run_to_end(&env, 2).await;
     assert_eq!(dead.len(), 1);
     let entry = &dead[0];
-    assert_eq!(field(entry, "kind"), "plugin");
-    assert_eq!(field(entry, "plugin"), "by-sku");
-    assert_eq!(field(entry, "plugin_version").len(), 12);
-    assert!(
-        field(entry, "reason").contains("sku"),
-        "{}",
-        field(entry, "reason")
-    );
+    assert_eq!(entry.field("kind"), "plugin");
+    assert_eq!(entry.field("plugin"), "by-sku");
+    assert_eq!(entry.field("plugin_version").len(), 12);
+    assert!(entry.field("reason").contains("sku"), "{entry:?}");
     // The payload is the message, replayable as is.
-    let payload = field(entry, "payload");
+    let payload = entry.field("payload");
     assert!(keepwarm::message::ChangeMessage::from_json(&payload).is_ok());
     assert!(payload.contains(r#""table_name":"orders""#));
-    let value: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}:SKU-00042"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(value.is_some());
+    assert!(env.keys().await.get("SKU-00042").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_redis_refuses_is_dead_lettered_and_the_rest_applied() {
-    let url = redis_url();
-    let prefix = unique("wrongtype");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
+    let env = TestEnv::row_cache("wrongtype");
     // Someone else's string sits where the version hash of order 1001 belongs: Redis answers
     // WRONGTYPE for that message only.
-    let _: () = redis::cmd("SET")
-        .arg(format!("kw:v:{{{prefix}:public.orders:1001}}"))
-        .arg("not a hash")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    xadd_sequin(
-        &mut conn,
-        &stream,
-        &[fixtures()[0].to_string(), fixtures()[1].to_string()],
-    )
-    .await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(&url, &stream, &group, 2, Duration::from_secs(30)).await;
-    daemon.stop().await;
-    let dead = entries(&mut conn, &format!("{stream}:dead")).await;
+    let keys = env.keys().await;
+    let squatter = version_key(&env.key("public.orders:1001"));
+    let () = keys
+        .query(redis::cmd("SET").arg(squatter).arg("not a hash"))
+        .await;
+    env.xadd(&[fixtures()[0].to_string(), fixtures()[1].to_string()])
+        .await;
+    let dead = run_to_end(&env, 2).await;
     assert_eq!(dead.len(), 1);
-    assert_eq!(field(&dead[0], "kind"), "redis");
-    assert!(
-        field(&dead[0], "reason").contains("WRONGTYPE"),
-        "{}",
-        field(&dead[0], "reason")
-    );
-    let item: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}:public.order_items:1001:1"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(item.is_some());
+    assert_eq!(dead[0].field("kind"), "redis");
+    assert!(dead[0].field("reason").contains("WRONGTYPE"), "{dead:?}");
+    assert!(keys.get("public.order_items:1001:1").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dead_letters_are_listed_and_replayed_once_the_plugin_is_fixed() {
-    let url = redis_url();
-    let prefix = unique("dlq-replay");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "by-sku",
-        &plugin_wasm("row-cache"),
-        &format!("[config]\nkey = \"{prefix}:{{sku}}\"\n"),
-    );
-    let mut conn = connect(&url).await;
-    xadd_sequin(&mut conn, &stream, &[fixtures()[0].to_string()]).await;
-    xadd_raw(&mut conn, &stream, &[("action", b"upsert")]).await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(&url, &stream, &group, 2, Duration::from_secs(30)).await;
-    daemon.stop().await;
-    let dead_stream = format!("{stream}:dead");
-    assert_eq!(entries(&mut conn, &dead_stream).await.len(), 2);
+    let env = TestEnv::new("dlq-replay");
+    by_sku(&env, "{sku}");
+    env.xadd(&[fixtures()[0].to_string()]).await;
+    env.xadd_raw(&[("action", b"upsert")]).await;
+    assert_eq!(run_to_end(&env, 2).await.len(), 2);
 
     // The plugin is fixed: its key no longer needs a column orders lack.
-    plugins.add(
-        "by-sku",
-        &plugin_wasm("row-cache"),
-        &format!("[config]\nkey = \"{prefix}:{{table}}:{{pks}}\"\n"),
-    );
-    let config = plugins.path().join("keepwarm.conf");
-    std::fs::write(
-        &config,
-        format!(
-            "[redis]\nurl = \"{url}\"\n[plugins]\ndir = \"{}\"\n[dead_letter]\nstream = \"{dead_stream}\"\n",
-            plugins.path().display()
-        ),
-    )
-    .unwrap();
-    let config = config.to_str().unwrap().to_owned();
-    let cli = |args: Vec<String>| {
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            keepwarm_cli(&args, "")
-        })
-    };
-    let (ok, listed, err) = cli(vec![
-        "dead-letters".into(),
-        "list".into(),
-        "--config".into(),
-        config.clone(),
-    ])
-    .await
-    .unwrap();
+    by_sku(&env, "{table}:{pks}");
+    let dir = TempDir::new("kw-dlq");
+    let config = env.config().write(&dir, "keepwarm.toml");
+    let (ok, listed, err) =
+        keepwarm_cli_async(&["dead-letters", "list", "--config", &config]).await;
     assert!(ok, "{err}");
     assert!(
         listed.contains("by-sku@") && listed.contains("missing field `record`"),
         "{listed}"
     );
 
-    let (ok, _, err) = cli(vec![
-        "dead-letters".into(),
-        "replay".into(),
-        "--config".into(),
-        config.clone(),
-    ])
-    .await
-    .unwrap();
+    let (ok, _, err) = keepwarm_cli_async(&["dead-letters", "replay", "--config", &config]).await;
     assert!(
         !ok,
         "a dead letter that still fails makes the replay exit non-zero"
@@ -317,16 +161,11 @@ async fn dead_letters_are_listed_and_replayed_once_the_plugin_is_fixed() {
         err.contains("replayed 2 dead letters: 1 fixed and removed, 1 still failing"),
         "{err}"
     );
-    let left = entries(&mut conn, &dead_stream).await;
+    let left = env.dead_letters().await;
     assert_eq!(left.len(), 1, "only the entry that still fails stays");
-    assert_eq!(field(&left[0], "kind"), "decode");
-    let value: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}:orders:1001"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    assert_eq!(left[0].field("kind"), "decode");
     assert!(
-        value.is_some(),
+        env.keys().await.get("orders:1001").await.is_some(),
         "the fixed plugin applied the replayed change"
     );
 }

@@ -1,101 +1,96 @@
 //! Hostile plugins: contained, reported, and nothing lost. The `hostile` test plugin misbehaves
 //! on chosen rows in the way its manifest says.
 
-use crate::dead_letters::{entries, field};
 use crate::util::*;
-use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 fn order(row: u64) -> String {
     order_change(fixtures()[0], row, Some(5_000 + row))
 }
 
-fn hostile_manifest(prefix: &str, mode: &str, victims: Option<&[u64]>, extra: &str) -> String {
-    let victims = victims.map_or(String::new(), |v| {
-        let list: Vec<String> = v.iter().map(|n| format!("\"{n}\"")).collect();
-        format!("victims = [{}]\n", list.join(", "))
-    });
-    format!("{extra}\n[config]\nprefix = \"{prefix}:\"\nmode = \"{mode}\"\n{victims}")
+/// The hostile plugin's manifest: `extra` lines before `[config]`, `config` lines after `mode`.
+pub fn hostile_manifest(prefix: &str, mode: &str, extra: &str, config: &str) -> String {
+    format!("{extra}\n[config]\nprefix = \"{prefix}:\"\nmode = \"{mode}\"\n{config}")
 }
 
+/// The `[config]` line that makes the plugin misbehave on `rows` only.
+fn victims(rows: &[u64]) -> String {
+    let list: Vec<String> = rows.iter().map(|n| format!("\"{n}\"")).collect();
+    format!("victims = [{}]\n", list.join(", "))
+}
+
+/// A test's environment once the daemon has acknowledged everything, and its dead letters.
 struct Outcome {
-    conn: redis::aio::MultiplexedConnection,
-    prefix: String,
-    dead: Vec<HashMap<String, Vec<u8>>>,
+    env: TestEnv,
+    keys: Keys,
+    dead: Vec<DeadLetter>,
 }
 
 impl Outcome {
-    async fn get(&mut self, key: &str) -> Option<String> {
-        redis::cmd("GET")
-            .arg(format!("{}:{key}", self.prefix))
-            .query_async(&mut self.conn)
-            .await
-            .unwrap()
+    async fn get(&self, key: &str) -> Option<String> {
+        self.keys.get(key).await
+    }
+
+    fn only_dead_letter(&self, needle: &str) {
+        assert_eq!(
+            self.dead.len(),
+            1,
+            "exactly the guilty change is dead-lettered"
+        );
+        let entry = &self.dead[0];
+        assert_eq!(entry.field("kind"), "plugin");
+        assert_eq!(entry.field("plugin"), "hostile");
+        assert!(entry.field("payload").contains(r#""record_pks":["2"]"#));
+        assert!(entry.field("reason").contains(needle), "{entry:?}");
     }
 }
 
 /// Runs rows `0..rows` through the hostile plugin (and nothing else) and waits for all acks.
-async fn run(mode: &str, victims: Option<&[u64]>, extra: &str, rows: u64) -> Outcome {
-    run_lines(mode, victims, extra, "", || (0..rows).map(order).collect()).await
+async fn run(mode: &str, config: &str, extra: &str, rows: u64) -> Outcome {
+    run_lines(mode, extra, config, "", || (0..rows).map(order).collect()).await
+}
+
+/// Runs rows `0..rows` with the plugin misbehaving (`mode`) on row 2 only, and checks that
+/// exactly that change is dead-lettered, with a reason saying `reason`.
+async fn only_row_2_fails(mode: &str, extra: &str, rows: u64, reason: &str) -> Outcome {
+    let outcome = run(mode, &victims(&[2]), extra, rows).await;
+    outcome.only_dead_letter(reason);
+    outcome
 }
 
 /// Runs the lines `lines` makes once the daemon reads through the hostile plugin, with
 /// `pipeline` settings, and waits for all acks.
 async fn run_lines(
     mode: &str,
-    victims: Option<&[u64]>,
     extra: &str,
+    config: &str,
     pipeline: &str,
     lines: impl FnOnce() -> Vec<String>,
 ) -> Outcome {
-    let url = redis_url();
-    let prefix = unique(&format!("hostile-{mode}"));
-    let stream = format!("{prefix}:stream");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "hostile",
-        &test_plugin_wasm("hostile"),
-        &hostile_manifest(&prefix, mode, victims, extra),
-    );
-    let mut conn = connect(&url).await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, "kw", pipeline));
-    wait_for("the daemon to read", Duration::from_secs(30), || {
-        let mut conn = conn.clone();
-        let stream = stream.clone();
-        async move { group_progress(&mut conn, &stream, "kw").await.1 != u64::MAX }
-    })
-    .await;
+    let env = TestEnv::new(&format!("hostile-{mode}"));
+    let manifest = hostile_manifest(&env.prefix, mode, extra, config);
+    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+    let daemon = env.stream_config().pipeline(pipeline).run();
+    env.wait_group().await;
     let lines = lines();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    let rows = lines.len() as u64;
-    wait_all_acked(&url, &stream, "kw", rows, Duration::from_secs(120)).await;
+    env.xadd(&lines).await;
+    env.wait_drained(lines.len() as u64).await;
     daemon.stop().await;
-    let dead = entries(&mut conn, &format!("{stream}:dead")).await;
-    Outcome { conn, prefix, dead }
-}
-
-fn only_dead_letter(outcome: &Outcome, needle: &str) {
-    assert_eq!(
-        outcome.dead.len(),
-        1,
-        "exactly the guilty change is dead-lettered"
-    );
-    let entry = &outcome.dead[0];
-    assert_eq!(field(entry, "kind"), "plugin");
-    assert_eq!(field(entry, "plugin"), "hostile");
-    assert!(field(entry, "payload").contains(r#""record_pks":["2"]"#));
-    assert!(
-        field(entry, "reason").contains(needle),
-        "{}",
-        field(entry, "reason")
-    );
+    let dead = env.dead_letters().await;
+    let keys = env.keys().await;
+    Outcome { env, keys, dead }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_infinite_loop_fails_only_the_guilty_change_within_the_deadline() {
     let started = Instant::now();
-    let mut outcome = run("loop", Some(&[2]), "[limits]\ndeadline_ms = 100", 5).await;
-    only_dead_letter(&outcome, "exceeded its deadline of 100 ms");
+    let outcome = only_row_2_fails(
+        "loop",
+        "[limits]\ndeadline_ms = 100",
+        5,
+        "exceeded its deadline of 100 ms",
+    )
+    .await;
     for row in [0, 1, 3, 4] {
         assert!(
             outcome.get(&row.to_string()).await.is_some(),
@@ -119,11 +114,11 @@ async fn a_change_slow_only_once_is_called_again_not_dead_lettered() {
             .as_millis() as u64
     };
     let mut written = 0;
-    let mut outcome = run_lines(
+    let outcome = run_lines(
         "stall",
-        Some(&[0]),
         "[limits]\ndeadline_ms = 2000\n[grants]\nclock = true",
-        "[pipeline]\nbatch_size = 1",
+        &victims(&[0]),
+        "batch_size = 1",
         || {
             written = now_ms();
             let field = format!(r#""id":0,"stall_until_ms":{}"#, written + 3_000);
@@ -131,7 +126,7 @@ async fn a_change_slow_only_once_is_called_again_not_dead_lettered() {
         },
     )
     .await;
-    let reasons: Vec<String> = outcome.dead.iter().map(|d| field(d, "reason")).collect();
+    let reasons: Vec<String> = outcome.dead.iter().map(|d| d.field("reason")).collect();
     assert!(reasons.is_empty(), "dead-lettered: {reasons:?}");
     let value = outcome.get("0").await.expect("row 0 applied");
     let started: u64 = value.strip_prefix("started ").unwrap().parse().unwrap();
@@ -144,84 +139,69 @@ async fn a_change_slow_only_once_is_called_again_not_dead_lettered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_memory_bomb_traps_and_is_contained() {
-    let mut outcome = run("alloc", Some(&[2]), "[limits]\nmemory_mb = 32", 5).await;
-    only_dead_letter(&outcome, "memory cap exceeded");
+    let outcome = only_row_2_fails(
+        "alloc",
+        "[limits]\nmemory_mb = 32",
+        5,
+        "memory cap exceeded",
+    )
+    .await;
     assert!(outcome.get("3").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_leak_is_recycled_before_it_reaches_the_cap() {
     // 1 MiB kept per change against a 16 MiB cap: without recycling the instance would die.
-    let url = redis_url();
-    let prefix = unique("hostile-leak");
-    let stream = format!("{prefix}:stream");
-    let plugins = PluginDir::new();
-    let manifest = format!(
-        "[limits]\nmemory_mb = 16\n[config]\nprefix = \"{prefix}:\"\nmode = \"leak\"\nleak_kib = 1024\n"
-    );
-    plugins.add("hostile", &test_plugin_wasm("hostile"), &manifest);
-    let mut conn = connect(&url).await;
-    let daemon = Daemon::start(stream_config(
-        plugins.path(),
-        &stream,
-        "kw",
-        "[pipeline]\nbatch_size = 4\nlanes = 1",
-    ));
-    let lines: Vec<String> = (0..60).map(order).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    wait_all_acked(&url, &stream, "kw", 60, Duration::from_secs(120)).await;
-    daemon.stop().await;
-    assert!(
-        entries(&mut conn, &format!("{stream}:dead"))
-            .await
-            .is_empty(),
-        "no change failed"
-    );
+    let outcome = run_lines(
+        "leak",
+        "[limits]\nmemory_mb = 16",
+        "leak_kib = 1024",
+        "batch_size = 4\nlanes = 1",
+        || (0..60).map(order).collect(),
+    )
+    .await;
+    assert!(outcome.dead.is_empty(), "no change failed");
     for row in 0..60 {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(format!("{prefix}:{row}"))
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        assert!(value.is_some(), "row {row}");
+        assert!(outcome.get(&row.to_string()).await.is_some(), "row {row}");
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_contained_to_its_change() {
-    let mut outcome = run("panic", Some(&[2]), "", 5).await;
-    only_dead_letter(&outcome, "plugin trapped");
+    let outcome = only_row_2_fails("panic", "", 5, "plugin trapped").await;
     assert!(outcome.get("4").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_outside_the_key_prefixes_are_rejected() {
     let prefix_rule = "key_prefixes = [\"hostile-outside\"]";
-    let mut outcome = run("outside", Some(&[2]), prefix_rule, 5).await;
-    only_dead_letter(&outcome, "outside the plugin's key prefixes");
-    let forbidden: Option<String> = redis::cmd("GET")
-        .arg("forbidden:2")
-        .query_async(&mut outcome.conn)
-        .await
-        .unwrap();
-    assert!(forbidden.is_none());
+    let outcome = only_row_2_fails(
+        "outside",
+        prefix_rule,
+        5,
+        "outside the plugin's key prefixes",
+    )
+    .await;
+    let everywhere = Keys::connect(outcome.env.cache_url()).await;
+    assert!(everywhere.get("forbidden:2").await.is_none());
     assert!(outcome.get("1").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn huge_values_and_floods_of_operations_are_rejected() {
-    let outcome = run("huge", Some(&[2]), "", 3).await;
-    only_dead_letter(&outcome, "carries 8388608 bytes, the limit is 4194304");
-    let outcome = run("many-ops", Some(&[2]), "", 3).await;
-    only_dead_letter(
-        &outcome,
+    only_row_2_fails("huge", "", 3, "carries 8388608 bytes, the limit is 4194304").await;
+    only_row_2_fails(
+        "many-ops",
+        "",
+        3,
         "returned 10000 operations for one change, the limit is 256",
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_logs_is_rate_limited_and_changes_still_apply() {
-    let mut outcome = run("log-flood", None, "", 3).await;
+    let outcome = run("log-flood", "", "", 3).await;
     assert!(outcome.dead.is_empty());
     for row in 0..3 {
         assert!(outcome.get(&row.to_string()).await.is_some());
@@ -236,16 +216,16 @@ async fn no_files_network_environment_or_clock_without_a_grant() {
         ("env", "error:"),
         ("clock", "secs: 0"),
     ] {
-        let mut outcome = run(mode, None, "", 1).await;
+        let outcome = run(mode, "", "", 1).await;
         let probe = outcome.get("probe:0").await.unwrap_or_default();
         assert!(probe.starts_with(expect), "{mode}: {probe}");
     }
     // Granted, the clock is real and the named variable is visible.
-    let mut outcome = run("clock", None, "[grants]\nclock = true", 1).await;
+    let outcome = run("clock", "", "[grants]\nclock = true", 1).await;
     let probe = outcome.get("probe:0").await.unwrap();
     let secs: u64 = probe.trim_start_matches("secs: ").parse().unwrap();
     assert!(secs > 1_700_000_000, "{probe}");
-    let mut outcome = run("env", None, "[grants]\nenv = [\"PATH\"]", 1).await;
+    let outcome = run("env", "", "[grants]\nenv = [\"PATH\"]", 1).await;
     assert!(
         outcome.get("probe:0").await.unwrap().starts_with("error:"),
         "HOME was not granted"
@@ -254,68 +234,30 @@ async fn no_files_network_environment_or_clock_without_a_grant() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_keeps_failing_is_paused_and_its_messages_wait() {
-    let url = redis_url();
-    let prefix = unique("hostile-pause");
-    let stream = format!("{prefix}:stream");
-    let plugins = PluginDir::new();
-    let dir = plugins.path().to_owned();
-    let failing = hostile_manifest(&prefix, "panic", None, "[limits]\nmax_failures = 0");
-    plugins.add("hostile", &test_plugin_wasm("hostile"), &failing);
-    let admin = format!(
-        "127.0.0.1:{}",
-        std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    );
-    let config = stream_config(&dir, &stream, "kw", "");
-    let mut config = config;
-    config.admin.listen = admin.clone();
-    let daemon = Daemon::start(config);
-    let mut conn = connect(&url).await;
+    let env = TestEnv::new("hostile-pause");
+    let failing = hostile_manifest(&env.prefix, "panic", "[limits]\nmax_failures = 0", "");
+    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &failing);
+    let daemon = env.stream_config().admin().run();
     let lines: Vec<String> = (0..20).map(order).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    let status_url = format!("http://{admin}/plugins");
-    wait_for("the plugin to be paused", Duration::from_secs(60), || {
-        let status_url = status_url.clone();
-        async move {
-            tokio::task::spawn_blocking(move || {
-                ureq::get(&status_url)
-                    .call()
-                    .ok()
-                    .and_then(|mut r| r.body_mut().read_to_string().ok())
-            })
-            .await
-            .unwrap()
-            .is_some_and(|body| body.contains(r#""state":"paused""#))
-        }
+    env.xadd(&lines).await;
+    let status_url = daemon.admin_url("/plugins");
+    wait_for("the plugin to be paused", PATIENCE, || async {
+        let status = plugins_status(&status_url).await;
+        status.iter().any(|p| p["state"] == "paused")
     })
     .await;
     // Paused: nothing was dead-lettered and nothing acknowledged.
-    assert!(
-        entries(&mut conn, &format!("{stream}:dead"))
-            .await
-            .is_empty()
-    );
-    assert_eq!(group_progress(&mut conn, &stream, "kw").await.1, 20);
+    assert!(env.dead_letters().await.is_empty());
+    assert_eq!(env.progress().await.1, 20);
     // A fixed version takes over and the waiting messages go through.
-    let fixed = hostile_manifest(&prefix, "leak", None, "");
+    let dir = env.plugins_dir();
+    let fixed = hostile_manifest(&env.prefix, "leak", "", "");
     std::fs::write(dir.join(".hostile.toml.tmp"), fixed).unwrap();
     std::fs::rename(dir.join(".hostile.toml.tmp"), dir.join("hostile.toml")).unwrap();
-    wait_all_acked(&url, &stream, "kw", 20, Duration::from_secs(120)).await;
+    env.wait_drained(20).await;
     daemon.stop().await;
-    assert!(
-        entries(&mut conn, &format!("{stream}:dead"))
-            .await
-            .is_empty()
-    );
-    let value: Option<String> = redis::cmd("GET")
-        .arg(format!("{prefix}:7"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(value.is_some());
+    assert!(env.dead_letters().await.is_empty());
+    assert!(env.keys().await.get("7").await.is_some());
 }
 
 /// Throughput of a healthy plugin alone, then beside a plugin that loops on every change of its
@@ -323,34 +265,17 @@ async fn a_plugin_that_keeps_failing_is_paused_and_its_messages_wait() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_looping_neighbour_does_not_stall_a_healthy_plugin() {
     fn product(n: u64) -> String {
-        fixtures()[9]
-            .replace(r#""id":77"#, &format!(r#""id":{n}"#))
-            .replace(
-                r#""record_pks":["77"]"#,
-                &format!(r#""record_pks":["{n}"]"#),
-            )
+        move_row(fixtures()[9], 77, n)
     }
     async fn measure(with_neighbour: bool) -> f64 {
         const N: u64 = 30_000;
-        let url = redis_url();
-        let prefix = unique("neighbour");
-        let stream = format!("{prefix}:stream");
-        let plugins = PluginDir::new();
-        plugins.add(
-            "row-cache",
-            &plugin_wasm("row-cache"),
-            &row_cache_manifest(&prefix, "tables = [\"orders\"]"),
-        );
+        let env = TestEnv::new("neighbour");
+        env.add_row_cache("tables = [\"orders\"]");
         if with_neighbour {
-            let looping = hostile_manifest(
-                &format!("{prefix}:h"),
-                "loop",
-                None,
-                "tables = [\"products\"]\n[limits]\ndeadline_ms = 100",
-            );
-            plugins.add("hostile", &test_plugin_wasm("hostile"), &looping);
+            let extra = "tables = [\"products\"]\n[limits]\ndeadline_ms = 100";
+            let looping = hostile_manifest(&env.key("h"), "loop", extra, "");
+            env.add_plugin("hostile", &test_plugin_wasm("hostile"), &looping);
         }
-        let mut conn = connect(&url).await;
         // One product change (for the neighbour) after every tenth order change.
         let mut lines = Vec::new();
         for n in 0..N {
@@ -360,32 +285,18 @@ async fn a_looping_neighbour_does_not_stall_a_healthy_plugin() {
             }
         }
         // Time from the first write, once the daemon is up (plugin compilation excluded).
-        let daemon = Daemon::start(stream_config(plugins.path(), &stream, "kw", ""));
-        wait_for("the consumer group", Duration::from_secs(60), || {
-            let (mut conn, stream) = (conn.clone(), stream.clone());
-            async move { group_progress(&mut conn, &stream, "kw").await.1 == 0 }
-        })
-        .await;
+        let daemon = env.run();
+        env.wait("the consumer group", |_, pending| pending == 0)
+            .await;
         let start = Instant::now();
         for chunk in lines.chunks(1000) {
-            xadd_sequin(&mut conn, &stream, chunk).await;
+            env.xadd(chunk).await;
         }
-        wait_for(
-            "the healthy plugin to cache every order",
-            Duration::from_secs(300),
-            || {
-                let mut conn = conn.clone();
-                let pattern = format!("{prefix}:public.orders:*");
-                async move {
-                    let keys: Vec<String> = redis::cmd("KEYS")
-                        .arg(pattern)
-                        .query_async(&mut conn)
-                        .await
-                        .unwrap();
-                    keys.len() as u64 == N
-                }
-            },
-        )
+        let keys = env.keys().await;
+        let what = "the healthy plugin to cache every order";
+        wait_for(what, Duration::from_secs(300), || async {
+            keys.matching("public.orders:*").await.len() as u64 == N
+        })
         .await;
         let elapsed = start.elapsed();
         daemon.stop().await;

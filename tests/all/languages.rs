@@ -4,8 +4,6 @@
 //! daemon) with exact cache contents; and the JavaScript and Python helper modules checked
 //! inside their engines by probe plugins (`tests/plugins/sdk-probe-*`).
 
-use crate::dead_letters::{entries, field};
-use crate::stream_source::get;
 use crate::util::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -69,24 +67,12 @@ fn product(action: &str, id: u64, name: Option<&str>, price: Option<&str>, lsn: 
     )
 }
 
-async fn members(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Vec<String> {
-    let mut members: Vec<String> = redis::cmd("SMEMBERS")
-        .arg(key)
-        .query_async(conn)
-        .await
-        .unwrap();
-    members.sort();
-    members
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
     let _heavy = heavy_test_async().await;
-    let url = redis_url();
-    let prefix = unique("langs");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
+    let env = TestEnv::new("langs");
+    let prefix = &env.prefix;
+    env.add_plugin(
         "orders-index",
         &plugin_wasm("orders-index"),
         &format!(
@@ -94,7 +80,7 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
              [config]\nkey_prefix = \"{prefix}:orders:by_customer:\"\n"
         ),
     );
-    plugins.add(
+    env.add_plugin(
         "product-catalog",
         &plugin_wasm("product-catalog"),
         &format!(
@@ -102,11 +88,7 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
              [config]\nhash_prefix = \"{prefix}:product:\"\nranking_key = \"{prefix}:products:by_price\"\n"
         ),
     );
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, "tables = [\"public.order_items\"]"),
-    );
+    env.add_row_cache("tables = [\"public.order_items\"]");
 
     let big_order = 9_007_199_254_740_993u64; // 2^53 + 1: a double would make it ...992.
     let big_customer = 9_007_199_254_740_995u64;
@@ -156,42 +138,25 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
         // row-cache (Rust).
         fixtures()[1].to_string(),
     ];
-    let mut conn = connect(&url).await;
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
+    env.xadd(&lines).await;
+    let daemon = env.run();
     // Loading compiles the Python component (CPython inside: ~18 MiB), slow in debug builds.
-    wait_all_acked(
-        &url,
-        &stream,
-        &group,
-        lines.len() as u64,
-        Duration::from_secs(300),
-    )
-    .await;
+    env.wait_drained_within(lines.len() as u64, Duration::from_secs(300))
+        .await;
     daemon.stop().await;
 
-    let set = |rest: &str| format!("{prefix}:orders:by_customer:{rest}");
-    assert_eq!(members(&mut conn, &set("42")).await, Vec::<String>::new());
-    assert_eq!(members(&mut conn, &set("43")).await, ["1001"]);
+    let keys = env.keys().await;
+    let set = |rest: &str| format!("orders:by_customer:{rest}");
+    assert_eq!(keys.members(&set("42")).await, Vec::<String>::new());
+    assert_eq!(keys.members(&set("43")).await, ["1001"]);
     assert_eq!(
-        members(&mut conn, &set(&big_customer.to_string())).await,
+        keys.members(&set(&big_customer.to_string())).await,
         [big_order.to_string()]
     );
-    assert_eq!(members(&mut conn, &set("77")).await, ["1003"]);
+    assert_eq!(keys.members(&set("77")).await, ["1003"]);
 
-    let hash = |id: u64| format!("{prefix}:product:{id}");
-    let hgetall = |key: String| {
-        let mut conn = conn.clone();
-        async move {
-            let fields: HashMap<String, String> = redis::cmd("HGETALL")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-            fields
-        }
-    };
-    assert_eq!(hgetall(hash(77)).await, HashMap::new());
+    let hash = |id: u64| format!("product:{id}");
+    assert_eq!(keys.hgetall(&hash(77)).await, HashMap::new());
     let fields = |items: &[(&str, &str)]| -> HashMap<String, String> {
         items
             .iter()
@@ -199,7 +164,7 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
             .collect()
     };
     assert_eq!(
-        hgetall(hash(78)).await,
+        keys.hgetall(&hash(78)).await,
         fields(&[
             ("name", "Beans"),
             ("price", "3.25"),
@@ -208,7 +173,7 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
     );
     // The exact numeric string, not 1e-07.
     assert_eq!(
-        hgetall(hash(79)).await,
+        keys.hgetall(&hash(79)).await,
         fields(&[
             ("name", "Sample"),
             ("price", "1E-7"),
@@ -217,36 +182,36 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
     );
     // The price became null: the field leaves the hash and the product leaves the ranking.
     assert_eq!(
-        hgetall(hash(80)).await,
+        keys.hgetall(&hash(80)).await,
         fields(&[
             ("name", "Gift card"),
             ("updated_at", "2025-03-14T10:26:00.000000Z"),
         ])
     );
-    let ranking: Vec<(String, f64)> = redis::cmd("ZRANGE")
-        .arg(format!("{prefix}:products:by_price"))
-        .arg(0)
-        .arg(-1)
-        .arg("WITHSCORES")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let ranking: Vec<(String, f64)> = keys
+        .query(
+            redis::cmd("ZRANGE")
+                .arg(keys.name("products:by_price"))
+                .arg(0)
+                .arg(-1)
+                .arg("WITHSCORES"),
+        )
+        .await;
     assert_eq!(ranking, [("79".to_owned(), 1e-7), ("78".to_owned(), 3.25)]);
 
     assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.order_items:1001:1")).await,
-        Some(crate::stream_source::record_text(fixtures()[1]))
+        keys.get("public.order_items:1001:1").await,
+        Some(record_text(fixtures()[1]))
     );
 
     // The delete without the customer id is the only dead letter, with the plugin's reason.
-    let dead = entries(&mut conn, &format!("{stream}:dead")).await;
+    let dead = env.dead_letters().await;
     assert_eq!(dead.len(), 1, "{dead:?}");
-    assert_eq!(field(&dead[0], "plugin"), "orders-index");
+    assert_eq!(dead[0].field("plugin"), "orders-index");
+    let reason = dead[0].field("reason");
     assert!(
-        field(&dead[0], "reason").contains("carries no customer_id")
-            && field(&dead[0], "reason").contains("REPLICA IDENTITY FULL"),
-        "{}",
-        field(&dead[0], "reason")
+        reason.contains("carries no customer_id") && reason.contains("REPLICA IDENTITY FULL"),
+        "{reason}"
     );
 }
 

@@ -1,52 +1,26 @@
-//! Operating keepwarm: `/metrics`, health endpoints.
+//! Operating keepwarm: `/metrics`, health endpoints, `keepwarm check`, the Redis password.
 
+use crate::sqs::Queue;
+use crate::stream_source::fixture_lines;
 use crate::util::*;
-use std::time::Duration;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn metrics_count_what_a_run_did() {
-    let url = redis_url();
-    let prefix = unique("metrics");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
-    let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-    xadd_raw(&mut conn, &stream, &[("garbage", b"not a change message")]).await;
+    let env = TestEnv::row_cache("metrics");
+    let lines = fixture_lines();
+    env.xadd(&lines).await;
+    env.xadd_raw(&[("garbage", b"not a change message")]).await;
     let n = lines.len() as u64 + 1;
 
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut config = stream_config(plugins.path(), &stream, &group, "");
-    config.admin.listen = admin.clone();
-    let daemon = Daemon::start(config);
-    wait_all_acked(&url, &stream, &group, n, Duration::from_secs(30)).await;
+    let daemon = env.stream_config().admin().run();
+    env.wait_drained(n).await;
 
-    let source = format!("redis-stream:{stream}");
+    let source = format!("redis-stream:{}", env.stream());
     let src = source.as_str();
-    let metrics_url = format!("http://{admin}/metrics");
     // The lag gauges are sampled periodically: wait until a sample shows the drained group.
-    wait_for(
-        "the stream gauges to show a drained group",
-        Duration::from_secs(30),
-        || {
-            let metrics_url = metrics_url.clone();
-            async move {
-                let Some((200, body)) = http_get(&metrics_url).await else {
-                    return false;
-                };
-                metric(&body, "keepwarm_stream_pending", &[("source", src)]) == Some(0.0)
-                    && metric(&body, "keepwarm_stream_lag", &[("source", src)]) == Some(0.0)
-            }
-        },
-    )
-    .await;
-    // Everything is acknowledged: the counters no longer move.
-    let (_, text) = http_get(&metrics_url).await.unwrap();
+    // Everything is acknowledged by then: the counters no longer move.
+    let gauges = ["keepwarm_stream_pending", "keepwarm_stream_lag"];
+    let text = wait_gauges_zero(&daemon.admin_url("/metrics"), src, &gauges).await;
     let value = |name: &str, labels: &[(&str, &str)]| metric(&text, name, labels);
     assert_eq!(
         value("keepwarm_messages_received_total", &[("source", src)]),
@@ -82,10 +56,10 @@ async fn metrics_count_what_a_run_did() {
     assert!(value("keepwarm_redis_apply_seconds_count", &[]).unwrap() >= 1.0);
     assert!(text.contains("# TYPE keepwarm_plugin_call_seconds histogram"));
 
-    let (status, _) = http_get(&format!("http://{admin}/healthz")).await.unwrap();
+    let (status, _) = http_get(&daemon.admin_url("/healthz")).await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(value("keepwarm_source_up", &[("source", src)]), Some(1.0));
-    let (status, ready) = http_get(&format!("http://{admin}/readyz")).await.unwrap();
+    let (status, ready) = http_get(&daemon.admin_url("/readyz")).await.unwrap();
     assert_eq!(status, 200, "{ready}");
     let ready: serde_json::Value = serde_json::from_str(&ready).unwrap();
     assert_eq!(ready["sources"][src], true, "{ready}");
@@ -97,31 +71,11 @@ async fn metrics_count_what_a_run_did() {
 #[test]
 fn check_validates_config_and_plugins_without_connecting() {
     let dir = TempDir::new("kw-check");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest("check", ""),
-    );
-    let config_text = |plugins: &std::path::Path| {
-        format!(
-            r#"
-[redis]
-url = "redis://127.0.0.1:1/0"
-[plugins]
-dir = "{}"
-[[source]]
-kind = "redis-stream"
-stream = "s"
-group = "g"
-"#,
-            plugins.display()
-        )
-    };
-    let config = dir.path().join("good.toml");
-    std::fs::write(&config, config_text(plugins.path())).unwrap();
-    let config = config.display().to_string();
-    let (ok, out, err) = keepwarm_cli(&["check", "--config", &config], "");
+    let env = TestEnv::row_cache("check");
+    let config = ConfigBuilder::new("redis://127.0.0.1:1/0", env.plugins_dir())
+        .source("redis-stream", "stream = \"s\"\ngroup = \"g\"");
+    let good = config.write(&dir, "good.toml");
+    let (ok, out, err) = keepwarm_cli(&["check", "--config", &good], "");
     assert!(ok, "{out}{err}");
     assert!(
         out.contains("config: ok (1 sources: redis-stream:s)"),
@@ -130,20 +84,15 @@ group = "g"
     assert!(out.contains("plugin row-cache: ok"), "{out}");
 
     // A plugin built against another world fails to link: reported, exit code 1.
-    plugins.add("wrong-world", &test_plugin_wasm("wrong-world"), "");
-    let (ok, out, _) = keepwarm_cli(&["check", "--config", &config], "");
+    env.add_plugin("wrong-world", &test_plugin_wasm("wrong-world"), "");
+    let (ok, out, _) = keepwarm_cli(&["check", "--config", &good], "");
     assert!(!ok);
     assert!(out.contains("plugin row-cache: ok"), "{out}");
     assert!(out.contains("plugin wrong-world: FAILED"), "{out}");
 
     // An unknown key fails the parse.
-    let bad = dir.path().join("bad.toml");
-    std::fs::write(
-        &bad,
-        config_text(plugins.path()).replace("[redis]", "[redis]\nport = 1"),
-    )
-    .unwrap();
-    let (ok, _, err) = keepwarm_cli(&["check", "--config", &bad.display().to_string()], "");
+    let bad = config.redis("port = 1").write(&dir, "bad.toml");
+    let (ok, _, err) = keepwarm_cli(&["check", "--config", &bad], "");
     assert!(!ok);
     assert!(err.contains("invalid config"), "{err}");
 }
@@ -152,112 +101,53 @@ group = "g"
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_redis_password_comes_from_the_environment() {
     let server = RedisServer::start_with(&["--requirepass", "s3cret-pw"]).await;
+    let env = TestEnv::row_cache("pw").with_cache(&server.url());
     let dir = TempDir::new("kw-password");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest("pw", ""),
-    );
-    let config_with = |extra: &str| {
-        let path = dir.path().join(format!("c{}.toml", extra.len()));
-        std::fs::write(
-            &path,
-            format!(
-                "[redis]\nurl = \"{}\"\n{extra}\n[plugins]\ndir = \"{}\"\n",
-                server.url(),
-                plugins.path().display()
-            ),
-        )
-        .unwrap();
-        path.display().to_string()
+    let input = dir.write("in.jsonl", &format!("{}\n", fixtures()[0]));
+    let replay = |config: &str, vars: &[(&str, &str)]| {
+        keepwarm_cli_env(&["replay", "--config", config, &input], "", vars)
     };
-    let input = dir.path().join("in.jsonl");
-    std::fs::write(&input, format!("{}\n", fixtures()[0])).unwrap();
-    let input = input.display().to_string();
 
-    let named = config_with("password_env = \"KW_TEST_CACHE_PASSWORD\"");
-    let (ok, _, err) = keepwarm_cli_env(
-        &["replay", "--config", &named, &input],
-        "",
-        &[("KW_TEST_CACHE_PASSWORD", "s3cret-pw")],
-    );
+    let named = env
+        .config()
+        .redis("password_env = \"KW_TEST_CACHE_PASSWORD\"")
+        .write(&dir, "named.toml");
+    let (ok, _, err) = replay(&named, &[("KW_TEST_CACHE_PASSWORD", "s3cret-pw")]);
     assert!(ok, "{err}");
     // Unset: refused with the variable's name, and the password never appears in the output.
-    let (ok, _, err) = keepwarm_cli(&["replay", "--config", &named, &input], "");
+    let (ok, _, err) = replay(&named, &[]);
     assert!(!ok);
     assert!(err.contains("KW_TEST_CACHE_PASSWORD"), "{err}");
 
-    let plain = config_with("");
-    let (ok, _, err) = keepwarm_cli_env(
-        &["replay", "--config", &plain, &input],
-        "",
-        &[("KEEPWARM_REDIS_PASSWORD", "s3cret-pw")],
-    );
+    let plain = env.config().write(&dir, "plain.toml");
+    let (ok, _, err) = replay(&plain, &[("KEEPWARM_REDIS_PASSWORD", "s3cret-pw")]);
     assert!(ok, "{err}");
     assert!(!err.contains("s3cret-pw"));
-    let (ok, _, _) = keepwarm_cli(&["replay", "--config", &plain, &input], "");
+    let (ok, _, _) = replay(&plain, &[]);
     assert!(!ok, "no password: Redis refuses");
 
     let url = format!("redis://:s3cret-pw@127.0.0.1:{}/0", server.port);
-    let mut conn = connect(&url).await;
-    let cached: Option<String> = redis::cmd("GET")
-        .arg("pw:public.orders:1001")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(cached.is_some());
+    let keys = Keys::under(&url, &env.prefix).await;
+    assert!(keys.get("public.orders:1001").await.is_some());
 }
 
 /// The SQS source feeds `/metrics`: messages received per source and the sampled queue depth.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sqs_queue_depth_and_counts_reach_metrics() {
-    use crate::sqs::{client, fifo_queue, send_sequin, sqs_config, wait_queue_empty};
-    let url = redis_url();
-    let prefix = unique("sqs-metrics");
-    let sqs = client();
-    let queue = fifo_queue(&sqs, "metrics").await;
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
-    send_sequin(&sqs, &queue, &lines).await;
-    let admin = format!("127.0.0.1:{}", free_port());
-    let mut config = sqs_config(
-        plugins.path(),
-        &url,
-        &queue,
-        &format!("{prefix}:dead"),
-        "",
-        "",
-    );
-    config.admin.listen = admin.clone();
-    let source = config.sources[0].name();
-    let daemon = Daemon::start(config);
-    wait_queue_empty(&sqs, &queue, Duration::from_secs(60)).await;
-    let metrics_url = format!("http://{admin}/metrics");
+    let env = TestEnv::row_cache("sqs-metrics");
+    let queue = Queue::fifo("metrics").await;
+    let lines = fixture_lines();
+    queue.send_sequin(&lines).await;
+    let daemon = queue.config(&env, "").admin().run();
+    queue.wait_empty().await;
+    let source = queue.source_name();
     let src = source.as_str();
     // The depth is sampled every 5 s: wait for a sample of the drained queue.
-    wait_for(
-        "a sample of the empty queue",
-        Duration::from_secs(30),
-        || {
-            let metrics_url = metrics_url.clone();
-            async move {
-                let Some((200, body)) = http_get(&metrics_url).await else {
-                    return false;
-                };
-                metric(&body, "keepwarm_sqs_messages_visible", &[("source", src)]) == Some(0.0)
-                    && metric(&body, "keepwarm_sqs_messages_in_flight", &[("source", src)])
-                        == Some(0.0)
-            }
-        },
-    )
-    .await;
-    let (_, text) = http_get(&metrics_url).await.unwrap();
+    let gauges = [
+        "keepwarm_sqs_messages_visible",
+        "keepwarm_sqs_messages_in_flight",
+    ];
+    let text = wait_gauges_zero(&daemon.admin_url("/metrics"), src, &gauges).await;
     assert_eq!(
         metric(
             &text,

@@ -1,81 +1,49 @@
 //! Graceful shutdown of the real binary on real signals.
 
+use crate::hostile::hostile_manifest;
 use crate::util::*;
 use std::time::Duration;
 
 fn order(row: u64) -> String {
-    fixtures()[0]
-        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-        .replace(
-            r#""record_pks":["1001"]"#,
-            &format!(r#""record_pks":["{row}"]"#),
-        )
+    order_change(fixtures()[0], row, None)
 }
 
-fn write_config(dir: &TempDir, text: &str) -> String {
-    let path = dir.path().join("keepwarm.toml");
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+/// Starts the `keepwarm` binary on `env`'s stream with `args` before and after `run --config`.
+fn spawn(env: &TestEnv, dir: &TempDir, before: &[&str], after: &[&str]) -> KeepwarmProcess {
+    let config = env.stream_config().admin().write(dir, "keepwarm.toml");
+    let args: Vec<&str> = before
+        .iter()
+        .copied()
+        .chain(["run", "--config", &config])
+        .chain(after.iter().copied())
+        .collect();
+    KeepwarmProcess::spawn(&args)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_finishes_and_acknowledges_in_flight_work_then_exits_0() {
-    let url = redis_url();
-    let prefix = unique("sigterm");
-    let (stream, group) = (format!("{prefix}:stream"), "kw");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
+    let env = TestEnv::row_cache("sigterm");
     let n = 20_000;
     let lines: Vec<String> = (0..n).map(order).collect();
     for chunk in lines.chunks(2000) {
-        xadd_sequin(&mut conn, &stream, chunk).await;
+        env.xadd(chunk).await;
     }
     let dir = TempDir::new("kw-sigterm");
-    let admin = format!("127.0.0.1:{}", free_port());
-    let text = stream_config_text(plugins.path(), &stream, group, "")
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{admin}\""));
-    let config = write_config(&dir, &text);
-    let mut daemon = KeepwarmProcess::spawn(&[
-        "--log-format",
-        "json",
-        "run",
-        "--config",
-        &config,
-        "--shutdown-timeout",
-        "60",
-    ]);
+    let json = ["--log-format", "json"];
+    let mut daemon = spawn(&env, &dir, &json, &["--shutdown-timeout", "60"]);
     // Signal once the daemon is working through the stream.
-    wait_for(
-        "the daemon to read entries",
-        Duration::from_secs(60),
-        || {
-            let mut conn = conn.clone();
-            let stream = stream.clone();
-            async move { group_progress(&mut conn, &stream, group).await.0 > 0 }
-        },
-    )
-    .await;
+    env.wait("the daemon to read entries", |read, _| read > 0)
+        .await;
     daemon.signal("TERM");
     let status = daemon.wait_exit(Duration::from_secs(60));
     assert_eq!(status.code(), Some(0), "{}", daemon.log.join("\n"));
 
     // Everything read was applied and acknowledged; nothing is left pending.
-    let (read, pending) = group_progress(&mut conn, &stream, group).await;
+    let (read, pending) = env.progress().await;
     assert_eq!(pending, 0, "{}", daemon.log.join("\n"));
     assert!(read > 0);
-    let keys: Vec<String> = (0..n)
-        .map(|row| format!("{prefix}:public.orders:{row}"))
-        .collect();
-    let cached: u64 = redis::cmd("EXISTS")
-        .arg(&keys)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let keys = (0..n).map(|row| format!("public.orders:{row}"));
+    let cached = env.keys().await.exist(keys).await;
     assert_eq!(cached, read, "every entry read is in the cache");
 
     // --log-format json: every line is one JSON object.
@@ -89,28 +57,16 @@ async fn sigterm_finishes_and_acknowledges_in_flight_work_then_exits_0() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_signal_exits_at_once() {
-    let url = redis_url();
-    let prefix = unique("second-signal");
-    let (stream, group) = (format!("{prefix}:stream"), "kw");
-    let plugins = PluginDir::new();
+    let env = TestEnv::new("second-signal");
     // A plugin call that runs for two minutes holds the graceful shutdown back.
-    let manifest = format!(
-        "[limits]\ndeadline_ms = 120000\n[config]\nprefix = \"{prefix}:\"\nmode = \"loop\"\n"
-    );
-    plugins.add("hostile", &test_plugin_wasm("hostile"), &manifest);
-    let mut conn = connect(&url).await;
-    xadd_sequin(&mut conn, &stream, &[order(1)]).await;
+    let limits = "[limits]\ndeadline_ms = 120000";
+    let manifest = hostile_manifest(&env.prefix, "loop", limits, "");
+    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+    env.xadd(&[order(1)]).await;
     let dir = TempDir::new("kw-second-signal");
-    let admin = format!("127.0.0.1:{}", free_port());
-    let text = stream_config_text(plugins.path(), &stream, group, "")
-        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"{admin}\""));
-    let config = write_config(&dir, &text);
-    let mut daemon =
-        KeepwarmProcess::spawn(&["run", "--config", &config, "--shutdown-timeout", "120"]);
-    wait_for("the entry to be read", Duration::from_secs(60), || {
-        let mut conn = conn.clone();
-        let stream = stream.clone();
-        async move { group_progress(&mut conn, &stream, group).await == (1, 1) }
+    let mut daemon = spawn(&env, &dir, &[], &["--shutdown-timeout", "120"]);
+    env.wait("the entry to be read", |read, pending| {
+        (read, pending) == (1, 1)
     })
     .await;
     daemon.signal("TERM");
@@ -119,5 +75,5 @@ async fn a_second_signal_exits_at_once() {
     let status = daemon.wait_exit(Duration::from_secs(10));
     assert_eq!(status.code(), Some(130), "{}", daemon.log.join("\n"));
     // The unfinished entry stays pending for redelivery.
-    assert_eq!(group_progress(&mut conn, &stream, group).await, (1, 1));
+    assert_eq!(env.progress().await, (1, 1));
 }

@@ -1,245 +1,127 @@
 //! The Redis Stream source end to end: exact cache entries, acks, reclaim of pending entries.
 
 use crate::util::*;
-use std::time::Duration;
 
-/// The `record` of a fixture line, byte for byte.
-pub fn record_text(line: &str) -> String {
-    #[derive(serde::Deserialize)]
-    struct Message<'a> {
-        #[serde(borrow)]
-        record: &'a serde_json::value::RawValue,
+/// Checks what row-cache keeps of the fixtures: the keys every source test checks, and with
+/// `all` every key and the exact numbers and text inside.
+pub async fn assert_fixtures_cached(keys: &Keys, all: bool) {
+    let f = fixtures();
+    let invoice = "billing.invoices:7d9f2c1e-4b3a-4e8d-a1f0-9c2b6e5d4a31";
+    let views = "analytics.page_views:2025-03-13:9007199254740993";
+    // Each key, and the fixture line whose record it holds (none: no key).
+    let mut expected = vec![
+        // The update (line 3) came after the insert (line 1): the cache holds the updated row.
+        ("public.orders:1001", Some(2)),
+        // Deleted row: no key.
+        ("public.orders:998", None),
+        (invoice, Some(5)),
+        (views, Some(11)),
+    ];
+    if all {
+        expected.extend([
+            ("public.order_items:1001:1", Some(1)),
+            ("inventory.stock_levels:ams-1:SKU-00042", Some(4)),
+            ("public.user_profiles:501", Some(6)),
+            ("public.articles:3001", Some(7)),
+            // A backfill read fills a key nobody wrote.
+            ("public.orders:1002", Some(8)),
+            // An update with an unchanged-TOAST placeholder deletes rather than caching it.
+            ("public.documents:doc_8f2a", None),
+        ]);
     }
-    serde_json::from_str::<Message<'_>>(line)
-        .unwrap()
-        .record
-        .get()
-        .to_owned()
+    for (key, line) in expected {
+        let record = line.map(|n| record_text(f[n]));
+        assert_eq!(keys.get(key).await, record, "{key}");
+    }
+    if all {
+        let invoice = keys.get(invoice).await.unwrap();
+        assert!(
+            invoice.contains(r#""rounding_residual":"1E-7""#)
+                && invoice.contains(r#""amount_due":"1249.00""#)
+        );
+        let product = keys.get("public.products:77").await.unwrap();
+        assert!(product.contains("Café Crème ☕ 東京ブレンド") && product.contains("🍫"));
+        let views = keys.get(views).await.unwrap();
+        assert!(views.contains(r#""view_id":9007199254740993"#));
+    }
 }
 
-pub async fn get(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<String> {
-    redis::cmd("GET").arg(key).query_async(conn).await.unwrap()
+/// Every fixture line, owned.
+pub fn fixture_lines() -> Vec<String> {
+    fixtures().iter().map(|l| l.to_string()).collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sequin_stream_entries_become_exact_cache_entries() {
-    let url = redis_url();
-    let prefix = unique("exact");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
-    let lines: Vec<String> = fixtures().iter().map(|l| l.to_string()).collect();
-    xadd_sequin(&mut conn, &stream, &lines).await;
-
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(
-        &url,
-        &stream,
-        &group,
-        lines.len() as u64,
-        Duration::from_secs(30),
-    )
-    .await;
+    let env = TestEnv::row_cache("exact");
+    let lines = fixture_lines();
+    env.xadd(&lines).await;
+    let daemon = env.run();
+    env.wait_drained(lines.len() as u64).await;
     daemon.stop().await;
-
-    let f = fixtures();
-    let key = |rest: &str| format!("{prefix}:{rest}");
-    // The update (line 3) came after the insert (line 1): the cache holds the updated row.
-    assert_eq!(
-        get(&mut conn, &key("public.orders:1001")).await,
-        Some(record_text(f[2]))
-    );
-    assert_eq!(
-        get(&mut conn, &key("public.order_items:1001:1")).await,
-        Some(record_text(f[1]))
-    );
-    // Deleted row: no key.
-    assert_eq!(get(&mut conn, &key("public.orders:998")).await, None);
-    assert_eq!(
-        get(&mut conn, &key("inventory.stock_levels:ams-1:SKU-00042")).await,
-        Some(record_text(f[4]))
-    );
-    let invoice = get(
-        &mut conn,
-        &key("billing.invoices:7d9f2c1e-4b3a-4e8d-a1f0-9c2b6e5d4a31"),
-    )
-    .await
-    .unwrap();
-    assert_eq!(invoice, record_text(f[5]));
-    assert!(
-        invoice.contains(r#""rounding_residual":"1E-7""#)
-            && invoice.contains(r#""amount_due":"1249.00""#)
-    );
-    assert_eq!(
-        get(&mut conn, &key("public.user_profiles:501")).await,
-        Some(record_text(f[6]))
-    );
-    assert_eq!(
-        get(&mut conn, &key("public.articles:3001")).await,
-        Some(record_text(f[7]))
-    );
-    // A backfill read fills a key nobody wrote.
-    assert_eq!(
-        get(&mut conn, &key("public.orders:1002")).await,
-        Some(record_text(f[8]))
-    );
-    let product = get(&mut conn, &key("public.products:77")).await.unwrap();
-    assert!(product.contains("Café Crème ☕ 東京ブレンド") && product.contains("🍫"));
-    // An update with an unchanged-TOAST placeholder deletes rather than caching it.
-    assert_eq!(
-        get(&mut conn, &key("public.documents:doc_8f2a")).await,
-        None
-    );
-    let views = get(
-        &mut conn,
-        &key("analytics.page_views:2025-03-13:9007199254740993"),
-    )
-    .await
-    .unwrap();
-    assert!(views.contains(r#""view_id":9007199254740993"#));
-    assert_eq!(views, record_text(f[11]));
+    assert_fixtures_cached(&env.keys().await, true).await;
     // Nothing was dead-lettered.
-    let dead: u64 = redis::cmd("XLEN")
-        .arg(format!("{stream}:dead"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(dead, 0);
+    assert_eq!(env.dead_letters().await.len(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ttl_from_the_manifest_is_set_on_every_write() {
-    let url = redis_url();
-    let prefix = unique("ttl");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    let manifest = format!("[config]\nkey = \"{prefix}:{{table}}:{{pks}}\"\nttl_seconds = 300\n");
-    plugins.add("row-cache", &plugin_wasm("row-cache"), &manifest);
-    let mut conn = connect(&url).await;
-    xadd_sequin(&mut conn, &stream, &[fixtures()[0].to_string()]).await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(&url, &stream, &group, 1, Duration::from_secs(30)).await;
+    let env = TestEnv::new("ttl");
+    let manifest = format!(
+        "[config]\nkey = \"{}:{{table}}:{{pks}}\"\nttl_seconds = 300\n",
+        env.prefix
+    );
+    env.add_plugin("row-cache", &plugin_wasm("row-cache"), &manifest);
+    env.xadd(&[fixtures()[0].to_string()]).await;
+    let daemon = env.run();
+    env.wait_drained(1).await;
     daemon.stop().await;
-    let ttl: i64 = redis::cmd("PTTL")
-        .arg(format!("{prefix}:orders:1001"))
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let ttl = env.keys().await.pttl("orders:1001").await;
     assert!((290_000..=300_000).contains(&ttl), "ttl {ttl}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entries_left_pending_by_a_dead_consumer_are_reclaimed() {
-    let url = redis_url();
-    let prefix = unique("reclaim");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
-    let () = redis::cmd("XGROUP")
-        .arg("CREATE")
-        .arg(&stream)
-        .arg(&group)
-        .arg("0")
-        .arg("MKSTREAM")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    xadd_sequin(
-        &mut conn,
-        &stream,
+    let env = TestEnv::row_cache("reclaim");
+    // A consumer takes both entries and dies without acknowledging them.
+    env.xadd_read_by(
+        "dead-worker",
         &[fixtures()[0].to_string(), fixtures()[1].to_string()],
     )
     .await;
-    // A consumer takes both entries and dies without acknowledging them.
-    let _: redis::Value = redis::cmd("XREADGROUP")
-        .arg("GROUP")
-        .arg(&group)
-        .arg("dead-worker")
-        .arg("COUNT")
-        .arg(10)
-        .arg("STREAMS")
-        .arg(&stream)
-        .arg(">")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert_eq!(group_progress(&mut conn, &stream, &group).await, (2, 2));
+    assert_eq!(env.progress().await, (2, 2));
 
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
-    wait_all_acked(&url, &stream, &group, 2, Duration::from_secs(30)).await;
+    let daemon = env.run();
+    env.wait_drained(2).await;
     daemon.stop().await;
+    let keys = env.keys().await;
     assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:1001")).await,
+        keys.get("public.orders:1001").await,
         Some(record_text(fixtures()[0]))
     );
-    assert!(
-        get(&mut conn, &format!("{prefix}:public.order_items:1001:1"))
-            .await
-            .is_some()
-    );
+    assert!(keys.get("public.order_items:1001:1").await.is_some());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_steady_stream_is_applied_completely_and_in_row_order() {
-    let url = redis_url();
-    let prefix = unique("steady");
-    let (stream, group) = (format!("{prefix}:stream"), "kw".to_owned());
-    let plugins = PluginDir::new();
-    plugins.add(
-        "row-cache",
-        &plugin_wasm("row-cache"),
-        &row_cache_manifest(&prefix, ""),
-    );
-    let mut conn = connect(&url).await;
-    let daemon = Daemon::start(stream_config(plugins.path(), &stream, &group, ""));
+    let env = TestEnv::row_cache("steady");
+    let daemon = env.run();
     // 200 rows, 10 successive updates each, interleaved across rows; the last update must win.
-    let template = fixtures()[2];
-    let mut lines = Vec::new();
-    for version in 0..10u64 {
-        for row in 0..200u64 {
-            let line = template
-                .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-                .replace(
-                    r#""record_pks":["1001"]"#,
-                    &format!(r#""record_pks":["{row}"]"#),
-                )
-                .replace(
-                    r#""status":"shipped""#,
-                    &format!(r#""status":"v{version}""#),
-                )
-                .replace(
-                    r#""commit_lsn":1243362320"#,
-                    &format!(r#""commit_lsn":{}"#, 1_000_000 + version * 1000 + row),
-                );
-            lines.push(line);
-        }
-    }
+    let lines: Vec<String> = (0..10u64)
+        .flat_map(|version| (0..200u64).map(move |row| order_line(row, version)))
+        .collect();
     for chunk in lines.chunks(250) {
-        xadd_sequin(&mut conn, &stream, chunk).await;
+        env.xadd(chunk).await;
     }
-    wait_all_acked(
-        &url,
-        &stream,
-        &group,
-        lines.len() as u64,
-        Duration::from_secs(60),
-    )
-    .await;
+    env.wait_drained(lines.len() as u64).await;
     daemon.stop().await;
-    for row in 0..200u64 {
-        let value = get(&mut conn, &format!("{prefix}:public.orders:{row}"))
-            .await
-            .unwrap();
+    let values = env
+        .keys()
+        .await
+        .get_all((0..200u64).map(|row| format!("public.orders:{row}")))
+        .await;
+    for (row, value) in values.into_iter().enumerate() {
+        let value = value.unwrap();
         assert!(value.contains(r#""status":"v9""#), "row {row}: {value}");
     }
 }

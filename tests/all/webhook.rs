@@ -1,10 +1,9 @@
 //! The HTTP push source over a real socket with a real client: both of Sequin's body shapes,
 //! the bearer token, the body limit, malformed messages, a slow and a lost Redis, and retries.
 
-use crate::dead_letters::{entries, field};
-use crate::stream_source::{get, record_text};
+use crate::sqs::find_letters;
+use crate::stream_source::{assert_fixtures_cached, fixture_lines};
 use crate::util::*;
-use keepwarm::config::Config;
 use reqwest::StatusCode;
 use std::time::{Duration, Instant};
 
@@ -17,49 +16,20 @@ pub struct Endpoint {
 }
 
 impl Endpoint {
-    /// Starts the daemon and waits until the port accepts connections.
-    pub async fn start(
-        plugins: &std::path::Path,
-        cache_url: &str,
-        dead: &str,
-        source_extra: &str,
-        extra: &str,
-    ) -> Endpoint {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+    /// Starts the daemon of `env` with `source` lines on the HTTP source and `pipeline` lines,
+    /// and waits until the port accepts connections.
+    pub async fn start(env: &TestEnv, source: &str, pipeline: &str) -> Endpoint {
+        let port = free_port();
         let token = unique("t0ken");
-        let config = Config::parse(&format!(
-            r#"
-[redis]
-url = "{cache_url}"
-[plugins]
-dir = "{dir}"
-[dead_letter]
-stream = "{dead}"
-{extra}
-[[source]]
-kind = "http"
-listen = "127.0.0.1:{port}"
-path = "/sequin"
-token = "{token}"
-{source_extra}
-"#,
-            dir = plugins.display(),
-        ))
-        .unwrap();
-        let daemon = Daemon::start(config);
-        wait_for(
-            "the http source to listen",
-            Duration::from_secs(30),
-            || async {
-                tokio::net::TcpStream::connect(("127.0.0.1", port))
-                    .await
-                    .is_ok()
-            },
-        )
+        let lines = format!(
+            "listen = \"127.0.0.1:{port}\"\npath = \"/sequin\"\ntoken = \"{token}\"\n{source}"
+        );
+        let daemon = env.config().pipeline(pipeline).source("http", &lines).run();
+        wait_for("the http source to listen", PATIENCE, || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+        })
         .await;
         Endpoint {
             daemon,
@@ -82,6 +52,13 @@ token = "{token}"
             .unwrap();
         (response.status(), response.text().await.unwrap())
     }
+
+    /// POSTs `body` and checks that the reply is 200; returns the reply's JSON.
+    pub async fn post_ok(&self, body: String) -> serde_json::Value {
+        let (status, reply) = self.post(body).await;
+        assert_eq!(status, StatusCode::OK, "{reply}");
+        serde_json::from_str(&reply).unwrap_or(serde_json::Value::Null)
+    }
 }
 
 /// `{"data": [lines…]}`, Sequin's batched body.
@@ -89,73 +66,43 @@ pub fn batch(lines: &[String]) -> String {
     format!(r#"{{"data":[{}]}}"#, lines.join(","))
 }
 
-/// An order message for `row` at `version`.
-fn order_line(row: u64, version: u64) -> String {
-    fixtures()[2]
-        .replace(r#""id":1001"#, &format!(r#""id":{row}"#))
-        .replace(
-            r#""record_pks":["1001"]"#,
-            &format!(r#""record_pks":["{row}"]"#),
-        )
-        .replace(
-            r#""status":"shipped""#,
-            &format!(r#""status":"v{version}""#),
-        )
-        .replace(
-            r#""commit_lsn":1243362320"#,
-            &format!(r#""commit_lsn":{}"#, 1_000_000 + version * 1000 + row),
-        )
+/// Rows `rows` of the cache hold `order_line(row, 0)`.
+async fn assert_orders_cached(keys: &Keys, rows: impl IntoIterator<Item = u64>) {
+    for row in rows {
+        assert_eq!(
+            keys.get(&format!("public.orders:{row}")).await,
+            Some(record_text(&order_line(row, 0))),
+            "row {row}"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn both_body_shapes_are_applied_before_the_reply() {
-    let url = redis_url();
-    let prefix = unique("http-shapes");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
-    let mut conn = connect(&url).await;
+    let env = TestEnv::row_cache("http-shapes");
+    let endpoint = Endpoint::start(&env, "", "").await;
+    let keys = env.keys().await;
     let f = fixtures();
 
     // A bare message (the sink's batch = false): applied by the time the reply arrives.
-    let (status, reply) = endpoint.post(f[0].to_owned()).await;
-    assert_eq!(status, StatusCode::OK, "{reply}");
+    endpoint.post_ok(f[0].to_owned()).await;
     assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:1001")).await,
+        keys.get("public.orders:1001").await,
         Some(record_text(f[0]))
     );
     // A batch of every fixture (batch = true, the default).
-    let lines: Vec<String> = f.iter().map(|l| l.to_string()).collect();
-    let (status, reply) = endpoint.post(batch(&lines)).await;
-    assert_eq!(status, StatusCode::OK, "{reply}");
-    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let reply = endpoint.post_ok(batch(&fixture_lines())).await;
     assert_eq!(reply["received"], 12);
     assert_eq!(reply["undecodable"], 0);
-    let key = |rest: &str| format!("{prefix}:{rest}");
-    assert_eq!(
-        get(&mut conn, &key("public.orders:1001")).await,
-        Some(record_text(f[2]))
-    );
-    assert_eq!(get(&mut conn, &key("public.orders:998")).await, None);
-    assert_eq!(
-        get(
-            &mut conn,
-            &key("analytics.page_views:2025-03-13:9007199254740993")
-        )
-        .await,
-        Some(record_text(f[11]))
-    );
+    assert_fixtures_cached(&keys, false).await;
     endpoint.daemon.stop().await;
-    assert!(entries(&mut conn, &dead).await.is_empty());
+    assert!(env.dead_letters().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_without_the_right_token_get_401_and_change_nothing() {
-    let url = redis_url();
-    let prefix = unique("http-auth");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
+    let env = TestEnv::row_cache("http-auth");
+    let endpoint = Endpoint::start(&env, "", "").await;
     let body = fixtures()[0].to_owned();
     let attempts = [
         None,
@@ -178,67 +125,38 @@ async fn requests_without_the_right_token_get_401_and_change_nothing() {
         assert_eq!(response.headers()["www-authenticate"], "Bearer");
     }
     // Only POST on the configured path.
-    let response = endpoint
-        .http
-        .get(&endpoint.url)
-        .bearer_auth(&endpoint.token)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::METHOD_NOT_ALLOWED);
-    let response = endpoint
-        .http
-        .post(endpoint.url.replace("/sequin", "/other"))
-        .bearer_auth(&endpoint.token)
-        .body(body.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::NOT_FOUND);
+    let (http, token) = (&endpoint.http, &endpoint.token);
+    let response = http.get(&endpoint.url).bearer_auth(token).send().await;
+    assert_eq!(response.unwrap().status(), StatusCode::METHOD_NOT_ALLOWED);
+    let other = endpoint.url.replace("/sequin", "/other");
+    let response = http.post(other).bearer_auth(token).body(body).send().await;
+    assert_eq!(response.unwrap().status(), StatusCode::NOT_FOUND);
     endpoint.daemon.stop().await;
-    let mut conn = connect(&url).await;
-    assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:1001")).await,
-        None
-    );
-    assert!(entries(&mut conn, &dead).await.is_empty());
+    assert_eq!(env.keys().await.get("public.orders:1001").await, None);
+    assert!(env.dead_letters().await.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_over_the_limit_gets_413_and_changes_nothing() {
-    let url = redis_url();
-    let prefix = unique("http-limit");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &url, &dead, "max_body_bytes = 4096", "").await;
+    let env = TestEnv::row_cache("http-limit");
+    let endpoint = Endpoint::start(&env, "max_body_bytes = 4096", "").await;
     let lines: Vec<String> = (0..20).map(|row| order_line(row, 0)).collect();
     let body = batch(&lines);
     assert!(body.len() > 4096);
     let (status, _) = endpoint.post(body).await;
     assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
     // Within the limit it goes through.
-    let (status, reply) = endpoint.post(batch(&lines[..2])).await;
-    assert_eq!(status, StatusCode::OK, "{reply}");
+    endpoint.post_ok(batch(&lines[..2])).await;
     endpoint.daemon.stop().await;
-    let mut conn = connect(&url).await;
-    assert!(
-        get(&mut conn, &format!("{prefix}:public.orders:1"))
-            .await
-            .is_some()
-    );
-    assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:5")).await,
-        None
-    );
+    let keys = env.keys().await;
+    assert!(keys.get("public.orders:1").await.is_some());
+    assert_eq!(keys.get("public.orders:5").await, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_malformed_message_is_dead_lettered_without_failing_its_batch() {
-    let url = redis_url();
-    let prefix = unique("http-malformed");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
+    let env = TestEnv::row_cache("http-malformed");
+    let endpoint = Endpoint::start(&env, "", "").await;
     let bad = [
         r#""a bare string from a Sequin transform""#.to_owned(),
         r#"{"id":7,"name":"not a change message"}"#.to_owned(),
@@ -249,9 +167,7 @@ async fn a_malformed_message_is_dead_lettered_without_failing_its_batch() {
         order_line(2, 0),
         bad[1].clone(),
     ]);
-    let (status, reply) = endpoint.post(body).await;
-    assert_eq!(status, StatusCode::OK, "{reply}");
-    let reply: serde_json::Value = serde_json::from_str(&reply).unwrap();
+    let reply = endpoint.post_ok(body).await;
     assert_eq!(
         (reply["received"].clone(), reply["undecodable"].clone()),
         (4.into(), 2.into())
@@ -261,51 +177,37 @@ async fn a_malformed_message_is_dead_lettered_without_failing_its_batch() {
     assert_eq!(status, StatusCode::OK);
     endpoint.daemon.stop().await;
 
-    let mut conn = connect(&url).await;
-    for row in [1, 2] {
-        assert_eq!(
-            get(&mut conn, &format!("{prefix}:public.orders:{row}")).await,
-            Some(record_text(&order_line(row, 0)))
-        );
-    }
-    let letters = entries(&mut conn, &dead).await;
+    assert_orders_cached(&env.keys().await, [1, 2]).await;
+    let letters = env.dead_letters().await;
     assert_eq!(letters.len(), 3);
-    for (payload, reason) in [
+    let expected = [
         (bad[0].as_str(), "a JSON string, not a change message"),
         (bad[1].as_str(), "missing field `action`"),
         ("{not json", "invalid JSON"),
-    ] {
-        let letter = letters
-            .iter()
-            .find(|l| field(l, "payload") == payload)
-            .unwrap_or_else(|| panic!("no dead letter for {payload}"));
-        assert!(field(letter, "reason").contains(reason), "{letter:?}");
-        assert!(field(letter, "source").starts_with("http:"));
+    ];
+    for letter in find_letters(&letters, expected) {
+        assert!(letter.field("source").starts_with("http:"));
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_batch_twice_is_harmless_even_after_a_newer_one() {
-    let url = redis_url();
-    let prefix = unique("http-retry");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
+    let env = TestEnv::row_cache("http-retry");
+    let endpoint = Endpoint::start(&env, "", "").await;
     let first = batch(&[order_line(1, 1), order_line(2, 1)]);
     let second = batch(&[order_line(1, 2)]);
     // Sequin's transient retry: the same batch again at once, and again after a newer change.
     for body in [&first, &first, &second, &first] {
-        let (status, reply) = endpoint.post(body.clone()).await;
-        assert_eq!(status, StatusCode::OK, "{reply}");
+        endpoint.post_ok(body.clone()).await;
     }
     endpoint.daemon.stop().await;
-    let mut conn = connect(&url).await;
+    let keys = env.keys().await;
     assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:1")).await,
+        keys.get("public.orders:1").await,
         Some(record_text(&order_line(1, 2)))
     );
     assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:2")).await,
+        keys.get("public.orders:2").await,
         Some(record_text(&order_line(2, 1)))
     );
 }
@@ -313,48 +215,29 @@ async fn the_same_batch_twice_is_harmless_even_after_a_newer_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_redis_holds_the_reply_until_the_write_is_done() {
     let cache = RedisServer::start().await;
-    let prefix = unique("http-slow");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &cache.url(), &dead, "", "").await;
-    let mut conn = connect(&cache.url()).await;
+    let env = TestEnv::row_cache("http-slow").with_cache(&cache.url());
+    let endpoint = Endpoint::start(&env, "", "").await;
+    let keys = env.keys().await;
     // Writes wait 1.5 s.
-    let () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(1500)
-        .arg("WRITE")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let () = keys
+        .query(redis::cmd("CLIENT").arg("PAUSE").arg(1500).arg("WRITE"))
+        .await;
     let start = Instant::now();
-    let (status, reply) = endpoint.post(batch(&[order_line(1, 0)])).await;
+    endpoint.post_ok(batch(&[order_line(1, 0)])).await;
     let waited = start.elapsed();
-    assert_eq!(status, StatusCode::OK, "{reply}");
     assert!(
         waited >= Duration::from_millis(1000),
         "replied after {waited:?}"
     );
-    assert_eq!(
-        get(&mut conn, &format!("{prefix}:public.orders:1")).await,
-        Some(record_text(&order_line(1, 0)))
-    );
+    assert_orders_cached(&keys, [1]).await;
     endpoint.daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_gets_503_and_the_retry_succeeds_with_nothing_lost() {
     let mut cache = RedisServer::start().await;
-    let prefix = unique("http-down");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(
-        plugins.path(),
-        &cache.url(),
-        &dead,
-        "ack_timeout_ms = 1500",
-        "[pipeline]\nmax_backoff_ms = 200",
-    )
-    .await;
+    let env = TestEnv::row_cache("http-down").with_cache(&cache.url());
+    let endpoint = Endpoint::start(&env, "ack_timeout_ms = 1500", "max_backoff_ms = 200").await;
     let lines: Vec<String> = (0..10).map(|row| order_line(row, 0)).collect();
     let body = batch(&lines);
     cache.stop();
@@ -362,39 +245,29 @@ async fn redis_down_gets_503_and_the_retry_succeeds_with_nothing_lost() {
     assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{reply}");
     cache.restart().await;
     // Sequin retries the batch.
-    let (status, reply) = endpoint.post(body).await;
-    assert_eq!(status, StatusCode::OK, "{reply}");
-    let mut conn = connect(&cache.url()).await;
-    for (row, line) in lines.iter().enumerate() {
-        assert_eq!(
-            get(&mut conn, &format!("{prefix}:public.orders:{row}")).await,
-            Some(record_text(line))
-        );
-    }
+    endpoint.post_ok(body).await;
+    assert_orders_cached(&env.keys().await, 0..10).await;
     endpoint.daemon.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn throughput_of_batched_webhooks() {
-    let url = redis_url();
-    let prefix = unique("http-rate");
-    let plugins = row_cache_dir(&prefix, "");
-    let dead = format!("{prefix}:dead");
-    let endpoint = Endpoint::start(plugins.path(), &url, &dead, "", "").await;
+    let env = TestEnv::row_cache("http-rate");
+    let endpoint = Endpoint::start(&env, "", "").await;
     let (total, per_batch) = (2000u64, 100usize);
+    let report = |how: &str, elapsed: Duration| {
+        println!(
+            "http source: {total} messages in batches of {per_batch}, {how}, applied in {:.2} s ({:.0} messages/s)",
+            elapsed.as_secs_f64(),
+            total as f64 / elapsed.as_secs_f64()
+        );
+    };
     let lines: Vec<String> = (0..total).map(|row| order_line(row, 0)).collect();
-    let bodies: Vec<String> = lines.chunks(per_batch).map(batch).collect();
     let start = Instant::now();
-    for body in bodies {
-        let (status, reply) = endpoint.post(body).await;
-        assert_eq!(status, StatusCode::OK, "{reply}");
+    for body in lines.chunks(per_batch).map(batch) {
+        endpoint.post_ok(body).await;
     }
-    let elapsed = start.elapsed();
-    println!(
-        "http source: {total} messages in batches of {per_batch}, one request at a time, applied in {:.2} s ({:.0} messages/s)",
-        elapsed.as_secs_f64(),
-        total as f64 / elapsed.as_secs_f64()
-    );
+    report("one request at a time", start.elapsed());
     // The same volume again on new rows, from four clients at once.
     let lines: Vec<String> = (total..2 * total).map(|row| order_line(row, 0)).collect();
     let start = Instant::now();
@@ -416,18 +289,7 @@ async fn throughput_of_batched_webhooks() {
     while let Some(done) = clients.join_next().await {
         done.unwrap();
     }
-    let elapsed = start.elapsed();
-    println!(
-        "http source: {total} messages in batches of {per_batch}, four clients at once, applied in {:.2} s ({:.0} messages/s)",
-        elapsed.as_secs_f64(),
-        total as f64 / elapsed.as_secs_f64()
-    );
+    report("four clients at once", start.elapsed());
     endpoint.daemon.stop().await;
-    let mut conn = connect(&url).await;
-    for row in [0, total / 2, total - 1, 2 * total - 1] {
-        assert_eq!(
-            get(&mut conn, &format!("{prefix}:public.orders:{row}")).await,
-            Some(record_text(&order_line(row, 0)))
-        );
-    }
+    assert_orders_cached(&env.keys().await, [0, total / 2, total - 1, 2 * total - 1]).await;
 }

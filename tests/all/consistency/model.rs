@@ -248,16 +248,20 @@ pub fn generate(seed: u64, size: Size) -> Workload {
             return e;
         }
     };
-    for id in 1..=size.initial_rows {
-        let e = free_email(&mut rng, &used);
-        used.insert(e.clone());
-        let user = User {
+    // A user with an email no other row has, and a random team and name.
+    let new_user = |rng: &mut Rng, used: &mut BTreeSet<String>, id: u64, rev: u64| {
+        let email = free_email(rng, &*used);
+        used.insert(email.clone());
+        User {
             id,
-            email: e,
+            email,
             team: format!("t{}", rng.below(size.teams)),
             name: rng.pick(&NAMES).to_string(),
-            rev: 1,
-        };
+            rev,
+        }
+    };
+    for id in 1..=size.initial_rows {
+        let user = new_user(&mut rng, &mut used, id, 1);
         rows.insert(id, user);
     }
     let mut next_id = size.initial_rows + 1;
@@ -318,15 +322,7 @@ pub fn generate(seed: u64, size: Size) -> Workload {
                         next_id += 1;
                         next_id - 1
                     };
-                    let e = free_email(&mut rng, &used);
-                    used.insert(e.clone());
-                    let user = User {
-                        id,
-                        email: e,
-                        team: format!("t{}", rng.below(size.teams)),
-                        name: rng.pick(&NAMES).to_string(),
-                        rev,
-                    };
+                    let user = new_user(&mut rng, &mut used, id, rev);
                     rows.insert(id, user.clone());
                     last_row = Some(id);
                     work.messages

@@ -3,126 +3,13 @@
 
 use super::model::{self, Cache, Divergence, Entry, Workload};
 use super::plan::{self, Plan, Step};
+use super::process::{Process, free_address, stale_skipped};
 use super::{GROUP, IN_PROCESS, PLAIN, PROCESS, SIZE, Setup, VERSIONED};
 use crate::util::*;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use redis::AsyncCommands as _;
+use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
-
-/// The `keepwarm` binary as the second consumer; killed if dropped running (a failed test).
-struct Process {
-    child: Option<Child>,
-    log: PathBuf,
-}
-
-impl Process {
-    pub fn start(config: &Path, log_path: &Path) -> Process {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(log_path)
-            .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_keepwarm"))
-            .args(["run", "--shutdown-timeout", "10", "--config"])
-            .arg(config)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        Process {
-            child: Some(child),
-            log: log_path.to_owned(),
-        }
-    }
-
-    /// The address of its admin endpoint (it listens on port 0), once it has logged it.
-    pub fn admin_address(&self) -> Option<String> {
-        let log = std::fs::read_to_string(&self.log).ok()?;
-        let line = log
-            .lines()
-            .find(|line| line.contains("admin endpoint listening"))?;
-        let at = line.find("addr=")? + "addr=".len();
-        Some(line[at..].split_whitespace().next()?.to_owned())
-    }
-
-    /// Panics with the end of its log if the process has exited.
-    pub fn assert_running(&mut self) {
-        let child = self.child.as_mut().unwrap();
-        if let Some(status) = child.try_wait().unwrap() {
-            let log = std::fs::read_to_string(&self.log).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            panic!(
-                "keepwarm exited with {status}; its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-    }
-
-    /// SIGKILL (what `Child::kill` sends), as a crash or an OOM kill would.
-    pub fn kill9(mut self) {
-        let mut child = self.child.take().unwrap();
-        child.kill().unwrap();
-        child.wait().unwrap();
-    }
-
-    /// SIGTERM, and the graceful shutdown must succeed.
-    pub fn stop(mut self) {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-        let status = child.wait().unwrap();
-        assert!(status.success(), "keepwarm exited with {status}");
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-/// An address for an admin endpoint.
-pub fn free_address() -> String {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    listener.local_addr().unwrap().to_string()
-}
-
-/// The stale writes a daemon skipped so far, from its `/metrics` (waiting for a daemon that is
-/// still starting).
-pub async fn stale_skipped(admin: &str) -> u64 {
-    let url = format!("http://{admin}/metrics");
-    let fetch = |url: String| async move {
-        tokio::task::spawn_blocking(move || {
-            ureq::get(&url)
-                .call()
-                .ok()?
-                .body_mut()
-                .read_to_string()
-                .ok()
-        })
-        .await
-        .unwrap()
-    };
-    let what = format!("{url} to answer");
-    wait_for(&what, Duration::from_secs(60), || {
-        let url = url.clone();
-        async move { fetch(url).await.is_some() }
-    })
-    .await;
-    let text = fetch(url).await.unwrap();
-    // One sample per source and plugin: their sum.
-    text.lines()
-        .filter(|line| line.starts_with("keepwarm_writes_stale_skipped_total"))
-        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64
-}
 
 /// A stream entry id, comparable.
 pub fn entry_id(text: &str) -> (u64, u64) {
@@ -135,50 +22,21 @@ pub async fn group_state(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
 ) -> Option<((u64, u64), u64)> {
-    let groups: Vec<Vec<redis::Value>> = redis::cmd("XINFO")
-        .arg("GROUPS")
-        .arg(stream)
-        .query_async(conn)
-        .await
-        .ok()?;
-    for fields in groups {
-        let text = |v: &redis::Value| match v {
-            redis::Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
-            redis::Value::SimpleString(s) => s.clone(),
-            redis::Value::Int(n) => n.to_string(),
-            _ => String::new(),
-        };
-        let map: std::collections::HashMap<String, String> = fields
-            .chunks(2)
-            .map(|kv| (text(&kv[0]), text(&kv[1])))
-            .collect();
-        if map.get("name").map(String::as_str) == Some(GROUP) {
-            return Some((
-                entry_id(&map["last-delivered-id"]),
-                map["pending"].parse().ok()?,
-            ));
-        }
-    }
-    None
+    let reply: StreamInfoGroupsReply = conn.xinfo_groups(stream).await.ok()?;
+    let group = reply.groups.into_iter().find(|g| g.name == GROUP)?;
+    Some((entry_id(&group.last_delivered_id), group.pending as u64))
 }
 
-/// Entries pending on `consumer`.
+/// Entries pending on `consumer` (0 while Redis does not answer).
 pub async fn pending_on(
     conn: &mut redis::aio::MultiplexedConnection,
     stream: &str,
     consumer: &str,
 ) -> usize {
-    let entries: Vec<redis::Value> = redis::cmd("XPENDING")
-        .arg(stream)
-        .arg(GROUP)
-        .arg("-")
-        .arg("+")
-        .arg(1000)
-        .arg(consumer)
-        .query_async(conn)
-        .await
-        .unwrap_or_default();
-    entries.len()
+    let reply: redis::RedisResult<StreamPendingCountReply> = conn
+        .xpending_consumer_count(stream, GROUP, "-", "+", 1000, consumer)
+        .await;
+    reply.map_or(0, |r| r.ids.len())
 }
 
 /// Waits until the group has read up to `last`, and with `settle` until nothing is pending.
@@ -336,16 +194,11 @@ impl Run<'_> {
     async fn step(&mut self, step: &Step, work: &Workload) {
         match step {
             Step::Deliver { messages, settle } => {
-                let mut pipe = redis::pipe();
-                for &n in messages {
-                    let mut cmd = redis::cmd("XADD");
-                    cmd.arg(&self.stream).arg("*");
-                    for (k, v) in stream_fields(&work.messages[n].line) {
-                        cmd.arg(k).arg(v);
-                    }
-                    pipe.add_command(cmd);
-                }
-                let ids: Vec<String> = pipe.query_async(&mut self.conn).await.unwrap();
+                let lines: Vec<String> = messages
+                    .iter()
+                    .map(|&n| work.messages[n].line.clone())
+                    .collect();
+                let ids = xadd_sequin(&mut self.conn, &self.stream, &lines).await;
                 self.last = entry_id(ids.last().unwrap());
                 match self.down_for.as_mut() {
                     Some(0) => {

@@ -2,7 +2,7 @@
 //! against a private Redis.
 
 use super::model::{self, Workload};
-use super::run::{group_state, read_cache};
+use super::run::read_cache;
 use super::{GROUP, IN_PROCESS, Setup};
 use crate::util::*;
 use std::time::{Duration, Instant};
@@ -31,60 +31,29 @@ async fn redis_cpu_seconds(conn: &mut redis::aio::MultiplexedConnection) -> f64 
 
 /// The daemon alone on a fresh stream of `url`, one plugin in `mode`, no faults.
 pub async fn measure(url: &str, work: &Workload, mode: &str, setup: &Setup) -> Measured {
-    let base = unique("kwt");
-    let prefix = format!("{base}:cache:");
-    let stream = format!("{base}:stream");
-    let plugins = PluginDir::new();
-    plugins.add(
-        "model",
-        &test_plugin_wasm("model-cache"),
-        &format!("consistency = \"{mode}\"\n[config]\nprefix = \"{prefix}\"\n"),
-    );
-    let config = keepwarm::config::Config::parse(&format!(
-        r#"
-[redis]
-url = "{url}"
-[plugins]
-dir = "{dir}"
-cache_dir = "{cache}"
-[dead_letter]
-stream = "{base}:dead"
-[admin]
-listen = "127.0.0.1:0"
-[[source]]
-kind = "redis-stream"
-stream = "{stream}"
-group = "{GROUP}"
-consumer = "{IN_PROCESS}"
-block_ms = 100
-"#,
-        dir = plugins.path().display(),
-        cache = setup.cache.path().display(),
-    ))
-    .unwrap();
+    let mut env = TestEnv::new("kwt").on(url);
+    env.group.name = GROUP.to_owned();
+    let prefix = env.key("cache:");
+    let manifest = format!("consistency = \"{mode}\"\n[config]\nprefix = \"{prefix}\"\n");
+    env.add_plugin("model", &test_plugin_wasm("model-cache"), &manifest);
+    let cache_dir = format!("cache_dir = \"{}\"", setup.cache.path().display());
+    let config = env
+        .stream_config()
+        .set("plugins", &cache_dir)
+        .source_lines(&format!("consumer = \"{IN_PROCESS}\""))
+        .source_lines("block_ms = 100\nclaim_idle_ms = 30000");
     let mut conn = connect(url).await;
-    let daemon = Daemon::start(config);
+    let daemon = config.run();
     // Ready once the source has created its group.
-    wait_for("the group", Duration::from_secs(60), || {
-        let mut conn = conn.clone();
-        let stream = stream.clone();
-        async move { group_state(&mut conn, &stream).await.is_some() }
-    })
-    .await;
+    env.wait_group().await;
     let lines: Vec<String> = work.messages.iter().map(|m| m.line.clone()).collect();
     let cpu = redis_cpu_seconds(&mut conn).await;
     let started = Instant::now();
     for chunk in lines.chunks(1000) {
-        xadd_sequin(&mut conn, &stream, chunk).await;
+        env.xadd(chunk).await;
     }
-    wait_all_acked(
-        url,
-        &stream,
-        GROUP,
-        lines.len() as u64,
-        Duration::from_secs(600),
-    )
-    .await;
+    env.wait_drained_within(lines.len() as u64, Duration::from_secs(600))
+        .await;
     let n = lines.len() as f64;
     let measured = Measured {
         rate: n / started.elapsed().as_secs_f64(),
