@@ -128,7 +128,7 @@ fn main() -> anyhow::Result<()> {
     let messages: Vec<ChangeMessage> = text
         .lines()
         .filter(|line| !line.trim().is_empty())
-        .map(|line| ChangeMessage::from_json(line).map_err(|e| anyhow::anyhow!("{}", e.0)))
+        .map(|line| ChangeMessage::from_json(line).map_err(|e| anyhow::anyhow!("{e}")))
         .collect::<anyhow::Result<_>>()?;
     let subscribed: Vec<&ChangeMessage> = messages
         .iter()

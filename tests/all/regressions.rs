@@ -6,22 +6,32 @@ use crate::util::*;
 use aws_sdk_sqs::types::QueueAttributeName;
 use std::time::Duration;
 
+/// A plugin directory holding row-cache, writing under `prefix`.
+fn row_cache_dir(prefix: &str) -> TempDir {
+    let dir = TempDir::new("kw-plugins");
+    add_plugin(
+        dir.path(),
+        "row-cache",
+        &plugin_wasm("row-cache"),
+        &row_cache_manifest(prefix, ""),
+    );
+    dir
+}
+
 /// A config file for the binary: the cache, `plugins`, a dead-letter stream, `rest`.
 fn config_file(dir: &TempDir, plugins: &std::path::Path, dead: &str, rest: &str) -> String {
-    let path = dir.path().join("keepwarm.toml");
     let text = format!(
         "[redis]\nurl = \"{url}\"\n[plugins]\ndir = \"{plugins}\"\n[dead_letter]\nstream = \"{dead}\"\n[admin]\nlisten = \"127.0.0.1:0\"\n{rest}\n",
         url = redis_url(),
         plugins = plugins.display(),
     );
-    std::fs::write(&path, text).unwrap();
-    path.display().to_string()
+    dir.write("keepwarm.toml", &text)
 }
 
 #[tokio::test]
 async fn issue_14_an_oversized_body_sent_whole_before_reading_gets_a_readable_413() {
     let prefix = unique("kw-413");
-    let plugins = row_cache_dir(&prefix, "");
+    let plugins = row_cache_dir(&prefix);
     let dir = TempDir::new("kw-413");
     let port = free_port();
     let config = config_file(
@@ -55,7 +65,7 @@ async fn issue_14_a_dead_letter_replay_stops_on_sigterm_and_keeps_what_it_did_no
     let _heavy = heavy_test_async().await;
     let prefix = unique("kw-replay-stop");
     let dead = format!("{prefix}:dead");
-    let plugins = row_cache_dir(&prefix, "");
+    let plugins = row_cache_dir(&prefix);
     let dir = TempDir::new("kw-replay-stop");
     // One message in flight at a time, so that the replay is still reading when the signal
     // comes.
@@ -122,7 +132,7 @@ async fn issue_14_a_dead_letter_replay_stops_on_sigterm_and_keeps_what_it_did_no
 
 #[tokio::test]
 async fn issue_14_a_message_received_while_shutting_down_is_returned_at_once() {
-    let client = crate::sqs::client();
+    let client = crate::sqs::queue::client();
     let queue = client
         .create_queue()
         .queue_name(unique("kw-sqs-stop").replace(':', "-"))
@@ -133,7 +143,7 @@ async fn issue_14_a_message_received_while_shutting_down_is_returned_at_once() {
         .queue_url
         .unwrap();
     let prefix = unique("kw-sqs-stop");
-    let plugins = row_cache_dir(&prefix, "");
+    let plugins = row_cache_dir(&prefix);
     let dir = TempDir::new("kw-sqs-stop");
     let config = config_file(
         &dir,
@@ -141,7 +151,7 @@ async fn issue_14_a_message_received_while_shutting_down_is_returned_at_once() {
         &format!("{prefix}:dead"),
         &format!(
             "[[source]]\nkind = \"sqs\"\nqueue_url = \"{queue}\"\nregion = \"us-east-1\"\nendpoint_url = \"{endpoint}\"\nreceivers = 1\nwait_time_seconds = 20\nvisibility_timeout_seconds = 600\n",
-            endpoint = crate::sqs::sqs_endpoint(),
+            endpoint = crate::sqs::queue::sqs_endpoint(),
         ),
     );
     let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);

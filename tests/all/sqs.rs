@@ -2,7 +2,7 @@
 //! them (FIFO, MD5 hex group and deduplication ids), deleted only after apply, malformed bodies
 //! dead-lettered, row order kept, visibility extended while a message is in flight.
 
-mod queue;
+pub mod queue;
 
 use crate::stream_source::{assert_fixtures_cached, fixture_lines};
 use crate::util::*;

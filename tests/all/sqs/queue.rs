@@ -7,7 +7,7 @@ use md5::{Digest as _, Md5};
 use std::time::{Duration, Instant};
 
 /// The emulator's URL, from `scripts/test.sh`.
-fn sqs_endpoint() -> String {
+pub fn sqs_endpoint() -> String {
     let endpoint = std::env::var("SQS_ENDPOINT").expect(
         "SQS_ENDPOINT is not set: run the suite with scripts/test.sh, which starts the SQS emulator",
     );
@@ -19,7 +19,7 @@ fn sqs_endpoint() -> String {
 }
 
 /// A client of the emulator with dummy credentials of its own.
-fn client() -> Client {
+pub fn client() -> Client {
     let credentials = aws_sdk_sqs::config::Credentials::new("test", "test", None, None, "tests");
     let config = aws_sdk_sqs::Config::builder()
         .behavior_version(aws_sdk_sqs::config::BehaviorVersion::latest())

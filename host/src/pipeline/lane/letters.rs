@@ -4,9 +4,9 @@
 use super::Shared;
 use crate::applier::Refusal;
 use crate::applier::dead_letter::{DeadLetter, DeadLetterKind};
+use crate::delivery::{Payload, RawPayload};
 use crate::pipeline::Job;
 use crate::runtime::{Plugin, PluginError};
-use crate::delivery::{Payload, RawPayload};
 use crate::telemetry::Counters;
 
 /// What failed for a message.
