@@ -166,6 +166,27 @@ impl SourceContext {
     }
 }
 
+/// A periodic tick for a source's gauges (queue depth, lag), ended by shutdown.
+pub struct Sampler(tokio::time::Interval);
+
+impl Sampler {
+    /// Ticks every `period`, the first at once; late ticks are delayed, not bunched.
+    pub fn every(period: std::time::Duration) -> Sampler {
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        Sampler(interval)
+    }
+
+    /// Waits for the next tick; false, at once, when `ctx` is shutting down.
+    pub async fn tick(&mut self, ctx: &SourceContext) -> bool {
+        tokio::select! {
+            biased;
+            () = ctx.shutdown.cancelled() => false,
+            _ = self.0.tick() => true,
+        }
+    }
+}
+
 /// See [`SourceContext::decode_json`].
 pub(crate) fn decode_json(body: Vec<u8>, max_bytes: usize) -> Payload {
     let decoded = if body.len() > max_bytes {

@@ -25,7 +25,7 @@ pub mod dead_letters;
 pub mod jsonl;
 mod tally;
 
-pub use context::{Permits, SourceContext};
+pub use context::{Permits, Sampler, SourceContext};
 pub(crate) use context::{decode_json, decode_stream_entry};
 pub use tally::{Counts, Tally};
 

@@ -1,6 +1,6 @@
 //! The consumer group's pending count and lag, sampled for `/metrics`.
 
-use crate::sources::SourceContext;
+use crate::sources::{Sampler, SourceContext};
 use std::time::Duration;
 
 /// How often the group's pending count and lag are sampled.
@@ -11,14 +11,8 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 pub(super) async fn sample(client: redis::Client, stream: String, group: String, ctx: SourceContext) {
     let metrics = ctx.metrics();
     let mut conn = None;
-    let mut every = tokio::time::interval(SAMPLE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = ctx.shutdown.cancelled() => return,
-            _ = every.tick() => {}
-        }
+    let mut every = Sampler::every(SAMPLE_EVERY);
+    while every.tick(&ctx).await {
         if conn.is_none() {
             conn = client.get_multiplexed_async_connection().await.ok();
         }

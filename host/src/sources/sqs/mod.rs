@@ -24,7 +24,7 @@
 pub mod config;
 mod settle;
 
-use super::{BoxFuture, Source, SourceContext, SourceError};
+use super::{BoxFuture, Sampler, Source, SourceContext, SourceError};
 use crate::delivery::{Payload, RawPayload, Settle};
 use crate::message::DecodeError;
 use aws_sdk_sqs::error::DisplayErrorContext;
@@ -213,14 +213,8 @@ async fn sample_depth(queue: Arc<Queue>, ctx: SourceContext) {
     use aws_sdk_sqs::types::QueueAttributeName;
     let labels = ctx.labels();
     let metrics = ctx.metrics();
-    let mut every = tokio::time::interval(SAMPLE_EVERY);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            biased;
-            () = ctx.shutdown.cancelled() => return,
-            _ = every.tick() => {}
-        }
+    let mut every = Sampler::every(SAMPLE_EVERY);
+    while every.tick(&ctx).await {
         let attributes = queue
             .client
             .get_queue_attributes()
