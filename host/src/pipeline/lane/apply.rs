@@ -4,6 +4,7 @@
 use super::Shared;
 use crate::applier::dead_letter::DeadLetter;
 use crate::applier::{MessageOutcome, MessageWrites};
+use crate::backoff::Backoff;
 use crate::telemetry::{self, Counters};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -16,8 +17,10 @@ pub(super) async fn with_retry(
     writes: &[MessageWrites<'_>],
     letters: &[DeadLetter],
 ) -> Option<Vec<MessageOutcome>> {
-    let max_backoff = Duration::from_millis(shared.config.max_backoff_ms);
-    let mut backoff = Duration::from_millis(50).min(max_backoff);
+    let mut backoff = Backoff::new(
+        Duration::from_millis(50),
+        Duration::from_millis(shared.config.max_backoff_ms),
+    );
     let metrics = &shared.counters.metrics;
     loop {
         let started = Instant::now();
@@ -31,16 +34,16 @@ pub(super) async fn with_retry(
         };
         Counters::add(&shared.counters.apply_retries, 1);
         metrics.apply_retries.inc();
-        tracing::warn!(lane, error = %error, retry_in_ms = backoff.as_millis() as u64, "apply failed; retrying the batch");
+        let delay = backoff.next_delay();
+        tracing::warn!(lane, error = %error, retry_in_ms = delay.as_millis() as u64, "apply failed; retrying the batch");
         tokio::select! {
             biased;
             () = shared.shutdown.cancelled() => {
                 tracing::warn!(lane, messages = writes.len().max(letters.len()), "shutting down while redis is unavailable; batch left unacknowledged for redelivery");
                 return None;
             }
-            () = tokio::time::sleep(backoff) => {}
+            () = tokio::time::sleep(delay) => {}
         }
-        backoff = (backoff * 2).min(max_backoff);
     }
 }
 
