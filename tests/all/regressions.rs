@@ -156,17 +156,31 @@ async fn issue_14_a_message_received_while_shutting_down_is_returned_at_once() {
     );
     let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
     daemon.wait_log("receiving from sqs", Duration::from_secs(60));
-    // The receiver's first long poll is under way on an empty queue; the daemon is asked to
-    // stop, and only then does a message arrive, which that poll takes.
+    let send = |row: u64| {
+        client
+            .send_message()
+            .queue_url(&queue)
+            .message_body(order_change(fixtures()[0], row, Some(row)))
+            .send()
+    };
+    // A first message applied: the receiver has gone round its loop and its next long poll is
+    // under way on an empty queue.
+    send(1).await.unwrap();
+    let keys = Keys::connect(&redis_url()).await;
+    let pattern = format!("{prefix}:public.*");
+    wait_for(
+        "the first message to be applied",
+        Duration::from_secs(60),
+        || {
+            let (keys, pattern) = (&keys, &pattern);
+            async move { !keys.matching(pattern).await.is_empty() }
+        },
+    )
+    .await;
+    // The daemon is asked to stop, and only then does a message arrive, which that poll takes.
     daemon.signal("TERM");
     daemon.wait_log("shutting down", Duration::from_secs(30));
-    client
-        .send_message()
-        .queue_url(&queue)
-        .message_body(order_change(fixtures()[0], 1, Some(1)))
-        .send()
-        .await
-        .unwrap();
+    send(2).await.unwrap();
     assert!(daemon.wait_exit(Duration::from_secs(90)).success());
     // Taken by the stopping daemon, it must be visible again now, not in ten minutes.
     let received = client
