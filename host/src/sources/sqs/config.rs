@@ -79,7 +79,8 @@ impl SourceConfigure for SqsSourceConfig {
     }
 
     fn validate(&self, limits: &SourceLimits) -> Result<(), SourceConfigError> {
-        // A receiver reserves max_messages permits at once and would wait forever.
+        // A receive asks for up to max_messages at once; more than the whole budget cannot be
+        // in flight, so such a setting is a mistake worth naming.
         if self.max_messages.get() as usize > limits.max_in_flight {
             return Err(SourceConfigError::new(
                 "max_messages",
