@@ -92,8 +92,14 @@ async fn malformed_values_are_dead_lettered_with_topic_partition_and_offset() {
         assert_eq!(letter.field("source"), format!("kafka:{}", topic.group));
     }
     let reasons: Vec<String> = letters.iter().map(|l| l.field("reason")).collect();
-    assert!(reasons.iter().any(|r| r.contains("invalid JSON")), "{reasons:?}");
-    assert!(reasons.iter().any(|r| r.contains("missing field")), "{reasons:?}");
+    assert!(
+        reasons.iter().any(|r| r.contains("invalid JSON")),
+        "{reasons:?}"
+    );
+    assert!(
+        reasons.iter().any(|r| r.contains("missing field")),
+        "{reasons:?}"
+    );
 }
 
 /// Waits until row `row` holds version `version`'s record.
@@ -121,12 +127,18 @@ async fn a_restart_resumes_from_the_commit() {
     topic.wait_committed(&[rows as i64 + 1]).await;
     daemon.stop().await;
 
-    topic.produce((0..rows).map(|row| change(row, 1, 1)).collect()).await;
+    topic
+        .produce((0..rows).map(|row| change(row, 1, 1)).collect())
+        .await;
     let daemon = topic.config(&env, "").run();
     wait_rows(&env, rows, 1).await;
     topic.wait_committed(&[2 * rows as i64 + 1]).await;
     daemon.stop().await;
-    assert_eq!(env.dead_letters().await.len(), 1, "the second run re-read the first");
+    assert_eq!(
+        env.dead_letters().await.len(),
+        1,
+        "the second run re-read the first"
+    );
 }
 
 /// Row 2's change stalls in its plugin call while the changes after it in the partition are
@@ -148,7 +160,11 @@ async fn the_commit_never_passes_a_message_not_yet_applied() {
     let order = |row: u64| order_change(fixtures()[0], row, Some(5_000 + row));
     // Offsets 0 and 1 go first, so the group is joined and committing before the stall.
     topic
-        .produce((0..2).map(|row| Record::change(row, &order(row), 1)).collect())
+        .produce(
+            (0..2)
+                .map(|row| Record::change(row, &order(row), 1))
+                .collect(),
+        )
         .await;
     topic.wait_committed(&[2]).await;
     let now_ms = std::time::SystemTime::now()
@@ -163,9 +179,11 @@ async fn the_commit_never_passes_a_message_not_yet_applied() {
 
     let keys = env.keys().await;
     // Some change after row 2's is applied (rows that share row 2's lane wait behind it).
-    wait_for("a change after the stalled one applied", PATIENCE, || async {
-        keys.exist((3..10).map(|row| row.to_string())).await > 0
-    })
+    wait_for(
+        "a change after the stalled one applied",
+        PATIENCE,
+        || async { keys.exist((3..10).map(|row| row.to_string())).await > 0 },
+    )
     .await;
     let mut looks = 0;
     while keys.get("2").await.is_none() {
@@ -265,9 +283,7 @@ async fn a_forced_rebalance_under_load_loses_nothing() {
     let status = first.wait_exit(PATIENCE);
     assert_eq!(status.code(), Some(0), "{}", first.log.join("\n"));
     wait_rows(&env, rows, versions - 1).await;
-    topic
-        .wait_committed(&counts(&batch(0..versions), 3))
-        .await;
+    topic.wait_committed(&counts(&batch(0..versions), 3)).await;
     second.signal("TERM");
     let status = second.wait_exit(PATIENCE);
     assert_eq!(status.code(), Some(0), "{}", second.log.join("\n"));

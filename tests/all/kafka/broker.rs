@@ -160,10 +160,12 @@ impl Topic {
                 .committed_offsets(list, Duration::from_secs(10))
                 .unwrap();
             let offsets = (0..partitions)
-                .map(|p| match committed.find_partition(&topic, p).map(|e| e.offset()) {
-                    Some(Offset::Offset(offset)) => offset,
-                    _ => -1,
-                })
+                .map(
+                    |p| match committed.find_partition(&topic, p).map(|e| e.offset()) {
+                        Some(Offset::Offset(offset)) => offset,
+                        _ => -1,
+                    },
+                )
                 .collect::<Vec<i64>>();
             drop(consumer);
             offsets

@@ -114,7 +114,12 @@ impl ClientContext for KafkaContext {
     }
 
     fn stats(&self, statistics: Statistics) {
-        let up = statistics.brokers.values().any(|b| b.state == "UP");
+        // Real brokers only: librdkafka's internal and logical (coordinator) handles say
+        // nothing about the network.
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| matches!(b.source.as_str(), "configured" | "learned") && b.state == "UP");
         self.ctx.set_up(up);
         let gauges = &self.ctx.metrics().kafka_lag;
         for (topic, stats) in &statistics.topics {
