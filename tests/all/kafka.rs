@@ -289,3 +289,28 @@ async fn a_forced_rebalance_under_load_loses_nothing() {
     assert_eq!(status.code(), Some(0), "{}", second.log.join("\n"));
     assert!(env.dead_letters().await.is_empty());
 }
+
+/// `keepwarm check` validates the Kafka table, librdkafka properties included, without
+/// connecting (the broker address is a port nothing listens on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_validates_the_kafka_table_without_connecting() {
+    let env = TestEnv::row_cache("kafka-check");
+    let dir = TempDir::new("kw-kafka-check");
+    let lines = "brokers = \"127.0.0.1:1\"\ntopics = [\"t\"]\ngroup_id = \"g\"";
+    let good = env.config().source("kafka", lines).write(&dir, "good.toml");
+    let (ok, out, err) = keepwarm_cli_async(&["check", "--config", &good]).await;
+    assert!(ok, "{out}{err}");
+    assert!(out.contains("kafka:g"), "{out}");
+    let unknown = format!("{lines}\nlibrdkafka = {{ \"no.such.property\" = \"1\" }}");
+    let bad = env.config().source("kafka", &unknown).write(&dir, "bad.toml");
+    let (ok, out, err) = keepwarm_cli_async(&["check", "--config", &bad]).await;
+    assert!(!ok, "{out}");
+    assert!(
+        err.contains("librdkafka") && err.contains("no.such.property"),
+        "{err}"
+    );
+    let owned = format!("{lines}\nlibrdkafka = {{ \"enable.auto.commit\" = \"true\" }}");
+    let bad = env.config().source("kafka", &owned).write(&dir, "owned.toml");
+    let (ok, _, err) = keepwarm_cli_async(&["check", "--config", &bad]).await;
+    assert!(!ok && err.contains("set by keepwarm"), "{err}");
+}
