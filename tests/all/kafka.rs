@@ -6,7 +6,7 @@
 pub mod broker;
 
 use crate::util::*;
-pub use broker::{Record, Topic};
+pub use broker::{PrivateBroker, Record, Topic};
 use std::time::Duration;
 
 /// The update of order `row` to status `v<version>`, as a record of a topic of `partitions`.
@@ -302,7 +302,10 @@ async fn check_validates_the_kafka_table_without_connecting() {
     assert!(ok, "{out}{err}");
     assert!(out.contains("kafka:g"), "{out}");
     let unknown = format!("{lines}\nlibrdkafka = {{ \"no.such.property\" = \"1\" }}");
-    let bad = env.config().source("kafka", &unknown).write(&dir, "bad.toml");
+    let bad = env
+        .config()
+        .source("kafka", &unknown)
+        .write(&dir, "bad.toml");
     let (ok, out, err) = keepwarm_cli_async(&["check", "--config", &bad]).await;
     assert!(!ok, "{out}");
     assert!(
@@ -310,7 +313,63 @@ async fn check_validates_the_kafka_table_without_connecting() {
         "{err}"
     );
     let owned = format!("{lines}\nlibrdkafka = {{ \"enable.auto.commit\" = \"true\" }}");
-    let bad = env.config().source("kafka", &owned).write(&dir, "owned.toml");
+    let bad = env
+        .config()
+        .source("kafka", &owned)
+        .write(&dir, "owned.toml");
     let (ok, _, err) = keepwarm_cli_async(&["check", "--config", &bad]).await;
     assert!(!ok && err.contains("set by keepwarm"), "{err}");
+}
+
+/// A broker outage: the source is down (`keepwarm_source_up` 0, `/readyz` 503) while the broker
+/// is gone, and reads again once it is back; the lag gauge is published per partition.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broker_outage_shows_as_down_and_is_ridden_out() {
+    let env = TestEnv::row_cache("kafka-outage");
+    let mut broker = PrivateBroker::start();
+    let topic = Topic::create_on(&broker.address(), "kw-outage", 1).await;
+    // The broker comes back empty (memory storage): the topic is created again, and the
+    // consumer should see it soon.
+    let refresh = "librdkafka = { \"topic.metadata.refresh.interval.ms\" = \"1000\" }";
+    let daemon = topic.config(&env, refresh).admin().run();
+    topic.produce(vec![change(1, 0, 1)]).await;
+    wait_rows_from(&env, 1, 0).await;
+    let source = format!("kafka:{}", topic.group);
+    let metrics = daemon.admin_url("/metrics");
+    let up = |wanted: f64| {
+        let (metrics, source) = (metrics.clone(), source.clone());
+        async move {
+            let text = http_get(&metrics)
+                .await
+                .map(|(_, body)| body)
+                .unwrap_or_default();
+            metric(&text, "keepwarm_source_up", &[("source", &source)]) == Some(wanted)
+        }
+    };
+    wait_for("the source up", PATIENCE, || up(1.0)).await;
+    let lag_labels = [
+        ("source", source.as_str()),
+        ("topic", topic.name.as_str()),
+        ("partition", "0"),
+    ];
+    wait_for("the lag gauge of partition 0", PATIENCE, || async {
+        let text = http_get(&metrics)
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        metric(&text, "keepwarm_kafka_lag", &lag_labels) == Some(0.0)
+    })
+    .await;
+    assert_eq!(http_get(&daemon.admin_url("/readyz")).await.unwrap().0, 200);
+
+    broker.stop();
+    wait_for("the source down", PATIENCE, || up(0.0)).await;
+    assert_eq!(http_get(&daemon.admin_url("/readyz")).await.unwrap().0, 503);
+
+    broker.restart();
+    topic.recreate().await;
+    topic.produce(vec![change(2, 0, 1)]).await;
+    wait_rows_from(&env, 2, 0).await;
+    wait_for("the source up again", PATIENCE, || up(1.0)).await;
+    daemon.stop().await;
 }

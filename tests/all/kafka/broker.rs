@@ -52,33 +52,29 @@ pub struct Topic {
     pub partitions: i32,
     /// The consumer group the test's daemons use.
     pub group: String,
+    /// The broker holding it.
+    pub brokers: String,
     /// Reads the group's committed offsets without joining it. Never closed: closing a consumer
     /// after an offset fetch has been seen to hang (TOOLCHAIN-NOTES.md); it holds nothing.
     probe: std::mem::ManuallyDrop<Arc<BaseConsumer>>,
 }
 
 impl Topic {
-    /// Creates a topic named after `prefix` with `partitions` partitions.
+    /// Creates a topic named after `prefix` with `partitions` partitions on the suite's broker.
     pub async fn create(prefix: &str, partitions: i32) -> Topic {
+        Topic::create_on(&brokers(), prefix, partitions).await
+    }
+
+    /// [`Topic::create`] on the broker at `brokers`.
+    pub async fn create_on(brokers: &str, prefix: &str, partitions: i32) -> Topic {
         let name: String = unique(prefix)
             .chars()
             .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
             .collect();
-        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
-            .create()
-            .unwrap();
-        let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(1));
-        let results = admin
-            .create_topics(&[topic], &AdminOptions::new())
-            .await
-            .unwrap();
-        for result in results {
-            result.unwrap();
-        }
+        create_topic(brokers, &name, partitions).await;
         let group = format!("{name}-group");
         let probe: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", brokers())
+            .set("bootstrap.servers", brokers)
             .set("group.id", &group)
             .set("enable.auto.commit", "false")
             .create()
@@ -88,7 +84,13 @@ impl Topic {
             name,
             partitions,
             probe: std::mem::ManuallyDrop::new(Arc::new(probe)),
+            brokers: brokers.to_owned(),
         }
+    }
+
+    /// Creates the topic again (on a broker restarted empty).
+    pub async fn recreate(&self) {
+        create_topic(&self.brokers, &self.name, self.partitions).await;
     }
 
     /// `env`'s config with one Kafka source on this topic and group, short timeouts, plus
@@ -97,19 +99,17 @@ impl Topic {
         let lines = format!(
             "brokers = \"{}\"\ntopics = [\"{}\"]\ngroup_id = \"{}\"\nsession_timeout_ms = 6000\n\
              commit_interval_ms = 100\nrevoke_timeout_ms = 5000\n{source}",
-            brokers(),
-            self.name,
-            self.group
+            self.brokers, self.name, self.group
         );
         env.config().source("kafka", &lines)
     }
 
     /// Produces `records` in order (acks from every replica), and waits until all are written.
     pub async fn produce(&self, records: Vec<Record>) {
-        let topic = self.name.clone();
+        let (topic, brokers) = (self.name.clone(), self.brokers.clone());
         tokio::task::spawn_blocking(move || {
             let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
-                .set("bootstrap.servers", brokers())
+                .set("bootstrap.servers", brokers)
                 .set("acks", "all")
                 .set("enable.idempotence", "false")
                 .set("max.in.flight.requests.per.connection", "1")
@@ -188,5 +188,84 @@ impl Topic {
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+}
+
+/// Creates the topic `name` with `partitions` partitions on `brokers`.
+async fn create_topic(brokers: &str, name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin
+        .create_topics(&[topic], &AdminOptions::new())
+        .await
+        .unwrap();
+    for result in results {
+        result.unwrap();
+    }
+}
+
+/// A broker of a test's own (for outages), on a port that stays the same across restarts. Its
+/// storage is memory: a restart loses topics and offsets.
+pub struct PrivateBroker {
+    child: Option<std::process::Child>,
+    port: u16,
+}
+
+impl PrivateBroker {
+    pub fn start() -> PrivateBroker {
+        let mut broker = PrivateBroker {
+            child: None,
+            port: free_port(),
+        };
+        broker.restart();
+        broker
+    }
+
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Starts the broker again (after [`PrivateBroker::stop`]) and waits until it accepts.
+    pub fn restart(&mut self) {
+        let tansu = std::env::var("KEEPWARM_TANSU").expect(
+            "KEEPWARM_TANSU is not set: run the suite with scripts/test.sh, which installs the broker",
+        );
+        let url = format!("tcp://{}", self.address());
+        let child = std::process::Command::new(tansu)
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+        let start = std::time::Instant::now();
+        while std::net::TcpStream::connect(self.address()).is_err() {
+            assert!(start.elapsed() < PATIENCE, "tansu did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Kills the broker.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for PrivateBroker {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

@@ -332,6 +332,11 @@ impl Poller {
                 })
             }
             Err(KafkaError::PartitionEOF(_)) => None,
+            // The error callback has logged the outage; librdkafka reconnects by itself.
+            Err(error @ KafkaError::MessageConsumption(_)) => {
+                tracing::debug!(source = %ctx.name, error = %error, "kafka poll failed; librdkafka retries");
+                None
+            }
             Err(error) => {
                 tracing::warn!(source = %ctx.name, error = %error, "kafka poll failed; librdkafka retries");
                 None
