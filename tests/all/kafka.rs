@@ -57,9 +57,13 @@ async fn keyed_sequin_messages_over_three_partitions_are_cached_in_row_order_and
     let expected = counts(&records, 3);
     topic.produce(records).await;
     // Plain writes: the cache ends at the last version only if each row's changes were applied
-    // in order.
+    // in order. Four messages in flight at most: the consumer is starved of permits over and
+    // over, pauses, holds what it fetched and resumes, in order.
     env.add_row_cache("consistency = \"plain\"");
-    let daemon = topic.config(&env, "").run();
+    let daemon = topic
+        .config(&env, "")
+        .pipeline("max_in_flight = 4\nbatch_size = 2")
+        .run();
     wait_rows(&env, rows, versions - 1).await;
     topic.wait_committed(&expected).await;
     daemon.stop().await;

@@ -383,10 +383,9 @@ impl Poller {
         );
     }
 
+    /// Pauses every assigned partition; again on each call while starved, since a rebalance
+    /// may have assigned new ones meanwhile.
     fn pause(&mut self) {
-        if self.paused {
-            return;
-        }
         if let Ok(assignment) = self.consumer.assignment()
             && self.consumer.pause(&assignment).is_ok()
         {
@@ -427,7 +426,6 @@ impl Poller {
     /// At shutdown: nothing more is delivered; waits until what was delivered is settled
     /// (serving the group meanwhile), commits, and leaves the group.
     fn stop(mut self, ctx: &SourceContext) {
-        self.paused = false;
         self.pause();
         self.consumer.context().held().clear();
         let mut last_commit = Instant::now();
