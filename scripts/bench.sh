@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The benchmark (docs/bench.md): keepwarm against a native Rust worker and a Python redis-py
-# worker on the same workload, in one run. Builds in release, installs redis-py into a venv under
+# worker on the same workload, and keepwarm's Kafka source against a native rdkafka consumer, in
+# one run. Builds in release, installs redis-py into a venv under
 # target/, starts a private redis-server, prints a table and writes target/bench/results.json.
 # Arguments go to keepwarm-bench (e.g. --messages 200000, --only keepwarm-plain,native-rust).
 set -euo pipefail
@@ -15,4 +16,9 @@ if [ ! -x "$target/bench-venv/bin/python" ] || ! "$target/bench-venv/bin/python"
     python3 -m venv "$target/bench-venv"
     "$target/bench-venv/bin/pip" install --quiet redis
 fi
-exec "$target/release/keepwarm-bench" --plugins "$target/plugins" "$@"
+# A Kafka broker (Tansu) for the Kafka scenarios: keepwarm's Kafka source against a native
+# rdkafka consumer. Not exec: the broker stops when this shell exits.
+. scripts/lib/redis.sh
+. scripts/lib/kafka.sh
+start_kafka
+"$target/release/keepwarm-bench" --plugins "$target/plugins" --kafka-brokers "$KAFKA_BROKERS" "$@"

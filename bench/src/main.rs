@@ -1,6 +1,8 @@
 //! `keepwarm-bench`: keepwarm against a native Rust worker and a Python redis-py worker, on the
-//! same workload, in one run. See `docs/bench.md`.
+//! same workload, in one run; and keepwarm's Kafka source against a native rdkafka consumer when
+//! a Kafka broker is given. See `docs/bench.md`.
 
+mod kafka;
 mod native;
 mod plugin_cost;
 mod procstat;
@@ -40,6 +42,17 @@ enum Cmd {
         stream: String,
         /// Consumer group.
         group: String,
+    },
+    /// Baseline (c): the native rdkafka consumer (started by the benchmark as a child process).
+    NativeKafkaWorker {
+        /// Bootstrap brokers.
+        brokers: String,
+        /// Topic.
+        topic: String,
+        /// Consumer group.
+        group: String,
+        /// Redis URL.
+        url: String,
     },
 }
 
@@ -91,6 +104,10 @@ struct RunArgs {
     /// Use this Redis (it is FLUSHALLed!) instead of starting a private redis-server.
     #[arg(long)]
     redis_url: Option<String>,
+    /// Kafka brokers for the Kafka scenarios (default: $KAFKA_BROKERS; without either they are
+    /// skipped).
+    #[arg(long)]
+    kafka_brokers: Option<String>,
     /// Pace the latency runs at this many messages per second instead of half of each
     /// consumer's measured throughput (to compare consumers at one rate).
     #[arg(long)]
@@ -106,6 +123,15 @@ fn main() -> anyhow::Result<()> {
                 .build()?
                 .block_on(native::run(&url, &stream, &group))
         }
+        Some(Cmd::NativeKafkaWorker {
+            brokers,
+            topic,
+            group,
+            url,
+        }) => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(kafka::run(&brokers, &topic, &group, &url)),
         None => tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -117,9 +143,22 @@ fn main() -> anyhow::Result<()> {
 /// What a consumer is.
 #[derive(Clone, Copy, PartialEq)]
 enum Kind {
-    Keepwarm { plain: bool, threads: usize },
+    Keepwarm {
+        plain: bool,
+        threads: usize,
+    },
     Native,
     Python,
+    /// keepwarm's Kafka source (plain writes, two threads).
+    KeepwarmKafka,
+    /// The native rdkafka consumer.
+    NativeKafka,
+}
+
+impl Kind {
+    fn is_kafka(self) -> bool {
+        matches!(self, Kind::KeepwarmKafka | Kind::NativeKafka)
+    }
 }
 
 struct Scenario {
@@ -127,7 +166,7 @@ struct Scenario {
     kind: Kind,
 }
 
-const SCENARIOS: [Scenario; 5] = [
+const SCENARIOS: [Scenario; 7] = [
     Scenario {
         name: "keepwarm-plain",
         kind: Kind::Keepwarm {
@@ -156,6 +195,14 @@ const SCENARIOS: [Scenario; 5] = [
     Scenario {
         name: "python-redis-py",
         kind: Kind::Python,
+    },
+    Scenario {
+        name: "keepwarm-kafka",
+        kind: Kind::KeepwarmKafka,
+    },
+    Scenario {
+        name: "native-kafka",
+        kind: Kind::NativeKafka,
     },
 ];
 
@@ -196,6 +243,8 @@ struct Env {
     scratch: PathBuf,
     pipeline: String,
     workload: Workload,
+    /// Kafka brokers, for the Kafka scenarios.
+    kafka: Option<String>,
 }
 
 async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
@@ -270,7 +319,16 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
             seed: args.seed,
             rows: args.rows,
         },
+        kafka: args
+            .kafka_brokers
+            .clone()
+            .or_else(|| std::env::var("KAFKA_BROKERS").ok()),
     };
+    if env.kafka.is_none() {
+        eprintln!(
+            "note: no Kafka broker (--kafka-brokers or KAFKA_BROKERS); the Kafka scenarios are skipped"
+        );
+    }
     let result = run_all(&env, &args).await;
     if let Some(mut server) = server {
         let _ = server.kill();
@@ -325,6 +383,16 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
     let mut throughput = Vec::new();
     for scenario in &SCENARIOS {
         if !wanted(scenario.name) || (scenario.kind == Kind::Python && args.no_python) {
+            continue;
+        }
+        if scenario.kind.is_kafka() {
+            let Some(brokers) = &env.kafka else { continue };
+            let result = measure_kafka(env, &mut conn, scenario, brokers, args.messages).await?;
+            eprintln!(
+                "   {:.0} msg/s, {:.2} CPU s/M, {:.1} MiB",
+                result.messages_per_second, result.cpu_seconds_per_million, result.peak_rss_mib
+            );
+            throughput.push(result);
             continue;
         }
         eprintln!(
@@ -497,44 +565,33 @@ fn text(value: Option<&redis::Value>) -> String {
     }
 }
 
-/// A consumer process, configured for one scenario.
-fn spawn(env: &Env, name: &str, kind: Kind) -> anyhow::Result<Child> {
+/// A consumer process, configured for one scenario; `topic` is the Kafka scenarios' topic.
+fn spawn(env: &Env, name: &str, kind: Kind, topic: &str) -> anyhow::Result<Child> {
     let mut cmd = match kind {
         Kind::Keepwarm { plain, threads } => {
-            let plugins = env.scratch.join(format!("plugins-{name}"));
-            std::fs::create_dir_all(&plugins)?;
-            std::fs::copy(
-                env.plugins.join("row-cache.wasm"),
-                plugins.join("row-cache.wasm"),
-            )?;
-            let consistency = if plain { "plain" } else { "versioned" };
-            std::fs::write(
-                plugins.join("row-cache.toml"),
-                format!(
-                    "consistency = \"{consistency}\"\n\n[config]\nkey = \"{{schema}}.{{table}}:{{pks}}\"\n"
-                ),
-            )?;
-            let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-            let config = env.scratch.join(format!("{name}.toml"));
-            std::fs::write(
-                &config,
-                format!(
-                    "[redis]\nurl = \"{url}\"\n\n[plugins]\ndir = \"{dir}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{pipeline}\
-                     [[source]]\nkind = \"redis-stream\"\nstream = \"{STREAM}\"\ngroup = \"{GROUP}\"\nconsumer = \"keepwarm\"\n",
-                    url = env.url,
-                    dir = plugins.display(),
-                    pipeline = env.pipeline,
-                ),
-            )?;
-            let mut cmd = Command::new(&env.keepwarm);
-            cmd.arg("run").arg("--config").arg(&config);
-            cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
-            cmd.env("RUST_LOG", "warn");
-            cmd
+            let source = format!(
+                "[[source]]\nkind = \"redis-stream\"\nstream = \"{STREAM}\"\ngroup = \"{GROUP}\"\nconsumer = \"keepwarm\"\n"
+            );
+            keepwarm_command(env, name, plain, threads, &source)?
+        }
+        Kind::KeepwarmKafka => {
+            let source = format!(
+                "[[source]]\nkind = \"kafka\"\nbrokers = \"{brokers}\"\ntopics = [\"{topic}\"]\ngroup_id = \"{topic}\"\n\
+                 session_timeout_ms = 6000\ncommit_interval_ms = 100\n",
+                brokers = env.kafka.as_deref().unwrap_or_default(),
+            );
+            keepwarm_command(env, name, true, 2, &source)?
         }
         Kind::Native => {
             let mut cmd = Command::new(&env.myself);
             cmd.args(["native-worker", &env.url, STREAM, GROUP]);
+            cmd
+        }
+        Kind::NativeKafka => {
+            let mut cmd = Command::new(&env.myself);
+            cmd.arg("native-kafka-worker")
+                .arg(env.kafka.as_deref().unwrap_or_default())
+                .args([topic, topic, &env.url]);
             cmd
         }
         Kind::Python => {
@@ -545,6 +602,45 @@ fn spawn(env: &Env, name: &str, kind: Kind) -> anyhow::Result<Child> {
     };
     cmd.stdout(Stdio::null());
     Ok(cmd.spawn()?)
+}
+
+/// keepwarm with row-cache (plain or versioned writes) and `source`, on `threads` threads.
+fn keepwarm_command(
+    env: &Env,
+    name: &str,
+    plain: bool,
+    threads: usize,
+    source: &str,
+) -> anyhow::Result<Command> {
+    let plugins = env.scratch.join(format!("plugins-{name}"));
+    std::fs::create_dir_all(&plugins)?;
+    std::fs::copy(
+        env.plugins.join("row-cache.wasm"),
+        plugins.join("row-cache.wasm"),
+    )?;
+    let consistency = if plain { "plain" } else { "versioned" };
+    std::fs::write(
+        plugins.join("row-cache.toml"),
+        format!(
+            "consistency = \"{consistency}\"\n\n[config]\nkey = \"{{schema}}.{{table}}:{{pks}}\"\n"
+        ),
+    )?;
+    let admin = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let config = env.scratch.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "[redis]\nurl = \"{url}\"\n\n[plugins]\ndir = \"{dir}\"\n\n[admin]\nlisten = \"{admin}\"\n\n{pipeline}{source}",
+            url = env.url,
+            dir = plugins.display(),
+            pipeline = env.pipeline,
+        ),
+    )?;
+    let mut cmd = Command::new(&env.keepwarm);
+    cmd.arg("run").arg("--config").arg(&config);
+    cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
+    cmd.env("RUST_LOG", "warn");
+    Ok(cmd)
 }
 
 fn python_worker() -> PathBuf {
@@ -565,7 +661,7 @@ async fn measure(
     scenario: &Scenario,
     n: u64,
 ) -> anyhow::Result<Throughput> {
-    let child = spawn(env, scenario.name, scenario.kind)?;
+    let child = spawn(env, scenario.name, scenario.kind, "")?;
     let pid = child.id();
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(900);
@@ -626,6 +722,98 @@ async fn measure(
     }
     .await;
     stop(child);
+    result
+}
+
+/// A Kafka scenario: the workload written to a topic of its own, then consumed until the
+/// group has committed every message.
+async fn measure_kafka(
+    env: &Env,
+    conn: &mut MultiplexedConnection,
+    scenario: &Scenario,
+    brokers: &str,
+    n: u64,
+) -> anyhow::Result<Throughput> {
+    let topic = format!(
+        "bench-{}-{}-{}",
+        scenario.name,
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis()
+    );
+    eprintln!("== {}: preloading {n} messages into {topic}", scenario.name);
+    flush(conn).await?;
+    kafka::preload(brokers, &topic, &env.workload, n).await?;
+    let progress = kafka::Progress::new(brokers, &topic, &topic)?;
+    eprintln!("== {}: consuming", scenario.name);
+    let child = spawn(env, scenario.name, scenario.kind, &topic)?;
+    let pid = child.id();
+    let total = i64::try_from(n)?;
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
+        loop {
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not finish",
+                scenario.name
+            );
+            let committed = progress.committed()?;
+            let now = Instant::now();
+            // Started at the first write (or commit): the group's join is not the consumer's work.
+            let started = committed > 0 || {
+                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+                keys > 0
+            };
+            if first.is_none() && started {
+                first = Some((
+                    now,
+                    Sample::of(pid)?,
+                    env.redis_pid.map(Sample::of).transpose()?,
+                ));
+            }
+            if let Some((start, cpu0, redis0)) = &first
+                && committed >= total
+            {
+                let cpu1 = Sample::of(pid)?;
+                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
+                let seconds = now.duration_since(*start).as_secs_f64();
+                #[allow(
+                    clippy::cast_precision_loss,
+                    reason = "message counts are far below 2^52"
+                )]
+                let millions = n as f64 / 1e6;
+                let dead_letters: u64 = redis::cmd("XLEN")
+                    .arg("keepwarm:dead-letters")
+                    .query_async(conn)
+                    .await?;
+                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+                return Ok(Throughput {
+                    name: scenario.name.to_owned(),
+                    messages: n,
+                    seconds,
+                    #[allow(
+                        clippy::cast_precision_loss,
+                        reason = "message counts are far below 2^52"
+                    )]
+                    messages_per_second: n as f64 / seconds,
+                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
+                    redis_cpu_seconds_per_million: redis0
+                        .as_ref()
+                        .zip(redis1)
+                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
+                    peak_rss_mib: cpu1.peak_rss_mib,
+                    dead_letters,
+                    keys,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    .await;
+    stop(child);
+    progress.forget();
     result
 }
 
@@ -704,7 +892,7 @@ async fn paced(
             Ok(())
         })
     };
-    let child = spawn(env, &format!("{name}-latency"), kind)?;
+    let child = spawn(env, &format!("{name}-latency"), kind, "")?;
     let result = async {
         // Let the consumer start and block on the empty stream.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -795,11 +983,18 @@ fn ratios(t: &[Throughput]) -> serde_json::Value {
             .find(|x| x.name == name)
             .map(|x| x.messages_per_second)
     };
+    let cpu = |name: &str| {
+        t.iter()
+            .find(|x| x.name == name)
+            .map(|x| x.cpu_seconds_per_million)
+    };
     let kw = get("keepwarm-plain");
     serde_json::json!({
         "keepwarm_plain_vs_native": kw.zip(get("native-rust")).map(|(a, b)| a / b),
         "keepwarm_plain_vs_python": kw.zip(get("python-redis-py")).map(|(a, b)| a / b),
         "keepwarm_versioned_vs_native": get("keepwarm-versioned").zip(get("native-rust")).map(|(a, b)| a / b),
+        "keepwarm_kafka_vs_native_kafka": get("keepwarm-kafka").zip(get("native-kafka")).map(|(a, b)| a / b),
+        "keepwarm_kafka_vs_native_kafka_cpu_per_message": cpu("keepwarm-kafka").zip(cpu("native-kafka")).map(|(a, b)| a / b),
     })
 }
 

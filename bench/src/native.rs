@@ -21,13 +21,15 @@ struct Metadata<'a> {
     record_pks: Vec<serde_json::Value>,
 }
 
-enum Op {
+pub(crate) enum Op {
+    /// `SET key value`.
     Set(String, Vec<u8>),
+    /// `DEL key`.
     Del(String),
 }
 
 /// row-cache's transform: `SET {schema}.{table}:{pks} <record>` or `DEL`.
-fn transform(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Op> {
+pub(crate) fn transform(fields: Vec<(Vec<u8>, Vec<u8>)>) -> Option<Op> {
     let (mut record, mut action, mut metadata) = (None, None, None);
     for (k, v) in fields {
         match k.as_slice() {

@@ -39,6 +39,12 @@ fn quick_run_writes_results() {
     for name in ["keepwarm-plain", "keepwarm-versioned", "native-rust"] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
+    // The Kafka scenarios run when scripts/test.sh started a broker.
+    if std::env::var_os("KAFKA_BROKERS").is_some() {
+        for name in ["keepwarm-kafka", "native-kafka"] {
+            assert!(names.contains(&name), "{name} missing from {names:?}");
+        }
+    }
     for run in runs {
         assert_eq!(run["messages"], 2000, "{run}");
         assert_eq!(run["dead_letters"], 0, "{run}");

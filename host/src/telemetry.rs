@@ -98,6 +98,8 @@ pub type DeadLetterLabels = [(&'static str, String); 3];
 pub type PluginLabel = [(&'static str, String); 1];
 /// Labels `plugin` and `outcome`.
 pub type ReloadLabels = [(&'static str, String); 2];
+/// Labels of a Kafka partition's gauges: `source`, `topic`, `partition`.
+pub type PartitionLabels = [(&'static str, String); 3];
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
@@ -136,6 +138,9 @@ pub struct Metrics {
     pub sqs_visible: Family<SourceLabel, Gauge>,
     /// SQS `ApproximateNumberOfMessagesNotVisible` (received, not deleted).
     pub sqs_in_flight: Family<SourceLabel, Gauge>,
+    /// Kafka messages of an assigned partition not yet committed by the group (from the
+    /// committable offset to the partition's end), by source, topic and partition.
+    pub kafka_lag: Family<PartitionLabels, Gauge>,
     /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
     pub source_up: Family<SourceLabel, Gauge>,
 }
@@ -157,6 +162,7 @@ impl Default for Metrics {
             stream_lag: Family::default(),
             sqs_visible: Family::default(),
             sqs_in_flight: Family::default(),
+            kafka_lag: Family::default(),
             source_up: Family::default(),
             registry: Registry::default(),
         };
@@ -225,6 +231,11 @@ impl Default for Metrics {
             "sqs_messages_in_flight",
             "SQS ApproximateNumberOfMessagesNotVisible",
             m.sqs_in_flight.clone(),
+        );
+        registry.register(
+            "kafka_lag",
+            "Kafka messages of an assigned partition not yet committed by the group",
+            m.kafka_lag.clone(),
         );
         registry.register(
             "source_up",

@@ -8,6 +8,7 @@ mod consistency;
 mod dead_letters;
 mod hostile;
 mod hot_reload;
+mod kafka;
 mod languages;
 mod operations;
 mod redis_outage;

@@ -294,6 +294,7 @@ mod tests {
             [
                 "redis-stream:sequin.changes",
                 "sqs:sequin-changes.fifo",
+                "kafka:keepwarm",
                 "http:0.0.0.0:8080/sequin"
             ]
         );

@@ -16,6 +16,7 @@
 //!
 //! - [`redis_stream`]: Sequin's Redis Stream sink, through a consumer group.
 //! - [`sqs`]: Sequin's SQS sink (FIFO or standard queues); deletes after apply.
+//! - [`kafka`]: Sequin's Kafka sink, through a consumer group; commits only what is applied.
 //! - [`webhook`]: Sequin's webhook sink (HTTP push); replies 200 after apply.
 //! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line (`keepwarm replay`).
 //! - [`dead_letters`]: the dead-letter stream, listed and replayed.
@@ -210,6 +211,7 @@ macro_rules! registry {
 registry! {
     redis_stream: "redis-stream" => RedisStream(redis_stream::RedisStreamSourceConfig),
     sqs: "sqs" => Sqs(sqs::SqsSourceConfig),
+    kafka: "kafka" => Kafka(kafka::KafkaSourceConfig),
     webhook: "http" => Http(webhook::HttpSourceConfig),
 }
 

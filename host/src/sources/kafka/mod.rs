@@ -1,0 +1,445 @@
+//! The Kafka source: reads Sequin's Kafka sink through a consumer group (librdkafka).
+//!
+//! - One consumer per source, polled on a thread of its own (librdkafka's calls block; the
+//!   rebalance callback runs on the polling thread and may wait there).
+//! - Automatic commit is off. A message's offset counts as applied once the pipeline settled it
+//!   (applied, or dead-lettered); every `commit_interval_ms` each partition's lowest offset not
+//!   yet applied is committed (`offsets.rs`), so a message applied early never carries the
+//!   commit past an earlier one still in flight.
+//! - Order: Sequin keys a message by its row's primary key and puts one row's changes in one
+//!   partition; a partition is delivered in offset order and the pipeline's lanes are chosen by
+//!   row, so each row's changes are applied in order.
+//! - Rebalance: on revoke, messages of the revoked partitions not yet delivered are dropped (the
+//!   new owner reads them), those in flight get `revoke_timeout_ms` to be applied, the applied
+//!   prefix is committed (synchronously), and the partitions are let go; anything applied later
+//!   is redelivered to the new owner, where versioned writes make the replay harmless. On
+//!   assign, librdkafka resumes from the committed offset (`auto_offset_reset` when there is
+//!   none).
+//! - A value that is not a change message (or a null value) is dead-lettered with the origin id
+//!   `topic/partition/offset`, and the offset moves on.
+//! - Broker outage: librdkafka reconnects by itself with backoff; the source counts as down
+//!   (`keepwarm_source_up`, `/readyz`) while no broker is up, from librdkafka's error callback
+//!   and its statistics (every second), which also give `keepwarm_kafka_lag` per partition.
+//! - Permits: the poll thread reserves in-flight permits before it polls; when none are free it
+//!   pauses its partitions and keeps polling (so rebalances and the group's liveness are still
+//!   served), holding what was already fetched until permits come back.
+//! - Shutdown: stop delivering, wait until what was delivered is settled, commit, leave the
+//!   group.
+//!
+//! - [`config`]: the `[[source]]` table. `offsets`: the committable offsets per partition.
+
+pub mod config;
+mod offsets;
+
+use super::{BoxFuture, Permits, Source, SourceContext, SourceError};
+use crate::delivery::{Payload, RawPayload, Settle};
+use crate::message::DecodeError;
+use crate::telemetry::PartitionLabels;
+pub use config::KafkaSourceConfig;
+use offsets::{KafkaSettle, Offsets, Tp, message_id};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message as _;
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{ClientContext, config::RDKafkaLogLevel};
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most permits reserved at once by the poll thread.
+const READ_AHEAD: usize = 512;
+/// How long one poll waits for a message (shutdown is noticed within this).
+const POLL: Duration = Duration::from_millis(100);
+
+/// A configured consumer.
+pub(crate) struct KafkaSource {
+    pub(crate) config: KafkaSourceConfig,
+}
+
+impl Source for KafkaSource {
+    fn run(self: Box<Self>, ctx: SourceContext) -> BoxFuture<'static, Result<(), SourceError>> {
+        Box::pin(run(self.config, ctx))
+    }
+}
+
+/// A message taken from the consumer, owned.
+struct Fetched {
+    topic: String,
+    partition: i32,
+    offset: i64,
+    value: Option<Vec<u8>>,
+}
+
+/// What the rebalance, statistics and error callbacks share with the poll loop.
+struct KafkaContext {
+    ctx: SourceContext,
+    offsets: Arc<Offsets>,
+    /// Fetched, not yet delivered (no permit was free).
+    held: Mutex<VecDeque<Fetched>>,
+    revoke_timeout: Duration,
+}
+
+impl KafkaContext {
+    fn held(&self) -> std::sync::MutexGuard<'_, VecDeque<Fetched>> {
+        self.held.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn labels(&self, (topic, partition): &Tp) -> PartitionLabels {
+        [
+            ("source", self.ctx.name.to_string()),
+            ("topic", topic.clone()),
+            ("partition", partition.to_string()),
+        ]
+    }
+}
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, facility: &str, message: &str) {
+        let source = &*self.ctx.name;
+        match level {
+            RDKafkaLogLevel::Emerg
+            | RDKafkaLogLevel::Alert
+            | RDKafkaLogLevel::Critical
+            | RDKafkaLogLevel::Error => {
+                tracing::error!(source, facility, "librdkafka: {message}");
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(source, facility, "librdkafka: {message}"),
+            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+                tracing::info!(source, facility, "librdkafka: {message}");
+            }
+            RDKafkaLogLevel::Debug => tracing::debug!(source, facility, "librdkafka: {message}"),
+        }
+    }
+
+    fn stats(&self, statistics: Statistics) {
+        // Real brokers only: librdkafka's internal and logical (coordinator) handles say
+        // nothing about the network.
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| matches!(b.source.as_str(), "configured" | "learned") && b.state == "UP");
+        self.ctx.set_up(up);
+        let gauges = &self.ctx.metrics().kafka_lag;
+        for (topic, stats) in &statistics.topics {
+            for (partition, p) in &stats.partitions {
+                let tp = (topic.clone(), *partition);
+                let high = (p.hi_offset >= 0).then_some(p.hi_offset);
+                if let Some(lag) = self.offsets.lag(&tp, high) {
+                    gauges.get_or_create(&self.labels(&tp)).set(lag);
+                }
+            }
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.ctx.set_up(false);
+        }
+        tracing::warn!(source = %self.ctx.name, error = %error, reason, "kafka client error; librdkafka retries");
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(list) => {
+                let tps = partitions(list);
+                self.offsets.assign(tps.iter().cloned());
+                tracing::info!(source = %self.ctx.name, partitions = %names(&tps), "partitions assigned");
+            }
+            Rebalance::Revoke(list) => {
+                let tps = partitions(list);
+                // Not yet delivered: the new owner reads them from the last commit.
+                self.held()
+                    .retain(|m| !tps.contains(&(m.topic.clone(), m.partition)));
+                if !self.offsets.wait_idle(&tps, self.revoke_timeout) {
+                    tracing::warn!(
+                        source = %self.ctx.name,
+                        in_flight = self.offsets.in_flight(Some(&tps)),
+                        "revoked partitions still have messages in flight after revoke_timeout_ms; they will be redelivered to the new owner"
+                    );
+                }
+                let commit = self.offsets.revoke(&tps);
+                if !commit.is_empty()
+                    && let Err(error) = consumer.commit(&offset_list(&commit), CommitMode::Sync)
+                {
+                    tracing::warn!(source = %self.ctx.name, error = %error, "cannot commit revoked partitions; their uncommitted messages will be redelivered");
+                }
+                for tp in &tps {
+                    self.ctx.metrics().kafka_lag.remove(&self.labels(tp));
+                }
+                tracing::info!(source = %self.ctx.name, partitions = %names(&tps), "partitions revoked");
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(source = %self.ctx.name, error = %error, "kafka rebalance failed");
+            }
+        }
+    }
+
+    fn commit_callback(&self, result: rdkafka::error::KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                for element in offsets.elements() {
+                    if let Offset::Offset(offset) = element.offset() {
+                        let tp = (element.topic().to_owned(), element.partition());
+                        self.offsets.committed(&tp, offset);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(source = %self.ctx.name, error = %error, "kafka commit failed; retrying at the next interval");
+            }
+        }
+    }
+}
+
+fn partitions(list: &TopicPartitionList) -> Vec<Tp> {
+    list.elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
+}
+
+fn names(tps: &[Tp]) -> String {
+    let names: Vec<String> = tps.iter().map(|(t, p)| format!("{t}/{p}")).collect();
+    names.join(",")
+}
+
+fn offset_list(offsets: &[(Tp, i64)]) -> TopicPartitionList {
+    let mut list = TopicPartitionList::new();
+    for ((topic, partition), offset) in offsets {
+        // Adding to a fresh list cannot fail for a valid offset.
+        let _ = list.add_partition_offset(topic, *partition, Offset::Offset(*offset));
+    }
+    list
+}
+
+/// Creates the consumer, subscribes, and polls on a thread of its own until shutdown.
+async fn run(config: KafkaSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
+    let offsets = Arc::new(Offsets::default());
+    let context = KafkaContext {
+        ctx: ctx.clone(),
+        offsets: Arc::clone(&offsets),
+        held: Mutex::new(VecDeque::new()),
+        revoke_timeout: Duration::from_millis(config.revoke_timeout_ms.get()),
+    };
+    let client_error = |what: String| {
+        move |error: KafkaError| SourceError::Client {
+            what,
+            error: Box::new(error),
+        }
+    };
+    let consumer: BaseConsumer<KafkaContext> = config
+        .client_config()
+        .create_with_context(context)
+        .map_err(client_error(format!(
+            "cannot create a kafka consumer for {}",
+            config.brokers
+        )))?;
+    let topics: Vec<&str> = config.topics.iter().map(|t| t.as_str()).collect();
+    consumer
+        .subscribe(&topics)
+        .map_err(client_error(format!("cannot subscribe to {topics:?}")))?;
+    tracing::info!(source = %ctx.name, brokers = %config.brokers, topics = ?topics, group = %config.group_id, "consuming from kafka");
+    let poller = Poller {
+        consumer,
+        settle: Arc::new(KafkaSettle(offsets)),
+        commit_every: Duration::from_millis(config.commit_interval_ms.get()),
+        runtime: tokio::runtime::Handle::current(),
+        paused: false,
+    };
+    let name = Arc::clone(&ctx.name);
+    tokio::task::spawn_blocking(move || poller.run(&ctx))
+        .await
+        .map_err(|error| SourceError::Client {
+            what: "the kafka poll thread failed".to_owned(),
+            error: Box::new(error),
+        })?;
+    tracing::info!(source = %name, "source stopped");
+    Ok(())
+}
+
+/// The poll thread's state.
+struct Poller {
+    consumer: BaseConsumer<KafkaContext>,
+    settle: Arc<dyn Settle>,
+    commit_every: Duration,
+    runtime: tokio::runtime::Handle,
+    /// Whether the assigned partitions are paused (no permit was free).
+    paused: bool,
+}
+
+impl Poller {
+    fn offsets(&self) -> &Offsets {
+        &self.consumer.context().offsets
+    }
+
+    fn run(mut self, ctx: &SourceContext) {
+        let mut permits: Option<Permits> = None;
+        let mut last_commit = Instant::now();
+        while !ctx.shutdown.is_cancelled() {
+            if last_commit.elapsed() >= self.commit_every {
+                self.commit(CommitMode::Async);
+                last_commit = Instant::now();
+            }
+            if permits.as_ref().is_none_or(Permits::is_empty) {
+                permits = self.reserve(ctx);
+            }
+            let Some(free) = permits.as_mut().filter(|p| !p.is_empty()) else {
+                // Nothing may go in flight: keep serving the group, hold what comes.
+                self.pause();
+                self.poll_into_held(ctx, POLL);
+                continue;
+            };
+            self.resume();
+            // What was held first, in order.
+            let next = self.consumer.context().held().pop_front();
+            let message = match next {
+                Some(message) => message,
+                None => match self.poll(ctx, POLL) {
+                    Some(message) => message,
+                    None => continue,
+                },
+            };
+            if let Some(permit) = free.take() {
+                self.deliver(ctx, message, permit);
+            }
+        }
+        self.stop(ctx);
+    }
+
+    /// Reserves permits without blocking the group for long: `None` when none came within a
+    /// poll interval (or at shutdown).
+    fn reserve(&self, ctx: &SourceContext) -> Option<Permits> {
+        self.runtime
+            .block_on(async { tokio::time::timeout(POLL, ctx.reserve(READ_AHEAD)).await })
+            .ok()
+            .flatten()
+    }
+
+    /// One poll; a message, or `None` (nothing came, or an error was logged).
+    fn poll(&self, ctx: &SourceContext, timeout: Duration) -> Option<Fetched> {
+        match self.consumer.poll(timeout)? {
+            Ok(message) => {
+                ctx.set_up(true);
+                Some(Fetched {
+                    topic: message.topic().to_owned(),
+                    partition: message.partition(),
+                    offset: message.offset(),
+                    value: message.payload().map(<[u8]>::to_vec),
+                })
+            }
+            Err(KafkaError::PartitionEOF(_)) => None,
+            // The error callback has logged the outage; librdkafka reconnects by itself.
+            Err(error @ KafkaError::MessageConsumption(_)) => {
+                tracing::debug!(source = %ctx.name, error = %error, "kafka poll failed; librdkafka retries");
+                None
+            }
+            Err(error) => {
+                tracing::warn!(source = %ctx.name, error = %error, "kafka poll failed; librdkafka retries");
+                None
+            }
+        }
+    }
+
+    fn poll_into_held(&self, ctx: &SourceContext, timeout: Duration) {
+        if let Some(message) = self.poll(ctx, timeout) {
+            self.consumer.context().held().push_back(message);
+        }
+    }
+
+    fn deliver(
+        &self,
+        ctx: &SourceContext,
+        message: Fetched,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let Fetched {
+            topic,
+            partition,
+            offset,
+            value,
+        } = message;
+        // Recorded before delivery: the pipeline may settle it at once.
+        if !self.offsets().delivered(&topic, partition, offset) {
+            return;
+        }
+        let payload = match value {
+            Some(value) => ctx.decode_json(value),
+            None => Payload::Malformed {
+                raw: RawPayload::Body(Vec::new()),
+                reason: DecodeError::NoBody {
+                    source_kind: "kafka",
+                },
+            },
+        };
+        ctx.deliver(
+            permit,
+            payload,
+            message_id(&topic, partition, offset),
+            &self.settle,
+        );
+    }
+
+    /// Pauses every assigned partition; again on each call while starved, since a rebalance
+    /// may have assigned new ones meanwhile.
+    fn pause(&mut self) {
+        if let Ok(assignment) = self.consumer.assignment()
+            && self.consumer.pause(&assignment).is_ok()
+        {
+            self.paused = true;
+        }
+    }
+
+    fn resume(&mut self) {
+        if !self.paused || !self.consumer.context().held().is_empty() {
+            return;
+        }
+        if let Ok(assignment) = self.consumer.assignment() {
+            let _ = self.consumer.resume(&assignment);
+        }
+        self.paused = false;
+    }
+
+    /// Commits what is applied and not yet committed.
+    fn commit(&self, mode: CommitMode) {
+        let ready = self.offsets().to_commit();
+        if ready.is_empty() {
+            return;
+        }
+        let list = offset_list(&ready);
+        match self.consumer.commit(&list, mode) {
+            Ok(()) if matches!(mode, CommitMode::Sync) => {
+                for (tp, offset) in &ready {
+                    self.offsets().committed(tp, *offset);
+                }
+            }
+            Ok(()) => {}
+            Err(error) => {
+                tracing::warn!(source = %self.consumer.context().ctx.name, error = %error, "kafka commit failed; retrying at the next interval");
+            }
+        }
+    }
+
+    /// At shutdown: nothing more is delivered; waits until what was delivered is settled
+    /// (serving the group meanwhile), commits, and leaves the group.
+    fn stop(mut self, ctx: &SourceContext) {
+        self.pause();
+        self.consumer.context().held().clear();
+        let mut last_commit = Instant::now();
+        while self.offsets().in_flight(None) > 0 {
+            // Messages that still come are not delivered: they stay after the commit.
+            let _ = self.poll(ctx, POLL);
+            if last_commit.elapsed() >= self.commit_every {
+                self.commit(CommitMode::Async);
+                last_commit = Instant::now();
+            }
+        }
+        self.commit(CommitMode::Sync);
+        tracing::info!(source = %ctx.name, "kafka offsets committed; leaving the group");
+        self.consumer.unsubscribe();
+        // Dropping the consumer closes it: a last revoke, nothing left to commit.
+    }
+}

@@ -1,0 +1,276 @@
+//! Which offsets may be committed: per assigned partition, the messages delivered and not yet
+//! settled. The offset committed is the lowest one not applied (or, when everything delivered
+//! is applied, the one after the last delivered), so a message applied early never carries
+//! the commit past an earlier one still in flight.
+//!
+//! Shared by the poll loop (deliveries, commits), the pipeline (settlements, through
+//! [`KafkaSettle`]) and the rebalance callback (assign, wait for in-flight, revoke).
+
+use crate::delivery::{Settle, Settled};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+/// A topic and partition.
+pub(super) type Tp = (String, i32);
+
+/// The state of one message delivered and not yet part of the committable prefix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Mark {
+    InFlight,
+    Done,
+    /// Not applied (shutdown while the cache was down): the commit stops before it.
+    Abandoned,
+}
+
+#[derive(Default)]
+struct Partition {
+    /// Delivered messages not yet in the applied prefix.
+    marks: BTreeMap<i64, Mark>,
+    /// The offset after the last one delivered.
+    next: Option<i64>,
+    /// The last offset committed with success.
+    committed: Option<i64>,
+}
+
+impl Partition {
+    /// The offset to commit: the lowest one not applied, else the one after the last delivered.
+    fn ready(&self) -> Option<i64> {
+        self.marks.keys().next().copied().or(self.next)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.marks.values().filter(|m| **m == Mark::InFlight).count()
+    }
+
+    /// Drops the applied prefix.
+    fn advance(&mut self) {
+        while let Some(entry) = self.marks.first_entry() {
+            if *entry.get() != Mark::Done {
+                break;
+            }
+            entry.remove();
+        }
+    }
+}
+
+/// The assigned partitions' offsets.
+#[derive(Default)]
+pub(super) struct Offsets {
+    partitions: Mutex<HashMap<Tp, Partition>>,
+    settled: Condvar,
+}
+
+impl Offsets {
+    fn lock(&self) -> MutexGuard<'_, HashMap<Tp, Partition>> {
+        self.partitions.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Partitions given to this member.
+    pub(super) fn assign(&self, tps: impl IntoIterator<Item = Tp>) {
+        let mut partitions = self.lock();
+        for tp in tps {
+            partitions.entry(tp).or_default();
+        }
+    }
+
+    /// Records a message about to be delivered; false (deliver nothing) when its partition is
+    /// not assigned (a message fetched before a revoke).
+    pub(super) fn delivered(&self, topic: &str, partition: i32, offset: i64) -> bool {
+        let mut partitions = self.lock();
+        let Some(state) = partitions.get_mut(&(topic.to_owned(), partition)) else {
+            return false;
+        };
+        state.marks.insert(offset, Mark::InFlight);
+        state.next = Some(state.next.map_or(offset + 1, |next| next.max(offset + 1)));
+        true
+    }
+
+    /// Records how a message ended. Settlements of partitions no longer assigned are ignored:
+    /// the new owner reads from the last commit.
+    pub(super) fn settle(&self, topic: &str, partition: i32, offset: i64, settled: Settled) {
+        let mut partitions = self.lock();
+        if let Some(state) = partitions.get_mut(&(topic.to_owned(), partition))
+            && let Some(mark) = state.marks.get_mut(&offset)
+        {
+            *mark = match (settled, *mark) {
+                (Settled::Done, _) => Mark::Done,
+                (Settled::Abandoned, Mark::Done) => Mark::Done,
+                (Settled::Abandoned, _) => Mark::Abandoned,
+            };
+            state.advance();
+        }
+        drop(partitions);
+        self.settled.notify_all();
+    }
+
+    /// Messages delivered and not settled, in `tps` (all partitions when `None`).
+    pub(super) fn in_flight(&self, tps: Option<&[Tp]>) -> usize {
+        let partitions = self.lock();
+        match tps {
+            None => partitions.values().map(Partition::in_flight).sum(),
+            Some(tps) => tps
+                .iter()
+                .filter_map(|tp| partitions.get(tp))
+                .map(Partition::in_flight)
+                .sum(),
+        }
+    }
+
+    /// Waits until nothing is in flight in `tps`, for at most `limit`; whether it got there.
+    pub(super) fn wait_idle(&self, tps: &[Tp], limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        let mut partitions = self.lock();
+        loop {
+            let busy: usize = tps
+                .iter()
+                .filter_map(|tp| partitions.get(tp))
+                .map(Partition::in_flight)
+                .sum();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if busy == 0 {
+                return true;
+            }
+            if left.is_zero() {
+                return false;
+            }
+            partitions = self
+                .settled
+                .wait_timeout(partitions, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+
+    /// The offsets worth committing now: each partition's ready offset, where it is past the
+    /// last commit.
+    pub(super) fn to_commit(&self) -> Vec<(Tp, i64)> {
+        self.lock()
+            .iter()
+            .filter_map(|(tp, state)| {
+                let ready = state.ready()?;
+                (state.committed.is_none_or(|c| ready > c)).then(|| (tp.clone(), ready))
+            })
+            .collect()
+    }
+
+    /// A commit of `offset` for `tp` succeeded.
+    pub(super) fn committed(&self, tp: &Tp, offset: i64) {
+        if let Some(state) = self.lock().get_mut(tp) {
+            state.committed = Some(state.committed.map_or(offset, |c| c.max(offset)));
+        }
+    }
+
+    /// `tp`'s lag: from the committable offset to `high` (or to the end of what was fetched,
+    /// whichever is further). `None` when `tp` is not assigned or nothing is known yet.
+    pub(super) fn lag(&self, tp: &Tp, high: Option<i64>) -> Option<i64> {
+        let partitions = self.lock();
+        let state = partitions.get(tp)?;
+        let end = match (high, state.next) {
+            (Some(high), Some(next)) => high.max(next),
+            (Some(high), None) => high,
+            (None, Some(next)) => next,
+            (None, None) => return None,
+        };
+        let from = state.ready().or(state.committed)?;
+        Some((end - from).max(0))
+    }
+
+    /// Lets `tps` go; returns the offsets to commit for them (what is applied).
+    pub(super) fn revoke(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
+        let mut partitions = self.lock();
+        tps.iter()
+            .filter_map(|tp| {
+                let state = partitions.remove(tp)?;
+                let ready = state.ready()?;
+                (state.committed.is_none_or(|c| ready > c)).then(|| (tp.clone(), ready))
+            })
+            .collect()
+    }
+}
+
+/// A delivery's id: `topic/partition/offset` (Kafka topic names have no `/`).
+pub(super) fn message_id(topic: &str, partition: i32, offset: i64) -> String {
+    format!("{topic}/{partition}/{offset}")
+}
+
+/// The parts of a [`message_id`].
+fn parse_id(id: &str) -> Option<(&str, i32, i64)> {
+    let mut parts = id.rsplitn(3, '/');
+    let offset = parts.next()?.parse().ok()?;
+    let partition = parts.next()?.parse().ok()?;
+    Some((parts.next()?, partition, offset))
+}
+
+/// Tells [`Offsets`] how deliveries ended.
+pub(super) struct KafkaSettle(pub(super) std::sync::Arc<Offsets>);
+
+impl Settle for KafkaSettle {
+    fn settle(&self, id: &str, settled: Settled) {
+        if let Some((topic, partition, offset)) = parse_id(id) {
+            self.0.settle(topic, partition, offset, settled);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tp(p: i32) -> Tp {
+        ("t".to_owned(), p)
+    }
+
+    #[test]
+    fn the_commit_never_passes_a_message_not_yet_applied() {
+        let offsets = Offsets::default();
+        offsets.assign([tp(0)]);
+        for offset in 10..15 {
+            assert!(offsets.delivered("t", 0, offset));
+        }
+        assert_eq!(offsets.to_commit(), [(tp(0), 10)]);
+        // 11..14 applied before 10: the commit stays at 10.
+        for offset in 11..15 {
+            offsets.settle("t", 0, offset, Settled::Done);
+        }
+        assert_eq!(offsets.to_commit(), [(tp(0), 10)]);
+        assert_eq!(offsets.in_flight(None), 1);
+        offsets.settle("t", 0, 10, Settled::Done);
+        assert_eq!(offsets.to_commit(), [(tp(0), 15)]);
+        offsets.committed(&tp(0), 15);
+        assert!(offsets.to_commit().is_empty());
+        // An abandoned message holds the commit for good.
+        offsets.delivered("t", 0, 15);
+        offsets.delivered("t", 0, 16);
+        offsets.settle("t", 0, 15, Settled::Abandoned);
+        offsets.settle("t", 0, 16, Settled::Done);
+        assert!(offsets.to_commit().is_empty());
+        assert_eq!(offsets.lag(&tp(0), Some(20)), Some(5));
+    }
+
+    #[test]
+    fn revoked_partitions_deliver_nothing_and_return_their_applied_prefix() {
+        let offsets = Offsets::default();
+        offsets.assign([tp(0), tp(1)]);
+        assert!(!offsets.delivered("t", 2, 0));
+        offsets.delivered("t", 0, 0);
+        offsets.delivered("t", 0, 1);
+        offsets.delivered("t", 1, 7);
+        offsets.settle("t", 0, 0, Settled::Done);
+        assert!(!offsets.wait_idle(&[tp(0)], Duration::from_millis(10)));
+        assert_eq!(offsets.revoke(&[tp(0)]), [(tp(0), 1)]);
+        assert!(!offsets.delivered("t", 0, 2));
+        // A late settlement of a revoked partition changes nothing.
+        offsets.settle("t", 0, 1, Settled::Done);
+        assert_eq!(offsets.to_commit(), [(tp(1), 7)]);
+        assert_eq!(offsets.in_flight(None), 1);
+    }
+
+    #[test]
+    fn ids_name_topic_partition_and_offset() {
+        let id = message_id("sequin.public.orders", 2, 41);
+        assert_eq!(id, "sequin.public.orders/2/41");
+        assert_eq!(parse_id(&id), Some(("sequin.public.orders", 2, 41)));
+        assert_eq!(parse_id("nonsense"), None);
+    }
+}
