@@ -138,6 +138,9 @@ pub struct Metrics {
     pub sqs_in_flight: Family<SourceLabel, Gauge>,
     /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
     pub source_up: Family<SourceLabel, Gauge>,
+    /// Messages a broker delivered again (a JetStream delivery count above 1, AMQP's
+    /// `redelivered` flag), by source.
+    pub redelivered: Family<SourceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -158,6 +161,7 @@ impl Default for Metrics {
             sqs_visible: Family::default(),
             sqs_in_flight: Family::default(),
             source_up: Family::default(),
+            redelivered: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -230,6 +234,11 @@ impl Default for Metrics {
             "source_up",
             "1 while the source is connected (its last read worked), else 0",
             m.source_up.clone(),
+        );
+        registry.register(
+            "messages_redelivered",
+            "Messages a broker delivered again (JetStream delivery count above 1, AMQP redelivered)",
+            m.redelivered.clone(),
         );
         Metrics {
             registry,
