@@ -15,4 +15,7 @@ if [ ! -x "$target/bench-venv/bin/python" ] || ! "$target/bench-venv/bin/python"
     python3 -m venv "$target/bench-venv"
     "$target/bench-venv/bin/pip" install --quiet redis
 fi
+# The broker scenarios use the machine's NATS and RabbitMQ when they answer.
+. scripts/lib/brokers.sh
+check_brokers || echo "bench: the NATS and RabbitMQ scenarios are skipped" >&2
 exec "$target/release/keepwarm-bench" --plugins "$target/plugins" "$@"
