@@ -97,10 +97,11 @@ async fn a_keepwarm_killed_mid_run_and_restarted_loses_nothing() {
     let stream = Stream::create("nats-kill").await;
     let dir = TempDir::new("kw-nats-kill");
     // Small pulls and batches, so that the kill finds messages in flight.
-    let config = stream
+    let builder = stream
         .config(&env, "max_messages = 50")
         .pipeline("batch_size = 20")
-        .write(&dir, "keepwarm.toml");
+        .admin();
+    let config = builder.write(&dir, "keepwarm.toml");
     let n: u64 = 4000;
     let lines: Vec<String> = (0..n).map(|row| order_line(row, 0)).collect();
     let (before, after) = lines.split_at(2000);
@@ -120,6 +121,18 @@ async fn a_keepwarm_killed_mid_run_and_restarted_loses_nothing() {
 
     let mut second = KeepwarmProcess::spawn(&["run", "--config", &config]);
     stream.wait_acked(n).await;
+    if in_flight > 0 {
+        // What the killed process held came again, after its ack wait, and was counted.
+        let metrics = format!("http://{}/metrics", builder.admin_address());
+        let (_, text) = http_get(&metrics).await.unwrap();
+        let source = stream.source_name();
+        let redelivered = metric(
+            &text,
+            "keepwarm_messages_redelivered_total",
+            &[("source", source.as_str())],
+        );
+        assert!(redelivered.is_some_and(|n| n > 0.0), "{text}");
+    }
     second.signal("TERM");
     let status = second.wait_exit(PATIENCE);
     assert_eq!(status.code(), Some(0), "{}", second.log.join("\n"));
@@ -129,6 +142,26 @@ async fn a_keepwarm_killed_mid_run_and_restarted_loses_nothing() {
     for (row, value) in values.into_iter().enumerate() {
         assert_eq!(value, Some(record_text(&lines[row])), "row {row}");
     }
+    stream.delete().await;
+}
+
+/// Started before its stream exists (and not asked to create it): the source is down until
+/// the stream is created, then binds and applies what Sequin publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_stream_keeps_the_source_down_until_it_is_created() {
+    let env = TestEnv::row_cache("nats-missing");
+    let stream = Stream::named("nats-missing").await;
+    let daemon = stream.config(&env, "").admin().run();
+    wait_ready(&daemon, 503).await;
+    stream.create_stream().await;
+    stream.publish_sequin(&[order_line(0, 0)]).await;
+    stream.wait_acked(1).await;
+    wait_ready(&daemon, 200).await;
+    daemon.stop().await;
+    assert_eq!(
+        env.keys().await.get("public.orders:0").await,
+        Some(record_text(&order_line(0, 0)))
+    );
     stream.delete().await;
 }
 

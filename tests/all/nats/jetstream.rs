@@ -41,18 +41,22 @@ impl Stream {
     /// Creates the stream (capturing `sequin.<database>.>`, a two-minute duplicate window).
     pub async fn create(prefix: &str) -> Stream {
         let stream = Stream::named(prefix).await;
+        stream.create_stream().await;
         stream
-            .js
+    }
+
+    /// Creates the stream of a [`Stream::named`].
+    pub async fn create_stream(&self) {
+        self.js
             .create_stream(stream::Config {
-                name: stream.name.clone(),
-                subjects: vec![stream.subjects()],
+                name: self.name.clone(),
+                subjects: vec![self.subjects()],
                 duplicate_window: Duration::from_secs(120),
                 storage: stream::StorageType::File,
                 ..Default::default()
             })
             .await
             .unwrap();
-        stream
     }
 
     /// The subjects Sequin publishes this test's database to.

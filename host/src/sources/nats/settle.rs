@@ -148,3 +148,62 @@ pub(super) async fn keep_in_progress(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An acker of a client that never connects: the table only stores it.
+    async fn acker() -> Acker {
+        let client = async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect("127.0.0.1:1")
+            .await
+            .unwrap();
+        Acker::new(async_nats::jetstream::new(client), None)
+    }
+
+    #[tokio::test]
+    async fn the_in_flight_table_keeps_copies_and_reports_progress_once_a_period() {
+        let table = InFlight::default();
+        let start = Instant::now();
+        table.hold("1", acker().await);
+        table.hold("2", acker().await);
+        // Delivered again while the first copy is still in flight.
+        table.hold("2", acker().await);
+        assert_eq!(table.len(), 2);
+        assert!(table.due(start).is_empty());
+        // One report per message, not per copy; then none until the next period.
+        let reported = Instant::now();
+        assert_eq!(table.due(reported + Duration::from_secs(1)).len(), 2);
+        assert!(table.due(reported).is_empty());
+        assert!(matches!(table.settle("2"), Some((_, false))));
+        assert!(matches!(table.settle("2"), Some((_, true))));
+        assert!(table.settle("2").is_none());
+        assert_eq!(table.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn done_acks_and_only_the_last_abandoned_copy_naks() {
+        let inflight = Arc::new(InFlight::default());
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let settle = NatsSettle {
+            inflight: Arc::clone(&inflight),
+            tx,
+        };
+        inflight.hold("1", acker().await);
+        inflight.hold("2", acker().await);
+        inflight.hold("2", acker().await);
+        settle.settle("1", Settled::Done);
+        settle.settle("2", Settled::Abandoned);
+        settle.settle("2", Settled::Abandoned);
+        // Unknown or already settled: nothing.
+        settle.settle("1", Settled::Done);
+        drop(settle);
+        let mut kinds = Vec::new();
+        while let Some((_, kind)) = rx.recv().await {
+            kinds.push(format!("{kind:?}"));
+        }
+        assert_eq!(kinds, ["Ack", "Nak(None)"]);
+    }
+}
