@@ -150,6 +150,50 @@ async fn a_keepwarm_killed_mid_run_and_restarted_loses_nothing() {
     broker.delete().await;
 }
 
+/// SIGTERM in the middle of a backlog: the `keepwarm` binary finishes and acknowledges what it
+/// took, gives the rest back, and exits 0. Every message is then either cached or back in the
+/// queue, never both gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_finishes_what_was_taken_and_leaves_the_rest_in_the_queue() {
+    let env = TestEnv::row_cache("amqp-sigterm");
+    let broker = Broker::new("amqp-sigterm").await;
+    broker.declare_queue().await;
+    let dir = TempDir::new("kw-amqp-sigterm");
+    // A prefetch of 100: most of the backlog is still in the queue when the signal comes.
+    let config = broker
+        .config(&env, "")
+        .pipeline("batch_size = 20\nmax_in_flight = 100")
+        .write(&dir, "keepwarm.toml");
+    let n: u64 = 6000;
+    let lines: Vec<String> = (0..n).map(|row| order_line(row, 0)).collect();
+    broker.publish_sequin(&lines).await;
+    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    daemon.wait_log("consuming from rabbitmq", PATIENCE);
+    wait_for("the daemon to be under way", PATIENCE, || async {
+        broker.ready().await < 5800
+    })
+    .await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(0), "{}", daemon.log.join("\n"));
+    let keys = (0..n).map(|row| format!("public.orders:{row}"));
+    let cached = env.keys().await.exist(keys).await;
+    // Nothing acknowledged without being applied: each message is cached or back in the
+    // queue (rows are distinct, so none is both). The broker requeues what the closed
+    // connection held as it notices the close.
+    wait_for("every message cached or queued", PATIENCE, || async {
+        cached + u64::from(broker.ready().await) == n
+    })
+    .await;
+    let ready = n - cached;
+    eprintln!("at SIGTERM: {cached} cached, {ready} left in the queue");
+    assert!(
+        ready > 0,
+        "the whole backlog was consumed before the signal"
+    );
+    broker.delete().await;
+}
+
 /// The daemon's connection is dropped mid-run and the broker refused for a while: the source
 /// reports itself down, reconnects with backoff, and every change is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
