@@ -141,6 +141,9 @@ pub struct Metrics {
     /// Messages a broker delivered again (a JetStream delivery count above 1, AMQP's
     /// `redelivered` flag), by source.
     pub redelivered: Family<SourceLabel, Counter>,
+    /// Messages waiting in a broker for this source, not yet delivered to it (a JetStream
+    /// consumer's `num_pending`, a RabbitMQ queue's ready messages).
+    pub backlog: Family<SourceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -162,6 +165,7 @@ impl Default for Metrics {
             sqs_in_flight: Family::default(),
             source_up: Family::default(),
             redelivered: Family::default(),
+            backlog: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -239,6 +243,11 @@ impl Default for Metrics {
             "messages_redelivered",
             "Messages a broker delivered again (JetStream delivery count above 1, AMQP redelivered)",
             m.redelivered.clone(),
+        );
+        registry.register(
+            "source_backlog",
+            "Messages waiting in a broker, not yet delivered (JetStream num_pending, RabbitMQ ready)",
+            m.backlog.clone(),
         );
         Metrics {
             registry,

@@ -44,6 +44,12 @@ async fn sequin_nats_messages_become_exact_cache_entries_and_are_acknowledged() 
         metric(&text, "keepwarm_messages_received_total", &labels),
         Some(n as f64)
     );
+    wait_gauges_zero(
+        &daemon.admin_url("/metrics"),
+        &source,
+        &["keepwarm_source_backlog"],
+    )
+    .await;
     daemon.stop().await;
     assert_fixtures_cached(&env.keys().await, true).await;
     assert!(env.dead_letters().await.is_empty());

@@ -63,6 +63,7 @@ async fn sequin_rabbitmq_messages_become_exact_cache_entries_and_are_acknowledge
     })
     .await;
     wait_ready(&daemon, 200).await;
+    wait_gauges_zero(&metrics, &source, &["keepwarm_source_backlog"]).await;
     daemon.stop().await;
     assert_fixtures_cached(&env.keys().await, true).await;
     assert!(env.dead_letters().await.is_empty());

@@ -24,7 +24,7 @@
 pub mod config;
 mod settle;
 
-use super::{BoxFuture, Permits, Source, SourceContext, SourceError};
+use super::{BoxFuture, Permits, Sampler, Source, SourceContext, SourceError};
 use crate::backoff::Backoff;
 use crate::delivery::Settle;
 use async_nats::jetstream::{self, AckKind, consumer, stream};
@@ -174,6 +174,8 @@ impl Puller {
                 return;
             };
             tracing::info!(source = %ctx.name, stream = %self.config.stream.as_str(), consumer = %self.config.consumer.as_str(), "pulling from nats");
+            let sampler = tokio::spawn(sample_backlog(consumer.clone(), ctx.clone()));
+            let _stop_sampling = AbortOnDrop(sampler);
             loop {
                 let Some(permits) = ctx.reserve(self.config.max_messages.get() as usize).await
                 else {
@@ -339,6 +341,34 @@ impl Puller {
             return Pulled::Stopped;
         }
         Pulled::More
+    }
+}
+
+/// How often the consumer's backlog is sampled for `/metrics`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples the consumer's `num_pending` into `keepwarm_source_backlog` until shutdown.
+async fn sample_backlog(mut consumer: PullConsumer, ctx: SourceContext) {
+    let gauge = ctx.metrics().backlog.get_or_create(ctx.labels()).clone();
+    let mut every = Sampler::every(SAMPLE_EVERY);
+    while every.tick(&ctx).await {
+        match consumer.info().await {
+            Ok(info) => {
+                gauge.set(i64::try_from(info.num_pending).unwrap_or(i64::MAX));
+            }
+            Err(error) => {
+                tracing::debug!(source = %ctx.name, error = %error, "cannot sample the consumer's backlog");
+            }
+        }
+    }
+}
+
+/// Aborts a task when dropped (the sampler of a consumer no longer bound).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

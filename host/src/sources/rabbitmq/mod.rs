@@ -23,7 +23,7 @@
 pub mod config;
 mod settle;
 
-use super::{BoxFuture, Source, SourceContext, SourceError};
+use super::{BoxFuture, Sampler, Source, SourceContext, SourceError};
 use crate::delivery::Settle;
 pub use config::RabbitMqSourceConfig;
 use futures_util::StreamExt as _;
@@ -58,6 +58,9 @@ struct Session {
     connection: Connection,
     channel: Channel,
     consumer: Consumer,
+    /// A channel of its own for the backlog sampler: a failed passive declare closes its
+    /// channel.
+    sampler: Channel,
 }
 
 /// How a session ended.
@@ -103,7 +106,14 @@ async fn run(source: RabbitMqSource, ctx: SourceContext) -> Result<(), SourceErr
         generation += 1;
         tracing::info!(source = %ctx.name, queue = %source.config.queue, prefetch = source.prefetch, "consuming from rabbitmq");
         let mut session = session;
-        match consume(&mut session, generation, &inflight, &settle, &ctx).await {
+        let sampler = tokio::spawn(sample_backlog(
+            session.sampler.clone(),
+            source.config.queue.to_string(),
+            ctx.clone(),
+        ));
+        let ended = consume(&mut session, generation, &inflight, &settle, &ctx).await;
+        sampler.abort();
+        match ended {
             Ended::Stopped => {
                 stop_consuming(&mut session, &ctx).await;
                 last = Some(session);
@@ -204,10 +214,12 @@ async fn open(
             FieldTable::default(),
         )
         .await?;
+    let sampler = connection.create_channel().await?;
     Ok(Session {
         connection,
         channel,
         consumer,
+        sampler,
     })
 }
 
@@ -271,6 +283,34 @@ async fn stop_consuming(session: &mut Session, ctx: &SourceContext) {
         }
     };
     let _ = tokio::time::timeout(Duration::from_secs(5), drain).await;
+}
+
+/// How often the queue's backlog is sampled for `/metrics`.
+const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+
+/// Samples the queue's ready messages (a passive declare) into `keepwarm_source_backlog` until
+/// shutdown or until the session's task aborts it.
+async fn sample_backlog(channel: Channel, queue: String, ctx: SourceContext) {
+    let gauge = ctx.metrics().backlog.get_or_create(ctx.labels()).clone();
+    let mut every = Sampler::every(SAMPLE_EVERY);
+    let options = QueueDeclareOptions {
+        passive: true,
+        ..Default::default()
+    };
+    while every.tick(&ctx).await {
+        match channel
+            .queue_declare(queue.as_str().into(), options, FieldTable::default())
+            .await
+        {
+            Ok(declared) => {
+                gauge.set(i64::from(declared.message_count()));
+            }
+            Err(error) => {
+                tracing::debug!(source = %ctx.name, error = %error, "cannot sample the queue's backlog");
+                return;
+            }
+        }
+    }
 }
 
 /// Returns a delivery to the queue (`basic.nack` with requeue).
