@@ -195,6 +195,39 @@ async fn sigterm_finishes_what_was_taken_and_leaves_the_rest_in_the_queue() {
     broker.delete().await;
 }
 
+/// Shut down while the cache is down: nothing in flight is acknowledged, and the broker has it
+/// all again once the process is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shutdown_while_the_cache_is_down_returns_what_was_in_flight() {
+    let mut cache = RedisServer::start().await;
+    let env = TestEnv::row_cache("amqp-outage").with_cache(&cache.url());
+    let broker = Broker::new("amqp-outage").await;
+    broker.declare_queue().await;
+    let dir = TempDir::new("kw-amqp-outage");
+    let config = broker
+        .config(&env, "")
+        .pipeline("max_backoff_ms = 200")
+        .write(&dir, "keepwarm.toml");
+    let mut daemon =
+        KeepwarmProcess::spawn(&["run", "--config", &config, "--shutdown-timeout", "1"]);
+    daemon.wait_log("consuming from rabbitmq", PATIENCE);
+    cache.stop();
+    let lines: Vec<String> = (0..3).map(|row| order_line(row, 0)).collect();
+    broker.publish_sequin(&lines).await;
+    wait_for("the daemon to take all three", PATIENCE, || async {
+        broker.ready().await == 0
+    })
+    .await;
+    daemon.signal("TERM");
+    let status = daemon.wait_exit(PATIENCE);
+    assert_eq!(status.code(), Some(0), "{}", daemon.log.join("\n"));
+    wait_for("all three back in the queue", PATIENCE, || async {
+        broker.ready().await == 3
+    })
+    .await;
+    broker.delete().await;
+}
+
 /// The daemon's connection is dropped mid-run and the broker refused for a while: the source
 /// reports itself down, reconnects with backoff, and every change is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
