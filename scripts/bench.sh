@@ -21,4 +21,7 @@ fi
 . scripts/lib/redis.sh
 . scripts/lib/kafka.sh
 start_kafka
+# The NATS and RabbitMQ scenarios use the machine's brokers when they answer.
+. scripts/lib/brokers.sh
+check_brokers || echo "bench: the NATS and RabbitMQ scenarios are skipped" >&2
 "$target/release/keepwarm-bench" --plugins "$target/plugins" --kafka-brokers "$KAFKA_BROKERS" "$@"

@@ -3,6 +3,7 @@
 //! a Kafka broker is given. See `docs/bench.md`.
 
 mod kafka;
+mod brokers;
 mod native;
 mod plugin_cost;
 mod procstat;
@@ -112,6 +113,14 @@ struct RunArgs {
     /// consumer's measured throughput (to compare consumers at one rate).
     #[arg(long)]
     latency_rate: Option<f64>,
+    /// NATS with JetStream for the NATS scenario (default: `NATS_URL`; none: skipped). Its
+    /// stream `KEEPWARM_BENCH` is replaced.
+    #[arg(long)]
+    nats_url: Option<String>,
+    /// RabbitMQ for the RabbitMQ scenario (default: `AMQP_URL`; none: skipped). Its queue
+    /// `keepwarm-bench` is replaced.
+    #[arg(long)]
+    amqp_url: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -235,6 +244,8 @@ struct Latency {
 
 struct Env {
     url: String,
+    nats_url: Option<String>,
+    amqp_url: Option<String>,
     redis_pid: Option<u32>,
     keepwarm: PathBuf,
     plugins: PathBuf,
@@ -309,6 +320,14 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     let env = Env {
         redis_pid: server.as_ref().map(Child::id),
         url,
+        nats_url: args
+            .nats_url
+            .clone()
+            .or_else(|| std::env::var("NATS_URL").ok()),
+        amqp_url: args
+            .amqp_url
+            .clone()
+            .or_else(|| std::env::var("AMQP_URL").ok()),
         keepwarm,
         plugins,
         python,
@@ -403,6 +422,36 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
         preload(&mut conn, &env.workload, args.messages).await?;
         eprintln!("== {}: consuming", scenario.name);
         let result = measure(env, &mut conn, scenario, args.messages).await?;
+        eprintln!(
+            "   {:.0} msg/s, {:.2} CPU s/M, {:.1} MiB",
+            result.messages_per_second, result.cpu_seconds_per_million, result.peak_rss_mib
+        );
+        throughput.push(result);
+    }
+    for (name, broker, url) in [
+        ("keepwarm-nats", brokers::Broker::Nats, &env.nats_url),
+        (
+            "keepwarm-rabbitmq",
+            brokers::Broker::RabbitMq,
+            &env.amqp_url,
+        ),
+    ] {
+        if !wanted(name) {
+            continue;
+        }
+        let Some(url) = url else {
+            eprintln!(
+                "note: no broker URL for {name} (--nats-url/--amqp-url, NATS_URL/AMQP_URL); skipped"
+            );
+            continue;
+        };
+        eprintln!("== {name}: preloading {} messages", args.messages);
+        flush(&mut conn).await?;
+        brokers::preload(broker, url, &env.workload, args.messages).await?;
+        eprintln!("== {name}: consuming");
+        let result = measure_broker(env, &mut conn, name, broker, url, args.messages).await;
+        brokers::clean_up(broker, url).await;
+        let result = result?;
         eprintln!(
             "   {:.0} msg/s, {:.2} CPU s/M, {:.1} MiB",
             result.messages_per_second, result.cpu_seconds_per_million, result.peak_rss_mib
@@ -604,14 +653,14 @@ fn spawn(env: &Env, name: &str, kind: Kind, topic: &str) -> anyhow::Result<Child
     Ok(cmd.spawn()?)
 }
 
-/// keepwarm with row-cache (plain or versioned writes) and `source`, on `threads` threads.
-fn keepwarm_command(
+/// Writes keepwarm's configuration for scenario `name`: row-cache (`plain` or versioned
+/// writes) and `source`; returns its path and the admin endpoint's address.
+fn keepwarm_config(
     env: &Env,
     name: &str,
     plain: bool,
-    threads: usize,
     source: &str,
-) -> anyhow::Result<Command> {
+) -> anyhow::Result<(PathBuf, std::net::SocketAddr)> {
     let plugins = env.scratch.join(format!("plugins-{name}"));
     std::fs::create_dir_all(&plugins)?;
     std::fs::copy(
@@ -636,11 +685,97 @@ fn keepwarm_command(
             pipeline = env.pipeline,
         ),
     )?;
+    Ok((config, admin))
+}
+
+/// keepwarm with row-cache (plain or versioned writes) and `source`, on `threads` threads.
+fn keepwarm_command(
+    env: &Env,
+    name: &str,
+    plain: bool,
+    threads: usize,
+    source: &str,
+) -> anyhow::Result<Command> {
+    let (config, _) = keepwarm_config(env, name, plain, source)?;
     let mut cmd = Command::new(&env.keepwarm);
     cmd.arg("run").arg("--config").arg(&config);
     cmd.env("TOKIO_WORKER_THREADS", threads.to_string());
     cmd.env("RUST_LOG", "warn");
     Ok(cmd)
+}
+
+/// keepwarm (versioned writes, two threads) reading `broker` until it has applied `n`
+/// messages; timed from the first message received.
+async fn measure_broker(
+    env: &Env,
+    conn: &mut MultiplexedConnection,
+    name: &str,
+    broker: brokers::Broker,
+    url: &str,
+    n: u64,
+) -> anyhow::Result<Throughput> {
+    let (config, admin) = keepwarm_config(env, name, false, &brokers::source_table(broker, url))?;
+    let child = Command::new(&env.keepwarm)
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("TOKIO_WORKER_THREADS", "2")
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::null())
+        .spawn()?;
+    let pid = child.id();
+    #[allow(
+        clippy::cast_precision_loss,
+        reason = "message counts are far below 2^52"
+    )]
+    let total = n as f64;
+    let result = async {
+        let deadline = Instant::now() + Duration::from_secs(900);
+        let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
+        loop {
+            anyhow::ensure!(Instant::now() < deadline, "{name} did not finish");
+            let (received, applied) = brokers::progress(admin).await;
+            let now = Instant::now();
+            if first.is_none() && received > 0.0 {
+                first = Some((
+                    now,
+                    Sample::of(pid)?,
+                    env.redis_pid.map(Sample::of).transpose()?,
+                ));
+            }
+            if let Some((start, cpu0, redis0)) = &first
+                && applied >= total
+            {
+                let cpu1 = Sample::of(pid)?;
+                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
+                let seconds = now.duration_since(*start).as_secs_f64();
+                let millions = total / 1e6;
+                let dead_letters: u64 = redis::cmd("XLEN")
+                    .arg("keepwarm:dead-letters")
+                    .query_async(conn)
+                    .await?;
+                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+                return Ok(Throughput {
+                    name: name.to_owned(),
+                    messages: n,
+                    seconds,
+                    messages_per_second: total / seconds,
+                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
+                    redis_cpu_seconds_per_million: redis0
+                        .as_ref()
+                        .zip(redis1)
+                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
+                    peak_rss_mib: cpu1.peak_rss_mib,
+                    dead_letters,
+                    keys,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    .await;
+    stop(child);
+    result
 }
 
 fn python_worker() -> PathBuf {

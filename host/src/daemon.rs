@@ -127,6 +127,7 @@ pub async fn run(
         let name = config.name();
         let env = SourceEnv {
             cache_redis: core.config.redis.client()?,
+            max_in_flight: core.config.pipeline.max_in_flight,
         };
         let source = config
             .build(env)

@@ -143,6 +143,12 @@ pub struct Metrics {
     pub kafka_lag: Family<PartitionLabels, Gauge>,
     /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
     pub source_up: Family<SourceLabel, Gauge>,
+    /// Messages a broker delivered again (a JetStream delivery count above 1, AMQP's
+    /// `redelivered` flag), by source.
+    pub redelivered: Family<SourceLabel, Counter>,
+    /// Messages waiting in a broker for this source, not yet delivered to it (a JetStream
+    /// consumer's `num_pending`, a RabbitMQ queue's ready messages).
+    pub backlog: Family<SourceLabel, Gauge>,
 }
 
 impl Default for Metrics {
@@ -164,6 +170,8 @@ impl Default for Metrics {
             sqs_in_flight: Family::default(),
             kafka_lag: Family::default(),
             source_up: Family::default(),
+            redelivered: Family::default(),
+            backlog: Family::default(),
             registry: Registry::default(),
         };
         let m = &metrics;
@@ -241,6 +249,16 @@ impl Default for Metrics {
             "source_up",
             "1 while the source is connected (its last read worked), else 0",
             m.source_up.clone(),
+        );
+        registry.register(
+            "messages_redelivered",
+            "Messages a broker delivered again (JetStream delivery count above 1, AMQP redelivered)",
+            m.redelivered.clone(),
+        );
+        registry.register(
+            "source_backlog",
+            "Messages waiting in a broker, not yet delivered (JetStream num_pending, RabbitMQ ready)",
+            m.backlog.clone(),
         );
         Metrics {
             registry,

@@ -54,6 +54,12 @@ impl<'de, const MIN: u64, const MAX: u64> Deserialize<'de> for Bounded<MIN, MAX>
 pub struct NonEmpty(String);
 
 impl NonEmpty {
+    /// `text`, if it is not empty.
+    pub fn new(text: impl Into<String>) -> Option<NonEmpty> {
+        let text = text.into();
+        (!text.is_empty()).then_some(NonEmpty(text))
+    }
+
     /// The text.
     pub fn as_str(&self) -> &str {
         &self.0

@@ -295,7 +295,9 @@ mod tests {
                 "redis-stream:sequin.changes",
                 "sqs:sequin-changes.fifo",
                 "kafka:keepwarm",
-                "http:0.0.0.0:8080/sequin"
+                "http:0.0.0.0:8080/sequin",
+                "nats:SEQUIN",
+                "rabbitmq:keepwarm.changes",
             ]
         );
     }
@@ -337,6 +339,44 @@ mod tests {
         assert!(
             source_error("kind = \"sqs\"\nqueue_url = \"q\"\nregion = \"r\"\n").contains("URL")
         );
+    }
+
+    #[test]
+    fn nats_sources_take_defaults_and_check_names_and_stream_creation() {
+        let nats = "kind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nstream = \"S\"\n";
+        let config = Config::parse(&format!("{BASE}{nats}")).unwrap();
+        let SourceConfig::Nats(source) = &config.sources[0] else {
+            panic!("not nats")
+        };
+        assert_eq!(
+            (
+                source.consumer.as_str(),
+                source.ack_wait_seconds.get(),
+                source.max_messages.get(),
+                source.create_stream
+            ),
+            ("keepwarm", 30, 500, false)
+        );
+        assert!(source_error(&format!("{nats}create_stream = true\n")).contains("subjects"));
+        assert!(source_error(&format!("{nats}consumer = \"a.b\"\n")).contains("JetStream name"));
+        assert!(source_error(&format!("{nats}ack_wait_seconds = 0\n")).contains("ack_wait"));
+        assert!(source_error(&format!("{nats}subject = \"x\"\n")).contains("subject"));
+    }
+
+    #[test]
+    fn rabbitmq_sources_need_one_amqp_url_and_keys_for_an_exchange() {
+        let amqp = "kind = \"rabbitmq\"\nqueue = \"q\"\n";
+        let url = "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n";
+        let config = Config::parse(&format!("{BASE}{amqp}{url}")).unwrap();
+        let SourceConfig::RabbitMq(source) = &config.sources[0] else {
+            panic!("not rabbitmq")
+        };
+        assert!(source.declare_queue && source.exchange.is_none());
+        assert_eq!(source.binding_keys[0].as_str(), "sequin.#");
+        assert!(source_error(amqp).contains("exactly one of url and url_env"));
+        assert!(source_error(&format!("{amqp}url = \"http://x\"\n")).contains("amqp://"));
+        let no_keys = format!("{amqp}{url}exchange = \"x\"\nbinding_keys = []\n");
+        assert!(source_error(&no_keys).contains("binding key"));
     }
 
     #[test]

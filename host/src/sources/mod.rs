@@ -18,6 +18,9 @@
 //! - [`sqs`]: Sequin's SQS sink (FIFO or standard queues); deletes after apply.
 //! - [`kafka`]: Sequin's Kafka sink, through a consumer group; commits only what is applied.
 //! - [`webhook`]: Sequin's webhook sink (HTTP push); replies 200 after apply.
+//! - [`nats`]: Sequin's NATS sink, through a JetStream stream and a durable pull consumer;
+//!   acknowledges after apply.
+//! - [`rabbitmq`]: Sequin's RabbitMQ sink, through a durable queue; acknowledges after apply.
 //! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line (`keepwarm replay`).
 //! - [`dead_letters`]: the dead-letter stream, listed and replayed.
 
@@ -52,6 +55,9 @@ pub trait Source: Send + 'static {
 pub struct SourceEnv {
     /// A client for the cache Redis (not connected), for sources that default to it.
     pub cache_redis: redis::Client,
+    /// `pipeline.max_in_flight`, for brokers told how much to hand out unacknowledged
+    /// (JetStream's `max_ack_pending`, AMQP's prefetch).
+    pub max_in_flight: usize,
 }
 
 /// Settings of the daemon that a source's configuration is checked against.
@@ -213,6 +219,8 @@ registry! {
     sqs: "sqs" => Sqs(sqs::SqsSourceConfig),
     kafka: "kafka" => Kafka(kafka::KafkaSourceConfig),
     webhook: "http" => Http(webhook::HttpSourceConfig),
+    nats: "nats" => Nats(nats::NatsSourceConfig),
+    rabbitmq: "rabbitmq" => RabbitMq(rabbitmq::RabbitMqSourceConfig),
 }
 
 impl SourceConfig {

@@ -65,6 +65,11 @@ impl ConfigBuilder {
         self.set("admin", &format!("listen = \"{address}\""))
     }
 
+    /// The address [`ConfigBuilder::admin`] picked (for a daemon run as a process).
+    pub fn admin_address(&self) -> &str {
+        self.admin.as_deref().expect("a config built with .admin()")
+    }
+
     /// Adds a `[[source]]` of `kind` with `lines`.
     pub fn source(mut self, kind: &str, lines: &str) -> ConfigBuilder {
         let mut source = vec![format!("kind = \"{kind}\"")];

@@ -10,7 +10,8 @@
 //! - [`Keys`] (`keys.rs`): what the cache holds; [`DeadLetter`]: what the dead-letter stream holds.
 //! - `messages.rs`: Sequin messages made from the fixtures.
 //! - `server.rs`: a redis-server of a test's own; `process.rs`: the `keepwarm` binary;
-//!   `http.rs`: the admin endpoint and `/metrics`.
+//!   `http.rs`: the admin endpoint and `/metrics`; `proxy.rs`: a TCP proxy whose connections a
+//!   test drops (a broker connection lost without stopping a shared broker).
 
 mod config;
 mod env;
@@ -18,6 +19,7 @@ mod http;
 mod keys;
 mod messages;
 mod process;
+mod proxy;
 mod server;
 mod streams;
 
@@ -31,6 +33,7 @@ pub use messages::{
 pub use process::{
     KeepwarmProcess, keepwarm_cli, keepwarm_cli_async, keepwarm_cli_env, target_dir,
 };
+pub use proxy::TcpProxy;
 pub use server::RedisServer;
 pub use streams::{Group, xadd_sequin};
 
