@@ -2,8 +2,8 @@
 //! same workload, in one run; and keepwarm's Kafka source against a native rdkafka consumer when
 //! a Kafka broker is given. See `docs/bench.md`.
 
-mod kafka;
 mod brokers;
+mod kafka;
 mod native;
 mod plugin_cost;
 mod procstat;
