@@ -136,6 +136,9 @@ pub struct Metrics {
     pub sqs_visible: Family<SourceLabel, Gauge>,
     /// SQS `ApproximateNumberOfMessagesNotVisible` (received, not deleted).
     pub sqs_in_flight: Family<SourceLabel, Gauge>,
+    /// WAL a Postgres source's replication slot holds back, in bytes (the server's current
+    /// LSN minus the slot's confirmed flush LSN).
+    pub pg_slot_lag_bytes: Family<SourceLabel, Gauge>,
     /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
     pub source_up: Family<SourceLabel, Gauge>,
 }
@@ -157,6 +160,7 @@ impl Default for Metrics {
             stream_lag: Family::default(),
             sqs_visible: Family::default(),
             sqs_in_flight: Family::default(),
+            pg_slot_lag_bytes: Family::default(),
             source_up: Family::default(),
             registry: Registry::default(),
         };
@@ -225,6 +229,11 @@ impl Default for Metrics {
             "sqs_messages_in_flight",
             "SQS ApproximateNumberOfMessagesNotVisible",
             m.sqs_in_flight.clone(),
+        );
+        registry.register(
+            "postgres_slot_lag_bytes",
+            "WAL the Postgres replication slot holds back (current LSN minus confirmed flush LSN)",
+            m.pg_slot_lag_bytes.clone(),
         );
         registry.register(
             "source_up",

@@ -10,6 +10,7 @@ mod hostile;
 mod hot_reload;
 mod languages;
 mod operations;
+mod postgres;
 mod redis_outage;
 mod regressions;
 mod scaffold;

@@ -17,6 +17,7 @@
 //! - [`redis_stream`]: Sequin's Redis Stream sink, through a consumer group.
 //! - [`sqs`]: Sequin's SQS sink (FIFO or standard queues); deletes after apply.
 //! - [`webhook`]: Sequin's webhook sink (HTTP push); replies 200 after apply.
+//! - [`postgres`]: logical replication straight from Postgres (`pgoutput`), as Sequin's messages.
 //! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line (`keepwarm replay`).
 //! - [`dead_letters`]: the dead-letter stream, listed and replayed.
 
@@ -211,6 +212,7 @@ registry! {
     redis_stream: "redis-stream" => RedisStream(redis_stream::RedisStreamSourceConfig),
     sqs: "sqs" => Sqs(sqs::SqsSourceConfig),
     webhook: "http" => Http(webhook::HttpSourceConfig),
+    postgres: "postgres" => Postgres(postgres::PostgresSourceConfig),
 }
 
 impl SourceConfig {

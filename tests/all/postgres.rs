@@ -1,0 +1,242 @@
+//! The Postgres source against a real logical-replication cluster: every mapped type reaches a
+//! plugin as Sequin would have written it, inserts/updates/deletes reach the cache, a TRUNCATE
+//! is a dead letter, a start-up check says what to change, and a `kill -9` loses nothing.
+
+mod cluster;
+
+use crate::util::{KeepwarmProcess, Keys, PATIENCE, TempDir, TestEnv, wait_for};
+use cluster::cluster;
+use serde_json::{Value, json};
+use std::time::Duration;
+use tokio_postgres::Client;
+
+/// A test's database, with the row-cache plugin writing below the env's prefix.
+struct Pg {
+    env: TestEnv,
+    database: String,
+    client: Client,
+    slot: String,
+}
+
+impl Pg {
+    async fn new(name: &str, schema: &str) -> Pg {
+        let env = TestEnv::row_cache(name);
+        let database = cluster().database(name).await;
+        let client = cluster().connect(&database).await;
+        client.batch_execute(schema).await.unwrap();
+        Pg {
+            slot: format!("{database}_slot"),
+            env,
+            database,
+            client,
+        }
+    }
+
+    /// The source's lines: keepwarm creates the publication (for `tables`) and the slot.
+    fn source(&self, tables: &str) -> String {
+        format!(
+            "connection = \"{}\"\npublication = \"kw\"\nslot = \"{}\"\ntables = [{tables}]\n\
+             create_publication = true\n",
+            cluster().url(&self.database),
+            self.slot
+        )
+    }
+
+    /// Waits until the slot exists: changes committed from then on are streamed.
+    async fn wait_slot(&self) {
+        wait_for("the replication slot", PATIENCE, || async {
+            self.client
+                .query_opt(
+                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    &[&self.slot],
+                )
+                .await
+                .unwrap()
+                .is_some()
+        })
+        .await;
+    }
+
+    fn key(&self, table: &str, pks: &str) -> String {
+        self.env.key(&format!("public.{table}:{pks}"))
+    }
+
+    /// Waits until the cache holds `key` with a record satisfying `check`; returns it.
+    async fn wait_record(&self, key: &str, check: impl Fn(&Value) -> bool) -> Value {
+        let keys = Keys::connect(self.env.cache_url()).await;
+        let mut last = None;
+        let deadline = std::time::Instant::now() + PATIENCE;
+        loop {
+            if let Some(text) = keys.get(key).await {
+                let value: Value = serde_json::from_str(&text).unwrap();
+                if check(&value) {
+                    return value;
+                }
+                last = Some(value);
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {key}; last seen {last:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    async fn wait_gone(&self, key: &str) {
+        let keys = Keys::connect(self.env.cache_url()).await;
+        wait_for(&format!("{key} to be deleted"), PATIENCE, || async {
+            keys.get(key).await.is_none()
+        })
+        .await;
+    }
+}
+
+const TYPES: &str = "
+CREATE TYPE mood AS ENUM ('happy', 'sad');
+CREATE TABLE types (
+    id int PRIMARY KEY,
+    small int2, big int8, flag bool, price numeric(10,2), tiny numeric, ratio float8, single float4,
+    nan float8, name text, code varchar(10), fixed char(3), uid uuid, doc json, docb jsonb,
+    blob bytea, day date, clock time, clocktz timetz, at timestamp, attz timestamptz,
+    span interval, ints int4[], texts text[], grid int4[][], prices numeric[], addr inet,
+    cash money, feeling mood, nothing text
+);";
+
+#[tokio::test]
+async fn every_mapped_type_reaches_the_plugin_as_sequin_writes_it() {
+    let pg = Pg::new("kw-pg-types", TYPES).await;
+    let daemon = pg.env.config().source("postgres", &pg.source("\"public.types\"")).run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute(
+            r#"INSERT INTO types VALUES (
+            1, 12, 9007199254740993, true, 149.90, 0.0000001, 1.25, 1.5,
+            'NaN', 'naïve "quoted" ✓', 'v', 'ab', 'A0EEBC99-9C0B-4EF8-BB6D-6BB9BD380A11',
+            '{"a": 1}', '{"b": [1, 2.50]}', '\xdeadbeef', '2026-12-02', '06:13:42.123',
+            '06:13:42+02', '2026-12-02 06:13:42.5', '2026-12-02 06:13:42.123456+05:30',
+            '1 year 2 mons 3 days 04:05:06.5', '{1,NULL,3}', '{"a b",c}', '{{1,2},{3,4}}',
+            '{1.50,0.0000001}', '10.0.0.1', 1234.56, 'happy', NULL)"#,
+        )
+        .await
+        .unwrap();
+    let record = pg.wait_record(&pg.key("types", "1"), |_| true).await;
+    let expect = json!({
+        "id": 1, "small": 12, "big": 9007199254740993u64, "flag": true, "price": "149.90",
+        "tiny": "1E-7", "ratio": 1.25, "single": 1.5, "nan": "NaN", "name": "naïve \"quoted\" ✓",
+        "code": "v", "fixed": "ab ", "uid": "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+        "doc": {"a": 1}, "docb": {"b": [1, 2.50]}, "blob": "\\xdeadbeef", "day": "2026-12-02",
+        "clock": "06:13:42", "clocktz": "06:13:42", "at": "2026-12-02T06:13:42.500000",
+        "attz": "2026-12-02T00:43:42.123456Z",
+        "span": {"months": 14, "days": 3, "microseconds": 14_706_500_000u64},
+        "ints": [1, null, 3], "texts": ["a b", "c"], "grid": [[1, 2], [3, 4]],
+        "prices": ["1.50", "1E-7"], "addr": "10.0.0.1", "cash": "$1,234.56", "feeling": "happy",
+        "nothing": null,
+    });
+    for (column, value) in expect.as_object().unwrap() {
+        assert_eq!(&record[column], value, "column {column}");
+    }
+    assert_eq!(record.as_object().unwrap().len(), expect.as_object().unwrap().len());
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn inserts_updates_and_deletes_reach_the_cache_and_a_truncate_is_a_dead_letter() {
+    let pg = Pg::new(
+        "kw-pg-crud",
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
+         CREATE TABLE other (id int PRIMARY KEY);",
+    )
+    .await;
+    let daemon = pg.env.config().source("postgres", &pg.source("\"public.orders\"")).run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute(
+            "INSERT INTO orders VALUES (1, 'new', 'a'), (2, 'new', 'b');
+             INSERT INTO other VALUES (1);
+             BEGIN; UPDATE orders SET status = 'paid' WHERE id = 1; DELETE FROM orders WHERE id = 2; COMMIT;",
+        )
+        .await
+        .unwrap();
+    let one = pg.wait_record(&pg.key("orders", "1"), |r| r["status"] == "paid").await;
+    assert_eq!(one, json!({"id": 1, "status": "paid", "note": "a"}));
+    pg.wait_gone(&pg.key("orders", "2")).await;
+    // A table outside `tables` never reaches the plugin, even in the same publication.
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    assert_eq!(keys.get(&pg.key("other", "1")).await, None);
+
+    pg.client.batch_execute("TRUNCATE orders").await.unwrap();
+    wait_for("the truncate's dead letter", PATIENCE, || async {
+        !keys.dead_letters(&pg.env.dead).await.is_empty()
+    })
+    .await;
+    let letters = keys.dead_letters(&pg.env.dead).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let text = format!("{:?}", letters[0]);
+    assert!(text.contains("public.orders was truncated"), "{text}");
+    // The stream goes on after the truncate.
+    pg.client
+        .batch_execute("INSERT INTO orders VALUES (3, 'new', 'c')")
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("orders", "3"), |_| true).await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_missing_publication_stops_the_daemon_with_the_statement_to_run() {
+    let pg = Pg::new("kw-pg-check", "CREATE TABLE orders (id int PRIMARY KEY);").await;
+    let dir = TempDir::new("kw-pg-check");
+    let source = pg.source("\"public.orders\"").replace("create_publication = true", "");
+    let config = pg.env.config().source("postgres", &source).write(&dir, "keepwarm.toml");
+    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    let status = daemon.wait_exit(PATIENCE);
+    assert!(!status.success());
+    let log = daemon.log.join("\n");
+    assert!(
+        log.contains("CREATE PUBLICATION \"kw\" FOR TABLE \"public\".\"orders\""),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn a_kill_9_and_a_restart_lose_nothing() {
+    let pg = Pg::new("kw-pg-kill", "CREATE TABLE items (id int PRIMARY KEY, n int);").await;
+    let dir = TempDir::new("kw-pg-kill");
+    let config = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.items\""))
+        .write(&dir, "keepwarm.toml");
+    let mut first = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    first.wait_log("streaming changes", PATIENCE);
+    // Many small transactions, some applied and confirmed before the kill, some in flight.
+    for i in 0..200 {
+        pg.client
+            .execute("INSERT INTO items VALUES ($1, 0)", &[&i])
+            .await
+            .unwrap();
+    }
+    pg.wait_record(&pg.key("items", "20"), |_| true).await;
+    first.signal("KILL");
+    first.wait_exit(PATIENCE);
+    // Written while keepwarm is down.
+    pg.client
+        .batch_execute("UPDATE items SET n = id * 2 WHERE id % 3 = 0; DELETE FROM items WHERE id % 7 = 1;")
+        .await
+        .unwrap();
+    let mut second = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    second.wait_log("streaming changes", PATIENCE);
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    for i in 0..200 {
+        let key = pg.key("items", &i.to_string());
+        if i % 7 == 1 {
+            pg.wait_gone(&key).await;
+            continue;
+        }
+        let n = if i % 3 == 0 { i * 2 } else { 0 };
+        pg.wait_record(&key, |r| r["n"] == n).await;
+    }
+    assert!(keys.get(&pg.key("items", "200")).await.is_none());
+    second.signal("TERM");
+    assert!(second.wait_exit(PATIENCE).success());
+}
