@@ -18,11 +18,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`):
-/// human-readable lines, or one JSON object per line.
+/// Installs the `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`, with
+/// the replication client's per-second feedback lines left out): human-readable lines, or one
+/// JSON object per line.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pg_walstream=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

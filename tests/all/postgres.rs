@@ -105,7 +105,11 @@ CREATE TABLE types (
 #[tokio::test]
 async fn every_mapped_type_reaches_the_plugin_as_sequin_writes_it() {
     let pg = Pg::new("kw-pg-types", TYPES).await;
-    let daemon = pg.env.config().source("postgres", &pg.source("\"public.types\"")).run();
+    let daemon = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.types\""))
+        .run();
     pg.wait_slot().await;
     pg.client
         .batch_execute(
@@ -135,7 +139,10 @@ async fn every_mapped_type_reaches_the_plugin_as_sequin_writes_it() {
     for (column, value) in expect.as_object().unwrap() {
         assert_eq!(&record[column], value, "column {column}");
     }
-    assert_eq!(record.as_object().unwrap().len(), expect.as_object().unwrap().len());
+    assert_eq!(
+        record.as_object().unwrap().len(),
+        expect.as_object().unwrap().len()
+    );
     daemon.stop().await;
 }
 
@@ -144,10 +151,15 @@ async fn inserts_updates_and_deletes_reach_the_cache_and_a_truncate_is_a_dead_le
     let pg = Pg::new(
         "kw-pg-crud",
         "CREATE TABLE orders (id int PRIMARY KEY, status text, note text);
-         CREATE TABLE other (id int PRIMARY KEY);",
+         CREATE TABLE other (id int PRIMARY KEY);
+         CREATE PUBLICATION kw FOR TABLE orders, other;",
     )
     .await;
-    let daemon = pg.env.config().source("postgres", &pg.source("\"public.orders\"")).run();
+    let daemon = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.orders\""))
+        .run();
     pg.wait_slot().await;
     pg.client
         .batch_execute(
@@ -157,7 +169,9 @@ async fn inserts_updates_and_deletes_reach_the_cache_and_a_truncate_is_a_dead_le
         )
         .await
         .unwrap();
-    let one = pg.wait_record(&pg.key("orders", "1"), |r| r["status"] == "paid").await;
+    let one = pg
+        .wait_record(&pg.key("orders", "1"), |r| r["status"] == "paid")
+        .await;
     assert_eq!(one, json!({"id": 1, "status": "paid", "note": "a"}));
     pg.wait_gone(&pg.key("orders", "2")).await;
     // A table outside `tables` never reaches the plugin, even in the same publication.
@@ -186,8 +200,14 @@ async fn inserts_updates_and_deletes_reach_the_cache_and_a_truncate_is_a_dead_le
 async fn a_missing_publication_stops_the_daemon_with_the_statement_to_run() {
     let pg = Pg::new("kw-pg-check", "CREATE TABLE orders (id int PRIMARY KEY);").await;
     let dir = TempDir::new("kw-pg-check");
-    let source = pg.source("\"public.orders\"").replace("create_publication = true", "");
-    let config = pg.env.config().source("postgres", &source).write(&dir, "keepwarm.toml");
+    let source = pg
+        .source("\"public.orders\"")
+        .replace("create_publication = true", "");
+    let config = pg
+        .env
+        .config()
+        .source("postgres", &source)
+        .write(&dir, "keepwarm.toml");
     let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
     let status = daemon.wait_exit(PATIENCE);
     assert!(!status.success());
@@ -200,7 +220,11 @@ async fn a_missing_publication_stops_the_daemon_with_the_statement_to_run() {
 
 #[tokio::test]
 async fn a_kill_9_and_a_restart_lose_nothing() {
-    let pg = Pg::new("kw-pg-kill", "CREATE TABLE items (id int PRIMARY KEY, n int);").await;
+    let pg = Pg::new(
+        "kw-pg-kill",
+        "CREATE TABLE items (id int PRIMARY KEY, n int);",
+    )
+    .await;
     let dir = TempDir::new("kw-pg-kill");
     let config = pg
         .env
@@ -221,7 +245,9 @@ async fn a_kill_9_and_a_restart_lose_nothing() {
     first.wait_exit(PATIENCE);
     // Written while keepwarm is down.
     pg.client
-        .batch_execute("UPDATE items SET n = id * 2 WHERE id % 3 = 0; DELETE FROM items WHERE id % 7 = 1;")
+        .batch_execute(
+            "UPDATE items SET n = id * 2 WHERE id % 3 = 0; DELETE FROM items WHERE id % 7 = 1;",
+        )
         .await
         .unwrap();
     let mut second = KeepwarmProcess::spawn(&["run", "--config", &config]);

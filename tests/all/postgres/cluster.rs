@@ -35,7 +35,9 @@ fn bin_dir() -> PathBuf {
         .filter(|p| p.join("initdb").is_file())
         .collect();
     versions.sort();
-    versions.pop().expect("no initdb under /usr/lib/postgresql/*/bin")
+    versions
+        .pop()
+        .expect("no initdb under /usr/lib/postgresql/*/bin")
 }
 
 fn as_postgres(args: &[&str]) {
@@ -65,7 +67,17 @@ impl PgCluster {
             pg_ctl.to_str().unwrap(),
             data.to_str().unwrap(),
         );
-        as_postgres(&[initdb, "-D", data_s, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale"]);
+        as_postgres(&[
+            initdb,
+            "-D",
+            data_s,
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "-E",
+            "UTF8",
+            "--no-locale",
+        ]);
         let port = free_port();
         let conf = format!(
             "listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = '{}'\n\
@@ -77,7 +89,15 @@ impl PgCluster {
         text += &conf;
         std::fs::write(data.join("postgresql.conf"), text).unwrap();
         let log = dir.join("log");
-        as_postgres(&[pg_ctl, "-D", data_s, "-l", log.to_str().unwrap(), "-w", "start"]);
+        as_postgres(&[
+            pg_ctl,
+            "-D",
+            data_s,
+            "-l",
+            log.to_str().unwrap(),
+            "-w",
+            "start",
+        ]);
         // Stops the cluster once this test process is gone.
         let watchdog = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; \
@@ -85,13 +105,15 @@ impl PgCluster {
             pid = std::process::id(),
             dir = dir.display()
         );
-        Command::new("setsid")
-            .args(["sh", "-c", &watchdog])
+        // `setsid -f` forks the watchdog off and returns at once.
+        let status = Command::new("setsid")
+            .args(["-f", "sh", "-c", &watchdog])
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
-            .spawn()
+            .status()
             .unwrap();
+        assert!(status.success());
         PgCluster { port }
     }
 
