@@ -4,7 +4,8 @@
 
 mod cluster;
 
-use crate::util::{KeepwarmProcess, Keys, PATIENCE, TempDir, TestEnv, wait_for};
+use crate::util::{KeepwarmProcess, Keys, PATIENCE, TempDir, TestEnv, plugin_wasm, wait_for};
+use base64::Engine as _;
 use cluster::cluster;
 use serde_json::{Value, json};
 use std::time::Duration;
@@ -20,7 +21,10 @@ struct Pg {
 
 impl Pg {
     async fn new(name: &str, schema: &str) -> Pg {
-        let env = TestEnv::row_cache(name);
+        Pg::with_env(TestEnv::row_cache(name), name, schema).await
+    }
+
+    async fn with_env(env: TestEnv, name: &str, schema: &str) -> Pg {
         let database = cluster().database(name).await;
         let client = cluster().connect(&database).await;
         client.batch_execute(schema).await.unwrap();
@@ -42,12 +46,15 @@ impl Pg {
         )
     }
 
-    /// Waits until the slot exists: changes committed from then on are streamed.
+    /// Waits until a walsender streams from the slot: changes committed from then on reach
+    /// keepwarm. (A slot is listed while it is still being created, before its consistent
+    /// point; a change committed then is not decoded.)
     async fn wait_slot(&self) {
-        wait_for("the replication slot", PATIENCE, || async {
+        wait_for("the replication stream", PATIENCE, || async {
             self.client
                 .query_opt(
-                    "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+                    "SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r
+                     ON r.pid = s.active_pid WHERE s.slot_name = $1",
                     &[&self.slot],
                 )
                 .await
@@ -265,4 +272,121 @@ async fn a_kill_9_and_a_restart_lose_nothing() {
     assert!(keys.get(&pg.key("items", "200")).await.is_none());
     second.signal("TERM");
     assert!(second.wait_exit(PATIENCE).success());
+}
+
+/// The whole message a plugin sees, read back from the dead letter of a plugin that rejects every
+/// change (row-cache with a key naming a column that is always null).
+async fn seen_messages(pg: &Pg, n: usize) -> Vec<Value> {
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    wait_for("the probe's dead letters", PATIENCE, || async {
+        keys.dead_letters(&pg.env.dead).await.len() >= n
+    })
+    .await;
+    keys.dead_letters(&pg.env.dead)
+        .await
+        .iter()
+        .map(|letter| serde_json::from_str(&letter.field("payload")).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn the_message_a_plugin_sees_is_sequins_change_message() {
+    let env = TestEnv::new("kw-pg-meta");
+    let manifest = format!("[config]\nkey = \"{}:probe:{{nothing}}\"\n", env.prefix);
+    env.add_plugin("probe", &plugin_wasm("row-cache"), &manifest);
+    let pg = Pg::with_env(
+        env,
+        "kw-pg-meta",
+        "CREATE TABLE orders (id int PRIMARY KEY, status text, nothing text);
+         ALTER TABLE orders REPLICA IDENTITY FULL;
+         CREATE TABLE docs (id int PRIMARY KEY, title text, body text, nothing text);
+         ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL;",
+    )
+    .await;
+    let daemon = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.orders\", \"public.docs\""))
+        .run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute(
+            r#"BEGIN;
+            SELECT pg_logical_emit_message(true, 'sequin:transaction_annotations.set', '{"request_id": "r1"}');
+            INSERT INTO orders VALUES (1, 'new', NULL);
+            UPDATE orders SET status = 'paid' WHERE id = 1;
+            DELETE FROM orders WHERE id = 1;
+            COMMIT;"#,
+        )
+        .await
+        .unwrap();
+    let seen = seen_messages(&pg, 3).await;
+    let lsn = seen[0]["metadata"]["commit_lsn"].as_u64().unwrap();
+    for (at, (action, record, changes)) in [
+        (
+            "insert",
+            json!({"id": 1, "status": "new", "nothing": null}),
+            Value::Null,
+        ),
+        (
+            "update",
+            json!({"id": 1, "status": "paid", "nothing": null}),
+            json!({"status": "new"}),
+        ),
+        (
+            "delete",
+            json!({"id": 1, "status": "paid", "nothing": null}),
+            Value::Null,
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let message = &seen[at];
+        assert_eq!(message.as_object().unwrap().len(), 4, "{message}");
+        assert_eq!(message["action"], action);
+        assert_eq!(message["record"], record, "{action}");
+        assert_eq!(message["changes"], changes, "{action}");
+        let meta = &message["metadata"];
+        assert_eq!(meta.as_object().unwrap().len(), 12, "{meta}");
+        assert_eq!(meta["table_schema"], "public");
+        assert_eq!(meta["table_name"], "orders");
+        assert_eq!(meta["commit_lsn"], lsn, "one commit LSN per transaction");
+        // The annotation's logical message took index 0.
+        let idx = at as u64 + 1;
+        assert_eq!(meta["commit_idx"], idx);
+        let key = base64::engine::general_purpose::STANDARD.encode(format!("{lsn}:{idx}"));
+        assert_eq!(meta["idempotency_key"], key);
+        assert_eq!(meta["record_pks"], json!(["1"]));
+        assert_eq!(meta["transaction_annotations"], json!({"request_id": "r1"}));
+        assert_eq!(meta["enrichment"], Value::Null);
+        assert_eq!(meta["database_name"], pg.database.as_str());
+        assert_eq!(meta["database"]["database"], pg.database.as_str());
+        assert_eq!(meta["consumer"]["name"], pg.slot.as_str());
+        let at = meta["commit_timestamp"].as_str().unwrap();
+        assert!(
+            at.len() == 27 && at.ends_with('Z') && at.as_bytes()[19] == b'.',
+            "{at}"
+        );
+    }
+
+    // Default identity: an update that leaves a TOASTed column alone does not carry it.
+    let body: String = (0..1000).map(|i| format!("{:x}", i * 7919)).collect();
+    pg.client
+        .execute("INSERT INTO docs VALUES (1, 'a', $1, NULL)", &[&body])
+        .await
+        .unwrap();
+    pg.client
+        .batch_execute("UPDATE docs SET title = 'b' WHERE id = 1")
+        .await
+        .unwrap();
+    let seen = seen_messages(&pg, 5).await;
+    assert_eq!(seen[3]["record"]["body"], body.as_str());
+    assert_eq!(seen[4]["action"], "update");
+    assert_eq!(seen[4]["record"]["title"], "b");
+    assert_eq!(seen[4]["record"]["body"], "unchanged_toast");
+    assert_eq!(seen[4]["changes"], json!({}));
+    assert_eq!(seen[4]["metadata"]["transaction_annotations"], Value::Null);
+    assert_eq!(seen[4]["metadata"]["commit_idx"], 0);
+    daemon.stop().await;
 }
