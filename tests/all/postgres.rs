@@ -390,3 +390,126 @@ async fn the_message_a_plugin_sees_is_sequins_change_message() {
     assert_eq!(seen[4]["metadata"]["commit_idx"], 0);
     daemon.stop().await;
 }
+
+/// Ends the walsender streaming from the slot, as a network cut or a Postgres restart would.
+async fn cut_the_stream(pg: &Pg) {
+    let ended: bool = pg
+        .client
+        .query_one(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pg.slot],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(ended);
+}
+
+async fn ready(daemon: &crate::util::Daemon) -> u16 {
+    crate::util::http_get(&daemon.admin_url("/readyz"))
+        .await
+        .map_or(0, |(status, _)| status)
+}
+
+#[tokio::test]
+async fn a_cut_stream_is_reopened_and_nothing_is_lost() {
+    let pg = Pg::new(
+        "kw-pg-cut",
+        "CREATE TABLE items (id int PRIMARY KEY, n int);",
+    )
+    .await;
+    let daemon = pg
+        .env
+        .config()
+        .admin()
+        .source("postgres", &pg.source("\"public.items\""))
+        .run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute("INSERT INTO items VALUES (1, 1)")
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("items", "1"), |_| true).await;
+    cut_the_stream(&pg).await;
+    // Committed while keepwarm reconnects.
+    pg.client
+        .batch_execute("INSERT INTO items VALUES (2, 2); UPDATE items SET n = 10 WHERE id = 1")
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("items", "2"), |_| true).await;
+    pg.wait_record(&pg.key("items", "1"), |r| r["n"] == 10)
+        .await;
+    wait_for("/readyz to be ready again", PATIENCE, || async {
+        ready(&daemon).await == 200
+    })
+    .await;
+    // The slot's lag is sampled into a gauge.
+    let source = format!("postgres:{}", pg.slot);
+    wait_for("the slot lag gauge", PATIENCE, || async {
+        let Some((_, text)) = crate::util::http_get(&daemon.admin_url("/metrics")).await else {
+            return false;
+        };
+        let lag = crate::util::metric(
+            &text,
+            "keepwarm_postgres_slot_lag_bytes",
+            &[("source", &source)],
+        );
+        lag.is_some_and(|bytes| bytes >= 0.0)
+    })
+    .await;
+    daemon.stop().await;
+}
+
+#[tokio::test]
+async fn a_dropped_slot_stops_the_source_with_a_clear_error_and_readyz_says_not_ready() {
+    let pg = Pg::new("kw-pg-drop", "CREATE TABLE items (id int PRIMARY KEY);").await;
+    let dir = TempDir::new("kw-pg-drop");
+    let admin = format!("127.0.0.1:{}", crate::util::free_port());
+    let config = pg
+        .env
+        .config()
+        .set("admin", &format!("listen = \"{admin}\""))
+        .source("postgres", &pg.source("\"public.items\""))
+        .write(&dir, "keepwarm.toml");
+    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    daemon.wait_log("streaming changes", PATIENCE);
+    let readyz = format!("http://{admin}/readyz");
+    wait_for("/readyz to be ready", PATIENCE, || async {
+        crate::util::http_get(&readyz).await.map(|r| r.0) == Some(200)
+    })
+    .await;
+    // The slot can only be dropped while no walsender holds it; keepwarm reconnects quickly.
+    wait_for("the slot to be dropped", PATIENCE, || async {
+        let _ = pg
+            .client
+            .execute(
+                "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+                 WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                &[&pg.slot],
+            )
+            .await;
+        pg.client
+            .execute("SELECT pg_drop_replication_slot($1)", &[&pg.slot])
+            .await
+            .is_ok()
+    })
+    .await;
+    let line = daemon.wait_log("source failed", PATIENCE);
+    assert!(
+        line.contains("was dropped while keepwarm was streaming"),
+        "{line}"
+    );
+    assert_eq!(crate::util::http_get(&readyz).await.map(|r| r.0), Some(503));
+    // Never re-created behind the user's back.
+    let slot = pg
+        .client
+        .query_opt(
+            "SELECT 1 FROM pg_replication_slots WHERE slot_name = $1",
+            &[&pg.slot],
+        )
+        .await
+        .unwrap();
+    assert!(slot.is_none());
+    daemon.signal("TERM");
+    daemon.wait_exit(PATIENCE);
+}
