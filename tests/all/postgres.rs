@@ -513,3 +513,135 @@ async fn a_dropped_slot_stops_the_source_with_a_clear_error_and_readyz_says_not_
     daemon.signal("TERM");
     daemon.wait_exit(PATIENCE);
 }
+
+#[tokio::test]
+async fn a_backfill_racing_live_writes_ends_with_the_tables_final_state() {
+    // Rows written before keepwarm ever streamed: only a backfill brings them.
+    let pg = Pg::new(
+        "kw-pg-backfill",
+        "CREATE TABLE items (id int PRIMARY KEY, n int, label text);
+         INSERT INTO items SELECT i, 0, 'old' FROM generate_series(1, 3000) i;",
+    )
+    .await;
+    let dir = TempDir::new("kw-pg-backfill");
+    let config = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.items\""))
+        .write(&dir, "keepwarm.toml");
+    let mut stream = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    stream.wait_log("streaming changes", PATIENCE);
+    let state = dir.path().join("backfill.json").display().to_string();
+    let args = [
+        "backfill",
+        "--config",
+        &config,
+        "--table",
+        "public.items",
+        "--state",
+        &state,
+    ];
+    let backfill = crate::util::keepwarm_cli_async(&args);
+    // Live changes while the backfill reads: updates, deletes and inserts.
+    let writes = async {
+        for i in (1..=3000).step_by(50) {
+            pg.client
+                .batch_execute(&format!(
+                    "UPDATE items SET n = n + 1, label = 'new' WHERE id = {i};
+                     DELETE FROM items WHERE id = {};
+                     INSERT INTO items VALUES ({}, 7, 'inserted');",
+                    i + 1,
+                    10_000 + i
+                ))
+                .await
+                .unwrap();
+        }
+    };
+    let ((ok, _, stderr), ()) = tokio::join!(backfill, writes);
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("backfilled"), "{stderr}");
+    assert!(
+        !std::path::Path::new(&state).exists(),
+        "a finished backfill leaves no state"
+    );
+    // The cache equals the table.
+    let rows = pg
+        .client
+        .query("SELECT id, n, label FROM items", &[])
+        .await
+        .unwrap();
+    for row in &rows {
+        let (id, n, label): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
+        pg.wait_record(&pg.key("items", &id.to_string()), |r| {
+            r["n"] == n && r["label"] == label.as_str()
+        })
+        .await;
+    }
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    let cached = keys
+        .matching(&format!("{}:public.items:*", pg.env.prefix))
+        .await;
+    assert_eq!(cached.len(), rows.len());
+    stream.signal("TERM");
+    assert!(stream.wait_exit(PATIENCE).success());
+}
+
+#[tokio::test]
+async fn a_backfill_resumes_after_its_last_settled_chunk() {
+    let pg = Pg::new(
+        "kw-pg-resume",
+        "CREATE TABLE items (id int PRIMARY KEY, n int);
+         INSERT INTO items SELECT i, i FROM generate_series(1, 2500) i;",
+    )
+    .await;
+    let dir = TempDir::new("kw-pg-resume");
+    let config = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.items\""))
+        .write(&dir, "keepwarm.toml");
+    // What an interrupted run left: its chunks up to id 1500 were settled.
+    let state = dir.write(
+        "backfill.json",
+        r#"{"id":"b1","table":"public.items","filter":null,"after":["1500"]}"#,
+    );
+    let (ok, _, stderr) = crate::util::keepwarm_cli_async(&[
+        "backfill",
+        "--config",
+        &config,
+        "--table",
+        "public.items",
+        "--state",
+        &state,
+        "--where",
+        "n <> 2000",
+    ])
+    .await;
+    // Another filter is another backfill: it starts from the beginning.
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("backfilled 2499 rows"), "{stderr}");
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    keys.query::<()>(&redis::cmd("DEL").arg(pg.key("items", "1")))
+        .await;
+    let state = dir.write(
+        "backfill.json",
+        r#"{"id":"b1","table":"public.items","filter":null,"after":["1500"]}"#,
+    );
+    let (ok, _, stderr) = crate::util::keepwarm_cli_async(&[
+        "backfill",
+        "--config",
+        &config,
+        "--table",
+        "public.items",
+        "--state",
+        &state,
+    ])
+    .await;
+    assert!(ok, "{stderr}");
+    assert!(stderr.contains("backfilled 1000 rows"), "{stderr}");
+    // Rows after the saved key were read; row 1 (before it) was not read again.
+    assert!(keys.get(&pg.key("items", "1")).await.is_none());
+    let record: Value =
+        serde_json::from_str(&keys.get(&pg.key("items", "2500")).await.unwrap()).unwrap();
+    assert_eq!(record, json!({"id": 2500, "n": 2500}));
+}

@@ -16,8 +16,10 @@
 //!   dropped under keepwarm stops the source with an error (never re-created silently).
 //! - The slot's lag is a gauge, with a warning above `max_slot_lag_bytes`.
 //!
-//! - [`config`]: the `[[source]]` table.
+//! - [`config`]: the `[[source]]` table. [`backfill`]: `keepwarm backfill`, a table's rows as
+//!   `read` messages.
 
+pub mod backfill;
 mod change;
 mod checks;
 pub mod config;
