@@ -621,7 +621,7 @@ async fn a_backfill_resumes_after_its_last_settled_chunk() {
     assert!(ok, "{stderr}");
     assert!(stderr.contains("backfilled 2499 rows"), "{stderr}");
     let keys = Keys::connect(pg.env.cache_url()).await;
-    keys.query::<()>(&redis::cmd("DEL").arg(pg.key("items", "1")))
+    keys.query::<()>(redis::cmd("DEL").arg(pg.key("items", "1")))
         .await;
     let state = dir.write(
         "backfill.json",
