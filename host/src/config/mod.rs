@@ -294,7 +294,8 @@ mod tests {
             [
                 "redis-stream:sequin.changes",
                 "sqs:sequin-changes.fifo",
-                "http:0.0.0.0:8080/sequin"
+                "http:0.0.0.0:8080/sequin",
+                "postgres:keepwarm"
             ]
         );
     }
