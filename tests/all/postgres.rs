@@ -645,3 +645,114 @@ async fn a_backfill_resumes_after_its_last_settled_chunk() {
         serde_json::from_str(&keys.get(&pg.key("items", "2500")).await.unwrap()).unwrap();
     assert_eq!(record, json!({"id": 2500, "n": 2500}));
 }
+
+/// A small deterministic generator (no dependency): the same history on every run.
+struct Lcg(u64);
+
+impl Lcg {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self
+            .0
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (self.0 >> 33) % n
+    }
+}
+
+/// The model test: random multi-row transactions while keepwarm streams, a backfill racing
+/// them, a `kill -9` in the middle and a restart; at the end the cache is the table.
+#[tokio::test]
+async fn random_writes_a_racing_backfill_and_a_kill_9_end_with_the_cache_equal_to_the_table() {
+    let pg = Pg::new(
+        "kw-pg-model",
+        "CREATE TABLE items (id int PRIMARY KEY, n int, label text);
+         ALTER TABLE items REPLICA IDENTITY FULL;
+         INSERT INTO items SELECT i, 0, 'seed' FROM generate_series(1, 400) i;",
+    )
+    .await;
+    let dir = TempDir::new("kw-pg-model");
+    let config = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.items\""))
+        .write(&dir, "keepwarm.toml");
+    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    daemon.wait_log("streaming changes", PATIENCE);
+    let state = dir.path().join("backfill.json").display().to_string();
+    let args = [
+        "backfill",
+        "--config",
+        &config,
+        "--table",
+        "public.items",
+        "--state",
+        &state,
+    ];
+    let backfill = crate::util::keepwarm_cli_async(&args);
+    let mut rng = Lcg(19);
+    let mut history = |count: usize| {
+        (0..count)
+            .map(|_| {
+                let statements: Vec<String> = (0..1 + rng.below(4))
+                    .map(|_| {
+                        let id = 1 + rng.below(600);
+                        match rng.below(3) {
+                            0 => format!(
+                                "INSERT INTO items VALUES ({id}, {}, 'ins') ON CONFLICT (id) DO UPDATE SET n = excluded.n, label = 'upsert'",
+                                rng.below(1000)
+                            ),
+                            1 => format!("UPDATE items SET n = n + 1, label = 'upd' WHERE id = {id}"),
+                            _ => format!("DELETE FROM items WHERE id = {id}"),
+                        }
+                    })
+                    .collect();
+                format!("BEGIN; {}; COMMIT;", statements.join("; "))
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = history(300);
+    let second = history(300);
+    let writes = async {
+        for txn in &first {
+            pg.client.batch_execute(txn).await.unwrap();
+        }
+    };
+    let ((ok, _, stderr), ()) = tokio::join!(backfill, writes);
+    assert!(ok, "{stderr}");
+    daemon.signal("KILL");
+    daemon.wait_exit(PATIENCE);
+    for txn in &second[..150] {
+        pg.client.batch_execute(txn).await.unwrap();
+    }
+    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    daemon.wait_log("streaming changes", PATIENCE);
+    for txn in &second[150..] {
+        pg.client.batch_execute(txn).await.unwrap();
+    }
+    let rows = pg
+        .client
+        .query("SELECT id, n, label FROM items", &[])
+        .await
+        .unwrap();
+    for row in &rows {
+        let (id, n, label): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
+        let expect = json!({"id": id, "n": n, "label": label});
+        pg.wait_record(&pg.key("items", &id.to_string()), |r| *r == expect)
+            .await;
+    }
+    let live: std::collections::HashSet<String> = rows
+        .iter()
+        .map(|row| pg.key("items", &row.get::<_, i32>(0).to_string()))
+        .collect();
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    let pattern = format!("{}:public.items:*", pg.env.prefix);
+    wait_for("deleted rows to leave the cache", PATIENCE, || async {
+        keys.matching(&pattern)
+            .await
+            .iter()
+            .all(|k| live.contains(k))
+    })
+    .await;
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(PATIENCE).success());
+}
