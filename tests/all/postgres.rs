@@ -1,6 +1,10 @@
-//! The Postgres source against a real logical-replication cluster: every mapped type reaches a
-//! plugin as Sequin would have written it, inserts/updates/deletes reach the cache, a TRUNCATE
-//! is a dead letter, a start-up check says what to change, and a `kill -9` loses nothing.
+//! The Postgres source against a real logical-replication cluster (`postgres/cluster.rs`):
+//! every mapped type reaches a plugin as Sequin would have written it, and so does the whole
+//! message (metadata, annotations, `changes`, `unchanged_toast`); inserts, updates and deletes
+//! reach the cache; a TRUNCATE is a dead letter; a start-up check says what to change; a cut
+//! stream is reopened, a dropped slot stops the source; a `kill -9` loses nothing; a backfill
+//! racing live writes ends at the table's state and resumes after its last chunk; and the model
+//! test puts all of it together.
 
 mod cluster;
 

@@ -1,9 +1,9 @@
 //! [`PgCluster`]: one private Postgres cluster with `wal_level = logical` for the whole test
 //! binary (the machine's own cluster is not logical and must be left alone), a database per
-//! test. `scripts/lib/postgres.sh` can start one for the suite (`KEEPWARM_PG_PORT`); otherwise
-//! the first test that needs it starts it (initdb as the `postgres` user on a free port under a
-//! temporary directory), and a watchdog stops it and removes the directory when the test
-//! process is gone.
+//! test. The first test that needs it starts it (initdb as the `postgres` user on a free port
+//! under a temporary directory, about 5 s), and a watchdog stops it and removes the directory
+//! once the test process is gone. `KEEPWARM_PG_PORT` points the tests at a running logical
+//! cluster on 127.0.0.1 instead (superuser `postgres`, trust authentication).
 
 use crate::util::{free_port, unique};
 use std::path::PathBuf;
