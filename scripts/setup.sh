@@ -18,6 +18,13 @@ if ! command -v moto_server >/dev/null || ! python3 -c 'import moto.server' 2>/d
     echo "setup: installing moto (SQS emulator)"
     python3 -m pip install --quiet --disable-pip-version-check 'moto[server]'
 fi
+# Postgres binaries for the Postgres source's tests: each test run starts a private cluster with
+# wal_level = logical (tests/all/postgres/cluster.rs); the package's own cluster is not used.
+if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
+    echo "setup: installing postgresql"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+fi
 # The JavaScript and Python plugin toolchains (pinned in tools/), installed once per machine into
 # a cache directory shared by every checkout; quiet when they are there.
 . "$(dirname "${BASH_SOURCE[0]}")/lib/toolchains.sh"

@@ -7,6 +7,10 @@ use crate::pipeline::{self, Dispatcher, Shared};
 use crate::runtime::{self, PluginSet, Runtime, reload};
 use crate::sources::dead_letters;
 use crate::sources::jsonl::{self, ReplaySummary};
+use crate::sources::postgres::{
+    self,
+    backfill::{BackfillRequest, BackfillSummary},
+};
 use crate::sources::{SourceConfig, SourceContext, SourceEnv};
 use crate::telemetry::Counters;
 use anyhow::Context as _;
@@ -182,6 +186,42 @@ pub async fn run(
     let _ = admin.await;
     log_counters(&core.counters);
     Ok(())
+}
+
+/// Backfills a table (`keepwarm backfill`) through the plugins into the cache, with the
+/// connection of the configuration's Postgres source (`source` names it when there are several).
+///
+/// # Errors
+///
+/// No such source, start-up fails, or the table cannot be read.
+pub async fn backfill(
+    config: Config,
+    source: Option<String>,
+    request: BackfillRequest,
+    shutdown: CancellationToken,
+) -> anyhow::Result<BackfillSummary> {
+    let postgres = config
+        .sources
+        .iter()
+        .find_map(|s| match s {
+            SourceConfig::Postgres(c) if source.as_ref().is_none_or(|n| *n == s.name()) => {
+                Some(c.clone())
+            }
+            _ => None,
+        })
+        .context("the configuration has no such postgres source")?;
+    let core = Core::start(config).await?;
+    let tracker = TaskTracker::new();
+    let dispatcher = core.pipeline(&tracker, &shutdown);
+    let name = format!("backfill:{}", request.table);
+    let ctx = core.context(name.as_str(), dispatcher, &shutdown, &core.permits());
+    let summary = postgres::backfill::run(&postgres, &request, ctx)
+        .await
+        .context("backfill failed")?;
+    tracker.close();
+    tracker.wait().await;
+    log_counters(&core.counters);
+    Ok(summary)
 }
 
 /// Replays a JSONL input through the plugins into the cache.

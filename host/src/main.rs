@@ -5,6 +5,7 @@ use keepwarm::config::Config;
 use keepwarm::daemon;
 use keepwarm::scaffold::{self, Lang, NewPlugin};
 use keepwarm::sources::jsonl::Input;
+use keepwarm::sources::postgres::backfill::BackfillRequest;
 use keepwarm::telemetry::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -47,6 +48,27 @@ enum Command {
         config: PathBuf,
         /// The JSONL file, or `-` for standard input.
         input: String,
+    },
+    /// Re-warms the cache from a Postgres table: its rows, in primary-key chunks, go through the
+    /// plugins as `read` messages (which never overwrite a newer change in versioned mode).
+    /// Resumable: run it again after a crash and it continues after the last settled chunk.
+    Backfill {
+        /// The configuration file (its Postgres source gives the connection).
+        #[arg(long)]
+        config: PathBuf,
+        /// The table, `schema.table`.
+        #[arg(long)]
+        table: String,
+        /// Only rows matching this SQL condition.
+        #[arg(long = "where")]
+        filter: Option<String>,
+        /// The Postgres source to use when the configuration has several (its name,
+        /// `postgres:<slot>`).
+        #[arg(long)]
+        source: Option<String>,
+        /// Where progress is kept for a resume (default: `.keepwarm-backfill-<table>.json`).
+        #[arg(long)]
+        state: Option<PathBuf>,
     },
     /// Shows the dead-letter stream, or replays it through the current plugins.
     DeadLetters {
@@ -253,6 +275,35 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 daemon::run(config, shutdown, Duration::from_secs(shutdown_timeout)).await
             })?;
             Ok(ExitCode::SUCCESS)
+        }
+        Command::Backfill {
+            config,
+            table,
+            filter,
+            source,
+            state,
+        } => {
+            let config = Config::load(&config)?;
+            let state =
+                state.unwrap_or_else(|| PathBuf::from(format!(".keepwarm-backfill-{table}.json")));
+            let request = BackfillRequest {
+                table,
+                filter,
+                state,
+            };
+            let summary = tokio_runtime()?.block_on(async {
+                let shutdown = on_signals();
+                daemon::backfill(config, source, request, shutdown).await
+            })?;
+            eprintln!(
+                "backfilled {} rows ({} rows/s): {} done, {} left unapplied",
+                summary.rows, summary.rows_per_second, summary.done, summary.abandoned
+            );
+            Ok(if summary.abandoned == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
         }
         Command::Replay { config, input } => {
             let config = Config::load(&config)?;

@@ -18,11 +18,12 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`):
-/// human-readable lines, or one JSON object per line.
+/// Installs the `tracing` subscriber on stderr, filtered by `RUST_LOG` (default `info`, with
+/// the replication client's per-second feedback lines left out): human-readable lines, or one
+/// JSON object per line.
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,pg_walstream=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -141,6 +142,9 @@ pub struct Metrics {
     /// Kafka messages of an assigned partition not yet committed by the group (from the
     /// committable offset to the partition's end), by source, topic and partition.
     pub kafka_lag: Family<PartitionLabels, Gauge>,
+    /// WAL a Postgres source's replication slot holds back, in bytes (the server's current
+    /// LSN minus the slot's confirmed flush LSN).
+    pub pg_slot_lag_bytes: Family<SourceLabel, Gauge>,
     /// 1 while a source is connected (its last read or receive worked), 0 otherwise.
     pub source_up: Family<SourceLabel, Gauge>,
     /// Messages a broker delivered again (a JetStream delivery count above 1, AMQP's
@@ -169,6 +173,7 @@ impl Default for Metrics {
             sqs_visible: Family::default(),
             sqs_in_flight: Family::default(),
             kafka_lag: Family::default(),
+            pg_slot_lag_bytes: Family::default(),
             source_up: Family::default(),
             redelivered: Family::default(),
             backlog: Family::default(),
@@ -244,6 +249,9 @@ impl Default for Metrics {
             "kafka_lag",
             "Kafka messages of an assigned partition not yet committed by the group",
             m.kafka_lag.clone(),
+            "postgres_slot_lag_bytes",
+            "WAL the Postgres replication slot holds back (current LSN minus confirmed flush LSN)",
+            m.pg_slot_lag_bytes.clone(),
         );
         registry.register(
             "source_up",

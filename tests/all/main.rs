@@ -13,6 +13,7 @@ mod languages;
 mod nats;
 mod operations;
 mod rabbitmq;
+mod postgres;
 mod redis_outage;
 mod regressions;
 mod scaffold;

@@ -298,6 +298,7 @@ mod tests {
                 "http:0.0.0.0:8080/sequin",
                 "nats:SEQUIN",
                 "rabbitmq:keepwarm.changes",
+                "postgres:keepwarm",
             ]
         );
     }

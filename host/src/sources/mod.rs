@@ -21,6 +21,7 @@
 //! - [`nats`]: Sequin's NATS sink, through a JetStream stream and a durable pull consumer;
 //!   acknowledges after apply.
 //! - [`rabbitmq`]: Sequin's RabbitMQ sink, through a durable queue; acknowledges after apply.
+//! - [`postgres`]: logical replication straight from Postgres (`pgoutput`), as Sequin's messages.
 //! - [`jsonl`]: a file (or stdin) of change messages, one JSON object per line (`keepwarm replay`).
 //! - [`dead_letters`]: the dead-letter stream, listed and replayed.
 
@@ -221,6 +222,7 @@ registry! {
     webhook: "http" => Http(webhook::HttpSourceConfig),
     nats: "nats" => Nats(nats::NatsSourceConfig),
     rabbitmq: "rabbitmq" => RabbitMq(rabbitmq::RabbitMqSourceConfig),
+    postgres: "postgres" => Postgres(postgres::PostgresSourceConfig),
 }
 
 impl SourceConfig {
