@@ -22,8 +22,10 @@ cargo clippy -p keepwarm-bench --all-targets -- -D warnings
 . scripts/lib/redis.sh
 . scripts/lib/moto.sh
 . scripts/lib/cluster.sh
+. scripts/lib/memcached.sh
 start_redis
 start_moto
+start_memcached
 # A three-master Redis Cluster for the cluster tests (REDIS_CLUSTER_URLS).
 start_cluster
 # A failing test prints where and why it panicked; a backtrace after that would push the why
@@ -31,7 +33,7 @@ start_cluster
 export RUST_BACKTRACE=0
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
-echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, sqs emulator at $SQS_ENDPOINT)"
+echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, memcached at $MEMCACHED_SERVERS, sqs emulator at $SQS_ENDPOINT)"
 log=$(mktemp -t keepwarm-test.XXXXXX)
 cargo test "${guests[@]}" 2>&1 | tee "$log"
 cargo test -p keepwarm --lib --bins --tests 2>&1 | tee -a "$log"

@@ -9,6 +9,7 @@ mod dead_letters;
 mod hostile;
 mod hot_reload;
 mod languages;
+mod memcached;
 mod operations;
 mod redis_outage;
 mod regressions;

@@ -1,4 +1,4 @@
-//! The applier: the only module that writes to the cache Redis.
+//! The applier: the only module that writes to the cache (Redis, or Memcached).
 //!
 //! A lane's batch becomes one pipeline: every message's operations (plain commands, or one
 //! `EVALSHA` of the versioned script per message and hash slot) followed by the batch's dead
@@ -13,10 +13,13 @@
 //! - [`cluster`]: Redis Cluster hash slots.
 //! - [`connection`]: one Redis or a cluster, and a batch's pipelines over it.
 //! - [`dead_letter`]: the dead-letter entry.
+//! - [`memcached`]: Memcached as the cache (`[memcached]`): plugin operations go there, one
+//!   message after the other; dead letters still go to the Redis dead-letter stream.
 
 pub(crate) mod cluster;
 mod connection;
 pub mod dead_letter;
+pub mod memcached;
 pub(crate) mod plain;
 pub(crate) mod versioned;
 
@@ -26,6 +29,7 @@ use crate::ops::Op;
 use cluster::key_slot;
 use connection::Connection;
 use dead_letter::DeadLetter;
+use memcached::{Memcached, MemcachedRefusal};
 use redis::aio::ConnectionManagerConfig;
 use redis::{ServerError, ServerErrorKind};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,10 +57,17 @@ pub enum MessageOutcome {
     Refused(Refusal),
 }
 
-/// A reply error that retrying cannot cure (`WRONGTYPE`, …): the message's own fault.
+/// A write the cache refuses for good (`WRONGTYPE`, an operation Memcached lacks, a value over
+/// its size limit, …): the message's own fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("redis refused a write: {}", reply_text(.0))]
-pub struct Refusal(pub redis::ServerError);
+pub enum Refusal {
+    /// Redis answered with an error that retrying cannot cure.
+    #[error("redis refused a write: {}", reply_text(.0))]
+    Redis(redis::ServerError),
+    /// Memcached cannot take the message's writes.
+    #[error(transparent)]
+    Memcached(MemcachedRefusal),
+}
 
 /// A failure that retrying the whole batch can cure.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +100,14 @@ pub enum ApplyError {
         /// Replies received.
         got: usize,
     },
+    /// A Memcached server cannot be reached, timed out or failed.
+    #[error("memcached {server} unavailable: {error}")]
+    Memcached {
+        /// The server (`host:port`).
+        server: String,
+        /// What failed.
+        error: memcached::ClientError,
+    },
     /// A cluster pipeline's task failed.
     #[error("a cluster pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -111,14 +130,24 @@ pub enum ConnectError {
         /// The client's error.
         error: redis::RedisError,
     },
+    /// A Memcached server cannot be reached now.
+    #[error("cannot connect to memcached at {server}: {error}")]
+    Memcached {
+        /// The server.
+        server: String,
+        /// What failed.
+        error: memcached::ClientError,
+    },
     /// The versioned-write script cannot be loaded.
     #[error(transparent)]
     Script(ApplyError),
 }
 
-/// The only writer to the cache Redis.
+/// The only writer to the cache.
 pub struct Applier {
     conn: Connection,
+    /// The cache when it is Memcached; `conn` then only takes dead letters.
+    memcached: Option<Memcached>,
     dead_letter_stream: String,
     version_prefix: String,
     tombstone_ms: u64,
@@ -173,8 +202,24 @@ impl Applier {
                     .map_err(unreachable("redis"))?,
             )
         };
+        let memcached = match &config.memcached {
+            Some(memcached) => {
+                let memcached = Memcached::new(
+                    memcached,
+                    config.versioning.tombstone_ttl_seconds,
+                    &config.versioning.key_prefix,
+                );
+                memcached
+                    .reach()
+                    .await
+                    .map_err(|(server, error)| ConnectError::Memcached { server, error })?;
+                Some(memcached)
+            }
+            None => None,
+        };
         let applier = Applier {
             conn,
+            memcached,
             dead_letter_stream: config.dead_letter.stream.clone(),
             version_prefix: config.versioning.key_prefix.clone(),
             tombstone_ms: config.versioning.tombstone_ttl_seconds.saturating_mul(1000),
@@ -199,6 +244,26 @@ impl Applier {
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
+        if let Some(memcached) = &self.memcached {
+            let mut outcomes = Vec::with_capacity(messages.len());
+            for writes in messages {
+                outcomes.push(match memcached.apply(writes).await? {
+                    Ok(stale) => MessageOutcome::Applied { stale },
+                    Err(refusal) => MessageOutcome::Refused(Refusal::Memcached(refusal)),
+                });
+            }
+            self.apply_redis(&[], dead_letters).await?;
+            return Ok(outcomes);
+        }
+        self.apply_redis(messages, dead_letters).await
+    }
+
+    /// [`Applier::apply`] on the cache Redis.
+    async fn apply_redis(
+        &self,
+        messages: &[MessageWrites<'_>],
+        dead_letters: &[DeadLetter],
+    ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
         let (commands, settles) = self.commands(messages, dead_letters);
         if commands.is_empty() {
@@ -212,7 +277,7 @@ impl Applier {
                     match settles {
                         ReplyFor::Message(index) => {
                             if matches!(outcomes[*index], MessageOutcome::Applied { .. }) {
-                                outcomes[*index] = MessageOutcome::Refused(Refusal(error));
+                                outcomes[*index] = MessageOutcome::Refused(Refusal::Redis(error));
                             }
                         }
                         ReplyFor::DeadLetter => {
@@ -298,9 +363,13 @@ impl Applier {
         Ok(())
     }
 
-    /// Whether Redis answers.
+    /// Whether the cache answers: Redis, and every Memcached server when Memcached is the cache.
     pub async fn ping(&self) -> bool {
-        self.conn.query::<String>(&redis::cmd("PING")).await.is_ok()
+        let redis = self.conn.query::<String>(&redis::cmd("PING")).await.is_ok();
+        match &self.memcached {
+            Some(memcached) => redis && memcached.ping().await,
+            None => redis,
+        }
     }
 }
 
