@@ -264,6 +264,9 @@ mod tests {
             Some(OpKind::Publish)
         );
         assert!(Manifest::parse("ops = [\"incr\"]").is_err());
-        assert_eq!(Manifest::default().unsupported_op(CacheKind::Memcached), None);
+        assert_eq!(
+            Manifest::default().unsupported_op(CacheKind::Memcached),
+            None
+        );
     }
 }

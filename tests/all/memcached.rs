@@ -76,7 +76,10 @@ async fn a_set_with_a_ttl_expires_in_memcached_plain_or_versioned() {
             .await
             .ttl(&env.key("orders:1001"))
             .await;
-        assert!(ttl.is_some_and(|t| (3500..=3600).contains(&t)), "{mode}: {ttl:?}");
+        assert!(
+            ttl.is_some_and(|t| (3500..=3600).contains(&t)),
+            "{mode}: {ttl:?}"
+        );
     }
 }
 
@@ -124,7 +127,12 @@ async fn a_backfill_read_fills_only_keys_no_change_has_written() {
     let update = with_lsn(fixtures()[2], 200, "shipped");
     let read_1001 = move_row(fixtures()[8], 1002, 1001);
     let read_1002 = fixtures()[8].to_string();
-    let env = run("mc-read", "", &[update.clone(), read_1001, read_1002.clone()]).await;
+    let env = run(
+        "mc-read",
+        "",
+        &[update.clone(), read_1001, read_1002.clone()],
+    )
+    .await;
     let mut mc = Memcached::open(&memcached_servers()).await;
     assert_eq!(
         mc.versioned(&env.key("public.orders:1001")).await.value(),
@@ -205,7 +213,11 @@ async fn a_reload_to_an_operation_memcached_lacks_is_refused_and_the_old_version
     let env = TestEnv::new("mc-reload");
     let good = row_cache_manifest(&env.prefix, "ops = [\"set\", \"del\"]");
     env.add_plugin("row-cache", &plugin_wasm("row-cache"), &good);
-    let daemon = config(&env, &memcached_servers()).admin().run();
+    // Rescans every second, whether or not the file event arrives.
+    let daemon = config(&env, &memcached_servers())
+        .admin()
+        .set("plugins", "rescan_seconds = 1")
+        .run();
     let status = || async { plugins_status(&daemon.admin_url("/plugins")).await };
     let serving = |s: &[serde_json::Value]| {
         s.iter()
@@ -272,12 +284,19 @@ async fn a_memcached_restart_is_retried_unacknowledged_and_the_cache_refills() {
     // The change is read but stays unacknowledged while its batch is retried.
     let metrics = daemon.admin_url("/metrics");
     wait_for("apply retries", PATIENCE, || async {
-        let text = http_get(&metrics).await.map(|(_, body)| body).unwrap_or_default();
+        let text = http_get(&metrics)
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
         metric(&text, "keepwarm_apply_retries_total", &[]).is_some_and(|n| n >= 2.0)
     })
     .await;
     let (read, pending) = env.progress().await;
-    assert_eq!((read, pending), (2, 1), "read, pending while memcached is down");
+    assert_eq!(
+        (read, pending),
+        (2, 1),
+        "read, pending while memcached is down"
+    );
 
     server.start_again().await;
     env.wait_drained(2).await;

@@ -6,9 +6,9 @@
 mod memcached;
 mod redis;
 
+use crate::ops::CacheKind;
 use crate::sources::{SourceConfig, SourceConfigError, SourceLimits};
 pub use memcached::MemcachedConfig;
-use crate::ops::CacheKind;
 pub use redis::{REDIS_PASSWORD_ENV, RedisConfig, ToolConnection};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -411,7 +411,10 @@ mod tests {
     #[test]
     fn memcached_is_the_cache_when_its_table_is_there() {
         let redis_only = "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n";
-        assert_eq!(Config::parse(redis_only).unwrap().cache_kind(), CacheKind::Redis);
+        assert_eq!(
+            Config::parse(redis_only).unwrap().cache_kind(),
+            CacheKind::Redis
+        );
         let config = Config::parse(&format!(
             "{redis_only}[memcached]\nservers = [\"127.0.0.1:11211\", \"mc2:11211\"]\n"
         ))
@@ -423,7 +426,10 @@ mod tests {
         for (table, key) in [
             ("servers = []", "memcached.servers"),
             ("servers = [\"nohost\"]", "host:port"),
-            ("servers = [\"h:1\"]\nconnections_per_server = 0", "connections"),
+            (
+                "servers = [\"h:1\"]\nconnections_per_server = 0",
+                "connections",
+            ),
             ("servers = [\"h:1\"]\nserver = \"x\"", "server"),
         ] {
             let text = format!("{redis_only}[memcached]\n{table}\n");

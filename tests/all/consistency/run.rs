@@ -373,7 +373,10 @@ pub async fn run_seed(
     );
     let (versioned, plain, misses) = match run.memcached.as_ref() {
         None => (
-            model::diff(&work.expected(VERSIONED), &read_cache(&mut conn, VERSIONED).await),
+            model::diff(
+                &work.expected(VERSIONED),
+                &read_cache(&mut conn, VERSIONED).await,
+            ),
             model::diff(&work.expected(PLAIN), &read_cache(&mut conn, PLAIN).await),
             0,
         ),
@@ -383,11 +386,11 @@ pub async fn run_seed(
             let mut versioned = model::diff(&strings_only(work.expected(VERSIONED)), &got);
             // A key the restart emptied is a miss, not a stale value.
             let before = versioned.len();
-            versioned.retain(|d| !(d.kind == Stale::Lost && !got.contains_key(&d.key)));
+            versioned.retain(|d| d.kind != Stale::Lost || got.contains_key(&d.key));
             let misses = before - versioned.len();
             let got = read_memcached(&work, &address, PLAIN, false).await;
             let mut plain = model::diff(&strings_only(work.expected(PLAIN)), &got);
-            plain.retain(|d| !(d.kind == Stale::Lost && !got.contains_key(&d.key)));
+            plain.retain(|d| d.kind != Stale::Lost || got.contains_key(&d.key));
             (versioned, plain, misses)
         }
     };

@@ -171,7 +171,10 @@ impl Memcached {
 pub enum Versioned {
     Missing,
     /// Written by a change at `(lsn, idx)`.
-    Value { version: (u64, u64), text: String },
+    Value {
+        version: (u64, u64),
+        text: String,
+    },
     /// Filled by a backfill read.
     Read(String),
     Tombstone((u64, u64)),

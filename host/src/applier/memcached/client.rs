@@ -125,7 +125,11 @@ impl Conn {
     }
 
     /// `md <key> [C<cas>]`: deletes; a missing key is done too when no CAS is given.
-    pub(super) async fn delete(&mut self, key: &str, cas: Option<u64>) -> Result<Written, ClientError> {
+    pub(super) async fn delete(
+        &mut self,
+        key: &str,
+        cas: Option<u64>,
+    ) -> Result<Written, ClientError> {
         let command = match cas {
             Some(cas) => format!("md {key} C{cas}\r\n"),
             None => format!("md {key}\r\n"),

@@ -123,7 +123,10 @@ mod tests {
         );
         assert_eq!(decode(&tombstone(v)), Item::Tombstone(v));
         assert_eq!(decode(&tombstone(v)).version(), Some(v));
-        assert_eq!(decode(b"plain text value"), Item::Foreign(b"plain text value"));
+        assert_eq!(
+            decode(b"plain text value"),
+            Item::Foreign(b"plain text value")
+        );
         let mut odd = tombstone(v);
         odd.push(b'!');
         assert!(matches!(decode(&odd), Item::Foreign(_)));

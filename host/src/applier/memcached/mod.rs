@@ -121,9 +121,7 @@ impl Memcached {
             servers: config
                 .servers
                 .iter()
-                .map(|address| {
-                    Server::new(address.clone(), config.connections_per_server, timeout)
-                })
+                .map(|address| Server::new(address.clone(), config.connections_per_server, timeout))
                 .collect(),
             ring: Ring::new(&config.servers),
             max_value_bytes: config.max_value_bytes,
@@ -406,7 +404,10 @@ mod tests {
     fn ttls_become_memcached_expiries() {
         assert_eq!(expiry(1), 1);
         assert_eq!(expiry(1500), 2);
-        assert_eq!(expiry(MAX_RELATIVE_TTL_SECS * 1000), MAX_RELATIVE_TTL_SECS as u32);
+        assert_eq!(
+            expiry(MAX_RELATIVE_TTL_SECS * 1000),
+            MAX_RELATIVE_TTL_SECS as u32
+        );
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap()
@@ -447,6 +448,9 @@ mod tests {
             fields: vec![],
         };
         let refusal = memcached.check(&hash, false).unwrap_err();
-        assert!(refusal.to_string().contains("no hash-set operation"), "{refusal}");
+        assert!(
+            refusal.to_string().contains("no hash-set operation"),
+            "{refusal}"
+        );
     }
 }
