@@ -36,7 +36,13 @@ fn quick_run_writes_results() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let runs = json["throughput"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    for name in ["keepwarm-plain", "keepwarm-versioned", "native-rust"] {
+    for name in [
+        "keepwarm-plain",
+        "keepwarm-versioned",
+        "keepwarm-memcached-plain",
+        "keepwarm-memcached-versioned",
+        "native-rust",
+    ] {
         assert!(names.contains(&name), "{name} missing from {names:?}");
     }
     for run in runs {
