@@ -130,14 +130,6 @@ pub enum ConnectError {
         /// The client's error.
         error: redis::RedisError,
     },
-    /// A Memcached server cannot be reached now.
-    #[error("cannot connect to memcached at {server}: {error}")]
-    Memcached {
-        /// The server.
-        server: String,
-        /// What failed.
-        error: memcached::ClientError,
-    },
     /// The versioned-write script cannot be loaded.
     #[error(transparent)]
     Script(ApplyError),
@@ -209,10 +201,11 @@ impl Applier {
                     config.versioning.tombstone_ttl_seconds,
                     &config.versioning.key_prefix,
                 );
-                memcached
-                    .reach()
-                    .await
-                    .map_err(|(server, error)| ConnectError::Memcached { server, error })?;
+                // A server down at start is not fatal (a pool outlives its servers' restarts):
+                // writes to it are retried until it answers, and /readyz says not ready.
+                if let Err((server, error)) = memcached.reach().await {
+                    tracing::warn!(server, error = %error, "memcached does not answer at start; writes to it will be retried");
+                }
                 Some(memcached)
             }
             None => None,
