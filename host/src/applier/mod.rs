@@ -150,6 +150,8 @@ enum ReplyFor {
     /// A write of the message at this index.
     Message(usize),
     DeadLetter,
+    /// keepwarm's own bookkeeping (the Memcached high-water mark): an error retries the batch.
+    Bookkeeping,
 }
 
 impl Applier {
@@ -200,6 +202,7 @@ impl Applier {
                     memcached,
                     config.versioning.tombstone_ttl_seconds,
                     &config.versioning.key_prefix,
+                    conn.clone(),
                 );
                 // A server down at start is not fatal (a pool outlives its servers' restarts):
                 // writes to it are retried until it answers, and /readyz says not ready.
@@ -239,13 +242,22 @@ impl Applier {
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
         if let Some(memcached) = &self.memcached {
             let mut outcomes = Vec::with_capacity(messages.len());
+            let mut newest = None;
             for writes in messages {
                 outcomes.push(match memcached.apply(writes).await? {
-                    Ok(stale) => MessageOutcome::Applied { stale },
+                    Ok(stale) => {
+                        if !writes.versioned.is_empty() {
+                            newest = newest.max(writes.version);
+                        }
+                        MessageOutcome::Applied { stale }
+                    }
                     Err(refusal) => MessageOutcome::Refused(Refusal::Memcached(refusal)),
                 });
             }
-            self.apply_redis(&[], dead_letters).await?;
+            // Recorded in Redis before anything is acknowledged, so that it outlives this
+            // process and a Memcached restart: the floor is raised to it (memcached/mod.rs).
+            let newest = newest.map(|version| memcached.record_newest(version));
+            self.run_redis(&[], dead_letters, newest).await?;
             return Ok(outcomes);
         }
         self.apply_redis(messages, dead_letters).await
@@ -257,8 +269,22 @@ impl Applier {
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
+        self.run_redis(messages, dead_letters, None).await
+    }
+
+    /// One pipeline of the messages' writes, the dead letters and a bookkeeping command.
+    async fn run_redis(
+        &self,
+        messages: &[MessageWrites<'_>],
+        dead_letters: &[DeadLetter],
+        bookkeeping: Option<(redis::Cmd, String)>,
+    ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
-        let (commands, settles) = self.commands(messages, dead_letters);
+        let (mut commands, mut settles) = self.commands(messages, dead_letters);
+        if let Some((cmd, key)) = bookkeeping {
+            commands.push((cmd, key_slot(&key)));
+            settles.push(ReplyFor::Bookkeeping);
+        }
         if commands.is_empty() {
             return Ok(outcomes);
         }
@@ -279,6 +305,7 @@ impl Applier {
                                 error,
                             });
                         }
+                        ReplyFor::Bookkeeping => return Err(ApplyError::Busy(error)),
                     }
                 }
                 (ReplyFor::Message(index), redis::Value::Int(stale)) => {

@@ -12,7 +12,11 @@
 //! redelivery could write an old value into the emptied key. Against that, each server holds a
 //! **floor** (the item `<versioning.key_prefix>floor`, a tombstone envelope kept for the tombstone
 //! time to live): after a connection to a server broke, the first new connection raises the
-//! floor to the newest version this process wrote there before anything else is written. A
+//! floor to the newest version written there before anything else is written: the newest this
+//! process wrote, or the newest any process recorded in Redis
+//! (`<versioning.key_prefix>memcached-newest:<servers>`,
+//! raised in the pipeline of each batch's dead letters, before its messages are acknowledged),
+//! which outlives both a Memcached restart and a process killed around it. A
 //! missing key counts as holding the floor's version: older changes, and backfill reads, do not
 //! fill it (a cache miss instead of a stale value). Delete the floor item to let a backfill fill
 //! keys before it expires.
@@ -31,6 +35,8 @@ mod client;
 pub(crate) mod envelope;
 pub(crate) mod ring;
 
+use super::connection::Connection;
+use super::versioned::{parse_version, version_arg};
 use super::{ApplyError, MessageWrites};
 use crate::config::MemcachedConfig;
 use crate::message::Version;
@@ -101,7 +107,14 @@ pub(crate) struct Memcached {
     tombstone_secs: u64,
     /// The key of each server's floor.
     floor_key: String,
+    /// The cache Redis, which keeps the newest version written to Memcached at `newest_key`.
+    redis: Connection,
+    newest_key: String,
 }
+
+/// Raises the string at `KEYS[1]` to `ARGV[1]` (zero-padded versions: string order is version
+/// order).
+const RAISE_NEWEST: &str = "local c = redis.call('GET', KEYS[1]) if (not c) or c < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end return 0";
 
 /// What a versioned write does once the stored item is known.
 enum Write {
@@ -111,10 +124,11 @@ enum Write {
 }
 
 impl Memcached {
-    pub(crate) fn new(
+    pub(super) fn new(
         config: &MemcachedConfig,
         tombstone_secs: u64,
         version_prefix: &str,
+        redis: Connection,
     ) -> Memcached {
         let timeout = Duration::from_millis(config.response_timeout_ms);
         Memcached {
@@ -127,7 +141,23 @@ impl Memcached {
             max_value_bytes: config.max_value_bytes,
             tombstone_secs: tombstone_secs.max(1),
             floor_key: format!("{version_prefix}floor"),
+            redis,
+            // One per pool: deployments that share the Redis keep their own.
+            newest_key: format!(
+                "{version_prefix}memcached-newest:{}",
+                config.servers.join(",")
+            ),
         }
+    }
+
+    /// The Redis command (and its key) that records `version` as written to Memcached.
+    pub(super) fn record_newest(&self, version: Version) -> (redis::Cmd, String) {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(RAISE_NEWEST)
+            .arg(1)
+            .arg(&self.newest_key)
+            .arg(version_arg(Some(version)));
+        (cmd, self.newest_key.clone())
     }
 
     /// Checks that every server answers, naming the first that does not.
@@ -154,8 +184,17 @@ impl Memcached {
 
     /// Raises the server's floor to the newest version this process wrote there.
     async fn raise_floor(&self, conn: &mut Conn, server: &Server) -> Result<(), ClientError> {
-        let newest = *server.newest.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(newest) = newest else {
+        let own = *server.newest.lock().unwrap_or_else(|e| e.into_inner());
+        let recorded = match self
+            .redis
+            .query::<Option<String>>(redis::cmd("GET").arg(&self.newest_key))
+            .await
+        {
+            Ok(text) => text.as_deref().and_then(parse_version),
+            // The batch is retried; the floor is raised on its next connection.
+            Err(error) => return Err(ClientError::Io(std::io::Error::other(error))),
+        };
+        let Some(newest) = own.max(recorded) else {
             return Ok(());
         };
         tracing::warn!(server = %server.address, floor = %newest, "memcached connection lost: raising the floor, so that older changes do not fill keys a restart may have emptied");
@@ -223,32 +262,7 @@ impl Memcached {
 
     /// What Memcached cannot take, before anything is written.
     fn check(&self, op: &Op, versioned: bool) -> Result<(), MemcachedRefusal> {
-        let key = op.key();
-        if !CacheKind::Memcached.supports(op.kind()) {
-            return Err(MemcachedRefusal::Unsupported {
-                op: op.kind().as_str(),
-                key: key.to_owned(),
-            });
-        }
-        if key.is_empty()
-            || key.len() > MAX_KEY_BYTES
-            || key.bytes().any(|b| b <= b' ' || b == 0x7f)
-        {
-            return Err(MemcachedRefusal::Key {
-                key: key.to_owned(),
-            });
-        }
-        if let Op::Set { value, .. } = op {
-            let bytes = value.len() + if versioned { envelope::HEADER } else { 0 };
-            if bytes > self.max_value_bytes {
-                return Err(MemcachedRefusal::TooLarge {
-                    key: key.to_owned(),
-                    bytes,
-                    limit: self.max_value_bytes,
-                });
-            }
-        }
-        Ok(())
+        check(op, versioned, self.max_value_bytes)
     }
 
     /// Writes one operation on the server that holds its key: plain (`version` is `None`) or
@@ -383,6 +397,34 @@ impl Memcached {
     }
 }
 
+/// What Memcached cannot take: an operation it lacks, a key it cannot store, a value over
+/// `max_value_bytes` (versioned values with their header).
+fn check(op: &Op, versioned: bool, max_value_bytes: usize) -> Result<(), MemcachedRefusal> {
+    let key = op.key();
+    if !CacheKind::Memcached.supports(op.kind()) {
+        return Err(MemcachedRefusal::Unsupported {
+            op: op.kind().as_str(),
+            key: key.to_owned(),
+        });
+    }
+    if key.is_empty() || key.len() > MAX_KEY_BYTES || key.bytes().any(|b| b <= b' ' || b == 0x7f) {
+        return Err(MemcachedRefusal::Key {
+            key: key.to_owned(),
+        });
+    }
+    if let Op::Set { value, .. } = op {
+        let bytes = value.len() + if versioned { envelope::HEADER } else { 0 };
+        if bytes > max_value_bytes {
+            return Err(MemcachedRefusal::TooLarge {
+                key: key.to_owned(),
+                bytes,
+                limit: max_value_bytes,
+            });
+        }
+    }
+    Ok(())
+}
+
 /// A time to live in milliseconds as Memcached's expiry: whole seconds, rounded up; past 30 days
 /// Memcached reads the number as a Unix time, so it is converted to one.
 pub(crate) fn expiry(ttl_ms: u64) -> u32 {
@@ -418,28 +460,22 @@ mod tests {
 
     #[test]
     fn messages_memcached_cannot_take_are_refused_before_writing() {
-        let config = MemcachedConfig {
-            servers: vec!["127.0.0.1:1".to_owned()],
-            response_timeout_ms: 10,
-            max_value_bytes: 20,
-            connections_per_server: 1,
-        };
-        let memcached = Memcached::new(&config, 60, "kw:v:");
+        let check = |op: &Op, versioned| check(op, versioned, 20);
         let set = |key: &str, len: usize| Op::Set {
             key: key.to_owned(),
             value: vec![b'x'; len],
             ttl_ms: None,
         };
-        assert_eq!(memcached.check(&set("k", 20), false), Ok(()));
+        assert_eq!(check(&set("k", 20), false), Ok(()));
         // A versioned value counts its 17-byte header.
-        assert_eq!(memcached.check(&set("k", 3), true), Ok(()));
+        assert_eq!(check(&set("k", 3), true), Ok(()));
         assert!(matches!(
-            memcached.check(&set("k", 4), true),
+            check(&set("k", 4), true),
             Err(MemcachedRefusal::TooLarge { bytes: 21, .. })
         ));
         for key in ["", "a b", "a\nb", &"k".repeat(251)] {
             assert!(matches!(
-                memcached.check(&set(key, 1), false),
+                check(&set(key, 1), false),
                 Err(MemcachedRefusal::Key { .. })
             ));
         }
@@ -447,7 +483,7 @@ mod tests {
             key: "h".to_owned(),
             fields: vec![],
         };
-        let refusal = memcached.check(&hash, false).unwrap_err();
+        let refusal = check(&hash, false).unwrap_err();
         assert!(
             refusal.to_string().contains("no hash-set operation"),
             "{refusal}"
