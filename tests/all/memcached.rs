@@ -318,3 +318,35 @@ async fn a_memcached_restart_is_retried_unacknowledged_and_the_cache_refills() {
     daemon.stop().await;
     assert!(env.dead_letters().await.is_empty());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memcached_down_at_start_is_retried_until_it_answers() {
+    let mut server = MemcachedServer::start().await;
+    server.kill();
+    let env = TestEnv::new("mc-down-at-start");
+    env.add_row_cache("");
+    let daemon = config(&env, &server.address())
+        .admin()
+        .pipeline("max_backoff_ms = 200")
+        .run();
+    let insert = order_change(fixtures()[0], 1001, Some(100));
+    env.xadd(std::slice::from_ref(&insert)).await;
+    let readyz = daemon.admin_url("/readyz");
+    wait_for("/readyz to say not ready", PATIENCE, || async {
+        http_get(&readyz).await.map(|(code, _)| code) == Some(503)
+    })
+    .await;
+    // Read, and held unacknowledged while memcached is down.
+    env.wait("the change read and pending", |read, pending| {
+        read == 1 && pending == 1
+    })
+    .await;
+    server.start_again().await;
+    env.wait_drained(1).await;
+    let mut mc = Memcached::open(&server.address()).await;
+    assert_eq!(
+        mc.versioned(&env.key("public.orders:1001")).await.value(),
+        Some(record_text(&insert).as_str())
+    );
+    daemon.stop().await;
+}
