@@ -2,7 +2,15 @@
 # The demo: Sequin's example change messages go into a Redis Stream exactly as Sequin's Redis
 # Stream sink writes them, keepwarm consumes them through the example plugins, and the resulting
 # cache keys are printed. Uses a private Redis on a free port; leaves nothing running.
+#
+#   scripts/demo.sh               the cache is Redis (all three example plugins)
+#   scripts/demo.sh --memcached   the cache is a private Memcached (row-cache only: the other
+#                                 examples write sets and hashes, which Memcached lacks)
 set -euo pipefail
+memcached=false
+if [[ "${1:-}" == "--memcached" ]]; then
+    memcached=true
+fi
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
@@ -12,16 +20,28 @@ cargo build --quiet -p keepwarm
 target="${CARGO_TARGET_DIR:-$root/target}"
 
 . scripts/lib/redis.sh
+. scripts/lib/memcached.sh
 start_redis
 cli() { redis-cli -p "$REDIS_PORT" "$@"; }
 
 work=$(mktemp -d -t keepwarm-demo.XXXXXX)
+plugins="$target/plugins"
+cache_table=""
+if $memcached; then
+    start_memcached
+    plugins="$work/plugins"
+    mkdir -p "$plugins"
+    cp "$target/plugins/row-cache.wasm" "$target/plugins/row-cache.toml" "$plugins/"
+    cache_table="[memcached]
+servers = [\"$MEMCACHED_SERVERS\"]"
+fi
 cat >"$work/keepwarm.toml" <<TOML
 [redis]
 url = "$REDIS_URL"
+$cache_table
 
 [plugins]
-dir = "$target/plugins"
+dir = "$plugins"
 
 [[source]]
 kind = "redis-stream"
@@ -34,10 +54,10 @@ count=$(grep -c . "$fixtures")
 echo "== writing $count Sequin change messages to the stream sequin.changes"
 python3 scripts/lib/sequin_to_resp.py sequin.changes <"$fixtures" | cli --pipe >/dev/null
 
-echo "== running keepwarm (plugins: $(cd "$target/plugins" && ls *.wasm | tr '\n' ' '))"
+echo "== running keepwarm (plugins: $(cd "$plugins" && ls *.wasm | tr '\n' ' '))"
 "$target/debug/keepwarm" run --config "$work/keepwarm.toml" 2>"$work/keepwarm.log" &
 pid=$!
-trap 'kill $pid 2>/dev/null || true; stop_redis; rm -rf "$work"' EXIT
+trap 'kill $pid 2>/dev/null || true; stop_redis; stop_memcached; rm -rf "$work"' EXIT
 
 # Wait until the group has read every entry and acknowledged all of them.
 # Up to 5 minutes: a Python plugin takes tens of seconds to compile on its first load in a
@@ -60,6 +80,36 @@ wait $pid || true
 echo "== keepwarm's log"
 sed 's/^/   /' "$work/keepwarm.log"
 echo
+if $memcached; then
+    echo "== memcached keys (versioned values: tag v/r/t, LSN and index, then the value)"
+    python3 - "$MEMCACHED_PORT" <<'PY'
+import socket, sys, urllib.parse
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+f = s.makefile("rb")
+def send(line):
+    s.sendall(line.encode() + b"\r\n")
+send("lru_crawler metadump all")
+keys = []
+while (line := f.readline().strip()) != b"END":
+    keys.append(urllib.parse.unquote(line.split(b" ")[0].split(b"=", 1)[1].decode()))
+for key in sorted(keys):
+    send(f"mg {key} v")
+    head = f.readline().split()
+    if head[0] != b"VA":
+        continue
+    value = f.read(int(head[1]) + 2)[:-2]
+    if value[:1] in (b"v", b"r", b"t") and len(value) >= 17:
+        lsn, idx = int.from_bytes(value[1:9], "big"), int.from_bytes(value[9:17], "big")
+        shown = "(tombstone)" if value[:1] == b"t" else value[17:].decode(errors="replace")
+        print(f"{key} [{value[:1].decode()} {lsn}/{idx}]\n    {shown}")
+    else:
+        print(f"{key}\n    {value.decode(errors='replace')}")
+PY
+    echo
+    echo "== dead letters: $(cli XLEN keepwarm:dead-letters); consumer group:"
+    cli XINFO GROUPS sequin.changes | paste -sd' '
+    exit 0
+fi
 echo "== cache keys (version bookkeeping under kw:v:* not shown)"
 cli --scan | grep -v '^kw:v:' | grep -v '^sequin.changes$' | sort | while read -r key; do
     type=$(cli TYPE "$key")

@@ -13,6 +13,13 @@ if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; th
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 
+# memcached: the second cache target's tests (scripts/lib/memcached.sh starts it).
+if ! command -v memcached >/dev/null; then
+    echo "setup: installing memcached"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq memcached >/dev/null
+fi
+
 # moto: the SQS emulator the SQS source's tests run against (scripts/lib/moto.sh).
 if ! command -v moto_server >/dev/null || ! python3 -c 'import moto.server' 2>/dev/null; then
     echo "setup: installing moto (SQS emulator)"

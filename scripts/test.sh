@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite: installs what is missing, builds the plugins, checks formatting and
-# lints, starts a private Redis, an SQS emulator (moto) and a Kafka broker (Tansu), checks that
+# lints, starts a private Redis, an SQS emulator (moto), a Kafka broker (Tansu) and memcached, checks that
 # NATS and RabbitMQ answer, and runs every test against them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,11 +25,13 @@ cargo clippy -p keepwarm-bench --all-targets -- -D warnings
 . scripts/lib/cluster.sh
 . scripts/lib/kafka.sh
 . scripts/lib/brokers.sh
+. scripts/lib/memcached.sh
 # NATS (JetStream) and RabbitMQ run on the machine already; say what to start when they do not.
 check_brokers
 start_redis
 start_moto
 start_kafka
+start_memcached
 # A three-master Redis Cluster for the cluster tests (REDIS_CLUSTER_URLS).
 start_cluster
 # A failing test prints where and why it panicked; a backtrace after that would push the why
@@ -37,7 +39,7 @@ start_cluster
 export RUST_BACKTRACE=0
 export KEEPWARM_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/plugins"
 export KEEPWARM_TEST_PLUGINS="${CARGO_TARGET_DIR:-$root/target}/test-plugins"
-echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, sqs emulator at $SQS_ENDPOINT, kafka at $KAFKA_BROKERS, nats at $NATS_URL, rabbitmq at ${AMQP_URL/guest:guest@/})"
+echo "== cargo test (redis at $REDIS_URL, cluster at $REDIS_CLUSTER_URLS, sqs emulator at $SQS_ENDPOINT, memcached at $MEMCACHED_SERVERS, kafka at $KAFKA_BROKERS, nats at $NATS_URL, rabbitmq at ${AMQP_URL/guest:guest@/})"
 log=$(mktemp -t keepwarm-test.XXXXXX)
 cargo test "${guests[@]}" 2>&1 | tee "$log"
 cargo test -p keepwarm --lib --bins --tests 2>&1 | tee -a "$log"

@@ -155,6 +155,8 @@ enum Kind {
     Keepwarm {
         plain: bool,
         threads: usize,
+        /// The cache is the benchmark's Memcached rather than Redis.
+        memcached: bool,
     },
     Native,
     Python,
@@ -175,12 +177,13 @@ struct Scenario {
     kind: Kind,
 }
 
-const SCENARIOS: [Scenario; 7] = [
+const SCENARIOS: [Scenario; 9] = [
     Scenario {
         name: "keepwarm-plain",
         kind: Kind::Keepwarm {
             plain: true,
             threads: 2,
+            memcached: false,
         },
     },
     Scenario {
@@ -188,6 +191,7 @@ const SCENARIOS: [Scenario; 7] = [
         kind: Kind::Keepwarm {
             plain: false,
             threads: 2,
+            memcached: false,
         },
     },
     Scenario {
@@ -195,6 +199,23 @@ const SCENARIOS: [Scenario; 7] = [
         kind: Kind::Keepwarm {
             plain: true,
             threads: 1,
+            memcached: false,
+        },
+    },
+    Scenario {
+        name: "keepwarm-memcached-plain",
+        kind: Kind::Keepwarm {
+            plain: true,
+            threads: 2,
+            memcached: true,
+        },
+    },
+    Scenario {
+        name: "keepwarm-memcached-versioned",
+        kind: Kind::Keepwarm {
+            plain: false,
+            threads: 2,
+            memcached: true,
         },
     },
     Scenario {
@@ -223,6 +244,7 @@ struct Throughput {
     seconds: f64,
     messages_per_second: f64,
     cpu_seconds_per_million: f64,
+    /// The cache server's CPU: Redis, or memcached in the Memcached scenarios.
     redis_cpu_seconds_per_million: Option<f64>,
     peak_rss_mib: f64,
     dead_letters: u64,
@@ -247,6 +269,8 @@ struct Env {
     nats_url: Option<String>,
     amqp_url: Option<String>,
     redis_pid: Option<u32>,
+    /// The benchmark's Memcached: its pid and `host:port` (none: memcached is not installed).
+    memcached: Option<(u32, String)>,
     keepwarm: PathBuf,
     plugins: PathBuf,
     python: PathBuf,
@@ -317,8 +341,29 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
             url
         }
     };
+    let mut memcached = None;
+    if SCENARIOS.iter().any(|s| {
+        matches!(
+            s.kind,
+            Kind::Keepwarm {
+                memcached: true,
+                ..
+            }
+        ) && args
+            .only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == s.name))
+    }) {
+        match start_memcached() {
+            Ok(started) => memcached = Some(started),
+            Err(error) => eprintln!("note: {error:#}; the Memcached scenarios are skipped"),
+        }
+    }
     let env = Env {
         redis_pid: server.as_ref().map(Child::id),
+        memcached: memcached
+            .as_ref()
+            .map(|(child, address)| (child.id(), address.clone())),
         url,
         nats_url: args
             .nats_url
@@ -349,7 +394,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let result = run_all(&env, &args).await;
-    if let Some(mut server) = server {
+    for mut server in server.into_iter().chain(memcached.map(|(child, _)| child)) {
         let _ = server.kill();
         let _ = server.wait();
     }
@@ -413,6 +458,19 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
             );
             throughput.push(result);
             continue;
+        }
+        let on_memcached = matches!(
+            scenario.kind,
+            Kind::Keepwarm {
+                memcached: true,
+                ..
+            }
+        );
+        if on_memcached {
+            let Some((_, address)) = &env.memcached else {
+                continue;
+            };
+            memcached_command(address, "flush_all")?;
         }
         eprintln!(
             "== {}: preloading {} messages",
@@ -496,6 +554,54 @@ fn pipeline_table(args: &RunArgs) -> String {
     } else {
         format!("[pipeline]\n{table}\n")
     }
+}
+
+/// A private memcached on a free loopback port: the process and its `host:port`.
+fn start_memcached() -> anyhow::Result<(Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let child = Command::new("memcached")
+        .args(["-u", "nobody", "-l", "127.0.0.1", "-U", "0", "-m", "256"])
+        .args(["-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .spawn()
+        .context("cannot start memcached (scripts/setup.sh installs it)")?;
+    let address = format!("127.0.0.1:{port}");
+    for _ in 0..100 {
+        if memcached_command(&address, "mn").is_ok() {
+            return Ok((child, address));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("memcached did not start on port {port}")
+}
+
+/// Sends one command to memcached and returns its reply, up to `END`, `OK` or `MN`.
+fn memcached_command(address: &str, command: &str) -> anyhow::Result<String> {
+    use std::io::{BufRead as _, Write as _};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(format!("{command}\r\n").as_bytes())?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut reply = String::new();
+    loop {
+        let mut line = String::new();
+        anyhow::ensure!(reader.read_line(&mut line)? > 0, "memcached closed");
+        reply.push_str(&line);
+        if matches!(line.trim_end(), "END" | "OK" | "MN") || line.starts_with("ERROR") {
+            return Ok(reply);
+        }
+    }
+}
+
+/// The number of items memcached holds (`stats` `curr_items`).
+fn memcached_items(address: &str) -> anyhow::Result<u64> {
+    let stats = memcached_command(address, "stats")?;
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("STAT curr_items ")?.trim().parse().ok())
+        .context("no curr_items in memcached's stats")
 }
 
 fn start_redis(scratch: &Path) -> anyhow::Result<(Child, String)> {
@@ -617,11 +723,19 @@ fn text(value: Option<&redis::Value>) -> String {
 /// A consumer process, configured for one scenario; `topic` is the Kafka scenarios' topic.
 fn spawn(env: &Env, name: &str, kind: Kind, topic: &str) -> anyhow::Result<Child> {
     let mut cmd = match kind {
-        Kind::Keepwarm { plain, threads } => {
+        Kind::Keepwarm {
+            plain,
+            threads,
+            memcached,
+        } => {
             let source = format!(
                 "[[source]]\nkind = \"redis-stream\"\nstream = \"{STREAM}\"\ngroup = \"{GROUP}\"\nconsumer = \"keepwarm\"\n"
             );
-            keepwarm_command(env, name, plain, threads, &source)?
+            let cache = match (&env.memcached, memcached) {
+                (Some((_, address)), true) => format!("[memcached]\nservers = [\"{address}\"]\n\n"),
+                _ => String::new(),
+            };
+            keepwarm_command(env, name, plain, threads, &format!("{cache}{source}"))?
         }
         Kind::KeepwarmKafka => {
             let source = format!(
@@ -798,6 +912,17 @@ async fn measure(
 ) -> anyhow::Result<Throughput> {
     let child = spawn(env, scenario.name, scenario.kind, "")?;
     let pid = child.id();
+    // The cache's server: its CPU is the "cache CPU" column.
+    let memcached = match scenario.kind {
+        Kind::Keepwarm {
+            memcached: true, ..
+        } => env.memcached.clone(),
+        _ => None,
+    };
+    let cache_pid = match &memcached {
+        Some((pid, _)) => Some(*pid),
+        None => env.redis_pid,
+    };
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(900);
         let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
@@ -813,7 +938,7 @@ async fn measure(
                 first = Some((
                     now,
                     Sample::of(pid)?,
-                    env.redis_pid.map(Sample::of).transpose()?,
+                    cache_pid.map(Sample::of).transpose()?,
                 ));
             }
             if let Some((start, cpu0, redis0)) = &first
@@ -821,7 +946,7 @@ async fn measure(
                 && delivered == last
             {
                 let cpu1 = Sample::of(pid)?;
-                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
+                let redis1 = cache_pid.map(Sample::of).transpose()?;
                 let seconds = now.duration_since(*start).as_secs_f64();
                 #[allow(
                     clippy::cast_precision_loss,
@@ -832,7 +957,10 @@ async fn measure(
                     .arg("keepwarm:dead-letters")
                     .query_async(conn)
                     .await?;
-                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
+                let keys: u64 = match &memcached {
+                    Some((_, address)) => memcached_items(address)?,
+                    None => redis::cmd("DBSIZE").query_async(conn).await?,
+                };
                 return Ok(Throughput {
                     name: scenario.name.to_owned(),
                     messages: n,
@@ -1136,7 +1264,7 @@ fn ratios(t: &[Throughput]) -> serde_json::Value {
 fn print_table(t: &[Throughput], l: &[Latency]) {
     println!();
     println!(
-        "| scenario | messages | seconds | msg/s | CPU s / M msgs | Redis CPU s / M msgs | peak RSS MiB | dead letters |"
+        "| scenario | messages | seconds | msg/s | CPU s / M msgs | cache CPU s / M msgs | peak RSS MiB | dead letters |"
     );
     println!("|---|---:|---:|---:|---:|---:|---:|---:|");
     for r in t {

@@ -36,7 +36,13 @@ fn quick_run_writes_results() {
         serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
     let runs = json["throughput"].as_array().unwrap();
     let names: Vec<&str> = runs.iter().map(|r| r["name"].as_str().unwrap()).collect();
-    let mut expected = vec!["keepwarm-plain", "keepwarm-versioned", "native-rust"];
+    let mut expected = vec![
+        "keepwarm-plain",
+        "keepwarm-versioned",
+        "keepwarm-memcached-plain",
+        "keepwarm-memcached-versioned",
+        "native-rust",
+    ];
     // The broker scenarios run where the brokers are given (scripts/test.sh exports them).
     if std::env::var_os("NATS_URL").is_some() {
         expected.push("keepwarm-nats");

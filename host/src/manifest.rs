@@ -5,6 +5,7 @@
 //! A lone `.wasm` runs with [`Manifest::default`].
 
 use crate::message::{Action, ChangeMessage};
+use crate::ops::{CacheKind, OpKind};
 use anyhow::Context as _;
 use serde::Deserialize;
 use std::collections::BTreeMap;
@@ -101,6 +102,12 @@ pub struct Manifest {
     /// Key prefixes the plugin may write; `None` allows every key.
     #[serde(default)]
     pub key_prefixes: Option<Vec<String>>,
+    /// The operations the plugin returns, by name (`set`, `del`, `hash-set`, …); `None` does not
+    /// say. When given, a cache that lacks one of them (Memcached has no hashes, sets, sorted
+    /// sets or publish) refuses the plugin at load, and an operation outside the list
+    /// dead-letters its change.
+    #[serde(default)]
+    pub ops: Option<Vec<OpKind>>,
     /// Resource limits.
     #[serde(default)]
     pub limits: Limits,
@@ -211,8 +218,55 @@ impl Manifest {
             .is_none_or(|prefixes| prefixes.iter().any(|p| key.starts_with(p.as_str())))
     }
 
+    /// Whether the plugin may return an operation of `kind` (always, without an `ops` list).
+    pub fn declares(&self, kind: OpKind) -> bool {
+        self.ops.as_ref().is_none_or(|ops| ops.contains(&kind))
+    }
+
+    /// The first operation the manifest says the plugin uses (in `ops`, or in a self-test's
+    /// expected operations) that `cache` cannot apply.
+    pub fn unsupported_op(&self, cache: CacheKind) -> Option<OpKind> {
+        let declared = self.ops.iter().flatten().copied();
+        let expected = self
+            .tests
+            .iter()
+            .filter_map(|test| test.expect.as_ref()?.as_array())
+            .flatten()
+            .filter_map(|op| OpKind::parse(op.get("op")?.as_str()?));
+        declared.chain(expected).find(|kind| !cache.supports(*kind))
+    }
+
     /// The `[config]` table as JSON object text.
     pub fn config_json(&self) -> String {
         serde_json::to_string(&self.config).unwrap_or_else(|_| "{}".to_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memcached_refuses_declared_and_expected_ops_it_lacks() {
+        let declared = Manifest::parse("ops = [\"set\", \"hash-set\"]").unwrap();
+        assert_eq!(
+            declared.unsupported_op(CacheKind::Memcached),
+            Some(OpKind::HashSet)
+        );
+        assert_eq!(declared.unsupported_op(CacheKind::Redis), None);
+        assert!(declared.declares(OpKind::Set) && !declared.declares(OpKind::Del));
+        let expected = Manifest::parse(
+            "[[test]]\ninput = \"{}\"\nexpect = [{op = \"del\", key = \"k\"}, {op = \"publish\", channel = \"c\", message = \"m\"}]\n",
+        )
+        .unwrap();
+        assert_eq!(
+            expected.unsupported_op(CacheKind::Memcached),
+            Some(OpKind::Publish)
+        );
+        assert!(Manifest::parse("ops = [\"incr\"]").is_err());
+        assert_eq!(
+            Manifest::default().unsupported_op(CacheKind::Memcached),
+            None
+        );
     }
 }

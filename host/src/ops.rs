@@ -4,6 +4,8 @@
 //! turns it into Redis commands. Every operation is idempotent, so a redelivered message is
 //! harmless.
 
+use serde::Deserialize;
+
 /// One cache operation.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Op {
@@ -112,6 +114,22 @@ impl Op {
         }
     }
 
+    /// The kind of the operation, as manifests and `keepwarm test` name it.
+    pub fn kind(&self) -> OpKind {
+        match self {
+            Op::Set { .. } => OpKind::Set,
+            Op::Del { .. } => OpKind::Del,
+            Op::HashSet { .. } => OpKind::HashSet,
+            Op::HashDel { .. } => OpKind::HashDel,
+            Op::SetAdd { .. } => OpKind::SetAdd,
+            Op::SetRemove { .. } => OpKind::SetRemove,
+            Op::SortedSetAdd { .. } => OpKind::SortedSetAdd,
+            Op::SortedSetRemove { .. } => OpKind::SortedSetRemove,
+            Op::Expire { .. } => OpKind::Expire,
+            Op::Publish { .. } => OpKind::Publish,
+        }
+    }
+
     /// The number of payload bytes the operation carries (values and members), for limits.
     pub fn payload_bytes(&self) -> usize {
         match self {
@@ -168,5 +186,115 @@ fn bytes(value: &[u8]) -> serde_json::Value {
     match std::str::from_utf8(value) {
         Ok(text) => serde_json::Value::String(text.to_owned()),
         Err(_) => serde_json::Value::from(value.to_vec()),
+    }
+}
+
+/// The kind of an operation, as a manifest's `ops` list and `keepwarm test`'s JSON name it
+/// (`set`, `del`, `hash-set`, …).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum OpKind {
+    /// `set`.
+    Set,
+    /// `del`.
+    Del,
+    /// `hash-set`.
+    HashSet,
+    /// `hash-del`.
+    HashDel,
+    /// `set-add`.
+    SetAdd,
+    /// `set-remove`.
+    SetRemove,
+    /// `sorted-set-add`.
+    SortedSetAdd,
+    /// `sorted-set-remove`.
+    SortedSetRemove,
+    /// `expire`.
+    Expire,
+    /// `publish`.
+    Publish,
+}
+
+impl OpKind {
+    /// The name as written in manifests and in `keepwarm test`'s output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OpKind::Set => "set",
+            OpKind::Del => "del",
+            OpKind::HashSet => "hash-set",
+            OpKind::HashDel => "hash-del",
+            OpKind::SetAdd => "set-add",
+            OpKind::SetRemove => "set-remove",
+            OpKind::SortedSetAdd => "sorted-set-add",
+            OpKind::SortedSetRemove => "sorted-set-remove",
+            OpKind::Expire => "expire",
+            OpKind::Publish => "publish",
+        }
+    }
+
+    /// The kind named `name` (`keepwarm test`'s `"op"` field).
+    pub fn parse(name: &str) -> Option<OpKind> {
+        ALL_KINDS.iter().copied().find(|kind| kind.as_str() == name)
+    }
+}
+
+const ALL_KINDS: [OpKind; 10] = [
+    OpKind::Set,
+    OpKind::Del,
+    OpKind::HashSet,
+    OpKind::HashDel,
+    OpKind::SetAdd,
+    OpKind::SetRemove,
+    OpKind::SortedSetAdd,
+    OpKind::SortedSetRemove,
+    OpKind::Expire,
+    OpKind::Publish,
+];
+
+/// The kind of cache the operations are written to, which decides the operations it can take.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheKind {
+    /// Redis or a Redis Cluster: every operation.
+    #[default]
+    Redis,
+    /// Memcached: `set`, `del` and `expire` only (it has no hashes, sets, sorted sets or
+    /// publish).
+    Memcached,
+}
+
+impl CacheKind {
+    /// Whether this cache can apply operations of `kind`.
+    pub fn supports(self, kind: OpKind) -> bool {
+        match self {
+            CacheKind::Redis => true,
+            CacheKind::Memcached => matches!(kind, OpKind::Set | OpKind::Del | OpKind::Expire),
+        }
+    }
+
+    /// The cache's name, for errors.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CacheKind::Redis => "redis",
+            CacheKind::Memcached => "memcached",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_read_back_their_names_and_memcached_takes_three() {
+        for kind in ALL_KINDS {
+            assert_eq!(OpKind::parse(kind.as_str()), Some(kind));
+        }
+        let supported: Vec<_> = ALL_KINDS
+            .into_iter()
+            .filter(|k| CacheKind::Memcached.supports(*k))
+            .collect();
+        assert_eq!(supported, [OpKind::Set, OpKind::Del, OpKind::Expire]);
+        assert!(ALL_KINDS.into_iter().all(|k| CacheKind::Redis.supports(k)));
     }
 }

@@ -249,6 +249,8 @@ impl Default for Metrics {
             "kafka_lag",
             "Kafka messages of an assigned partition not yet committed by the group",
             m.kafka_lag.clone(),
+        );
+        registry.register(
             "postgres_slot_lag_bytes",
             "WAL the Postgres replication slot holds back (current LSN minus confirmed flush LSN)",
             m.pg_slot_lag_bytes.clone(),

@@ -16,6 +16,8 @@ pub enum DeadLetterKind {
     Plugin,
     /// Redis refused an operation (e.g. `WRONGTYPE`).
     Redis,
+    /// Memcached cannot take an operation (one it lacks, a value over its size limit, …).
+    Memcached,
 }
 
 impl DeadLetterKind {
@@ -25,6 +27,7 @@ impl DeadLetterKind {
             DeadLetterKind::Decode => "decode",
             DeadLetterKind::Plugin => "plugin",
             DeadLetterKind::Redis => "redis",
+            DeadLetterKind::Memcached => "memcached",
         }
     }
 }

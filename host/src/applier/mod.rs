@@ -1,4 +1,4 @@
-//! The applier: the only module that writes to the cache Redis.
+//! The applier: the only module that writes to the cache (Redis, or Memcached).
 //!
 //! A lane's batch becomes one pipeline: every message's operations (plain commands, or one
 //! `EVALSHA` of the versioned script per message and hash slot) followed by the batch's dead
@@ -13,10 +13,13 @@
 //! - [`cluster`]: Redis Cluster hash slots.
 //! - [`connection`]: one Redis or a cluster, and a batch's pipelines over it.
 //! - [`dead_letter`]: the dead-letter entry.
+//! - [`memcached`]: Memcached as the cache (`[memcached]`): plugin operations go there, one
+//!   message after the other; dead letters still go to the Redis dead-letter stream.
 
 pub(crate) mod cluster;
 mod connection;
 pub mod dead_letter;
+pub mod memcached;
 pub(crate) mod plain;
 pub(crate) mod versioned;
 
@@ -26,6 +29,7 @@ use crate::ops::Op;
 use cluster::key_slot;
 use connection::Connection;
 use dead_letter::DeadLetter;
+use memcached::{Memcached, MemcachedRefusal};
 use redis::aio::ConnectionManagerConfig;
 use redis::{ServerError, ServerErrorKind};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -53,10 +57,17 @@ pub enum MessageOutcome {
     Refused(Refusal),
 }
 
-/// A reply error that retrying cannot cure (`WRONGTYPE`, …): the message's own fault.
+/// A write the cache refuses for good (`WRONGTYPE`, an operation Memcached lacks, a value over
+/// its size limit, …): the message's own fault.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("redis refused a write: {}", reply_text(.0))]
-pub struct Refusal(pub redis::ServerError);
+pub enum Refusal {
+    /// Redis answered with an error that retrying cannot cure.
+    #[error("redis refused a write: {}", reply_text(.0))]
+    Redis(redis::ServerError),
+    /// Memcached cannot take the message's writes.
+    #[error(transparent)]
+    Memcached(MemcachedRefusal),
+}
 
 /// A failure that retrying the whole batch can cure.
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +100,14 @@ pub enum ApplyError {
         /// Replies received.
         got: usize,
     },
+    /// A Memcached server cannot be reached, timed out or failed.
+    #[error("memcached {server} unavailable: {error}")]
+    Memcached {
+        /// The server (`host:port`).
+        server: String,
+        /// What failed.
+        error: memcached::ClientError,
+    },
     /// A cluster pipeline's task failed.
     #[error("a cluster pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -116,9 +135,11 @@ pub enum ConnectError {
     Script(ApplyError),
 }
 
-/// The only writer to the cache Redis.
+/// The only writer to the cache.
 pub struct Applier {
     conn: Connection,
+    /// The cache when it is Memcached; `conn` then only takes dead letters.
+    memcached: Option<Memcached>,
     dead_letter_stream: String,
     version_prefix: String,
     tombstone_ms: u64,
@@ -129,6 +150,8 @@ enum ReplyFor {
     /// A write of the message at this index.
     Message(usize),
     DeadLetter,
+    /// keepwarm's own bookkeeping (the Memcached high-water mark): an error retries the batch.
+    Bookkeeping,
 }
 
 impl Applier {
@@ -173,8 +196,26 @@ impl Applier {
                     .map_err(unreachable("redis"))?,
             )
         };
+        let memcached = match &config.memcached {
+            Some(memcached) => {
+                let memcached = Memcached::new(
+                    memcached,
+                    config.versioning.tombstone_ttl_seconds,
+                    &config.versioning.key_prefix,
+                    conn.clone(),
+                );
+                // A server down at start is not fatal (a pool outlives its servers' restarts):
+                // writes to it are retried until it answers, and /readyz says not ready.
+                if let Err((server, error)) = memcached.reach().await {
+                    tracing::warn!(server, error = %error, "memcached does not answer at start; writes to it will be retried");
+                }
+                Some(memcached)
+            }
+            None => None,
+        };
         let applier = Applier {
             conn,
+            memcached,
             dead_letter_stream: config.dead_letter.stream.clone(),
             version_prefix: config.versioning.key_prefix.clone(),
             tombstone_ms: config.versioning.tombstone_ttl_seconds.saturating_mul(1000),
@@ -199,8 +240,51 @@ impl Applier {
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
+        if let Some(memcached) = &self.memcached {
+            let mut outcomes = Vec::with_capacity(messages.len());
+            let mut newest = None;
+            for writes in messages {
+                outcomes.push(match memcached.apply(writes).await? {
+                    Ok(stale) => {
+                        if !writes.versioned.is_empty() {
+                            newest = newest.max(writes.version);
+                        }
+                        MessageOutcome::Applied { stale }
+                    }
+                    Err(refusal) => MessageOutcome::Refused(Refusal::Memcached(refusal)),
+                });
+            }
+            // Recorded in Redis before anything is acknowledged, so that it outlives this
+            // process and a Memcached restart: the floor is raised to it (memcached/mod.rs).
+            let newest = newest.map(|version| memcached.record_newest(version));
+            self.run_redis(&[], dead_letters, newest).await?;
+            return Ok(outcomes);
+        }
+        self.apply_redis(messages, dead_letters).await
+    }
+
+    /// [`Applier::apply`] on the cache Redis.
+    async fn apply_redis(
+        &self,
+        messages: &[MessageWrites<'_>],
+        dead_letters: &[DeadLetter],
+    ) -> Result<Vec<MessageOutcome>, ApplyError> {
+        self.run_redis(messages, dead_letters, None).await
+    }
+
+    /// One pipeline of the messages' writes, the dead letters and a bookkeeping command.
+    async fn run_redis(
+        &self,
+        messages: &[MessageWrites<'_>],
+        dead_letters: &[DeadLetter],
+        bookkeeping: Option<(redis::Cmd, String)>,
+    ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
-        let (commands, settles) = self.commands(messages, dead_letters);
+        let (mut commands, mut settles) = self.commands(messages, dead_letters);
+        if let Some((cmd, key)) = bookkeeping {
+            commands.push((cmd, key_slot(&key)));
+            settles.push(ReplyFor::Bookkeeping);
+        }
         if commands.is_empty() {
             return Ok(outcomes);
         }
@@ -212,7 +296,7 @@ impl Applier {
                     match settles {
                         ReplyFor::Message(index) => {
                             if matches!(outcomes[*index], MessageOutcome::Applied { .. }) {
-                                outcomes[*index] = MessageOutcome::Refused(Refusal(error));
+                                outcomes[*index] = MessageOutcome::Refused(Refusal::Redis(error));
                             }
                         }
                         ReplyFor::DeadLetter => {
@@ -221,6 +305,7 @@ impl Applier {
                                 error,
                             });
                         }
+                        ReplyFor::Bookkeeping => return Err(ApplyError::Busy(error)),
                     }
                 }
                 (ReplyFor::Message(index), redis::Value::Int(stale)) => {
@@ -298,9 +383,13 @@ impl Applier {
         Ok(())
     }
 
-    /// Whether Redis answers.
+    /// Whether the cache answers: Redis, and every Memcached server when Memcached is the cache.
     pub async fn ping(&self) -> bool {
-        self.conn.query::<String>(&redis::cmd("PING")).await.is_ok()
+        let redis = self.conn.query::<String>(&redis::cmd("PING")).await.is_ok();
+        match &self.memcached {
+            Some(memcached) => redis && memcached.ping().await,
+            None => redis,
+        }
     }
 }
 

@@ -3,9 +3,12 @@
 //! Every table denies unknown keys, so a typo is an error naming the key rather than a silently
 //! ignored setting. `config/example.toml` documents every key and is parsed by a unit test.
 
+mod memcached;
 mod redis;
 
+use crate::ops::CacheKind;
 use crate::sources::{SourceConfig, SourceConfigError, SourceLimits};
+pub use memcached::MemcachedConfig;
 pub use redis::{REDIS_PASSWORD_ENV, RedisConfig, ToolConnection};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
@@ -66,8 +69,13 @@ fn ensure(ok: bool, key: &'static str, rule: &'static str) -> Result<(), ConfigE
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The cache: where plugin operations and dead letters are written.
+    /// The cache Redis: where plugin operations are written (unless `[memcached]` is the cache)
+    /// and where dead letters go.
     pub redis: RedisConfig,
+    /// Memcached as the cache: plugin operations go there instead of Redis (dead letters stay
+    /// in Redis).
+    #[serde(default)]
+    pub memcached: Option<MemcachedConfig>,
     /// Where plugins live.
     pub plugins: PluginsConfig,
     /// Lanes, batching and flow control.
@@ -259,6 +267,9 @@ impl Config {
             "versioning.key_prefix",
             "must not contain braces (they would change the hash slot)",
         )?;
+        if let Some((key, rule)) = config.memcached.as_ref().and_then(MemcachedConfig::invalid) {
+            return Err(ConfigError::Invalid { key, rule });
+        }
         let limits = SourceLimits {
             max_in_flight: pipeline.max_in_flight,
         };
@@ -272,6 +283,15 @@ impl Config {
                 })?;
         }
         Ok(config)
+    }
+
+    /// The kind of cache plugin operations are written to.
+    pub fn cache_kind(&self) -> CacheKind {
+        if self.memcached.is_some() {
+            CacheKind::Memcached
+        } else {
+            CacheKind::Redis
+        }
     }
 
     /// The Redis response timeout.
@@ -428,6 +448,36 @@ mod tests {
         let text = "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n[[source]]\nkind = \"redis-stream\"\nstream = \"s\"\ngroup = \"g\"\nblock = 5\n";
         let error = chain(Config::parse(text).unwrap_err());
         assert!(error.contains("block"), "{error}");
+    }
+
+    #[test]
+    fn memcached_is_the_cache_when_its_table_is_there() {
+        let redis_only = "[redis]\nurl = \"redis://x\"\n[plugins]\ndir = \"p\"\n";
+        assert_eq!(
+            Config::parse(redis_only).unwrap().cache_kind(),
+            CacheKind::Redis
+        );
+        let config = Config::parse(&format!(
+            "{redis_only}[memcached]\nservers = [\"127.0.0.1:11211\", \"mc2:11211\"]\n"
+        ))
+        .unwrap();
+        assert_eq!(config.cache_kind(), CacheKind::Memcached);
+        let memcached = config.memcached.unwrap();
+        assert_eq!(memcached.servers.len(), 2);
+        assert_eq!(memcached.max_value_bytes, (1 << 20) - 1024);
+        for (table, key) in [
+            ("servers = []", "memcached.servers"),
+            ("servers = [\"nohost\"]", "host:port"),
+            (
+                "servers = [\"h:1\"]\nconnections_per_server = 0",
+                "connections",
+            ),
+            ("servers = [\"h:1\"]\nserver = \"x\"", "server"),
+        ] {
+            let text = format!("{redis_only}[memcached]\n{table}\n");
+            let error = chain(Config::parse(&text).unwrap_err());
+            assert!(error.contains(key), "{table}: {error}");
+        }
     }
 
     #[test]

@@ -81,6 +81,14 @@ pub enum Misbehavior {
         /// The manifest's limit.
         limit: usize,
     },
+    /// An operation the manifest's `ops` list does not name.
+    #[error("returned a {op} operation, which its manifest's ops {declared:?} do not name")]
+    UndeclaredOp {
+        /// The operation's name (`hash-set`, …).
+        op: &'static str,
+        /// The operations the manifest names.
+        declared: Vec<&'static str>,
+    },
     /// A key outside the manifest's `key_prefixes`.
     #[error("{op} on key {key:?} is outside the plugin's key prefixes {prefixes:?}")]
     OutsidePrefixes {
@@ -153,6 +161,14 @@ pub enum LoadError {
         path: PathBuf,
         /// What is wrong with it.
         reason: String,
+    },
+    /// The manifest names an operation the cache cannot apply (in `ops` or a self-test).
+    #[error("the manifest uses the operation {op}, which {cache} cannot apply")]
+    Unsupported {
+        /// The operation's name (`hash-set`, …).
+        op: &'static str,
+        /// The cache (`memcached`).
+        cache: &'static str,
     },
     /// The file does not start with the WebAssembly magic number.
     #[error("not a WebAssembly file (bad magic number)")]

@@ -205,6 +205,12 @@ pub fn load_source(runtime: &Runtime, source: PluginSource) -> Result<Loaded, Lo
         }
         None => Manifest::default(),
     };
+    if let Some(op) = manifest.unsupported_op(runtime.cache_kind()) {
+        return Err(LoadError::Unsupported {
+            op: op.as_str(),
+            cache: runtime.cache_kind().as_str(),
+        });
+    }
     let ident = Arc::new(PluginIdent {
         name: source.files.name.clone(),
         version: source.version.clone(),

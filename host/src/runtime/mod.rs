@@ -33,6 +33,7 @@ pub use error::{EngineError, LoadError, PluginError};
 pub use loader::{PluginSet, load_dir, load_plugin};
 pub use plugin::Plugin;
 
+use crate::ops::CacheKind;
 use cache::ArtifactCache;
 use state::PluginState;
 use status::StatusBoard;
@@ -51,6 +52,7 @@ pub struct Runtime {
     linker: Linker<PluginState>,
     cache: ArtifactCache,
     status: Arc<StatusBoard>,
+    cache_kind: CacheKind,
     /// Whether the pooling allocator could be used on this machine.
     pub pooling: bool,
 }
@@ -95,8 +97,22 @@ impl Runtime {
             engine,
             linker,
             status: Arc::new(StatusBoard::default()),
+            cache_kind: CacheKind::Redis,
             pooling,
         })
+    }
+
+    /// Plugins are loaded for a cache of `kind`: one whose manifest names an operation that
+    /// cache cannot apply is refused ([`LoadError::Unsupported`]).
+    #[must_use]
+    pub fn for_cache(mut self, kind: CacheKind) -> Runtime {
+        self.cache_kind = kind;
+        self
+    }
+
+    /// The kind of cache plugins are loaded for.
+    pub fn cache_kind(&self) -> CacheKind {
+        self.cache_kind
     }
 
     /// The engine (host/examples/plugin_cost.rs measures with it).

@@ -1,10 +1,11 @@
 //! One seed's run: the two consumers, the deliveries and faults of its plan, and what the cache
 //! holds afterwards.
 
-use super::model::{self, Cache, Divergence, Entry, Workload};
+use super::model::{self, Cache, Divergence, Entry, Stale, Workload};
 use super::plan::{self, Plan, Step};
 use super::process::{Process, free_address, stale_skipped};
 use super::{GROUP, IN_PROCESS, PLAIN, PROCESS, SIZE, Setup, VERSIONED};
+use crate::memcached::{Memcached, MemcachedServer};
 use crate::util::*;
 use redis::AsyncCommands as _;
 use redis::streams::{StreamInfoGroupsReply, StreamPendingCountReply};
@@ -85,6 +86,33 @@ pub async fn read_cache(conn: &mut redis::aio::MultiplexedConnection, prefix: &s
     cache
 }
 
+/// Every key under `prefix` the messages wrote, as Memcached holds it (it cannot list keys):
+/// versioned values by the envelope, plain ones as they are.
+async fn read_memcached(work: &Workload, address: &str, prefix: &str, versioned: bool) -> Cache {
+    let mut mc = Memcached::open(address).await;
+    let mut cache = Cache::new();
+    for (key, _) in work.history(prefix).into_keys() {
+        if cache.contains_key(&key) {
+            continue;
+        }
+        let value = if versioned {
+            mc.versioned(&key).await.value().map(str::to_owned)
+        } else {
+            mc.text(&key).await
+        };
+        if let Some(text) = value {
+            cache.insert(key, Entry::Text(text));
+        }
+    }
+    cache
+}
+
+/// The model's cache without sets (Memcached has none; the plugin leaves them out).
+fn strings_only(mut cache: Cache) -> Cache {
+    cache.retain(|_, entry| matches!(entry, Entry::Text(_)));
+    cache
+}
+
 /// What one seed did and found.
 pub struct SeedReport {
     pub seed: u64,
@@ -97,6 +125,8 @@ pub struct SeedReport {
     pub skipped: u64,
     pub versioned: Vec<Divergence>,
     pub plain: Vec<Divergence>,
+    /// On Memcached: keys of the versioned cache missing after the restart lost them.
+    pub misses: usize,
     pub elapsed: Duration,
     pub work: Workload,
 }
@@ -167,6 +197,8 @@ impl SeedReport {
 struct Run<'a> {
     seed: u64,
     server: &'a mut RedisServer,
+    /// The cache when it is Memcached: its restart is the run's cache restart.
+    memcached: Option<&'a mut MemcachedServer>,
     url: String,
     conn: redis::aio::MultiplexedConnection,
     stream: String,
@@ -212,10 +244,13 @@ impl Run<'_> {
                 wait_group(&self.url, &self.stream, self.last, *settle, self.seed).await;
             }
             Step::KillConsumer { down_for } => self.armed.push(*down_for),
-            Step::RestartRedis => {
-                self.server.restart().await;
-                self.conn = connect(&self.url).await;
-            }
+            Step::RestartRedis => match self.memcached.as_mut() {
+                Some(memcached) => memcached.start_again().await,
+                None => {
+                    self.server.restart().await;
+                    self.conn = connect(&self.url).await;
+                }
+            },
         }
     }
 
@@ -259,8 +294,12 @@ pub async fn run_seed(
     seed: u64,
     server: &mut RedisServer,
     cluster: bool,
+    mut memcached: Option<&mut MemcachedServer>,
     setup: &Setup,
 ) -> SeedReport {
+    if let Some(memcached) = memcached.as_mut() {
+        memcached.start_again().await;
+    }
     let started = Instant::now();
     let url = server.url();
     let mut conn = connect(&url).await;
@@ -284,6 +323,7 @@ pub async fn run_seed(
     let mut run = Run {
         seed,
         server,
+        memcached,
         url: url.clone(),
         conn,
         stream,
@@ -331,8 +371,29 @@ pub async fn run_seed(
         "seed {seed}: dead letters (logs: {}/{seed}-*.log)",
         run.logs.display()
     );
-    let versioned = read_cache(&mut conn, VERSIONED).await;
-    let plain = read_cache(&mut conn, PLAIN).await;
+    let (versioned, plain, misses) = match run.memcached.as_ref() {
+        None => (
+            model::diff(
+                &work.expected(VERSIONED),
+                &read_cache(&mut conn, VERSIONED).await,
+            ),
+            model::diff(&work.expected(PLAIN), &read_cache(&mut conn, PLAIN).await),
+            0,
+        ),
+        Some(memcached) => {
+            let address = memcached.address();
+            let got = read_memcached(&work, &address, VERSIONED, true).await;
+            let mut versioned = model::diff(&strings_only(work.expected(VERSIONED)), &got);
+            // A key the restart emptied is a miss, not a stale value.
+            let before = versioned.len();
+            versioned.retain(|d| d.kind != Stale::Lost || got.contains_key(&d.key));
+            let misses = before - versioned.len();
+            let got = read_memcached(&work, &address, PLAIN, false).await;
+            let mut plain = model::diff(&strings_only(work.expected(PLAIN)), &got);
+            plain.retain(|d| d.kind != Stale::Lost || got.contains_key(&d.key));
+            (versioned, plain, misses)
+        }
+    };
     SeedReport {
         seed,
         cluster,
@@ -340,8 +401,9 @@ pub async fn run_seed(
         plan,
         pending_at_kills: run.pending_at_kills,
         skipped,
-        versioned: model::diff(&work.expected(VERSIONED), &versioned),
-        plain: model::diff(&work.expected(PLAIN), &plain),
+        versioned,
+        plain,
+        misses,
         elapsed: started.elapsed(),
         work,
     }

@@ -1,5 +1,5 @@
 //! What a plugin returned, checked against its manifest before anything is applied: the number
-//! of operations, key prefixes, keepwarm's own keys, payload sizes, scores and TTLs. A change
+//! of operations, the operations the manifest declares, key prefixes, keepwarm's own keys, payload sizes, scores and TTLs. A change
 //! whose operations break a rule is dead-lettered as a whole.
 
 use super::Shared;
@@ -28,6 +28,18 @@ fn check(plugin: &Plugin, shared: &Shared, ops: &[Op]) -> Result<(), Misbehavior
         });
     }
     for op in ops {
+        if !plugin.manifest.declares(op.kind()) {
+            return Err(Misbehavior::UndeclaredOp {
+                op: op.kind().as_str(),
+                declared: plugin
+                    .manifest
+                    .ops
+                    .iter()
+                    .flatten()
+                    .map(|kind| kind.as_str())
+                    .collect(),
+            });
+        }
         let key = op.key();
         if !plugin.manifest.allows_key(key) {
             return Err(Misbehavior::OutsidePrefixes {

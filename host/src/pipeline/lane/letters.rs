@@ -15,8 +15,8 @@ pub(super) enum Cause<'a> {
     Decode(&'a crate::message::DecodeError),
     /// The plugin rejected the change, trapped, timed out or broke its limits.
     Plugin(&'a PluginError),
-    /// Redis refused one of its writes.
-    Redis(&'a Refusal),
+    /// The cache refused one of its writes.
+    Cache(&'a Refusal),
 }
 
 /// The dead letter of `job`: a decoded message is kept as Sequin JSON, a malformed one as it
@@ -25,7 +25,10 @@ pub(super) fn dead_letter(job: &Job, plugin: Option<&Plugin>, cause: Cause<'_>) 
     let (kind, reason) = match cause {
         Cause::Decode(reason) => (DeadLetterKind::Decode, reason.to_string()),
         Cause::Plugin(error) => (DeadLetterKind::Plugin, error.to_string()),
-        Cause::Redis(refusal) => (DeadLetterKind::Redis, refusal.to_string()),
+        Cause::Cache(refusal @ Refusal::Redis(_)) => (DeadLetterKind::Redis, refusal.to_string()),
+        Cause::Cache(refusal @ Refusal::Memcached(_)) => {
+            (DeadLetterKind::Memcached, refusal.to_string())
+        }
     };
     let payload = match &job.payload {
         Payload::Decoded(message) => RawPayload::Body(message.to_sequin_json().into_bytes()),

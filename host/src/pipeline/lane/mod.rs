@@ -121,7 +121,7 @@ async fn apply_answers(
                 refused.push(letters::dead_letter(
                     job,
                     Some(plugin),
-                    Cause::Redis(refusal),
+                    Cause::Cache(refusal),
                 ));
             }
         }

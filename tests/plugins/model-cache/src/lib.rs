@@ -13,7 +13,8 @@
 //! | update | `DEL user:<old email>` and `SREM team:<old team> id` when `changes` holds a different old value, then as insert |
 //! | delete | `DEL row`, `DEL user:<email>`, `SREM team:<team> id` (the record is the full old row) |
 //!
-//! `[config] prefix` is the key prefix.
+//! `[config] prefix` is the key prefix; `teams = false` leaves out the team sets (for a cache
+//! without sets, such as Memcached).
 
 use keepwarm_guest::{Action, Change, Config, Op, Plugin, ops};
 use serde::Deserialize;
@@ -21,12 +22,19 @@ use serde::Deserialize;
 /// The plugin.
 pub struct ModelCache {
     prefix: String,
+    teams: bool,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct Settings {
     prefix: String,
+    #[serde(default = "yes")]
+    teams: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The columns that make keys.
@@ -42,6 +50,7 @@ impl Plugin for ModelCache {
         let settings: Settings = config.parse()?;
         Ok(ModelCache {
             prefix: settings.prefix,
+            teams: settings.teams,
         })
     }
 
@@ -56,11 +65,11 @@ impl Plugin for ModelCache {
         let mut ops = Vec::new();
         match change.action() {
             Action::Delete => {
-                return Ok(vec![
-                    ops::del(row),
-                    ops::del(by_email),
-                    ops::set_remove(team, [id]),
-                ]);
+                let mut ops = vec![ops::del(row), ops::del(by_email)];
+                if self.teams {
+                    ops.push(ops::set_remove(team, [id]));
+                }
+                return Ok(ops);
             }
             Action::Update => {
                 // The old values of the changed columns (REPLICA IDENTITY FULL).
@@ -74,7 +83,7 @@ impl Plugin for ModelCache {
                 if let Some(email) = was("email").filter(|e| *e != user.email) {
                     ops.push(ops::del(format!("{p}user:{email}")));
                 }
-                if let Some(old_team) = was("team").filter(|t| *t != user.team) {
+                if let Some(old_team) = was("team").filter(|t| self.teams && *t != user.team) {
                     ops.push(ops::set_remove(format!("{p}team:{old_team}"), [id.clone()]));
                 }
             }
@@ -82,7 +91,9 @@ impl Plugin for ModelCache {
         }
         ops.push(ops::set(row, record));
         ops.push(ops::set(by_email, record));
-        ops.push(ops::set_add(team, [id]));
+        if self.teams {
+            ops.push(ops::set_add(team, [id]));
+        }
         Ok(ops)
     }
 }
@@ -133,6 +144,26 @@ mod tests {
         assert_eq!(
             handle("read", RECORD, "null"),
             handle("insert", RECORD, "null")
+        );
+    }
+
+    #[test]
+    fn without_teams_only_strings_are_written() {
+        let line = format!(
+            r#"{{"record":{RECORD},"changes":{{"email":"a@x","team":"t1"}},"action":"update","metadata":{{"table_schema":"public","table_name":"users","commit_timestamp":"2025-03-14T09:26:53.601022Z","commit_lsn":7,"commit_idx":1,"idempotency_key":"Nzox","record_pks":["5"]}}}}"#
+        );
+        let config = Config::from_json(r#"{"prefix":"m:","teams":false}"#).unwrap();
+        let ops = ModelCache::new(&config)
+            .unwrap()
+            .handle(&Change::from_message_json(&line).unwrap())
+            .unwrap();
+        assert_eq!(
+            ops,
+            [
+                ops::del("m:user:a@x"),
+                ops::set("m:row:5", RECORD),
+                ops::set("m:user:b@x", RECORD),
+            ]
         );
     }
 }
