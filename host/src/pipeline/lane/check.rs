@@ -1,6 +1,7 @@
 //! What a plugin returned, checked against its manifest before anything is applied: the number
-//! of operations, the operations the manifest declares, key prefixes, keepwarm's own keys, payload sizes, scores and TTLs. A change
-//! whose operations break a rule is dead-lettered as a whole.
+//! of operations, the operations the manifest declares, key prefixes, keepwarm's own keys,
+//! payload sizes, scores and TTLs. A change whose operations break a rule is dead-lettered as a
+//! whole.
 
 use super::Shared;
 use crate::ops::Op;
