@@ -88,11 +88,6 @@ impl Topic {
         }
     }
 
-    /// Creates the topic again (on a broker restarted empty).
-    pub async fn recreate(&self) {
-        create_topic(&self.brokers, &self.name, self.partitions).await;
-    }
-
     /// `env`'s config with one Kafka source on this topic and group, short timeouts, plus
     /// `source` lines.
     pub fn config(&self, env: &TestEnv, source: &str) -> ConfigBuilder {
@@ -211,48 +206,58 @@ async fn create_topic(brokers: &str, name: &str, partitions: i32) {
 /// storage is memory: a restart loses topics and offsets.
 pub struct PrivateBroker {
     child: Option<std::process::Child>,
-    port: u16,
+    /// What clients are sent to: the proxy in front of the broker.
+    proxy: TcpProxy,
 }
 
 impl PrivateBroker {
-    pub fn start() -> PrivateBroker {
-        let mut broker = PrivateBroker {
-            child: None,
-            port: free_port(),
-        };
-        broker.restart();
-        broker
-    }
-
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    /// Starts the broker again (after [`PrivateBroker::stop`]) and waits until it accepts.
-    pub fn restart(&mut self) {
+    /// A broker of the test's own behind a [`TcpProxy`]: it advertises the proxy's address, so
+    /// every client connection (bootstrap and partition leaders) goes through the proxy and
+    /// [`PrivateBroker::cut`] makes an outage without losing the broker's topics (its storage is
+    /// memory: a restarted broker would come back empty).
+    pub async fn start() -> PrivateBroker {
+        let port = free_port();
+        let proxy = TcpProxy::start(&format!("127.0.0.1:{port}")).await;
         let tansu = std::env::var("KEEPWARM_TANSU").expect(
             "KEEPWARM_TANSU is not set: run the suite with scripts/test.sh, which installs the broker",
         );
-        let url = format!("tcp://{}", self.address());
         let child = std::process::Command::new(tansu)
             .args([
                 "broker",
                 "--listener-url",
-                &url,
+                &format!("tcp://127.0.0.1:{port}"),
                 "--advertised-listener-url",
-                &url,
+                &format!("tcp://{}", proxy.address()),
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .unwrap();
-        self.child = Some(child);
         let start = std::time::Instant::now();
-        while std::net::TcpStream::connect(self.address()).is_err() {
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
             assert!(start.elapsed() < PATIENCE, "tansu did not start");
             std::thread::sleep(Duration::from_millis(20));
         }
+        PrivateBroker {
+            child: Some(child),
+            proxy,
+        }
+    }
+
+    /// Where clients connect: the proxy.
+    pub fn address(&self) -> String {
+        self.proxy.address().to_string()
+    }
+
+    /// Drops every client connection and refuses new ones: the broker is unreachable.
+    pub fn cut(&self) {
+        self.proxy.cut();
+    }
+
+    /// Clients reach the broker again.
+    pub fn resume(&self) {
+        self.proxy.resume();
     }
 
     /// Kills the broker.
