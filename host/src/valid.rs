@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Deserializer};
 use std::fmt;
+use std::marker::PhantomData;
 
 /// A `u64` in `MIN..=MAX`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -89,6 +90,74 @@ impl<'de> Deserialize<'de> for NonEmpty {
     }
 }
 
+/// What a [`Checked`] text must be.
+pub trait TextRule {
+    /// Why `text` is refused, or `None` when it passes.
+    fn refuse(text: &str) -> Option<String>;
+}
+
+/// A text that passed the rule `R` when the configuration was read (a queue URL, a route, a
+/// stream name): one type per rule, one `Deserialize` for them all.
+pub struct Checked<R>(String, PhantomData<fn() -> R>);
+
+impl<R: TextRule> Checked<R> {
+    /// `text`, if it passes the rule; else why not.
+    ///
+    /// # Errors
+    ///
+    /// The rule's reason.
+    pub fn new(text: impl Into<String>) -> Result<Self, String> {
+        let text = text.into();
+        match R::refuse(&text) {
+            Some(reason) => Err(reason),
+            None => Ok(Checked(text, PhantomData)),
+        }
+    }
+}
+
+impl<R> Checked<R> {
+    /// A constant that passes the rule (a default), taken as it is.
+    pub(crate) fn known(text: &str) -> Self {
+        Checked(text.to_owned(), PhantomData)
+    }
+
+    /// The text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<R> Clone for Checked<R> {
+    fn clone(&self) -> Self {
+        Checked(self.0.clone(), PhantomData)
+    }
+}
+
+impl<R> fmt::Debug for Checked<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<R> fmt::Display for Checked<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+impl<R> std::ops::Deref for Checked<R> {
+    type Target = str;
+    fn deref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de, R: TextRule> Deserialize<'de> for Checked<R> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Checked::new(String::deserialize(deserializer)?).map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -104,5 +173,34 @@ mod tests {
         let error = toml::from_str::<Sample>("n = 11").unwrap_err().to_string();
         assert!(error.contains("between 1 and 10, got 11"), "{error}");
         assert!(toml::from_str::<Sample>("n = -1").is_err());
+    }
+
+    struct Lower;
+    impl TextRule for Lower {
+        fn refuse(text: &str) -> Option<String> {
+            (text.chars().any(char::is_uppercase))
+                .then(|| format!("must be lower case, got {text:?}"))
+        }
+    }
+
+    #[derive(Deserialize)]
+    struct Named {
+        name: Checked<Lower>,
+    }
+
+    #[test]
+    fn checked_texts_are_refused_with_the_rules_reason() {
+        assert_eq!(
+            toml::from_str::<Named>("name = \"ok\"")
+                .unwrap()
+                .name
+                .as_str(),
+            "ok"
+        );
+        let error = toml::from_str::<Named>("name = \"Bad\"")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(error.contains("must be lower case, got \"Bad\""), "{error}");
     }
 }

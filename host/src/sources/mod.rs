@@ -67,6 +67,10 @@ pub struct SourceLimits {
     pub max_in_flight: usize,
 }
 
+/// What [`SourceConfigure::build`] returns: the running source, built (for some kinds,
+/// asynchronously: SQS reads the AWS configuration).
+pub type Built = BoxFuture<'static, Result<Box<dyn Source>, SourceError>>;
+
 /// A `[[source]]` table of one kind.
 pub trait SourceConfigure: Send + Sync + std::fmt::Debug {
     /// A short name for logs, metrics and dead letters, e.g. `redis-stream:orders`.
@@ -80,10 +84,7 @@ pub trait SourceConfigure: Send + Sync + std::fmt::Debug {
     fn validate(&self, limits: &SourceLimits) -> Result<(), SourceConfigError>;
 
     /// Builds the running source.
-    fn build(
-        self: Box<Self>,
-        env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>>;
+    fn build(self: Box<Self>, env: SourceEnv) -> Built;
 }
 
 /// A `[[source]]` table that is well-formed but not usable.

@@ -2,7 +2,7 @@
 
 use super::KafkaSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
 };
 use crate::valid::{Bounded, NonEmpty};
 use rdkafka::ClientConfig;
@@ -138,10 +138,7 @@ impl SourceConfigure for KafkaSourceConfig {
         Ok(())
     }
 
-    fn build(
-        self: Box<Self>,
-        _env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, _env: SourceEnv) -> Built {
         Box::pin(async move { Ok(Box::new(KafkaSource { config: *self }) as Box<dyn Source>) })
     }
 }

@@ -2,9 +2,9 @@
 
 use super::NatsSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
 };
-use crate::valid::{Bounded, NonEmpty};
+use crate::valid::{Bounded, Checked, NonEmpty, TextRule};
 use serde::Deserialize;
 
 /// A JetStream stream that captures the subjects Sequin's NATS sink publishes to
@@ -48,34 +48,27 @@ pub struct NatsSourceConfig {
 }
 
 /// A stream or consumer name: no spaces, dots or wildcards.
-#[derive(Clone, Debug)]
-pub struct Name(String);
+pub type Name = Checked<JetStreamName>;
 
-impl Name {
-    /// The name.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+/// The rule of a [`Name`].
+pub struct JetStreamName;
 
-impl<'de> Deserialize<'de> for Name {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let name = String::deserialize(deserializer)?;
-        if name.is_empty()
+impl TextRule for JetStreamName {
+    fn refuse(name: &str) -> Option<String> {
+        (name.is_empty()
             || name
                 .chars()
-                .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\'))
-        {
-            return Err(serde::de::Error::custom(format!(
+                .any(|c| c.is_whitespace() || matches!(c, '.' | '*' | '>' | '/' | '\\')))
+        .then(|| {
+            format!(
                 "a JetStream name must be non-empty, without spaces, `.`, `*`, `>`, `/` or `\\`; got {name:?}"
-            )));
-        }
-        Ok(Name(name))
+            )
+        })
     }
 }
 
 fn default_consumer() -> Name {
-    Name("keepwarm".to_owned())
+    Name::known("keepwarm")
 }
 fn default_duplicate_window_seconds() -> Bounded<1, 604_800> {
     Bounded::of(120)
@@ -111,10 +104,7 @@ impl SourceConfigure for NatsSourceConfig {
         Ok(())
     }
 
-    fn build(
-        self: Box<Self>,
-        env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, env: SourceEnv) -> Built {
         Box::pin(async move {
             Ok(Box::new(NatsSource {
                 config: *self,

@@ -2,7 +2,7 @@
 
 use super::PostgresSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
 };
 use crate::valid::NonEmpty;
 use serde::Deserialize;
@@ -129,10 +129,7 @@ impl SourceConfigure for PostgresSourceConfig {
         Ok(())
     }
 
-    fn build(
-        self: Box<Self>,
-        _env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, _env: SourceEnv) -> Built {
         Box::pin(async move {
             let connect = self.connect_config()?;
             // A database that is reachable but not set up stops the daemon at start-up, with

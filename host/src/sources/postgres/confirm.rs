@@ -117,16 +117,20 @@ mod tests {
         Confirm::new(Arc::new(AtomicU64::new(0)))
     }
 
+    /// A transaction at `lsn` with `rows` rows for us, committed with end LSN `end`.
+    fn transaction(c: &Confirm, lsn: u64, rows: usize, end: u64) {
+        c.begin(lsn);
+        for _ in 0..rows {
+            c.row(lsn);
+        }
+        c.commit(lsn, end);
+    }
+
     #[test]
     fn advances_over_the_contiguous_prefix_of_settled_transactions() {
         let c = confirm();
-        c.begin(100);
-        c.row(100);
-        c.row(100);
-        c.commit(100, 110);
-        c.begin(200);
-        c.row(200);
-        c.commit(200, 210);
+        transaction(&c, 100, 2, 110);
+        transaction(&c, 200, 1, 210);
         // The second transaction finishes first: nothing is confirmed yet.
         c.settle(&row_id(200, 0), Settled::Done);
         assert_eq!(c.confirmed(), 0);
@@ -156,12 +160,8 @@ mod tests {
     #[test]
     fn an_abandoned_row_stops_the_prefix() {
         let c = confirm();
-        c.begin(100);
-        c.row(100);
-        c.commit(100, 110);
-        c.begin(200);
-        c.row(200);
-        c.commit(200, 210);
+        transaction(&c, 100, 1, 110);
+        transaction(&c, 200, 1, 210);
         c.settle(&row_id(100, 0), Settled::Abandoned);
         c.settle(&row_id(200, 0), Settled::Done);
         assert_eq!(c.confirmed(), 0);

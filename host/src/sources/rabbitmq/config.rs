@@ -2,7 +2,7 @@
 
 use super::RabbitMqSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
 };
 use crate::valid::NonEmpty;
 use serde::Deserialize;
@@ -94,10 +94,7 @@ impl SourceConfigure for RabbitMqSourceConfig {
         Ok(())
     }
 
-    fn build(
-        self: Box<Self>,
-        env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, env: SourceEnv) -> Built {
         Box::pin(async move {
             let url = self.resolve_url()?;
             Ok(Box::new(RabbitMqSource {

@@ -2,7 +2,7 @@
 
 use super::RedisStreamSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
 };
 use crate::valid::NonEmpty;
 use serde::Deserialize;
@@ -58,10 +58,7 @@ impl SourceConfigure for RedisStreamSourceConfig {
         Ok(())
     }
 
-    fn build(
-        self: Box<Self>,
-        env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, env: SourceEnv) -> Built {
         Box::pin(async move {
             // A stream on the cache Redis shares its credentials; a stream elsewhere has its
             // own URL.

@@ -2,9 +2,9 @@
 
 use super::SqsSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
 };
-use crate::valid::{Bounded, NonEmpty};
+use crate::valid::{Bounded, Checked, NonEmpty, TextRule};
 use serde::Deserialize;
 use std::num::NonZeroUsize;
 
@@ -37,25 +37,15 @@ pub struct SqsSourceConfig {
 }
 
 /// An `http://` or `https://` URL.
-#[derive(Clone, Debug)]
-pub struct QueueUrl(String);
+pub type QueueUrl = Checked<HttpUrl>;
 
-impl QueueUrl {
-    /// The URL.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
+/// The rule of a [`QueueUrl`].
+pub struct HttpUrl;
 
-impl<'de> Deserialize<'de> for QueueUrl {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let url = String::deserialize(deserializer)?;
-        if !(url.starts_with("http://") || url.starts_with("https://")) {
-            return Err(serde::de::Error::custom(format!(
-                "sqs queue_url must be an http(s) URL, got {url:?}"
-            )));
-        }
-        Ok(QueueUrl(url))
+impl TextRule for HttpUrl {
+    fn refuse(url: &str) -> Option<String> {
+        (!(url.starts_with("http://") || url.starts_with("https://")))
+            .then(|| format!("sqs queue_url must be an http(s) URL, got {url:?}"))
     }
 }
 
@@ -90,10 +80,7 @@ impl SourceConfigure for SqsSourceConfig {
         Ok(())
     }
 
-    fn build(
-        self: Box<Self>,
-        _env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, _env: SourceEnv) -> Built {
         Box::pin(async move { Ok(Box::new(SqsSource { config: *self }) as Box<dyn Source>) })
     }
 }

@@ -2,8 +2,9 @@
 
 use super::HttpSource;
 use crate::sources::{
-    BoxFuture, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
+    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceError, SourceLimits,
 };
+use crate::valid::{Checked, TextRule};
 use serde::Deserialize;
 use std::net::SocketAddr;
 use std::num::{NonZeroU64, NonZeroUsize};
@@ -33,31 +34,18 @@ pub struct HttpSourceConfig {
 }
 
 /// A route path: starts with `/`, holds no `{`, `}`, `*`, `?` or `#`.
-#[derive(Clone, Debug)]
-pub struct RoutePath(String);
+pub type RoutePath = Checked<Route>;
 
-impl std::ops::Deref for RoutePath {
-    type Target = str;
-    fn deref(&self) -> &str {
-        &self.0
-    }
-}
+/// The rule of a [`RoutePath`].
+pub struct Route;
 
-impl std::fmt::Display for RoutePath {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        self.0.fmt(f)
-    }
-}
-
-impl<'de> Deserialize<'de> for RoutePath {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let path = String::deserialize(deserializer)?;
-        if !path.starts_with('/') || path.contains(['{', '}', '*', '?', '#']) {
-            return Err(serde::de::Error::custom(format!(
+impl TextRule for Route {
+    fn refuse(path: &str) -> Option<String> {
+        (!path.starts_with('/') || path.contains(['{', '}', '*', '?', '#'])).then(|| {
+            format!(
                 "http path must start with '/' and hold no '{{', '}}', '*', '?' or '#', got {path:?}"
-            )));
-        }
-        Ok(RoutePath(path))
+            )
+        })
     }
 }
 
@@ -124,10 +112,7 @@ impl SourceConfigure for HttpSourceConfig {
         }
     }
 
-    fn build(
-        self: Box<Self>,
-        _env: SourceEnv,
-    ) -> BoxFuture<'static, Result<Box<dyn Source>, SourceError>> {
+    fn build(self: Box<Self>, _env: SourceEnv) -> Built {
         Box::pin(async move {
             let token = self.resolve_token()?;
             let listener = tokio::net::TcpListener::bind(self.listen)
