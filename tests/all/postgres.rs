@@ -207,6 +207,52 @@ async fn inserts_updates_and_deletes_reach_the_cache_and_a_truncate_is_a_dead_le
     daemon.stop().await;
 }
 
+/// A partitioned table streams under its own name (keepwarm creates the publication with
+/// `publish_via_partition_root`), and a publication that would stream its partitions under
+/// theirs is refused with the statement that fixes it.
+#[tokio::test]
+async fn a_partitioned_table_streams_under_its_own_name() {
+    const EVENTS: &str =
+        "CREATE TABLE events (id int PRIMARY KEY, note text) PARTITION BY RANGE (id);
+         CREATE TABLE events_low PARTITION OF events FOR VALUES FROM (0) TO (100);
+         CREATE TABLE events_high PARTITION OF events FOR VALUES FROM (100) TO (1000);";
+    let pg = Pg::new("kw-pg-part", EVENTS).await;
+    let daemon = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.events\""))
+        .run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute("INSERT INTO events VALUES (1, 'low'), (500, 'high')")
+        .await
+        .unwrap();
+    let low = pg.wait_record(&pg.key("events", "1"), |_| true).await;
+    assert_eq!(low, json!({"id": 1, "note": "low"}));
+    pg.wait_record(&pg.key("events", "500"), |r| r["note"] == "high")
+        .await;
+    daemon.stop().await;
+
+    let leaves = Pg::new(
+        "kw-pg-leaves",
+        &format!("{EVENTS}\nCREATE PUBLICATION kw FOR TABLE events;"),
+    )
+    .await;
+    let dir = TempDir::new("kw-pg-leaves");
+    let config = leaves
+        .env
+        .config()
+        .source("postgres", &leaves.source("\"public.events\""))
+        .write(&dir, "keepwarm.toml");
+    let mut refused = KeepwarmProcess::spawn(&["run", "--config", &config]);
+    assert!(!refused.wait_exit(PATIENCE).success());
+    let log = refused.log.join("\n");
+    assert!(
+        log.contains("ALTER PUBLICATION \"kw\" SET (publish_via_partition_root = true)"),
+        "{log}"
+    );
+}
+
 #[tokio::test]
 async fn a_missing_publication_stops_the_daemon_with_the_statement_to_run() {
     let pg = Pg::new("kw-pg-check", "CREATE TABLE orders (id int PRIMARY KEY);").await;

@@ -143,7 +143,12 @@ async fn publication(client: &Client, config: &PostgresSourceConfig) -> Result<(
             .collect();
         format!("TABLE {}", names.join(", "))
     };
-    let create = format!("CREATE PUBLICATION {} FOR {target}", ident(name));
+    // A partitioned table's changes are published under its own name, not its partitions'
+    // (which no plugin subscribes to).
+    let create = format!(
+        "CREATE PUBLICATION {} FOR {target} WITH (publish_via_partition_root = true)",
+        ident(name)
+    );
     if !config.create_publication {
         return Err(PostgresError::Setup(format!(
             "publication {name:?} does not exist: {create}; or set create_publication = true"
@@ -167,7 +172,8 @@ async fn tables(
     let rows = client
         .query(
             "SELECT t.schemaname::text, t.tablename::text, c.relreplident::text,
-                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary)
+                    EXISTS (SELECT 1 FROM pg_index i WHERE i.indrelid = c.oid AND i.indisprimary),
+                    c.relispartition
              FROM pg_publication_tables t
              JOIN pg_namespace n ON n.nspname = t.schemaname
              JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = t.tablename
@@ -176,6 +182,15 @@ async fn tables(
         )
         .await
         .map_err(sql("list the publication's tables"))?;
+    // Without publish_via_partition_root the publication lists (and streams) the partitions
+    // under their own names: a plugin subscribed to the table would never see their changes.
+    if let Some(row) = rows.iter().find(|row| row.get::<_, bool>(4)) {
+        let (schema, partition): (String, String) = (row.get(0), row.get(1));
+        return Err(PostgresError::Setup(format!(
+            "publication {publication:?} publishes partition {schema}.{partition} under its own              name, so plugins subscribed to its table would not see its changes:              ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+            ident(publication)
+        )));
+    }
     let published: Vec<(String, String, String, bool)> = rows
         .iter()
         .map(|row| (row.get(0), row.get(1), row.get(2), row.get(3)))
