@@ -253,6 +253,48 @@ async fn a_partitioned_table_streams_under_its_own_name() {
     );
 }
 
+/// `backfill_on_create`: the rows already in the table when keepwarm creates its slot are
+/// backfilled beside the stream (versioned: a backfill read never overwrites a change), and the
+/// backfill's state file is removed once it is done.
+#[tokio::test]
+async fn a_slot_created_by_keepwarm_backfills_the_rows_already_there() {
+    let pg = Pg::new(
+        "kw-pg-warm",
+        "CREATE TABLE orders (id int PRIMARY KEY, status text);
+         INSERT INTO orders SELECT g, 'old' FROM generate_series(1, 2500) g;",
+    )
+    .await;
+    let dir = TempDir::new("kw-pg-warm");
+    let source = format!(
+        "{}backfill_on_create = true\nbackfill_state_dir = \"{}\"\n",
+        pg.source("\"public.orders\""),
+        dir.path().display()
+    );
+    let state = dir
+        .path()
+        .join(format!(".keepwarm-backfill-{}-public.orders.json", pg.slot));
+    let daemon = pg.env.config().source("postgres", &source).run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute("UPDATE orders SET status = 'new' WHERE id = 2400")
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("orders", "1"), |r| r["status"] == "old")
+        .await;
+    pg.wait_record(&pg.key("orders", "2500"), |r| r["status"] == "old")
+        .await;
+    wait_for(
+        "the backfill's state file to be removed",
+        PATIENCE,
+        || async { !state.exists() },
+    )
+    .await;
+    // The change made while the backfill ran is what the cache keeps.
+    pg.wait_record(&pg.key("orders", "2400"), |r| r["status"] == "new")
+        .await;
+    daemon.stop().await;
+}
+
 #[tokio::test]
 async fn a_missing_publication_stops_the_daemon_with_the_statement_to_run() {
     let pg = Pg::new("kw-pg-check", "CREATE TABLE orders (id int PRIMARY KEY);").await;

@@ -60,6 +60,40 @@ struct State {
     after: Vec<String>,
 }
 
+impl State {
+    fn new(table: &str, filter: Option<String>) -> State {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+        State {
+            id: format!("{:x}", now.map_or(0, |d| d.as_nanos())),
+            table: table.to_owned(),
+            filter,
+            after: Vec::new(),
+        }
+    }
+}
+
+/// The state file of `table`'s backfill on slot creation (`backfill_on_create`).
+pub(super) fn state_path(config: &PostgresSourceConfig, table: &str) -> PathBuf {
+    config
+        .backfill_state_dir
+        .join(format!(".keepwarm-backfill-{}-{table}.json", config.slot))
+}
+
+/// Records that `table` is to be backfilled from its start (unless a backfill of it is already
+/// recorded): the source runs what is recorded, and [`run`] removes the file when done.
+///
+/// # Errors
+///
+/// The state file cannot be written.
+pub(super) fn plan(config: &PostgresSourceConfig, table: &str) -> std::io::Result<()> {
+    let path = state_path(config, table);
+    if path.exists() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(&config.backfill_state_dir)?;
+    std::fs::write(&path, serde_json::to_vec(&State::new(table, None))?)
+}
+
 fn failed(error: PostgresError) -> SourceError {
     SourceError::Client {
         what: "backfill".to_owned(),
@@ -136,12 +170,7 @@ pub async fn run(
             .filter(|s| s.table == request.table && s.filter == request.filter),
         Err(_) => None,
     }
-    .unwrap_or_else(|| State {
-        id: format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())),
-        table: request.table.clone(),
-        filter: request.filter.clone(),
-        after: Vec::new(),
-    });
+    .unwrap_or_else(|| State::new(&request.table, request.filter.clone()));
     if !state.after.is_empty() {
         tracing::info!(table = %request.table, after = ?state.after, "resuming the backfill");
     }

@@ -118,7 +118,9 @@ pub(super) async fn check(
     }
     publication(client, config).await?;
     let tables = tables(client, config).await?;
-    slot(client, config, first).await?;
+    if slot(client, config, first, || plan_backfills(config, &tables)).await? == Slot::Created {
+        tracing::info!(slot = %config.slot, "replication slot created");
+    }
     Ok(Setup { tables })
 }
 
@@ -235,7 +237,40 @@ async fn tables(
     Ok(wanted)
 }
 
-async fn slot(client: &Client, config: &PostgresSourceConfig, first: bool) -> Result<(), PostgresError> {
+/// Whether the slot was there or keepwarm created it.
+#[derive(Debug, PartialEq, Eq)]
+enum Slot {
+    Existing,
+    Created,
+}
+
+/// With `backfill_on_create`, the backfill of every streamed table is recorded (a state file
+/// each) before the slot is created: a crash between the two, or during the backfills, resumes
+/// them at the next start.
+fn plan_backfills(
+    config: &PostgresSourceConfig,
+    tables: &HashSet<(String, String)>,
+) -> Result<(), PostgresError> {
+    if !config.backfill_on_create {
+        return Ok(());
+    }
+    for (schema, table) in tables {
+        super::backfill::plan(config, &format!("{schema}.{table}")).map_err(|error| {
+            PostgresError::Setup(format!(
+                "cannot record the backfill of {schema}.{table} in {}: {error}",
+                config.backfill_state_dir.display()
+            ))
+        })?;
+    }
+    Ok(())
+}
+
+async fn slot(
+    client: &Client,
+    config: &PostgresSourceConfig,
+    first: bool,
+    before_create: impl FnOnce() -> Result<(), PostgresError>,
+) -> Result<Slot, PostgresError> {
     let slot = config.slot.as_str();
     let row = client
         .query_opt(
@@ -255,7 +290,7 @@ async fn slot(client: &Client, config: &PostgresSourceConfig, first: bool) -> Re
                      (plugin {plugin:?}, database {database:?}); pick another slot name"
                 )));
             }
-            Ok(())
+            Ok(Slot::Existing)
         }
         None if !first => Err(PostgresError::Setup(format!(
             "replication slot {slot:?} was dropped while keepwarm was streaming from it; \
@@ -263,6 +298,7 @@ async fn slot(client: &Client, config: &PostgresSourceConfig, first: bool) -> Re
              create_slot = true) and re-warm the cache"
         ))),
         None if config.create_slot => {
+            before_create()?;
             client
                 .query_one(
                     "SELECT pg_create_logical_replication_slot($1, 'pgoutput')::text",
@@ -270,8 +306,7 @@ async fn slot(client: &Client, config: &PostgresSourceConfig, first: bool) -> Re
                 )
                 .await
                 .map_err(sql(format!("create replication slot {slot}")))?;
-            tracing::info!(slot, "replication slot created");
-            Ok(())
+            Ok(Slot::Created)
         }
         None => Err(PostgresError::Setup(format!(
             "replication slot {slot:?} does not exist: \

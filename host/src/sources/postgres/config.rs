@@ -48,6 +48,13 @@ pub struct PostgresSourceConfig {
     /// `metadata.consumer.name` (Sequin's sink name); defaults to the slot name.
     #[serde(default)]
     pub consumer_name: Option<NonEmpty>,
+    /// When keepwarm creates the slot (the first start, or after the slot was dropped while
+    /// keepwarm was stopped), backfill every streamed table once, alongside the stream.
+    #[serde(default)]
+    pub backfill_on_create: bool,
+    /// Where such backfills keep their progress (a file per table), to resume after a crash.
+    #[serde(default = "default_backfill_state_dir")]
+    pub backfill_state_dir: std::path::PathBuf,
 }
 
 /// What a `TRUNCATE` does.
@@ -64,6 +71,10 @@ pub enum OnTruncate {
 fn yes() -> bool {
     true
 }
+fn default_backfill_state_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(".")
+}
+
 fn default_max_slot_lag_bytes() -> u64 {
     1 << 30
 }

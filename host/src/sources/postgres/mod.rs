@@ -74,6 +74,8 @@ struct Streamer {
     delivered: Vec<u64>,
     /// The checks passed once: from now on a missing slot was dropped, not yet to create.
     checked: bool,
+    /// The backfills recorded when the slot was created (`backfill_on_create`), running.
+    backfills: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl PostgresSource {
@@ -95,6 +97,7 @@ impl PostgresSource {
             generations: Vec::new(),
             delivered: Vec::new(),
             checked: false,
+            backfills: Vec::new(),
         };
         let sampler = tokio::spawn(sample_lag(
             streamer.connect.clone(),
@@ -126,6 +129,9 @@ impl PostgresSource {
             }
         };
         sampler.abort();
+        for backfill in streamer.backfills.drain(..) {
+            let _ = backfill.await;
+        }
         for (confirm, delivered) in streamer.generations.iter().zip(&streamer.delivered) {
             confirm
                 .tally
@@ -138,6 +144,35 @@ impl PostgresSource {
 }
 
 impl Streamer {
+    /// Starts the backfills recorded on slot creation that are not done (a state file each):
+    /// they run beside the stream, and one cut short resumes at the next start.
+    fn resume_backfills(&mut self, ctx: &SourceContext, tables: &HashSet<(String, String)>) {
+        for (schema, name) in tables {
+            let table = format!("{schema}.{name}");
+            let state = backfill::state_path(&self.config, &table);
+            if !state.exists() {
+                continue;
+            }
+            let request = backfill::BackfillRequest {
+                table: table.clone(),
+                filter: None,
+                state,
+            };
+            let (config, ctx) = (self.config.clone(), ctx.clone());
+            self.backfills.push(tokio::spawn(async move {
+                tracing::info!(source = %ctx.name, table, "backfilling the table: its slot was created by keepwarm");
+                match backfill::run(&config, &request, ctx.clone()).await {
+                    Ok(summary) => {
+                        tracing::info!(source = %ctx.name, table, rows = summary.rows, abandoned = summary.abandoned, "backfill finished");
+                    }
+                    Err(error) => {
+                        tracing::warn!(source = %ctx.name, table, error = %error, "backfill failed; it resumes at the next start");
+                    }
+                }
+            }));
+        }
+    }
+
     /// One connection: checks, then the stream until shutdown (`Ok`) or a failure.
     async fn session(
         &mut self,
@@ -145,8 +180,12 @@ impl Streamer {
         backoff: &mut crate::backoff::Backoff,
     ) -> Result<(), PostgresError> {
         let client = checks::connect(&self.connect).await?;
-        let setup = checks::check(&client, &self.config, !self.checked).await?;
+        let first = !self.checked;
+        let setup = checks::check(&client, &self.config, first).await?;
         self.checked = true;
+        if first {
+            self.resume_backfills(ctx, &setup.tables);
+        }
         let stream_config = ReplicationStreamConfig::builder(
             self.config.slot.to_string(),
             self.config.publication.to_string(),
