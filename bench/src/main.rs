@@ -845,44 +845,18 @@ async fn measure_broker(
     let total = n as f64;
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(900);
-        let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
+        let mut first: Option<Mark> = None;
         loop {
             anyhow::ensure!(Instant::now() < deadline, "{name} did not finish");
             let (received, applied) = brokers::progress(admin).await;
             let now = Instant::now();
             if first.is_none() && received > 0.0 {
-                first = Some((
-                    now,
-                    Sample::of(pid)?,
-                    env.redis_pid.map(Sample::of).transpose()?,
-                ));
+                first = Some(Mark::new(now, pid, env.redis_pid)?);
             }
-            if let Some((start, cpu0, redis0)) = &first
+            if let Some(mark) = &first
                 && applied >= total
             {
-                let cpu1 = Sample::of(pid)?;
-                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
-                let seconds = now.duration_since(*start).as_secs_f64();
-                let millions = total / 1e6;
-                let dead_letters: u64 = redis::cmd("XLEN")
-                    .arg("keepwarm:dead-letters")
-                    .query_async(conn)
-                    .await?;
-                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
-                return Ok(Throughput {
-                    name: name.to_owned(),
-                    messages: n,
-                    seconds,
-                    messages_per_second: total / seconds,
-                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
-                    redis_cpu_seconds_per_million: redis0
-                        .as_ref()
-                        .zip(redis1)
-                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
-                    peak_rss_mib: cpu1.peak_rss_mib,
-                    dead_letters,
-                    keys,
-                });
+                return mark.throughput(name, n, now, conn, None).await;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -890,6 +864,72 @@ async fn measure_broker(
     .await;
     stop(child);
     result
+}
+
+/// The start of a timed consumption: when, and the CPU the consumer and the cache server had
+/// used by then.
+struct Mark {
+    pid: u32,
+    cache_pid: Option<u32>,
+    at: Instant,
+    consumer: Sample,
+    cache: Option<Sample>,
+}
+
+impl Mark {
+    fn new(at: Instant, pid: u32, cache_pid: Option<u32>) -> anyhow::Result<Mark> {
+        Ok(Mark {
+            pid,
+            cache_pid,
+            at,
+            consumer: Sample::of(pid)?,
+            cache: cache_pid.map(Sample::of).transpose()?,
+        })
+    }
+
+    /// The throughput of `n` messages handled from this mark to `now` by the consumer;
+    /// the cache's keys are counted in the Memcached at `memcached`, else in Redis.
+    async fn throughput(
+        &self,
+        name: &str,
+        n: u64,
+        now: Instant,
+        conn: &mut MultiplexedConnection,
+        memcached: Option<&str>,
+    ) -> anyhow::Result<Throughput> {
+        let consumer = Sample::of(self.pid)?;
+        let cache = self.cache_pid.map(Sample::of).transpose()?;
+        let seconds = now.duration_since(self.at).as_secs_f64();
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "message counts are far below 2^52"
+        )]
+        let n_f64 = n as f64;
+        let millions = n_f64 / 1e6;
+        let dead_letters: u64 = redis::cmd("XLEN")
+            .arg("keepwarm:dead-letters")
+            .query_async(conn)
+            .await?;
+        let keys: u64 = match memcached {
+            Some(address) => memcached_items(address)?,
+            None => redis::cmd("DBSIZE").query_async(conn).await?,
+        };
+        Ok(Throughput {
+            name: name.to_owned(),
+            messages: n,
+            seconds,
+            messages_per_second: n_f64 / seconds,
+            cpu_seconds_per_million: (consumer.cpu_seconds - self.consumer.cpu_seconds) / millions,
+            redis_cpu_seconds_per_million: self
+                .cache
+                .as_ref()
+                .zip(cache)
+                .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
+            peak_rss_mib: consumer.peak_rss_mib,
+            dead_letters,
+            keys,
+        })
+    }
 }
 
 fn python_worker() -> PathBuf {
@@ -925,7 +965,7 @@ async fn measure(
     };
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(900);
-        let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
+        let mut first: Option<Mark> = None;
         loop {
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -935,50 +975,21 @@ async fn measure(
             let (pending, delivered, last) = progress(conn).await?;
             let now = Instant::now();
             if first.is_none() && (pending > 0 || delivered != "0-0") {
-                first = Some((
-                    now,
-                    Sample::of(pid)?,
-                    cache_pid.map(Sample::of).transpose()?,
-                ));
+                first = Some(Mark::new(now, pid, cache_pid)?);
             }
-            if let Some((start, cpu0, redis0)) = &first
+            if let Some(mark) = &first
                 && pending == 0
                 && delivered == last
             {
-                let cpu1 = Sample::of(pid)?;
-                let redis1 = cache_pid.map(Sample::of).transpose()?;
-                let seconds = now.duration_since(*start).as_secs_f64();
-                #[allow(
-                    clippy::cast_precision_loss,
-                    reason = "message counts are far below 2^52"
-                )]
-                let millions = n as f64 / 1e6;
-                let dead_letters: u64 = redis::cmd("XLEN")
-                    .arg("keepwarm:dead-letters")
-                    .query_async(conn)
-                    .await?;
-                let keys: u64 = match &memcached {
-                    Some((_, address)) => memcached_items(address)?,
-                    None => redis::cmd("DBSIZE").query_async(conn).await?,
-                };
-                return Ok(Throughput {
-                    name: scenario.name.to_owned(),
-                    messages: n,
-                    seconds,
-                    #[allow(
-                        clippy::cast_precision_loss,
-                        reason = "message counts are far below 2^52"
-                    )]
-                    messages_per_second: n as f64 / seconds,
-                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
-                    redis_cpu_seconds_per_million: redis0
-                        .as_ref()
-                        .zip(redis1)
-                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
-                    peak_rss_mib: cpu1.peak_rss_mib,
-                    dead_letters,
-                    keys,
-                });
+                return mark
+                    .throughput(
+                        scenario.name,
+                        n,
+                        now,
+                        conn,
+                        memcached.as_ref().map(|(_, address)| address.as_str()),
+                    )
+                    .await;
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
@@ -1015,7 +1026,7 @@ async fn measure_kafka(
     let total = i64::try_from(n)?;
     let result = async {
         let deadline = Instant::now() + Duration::from_secs(900);
-        let mut first: Option<(Instant, Sample, Option<Sample>)> = None;
+        let mut first: Option<Mark> = None;
         loop {
             anyhow::ensure!(
                 Instant::now() < deadline,
@@ -1030,46 +1041,12 @@ async fn measure_kafka(
                 keys > 0
             };
             if first.is_none() && started {
-                first = Some((
-                    now,
-                    Sample::of(pid)?,
-                    env.redis_pid.map(Sample::of).transpose()?,
-                ));
+                first = Some(Mark::new(now, pid, env.redis_pid)?);
             }
-            if let Some((start, cpu0, redis0)) = &first
+            if let Some(mark) = &first
                 && committed >= total
             {
-                let cpu1 = Sample::of(pid)?;
-                let redis1 = env.redis_pid.map(Sample::of).transpose()?;
-                let seconds = now.duration_since(*start).as_secs_f64();
-                #[allow(
-                    clippy::cast_precision_loss,
-                    reason = "message counts are far below 2^52"
-                )]
-                let millions = n as f64 / 1e6;
-                let dead_letters: u64 = redis::cmd("XLEN")
-                    .arg("keepwarm:dead-letters")
-                    .query_async(conn)
-                    .await?;
-                let keys: u64 = redis::cmd("DBSIZE").query_async(conn).await?;
-                return Ok(Throughput {
-                    name: scenario.name.to_owned(),
-                    messages: n,
-                    seconds,
-                    #[allow(
-                        clippy::cast_precision_loss,
-                        reason = "message counts are far below 2^52"
-                    )]
-                    messages_per_second: n as f64 / seconds,
-                    cpu_seconds_per_million: (cpu1.cpu_seconds - cpu0.cpu_seconds) / millions,
-                    redis_cpu_seconds_per_million: redis0
-                        .as_ref()
-                        .zip(redis1)
-                        .map(|(a, b)| (b.cpu_seconds - a.cpu_seconds) / millions),
-                    peak_rss_mib: cpu1.peak_rss_mib,
-                    dead_letters,
-                    keys,
-                });
+                return mark.throughput(scenario.name, n, now, conn, None).await;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

@@ -68,6 +68,49 @@ impl Pg {
         .await;
     }
 
+    /// The daemon's config with one Postgres source on `tables`, written into `dir`.
+    fn config_file(&self, dir: &TempDir, tables: &str) -> String {
+        self.env
+            .config()
+            .source("postgres", &self.source(tables))
+            .write(dir, "keepwarm.toml")
+    }
+
+    /// `keepwarm backfill` of `public.<table>` with `config`, progress in `state`, plus `extra`
+    /// arguments: its success, stdout and stderr.
+    async fn backfill(
+        config: &str,
+        table: &str,
+        state: &str,
+        extra: &[&str],
+    ) -> (bool, String, String) {
+        let table = format!("public.{table}");
+        let mut args = vec![
+            "backfill", "--config", config, "--table", &table, "--state", state,
+        ];
+        args.extend_from_slice(extra);
+        crate::util::keepwarm_cli_async(&args).await
+    }
+
+    /// Waits until the cache holds every row of `items (id, n, label)` exactly; returns the
+    /// rows' keys.
+    async fn wait_items_cached(&self) -> std::collections::HashSet<String> {
+        let rows = self
+            .client
+            .query("SELECT id, n, label FROM items", &[])
+            .await
+            .unwrap();
+        let mut live = std::collections::HashSet::new();
+        for row in &rows {
+            let (id, n, label): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
+            let key = self.key("items", &id.to_string());
+            let expect = json!({"id": id, "n": n, "label": label});
+            self.wait_record(&key, |r| *r == expect).await;
+            live.insert(key);
+        }
+        live
+    }
+
     fn key(&self, table: &str, pks: &str) -> String {
         self.env.key(&format!("public.{table}:{pks}"))
     }
@@ -100,6 +143,13 @@ impl Pg {
         })
         .await;
     }
+}
+
+/// `keepwarm run` with `config`, once it streams.
+fn streaming(config: &str) -> KeepwarmProcess {
+    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", config]);
+    daemon.wait_log("streaming changes", PATIENCE);
+    daemon
 }
 
 const TYPES: &str = "
@@ -239,11 +289,7 @@ async fn a_partitioned_table_streams_under_its_own_name() {
     )
     .await;
     let dir = TempDir::new("kw-pg-leaves");
-    let config = leaves
-        .env
-        .config()
-        .source("postgres", &leaves.source("\"public.events\""))
-        .write(&dir, "keepwarm.toml");
+    let config = leaves.config_file(&dir, "\"public.events\"");
     let mut refused = KeepwarmProcess::spawn(&["run", "--config", &config]);
     assert!(!refused.wait_exit(PATIENCE).success());
     let log = refused.log.join("\n");
@@ -325,13 +371,8 @@ async fn a_kill_9_and_a_restart_lose_nothing() {
     )
     .await;
     let dir = TempDir::new("kw-pg-kill");
-    let config = pg
-        .env
-        .config()
-        .source("postgres", &pg.source("\"public.items\""))
-        .write(&dir, "keepwarm.toml");
-    let mut first = KeepwarmProcess::spawn(&["run", "--config", &config]);
-    first.wait_log("streaming changes", PATIENCE);
+    let config = pg.config_file(&dir, "\"public.items\"");
+    let mut first = streaming(&config);
     // Many small transactions, some applied and confirmed before the kill, some in flight.
     for i in 0..200 {
         pg.client
@@ -349,8 +390,7 @@ async fn a_kill_9_and_a_restart_lose_nothing() {
         )
         .await
         .unwrap();
-    let mut second = KeepwarmProcess::spawn(&["run", "--config", &config]);
-    second.wait_log("streaming changes", PATIENCE);
+    let mut second = streaming(&config);
     let keys = Keys::connect(pg.env.cache_url()).await;
     for i in 0..200 {
         let key = pg.key("items", &i.to_string());
@@ -563,8 +603,7 @@ async fn a_dropped_slot_stops_the_source_with_a_clear_error_and_readyz_says_not_
         .set("admin", &format!("listen = \"{admin}\""))
         .source("postgres", &pg.source("\"public.items\""))
         .write(&dir, "keepwarm.toml");
-    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
-    daemon.wait_log("streaming changes", PATIENCE);
+    let mut daemon = streaming(&config);
     let readyz = format!("http://{admin}/readyz");
     wait_for("/readyz to be ready", PATIENCE, || async {
         crate::util::http_get(&readyz).await.map(|r| r.0) == Some(200)
@@ -616,24 +655,10 @@ async fn a_backfill_racing_live_writes_ends_with_the_tables_final_state() {
     )
     .await;
     let dir = TempDir::new("kw-pg-backfill");
-    let config = pg
-        .env
-        .config()
-        .source("postgres", &pg.source("\"public.items\""))
-        .write(&dir, "keepwarm.toml");
-    let mut stream = KeepwarmProcess::spawn(&["run", "--config", &config]);
-    stream.wait_log("streaming changes", PATIENCE);
+    let config = pg.config_file(&dir, "\"public.items\"");
+    let mut stream = streaming(&config);
     let state = dir.path().join("backfill.json").display().to_string();
-    let args = [
-        "backfill",
-        "--config",
-        &config,
-        "--table",
-        "public.items",
-        "--state",
-        &state,
-    ];
-    let backfill = crate::util::keepwarm_cli_async(&args);
+    let backfill = Pg::backfill(&config, "items", &state, &[]);
     // Live changes while the backfill reads: updates, deletes and inserts.
     let writes = async {
         for i in (1..=3000).step_by(50) {
@@ -657,23 +682,14 @@ async fn a_backfill_racing_live_writes_ends_with_the_tables_final_state() {
         "a finished backfill leaves no state"
     );
     // The cache equals the table.
-    let rows = pg
-        .client
-        .query("SELECT id, n, label FROM items", &[])
-        .await
-        .unwrap();
-    for row in &rows {
-        let (id, n, label): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
-        pg.wait_record(&pg.key("items", &id.to_string()), |r| {
-            r["n"] == n && r["label"] == label.as_str()
-        })
-        .await;
-    }
+    let live = pg.wait_items_cached().await;
     let keys = Keys::connect(pg.env.cache_url()).await;
-    let cached = keys
+    let cached: std::collections::HashSet<String> = keys
         .matching(&format!("{}:public.items:*", pg.env.prefix))
-        .await;
-    assert_eq!(cached.len(), rows.len());
+        .await
+        .into_iter()
+        .collect();
+    assert_eq!(cached, live);
     stream.signal("TERM");
     assert!(stream.wait_exit(PATIENCE).success());
 }
@@ -687,28 +703,13 @@ async fn a_backfill_resumes_after_its_last_settled_chunk() {
     )
     .await;
     let dir = TempDir::new("kw-pg-resume");
-    let config = pg
-        .env
-        .config()
-        .source("postgres", &pg.source("\"public.items\""))
-        .write(&dir, "keepwarm.toml");
+    let config = pg.config_file(&dir, "\"public.items\"");
     // What an interrupted run left: its chunks up to id 1500 were settled.
     let state = dir.write(
         "backfill.json",
         r#"{"id":"b1","table":"public.items","filter":null,"after":["1500"]}"#,
     );
-    let (ok, _, stderr) = crate::util::keepwarm_cli_async(&[
-        "backfill",
-        "--config",
-        &config,
-        "--table",
-        "public.items",
-        "--state",
-        &state,
-        "--where",
-        "n <> 2000",
-    ])
-    .await;
+    let (ok, _, stderr) = Pg::backfill(&config, "items", &state, &["--where", "n <> 2000"]).await;
     // Another filter is another backfill: it starts from the beginning.
     assert!(ok, "{stderr}");
     assert!(stderr.contains("backfilled 2499 rows"), "{stderr}");
@@ -719,16 +720,7 @@ async fn a_backfill_resumes_after_its_last_settled_chunk() {
         "backfill.json",
         r#"{"id":"b1","table":"public.items","filter":null,"after":["1500"]}"#,
     );
-    let (ok, _, stderr) = crate::util::keepwarm_cli_async(&[
-        "backfill",
-        "--config",
-        &config,
-        "--table",
-        "public.items",
-        "--state",
-        &state,
-    ])
-    .await;
+    let (ok, _, stderr) = Pg::backfill(&config, "items", &state, &[]).await;
     assert!(ok, "{stderr}");
     assert!(stderr.contains("backfilled 1000 rows"), "{stderr}");
     // Rows after the saved key were read; row 1 (before it) was not read again.
@@ -763,24 +755,10 @@ async fn random_writes_a_racing_backfill_and_a_kill_9_end_with_the_cache_equal_t
     )
     .await;
     let dir = TempDir::new("kw-pg-model");
-    let config = pg
-        .env
-        .config()
-        .source("postgres", &pg.source("\"public.items\""))
-        .write(&dir, "keepwarm.toml");
-    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
-    daemon.wait_log("streaming changes", PATIENCE);
+    let config = pg.config_file(&dir, "\"public.items\"");
+    let mut daemon = streaming(&config);
     let state = dir.path().join("backfill.json").display().to_string();
-    let args = [
-        "backfill",
-        "--config",
-        &config,
-        "--table",
-        "public.items",
-        "--state",
-        &state,
-    ];
-    let backfill = crate::util::keepwarm_cli_async(&args);
+    let backfill = Pg::backfill(&config, "items", &state, &[]);
     let mut rng = Lcg(19);
     let mut history = |count: usize| {
         (0..count)
@@ -816,26 +794,11 @@ async fn random_writes_a_racing_backfill_and_a_kill_9_end_with_the_cache_equal_t
     for txn in &second[..150] {
         pg.client.batch_execute(txn).await.unwrap();
     }
-    let mut daemon = KeepwarmProcess::spawn(&["run", "--config", &config]);
-    daemon.wait_log("streaming changes", PATIENCE);
+    let mut daemon = streaming(&config);
     for txn in &second[150..] {
         pg.client.batch_execute(txn).await.unwrap();
     }
-    let rows = pg
-        .client
-        .query("SELECT id, n, label FROM items", &[])
-        .await
-        .unwrap();
-    for row in &rows {
-        let (id, n, label): (i32, i32, String) = (row.get(0), row.get(1), row.get(2));
-        let expect = json!({"id": id, "n": n, "label": label});
-        pg.wait_record(&pg.key("items", &id.to_string()), |r| *r == expect)
-            .await;
-    }
-    let live: std::collections::HashSet<String> = rows
-        .iter()
-        .map(|row| pg.key("items", &row.get::<_, i32>(0).to_string()))
-        .collect();
+    let live = pg.wait_items_cached().await;
     let keys = Keys::connect(pg.env.cache_url()).await;
     let pattern = format!("{}:public.items:*", pg.env.prefix);
     wait_for("deleted rows to leave the cache", PATIENCE, || async {

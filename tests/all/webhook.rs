@@ -1,7 +1,6 @@
 //! The HTTP push source over a real socket with a real client: both of Sequin's body shapes,
 //! the bearer token, the body limit, malformed messages, a slow and a lost Redis, and retries.
 
-use crate::sqs::find_letters;
 use crate::stream_source::{assert_fixtures_cached, fixture_lines};
 use crate::util::*;
 use reqwest::StatusCode;

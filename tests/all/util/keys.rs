@@ -140,3 +140,57 @@ impl std::fmt::Debug for DeadLetter {
         f.debug_map().entries(fields).finish()
     }
 }
+
+/// The dead letter of each `(payload, reason)`, checking that its reason says `reason`.
+pub fn find_letters<'a>(
+    letters: &'a [DeadLetter],
+    expected: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Vec<&'a DeadLetter> {
+    expected
+        .into_iter()
+        .map(|(payload, reason)| {
+            let letter = letters
+                .iter()
+                .find(|l| l.field("payload") == payload)
+                .unwrap_or_else(|| panic!("no dead letter for {payload}"));
+            assert!(letter.field("reason").contains(reason), "{letter:?}");
+            letter
+        })
+        .collect()
+}
+
+/// Bodies every source must dead-letter, each with what its dead letter's reason says: not
+/// JSON, JSON that is not a change message, a bare string (a Sequin transform's output).
+pub const MALFORMED: [(&str, &str); 3] = [
+    ("this is not JSON", "invalid JSON"),
+    (
+        r#"{"id":1,"name":"not a change message"}"#,
+        "missing field `action`",
+    ),
+    (
+        r#""a bare string from a Sequin transform""#,
+        "a JSON string, not a change message",
+    ),
+];
+
+/// What a malformed-input test sends: the [`MALFORMED`] bodies, then one good change (the
+/// first fixture, cached as `public.orders:1001`).
+pub fn malformed_then_good() -> Vec<String> {
+    let mut bodies: Vec<String> = MALFORMED
+        .iter()
+        .map(|(body, _)| (*body).to_owned())
+        .collect();
+    bodies.push(crate::util::fixtures()[0].to_owned());
+    bodies
+}
+
+/// The dead letters of the [`MALFORMED`] bodies, which must be all of `letters`, each a decode
+/// failure with its reason.
+pub fn malformed_letters(letters: &[DeadLetter]) -> Vec<&DeadLetter> {
+    assert_eq!(letters.len(), MALFORMED.len(), "{letters:?}");
+    let found = find_letters(letters, MALFORMED);
+    for letter in &found {
+        assert_eq!(letter.field("kind"), "decode");
+    }
+    found
+}

@@ -26,7 +26,9 @@ mod streams;
 pub use config::{ConfigBuilder, Daemon};
 pub use env::{TestEnv, add_plugin, row_cache_manifest};
 pub use http::{free_port, http_get, metric, plugins_status, wait_gauges_zero};
-pub use keys::{DeadLetter, Keys, connect, version_key};
+pub use keys::{
+    DeadLetter, Keys, connect, find_letters, malformed_letters, malformed_then_good, version_key,
+};
 pub use messages::{
     FIXTURES, fixtures, move_row, order_change, order_line, record_text, stream_fields,
 };
