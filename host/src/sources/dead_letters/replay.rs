@@ -238,13 +238,15 @@ impl Letters for FileReplay {
     }
 
     async fn finish(self, fixed: &HashSet<&String>) -> Result<(), SourceError> {
-        self.letters.remove(&self.path, fixed).await?;
-        match std::fs::remove_file(&self.scratch) {
+        // The scratch goes even when the rewrite is refused (another replay replaced the file).
+        let rewritten = self.letters.remove(&self.path, fixed).await;
+        let removed = match std::fs::remove_file(&self.scratch) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(SourceError::Write {
                 what: format!("remove the scratch file {}", self.scratch.display()),
                 error,
             }),
             _ => Ok(()),
-        }
+        };
+        rewritten.and(removed)
     }
 }
