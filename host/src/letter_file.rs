@@ -265,6 +265,40 @@ mod tests {
     }
 
     #[test]
+    fn no_letter_is_lost_or_doubled_while_replays_rewrite_the_file_under_appenders() {
+        let path = temp_path("stress");
+        let appenders: Vec<_> = (0..3)
+            .map(|writer| {
+                let path = path.clone();
+                std::thread::spawn(move || {
+                    for n in 0..200 {
+                        let id = format!("{writer}-{n}").into_bytes();
+                        append(&path, &encode(vec![("source_id".to_owned(), id)])).unwrap();
+                    }
+                })
+            })
+            .collect();
+        // Replays that take every letter they read, one after the other, while the appenders run.
+        let mut taken = Vec::new();
+        while !appenders.iter().all(std::thread::JoinHandle::is_finished) {
+            if let Some(snapshot) = snapshot(&path).unwrap() {
+                taken.extend(lines(&snapshot.bytes).map(|(_, line)| line.to_vec()));
+                snapshot.replace(b"").unwrap();
+            }
+        }
+        for appender in appenders {
+            appender.join().unwrap();
+        }
+        let left = std::fs::read(&path).unwrap();
+        let mut seen: Vec<Vec<u8>> = taken;
+        seen.extend(lines(&left).map(|(_, line)| line.to_vec()));
+        let total = seen.len();
+        seen.sort();
+        seen.dedup();
+        assert_eq!((total, seen.len()), (600, 600));
+    }
+
+    #[test]
     fn a_line_cut_short_by_a_crash_stays_apart() {
         let path = temp_path("torn");
         std::fs::write(&path, b"{\"reason\": \"cut").unwrap();
