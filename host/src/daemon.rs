@@ -15,7 +15,7 @@ use crate::sources::{SourceConfig, SourceContext, SourceEnv};
 use crate::telemetry::Counters;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -295,8 +295,8 @@ pub async fn replay_dead_letters(
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
     // The replay's own failures go to a scratch stream (or file), read back at the end.
-    let letters = match (&config.redis, config.dead_letter.file.clone()) {
-        (None, Some(file)) => {
+    let letters = match config.letter_file().map(Path::to_owned) {
+        Some(file) => {
             let mut scratch = file.clone().into_os_string();
             scratch.push(format!(".replay-{millis}"));
             let scratch = PathBuf::from(scratch);
@@ -308,7 +308,7 @@ pub async fn replay_dead_letters(
             config.dead_letter.file = Some(scratch.clone());
             Letters::File { file, scratch }
         }
-        _ => {
+        None => {
             let stream = config.dead_letter.stream.clone();
             let scratch = format!("{stream}:replay-{millis}");
             config.dead_letter.stream = scratch.clone();
@@ -396,9 +396,9 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
 
 /// Where `keepwarm check` says plugin writes and dead letters go.
 fn cache_line(config: &Config) -> String {
-    let letters = match (&config.redis, &config.dead_letter.file) {
-        (None, Some(file)) => format!("file {}", file.display()),
-        _ => format!("stream {} in redis", config.dead_letter.stream),
+    let letters = match config.letter_file() {
+        Some(file) => format!("file {}", file.display()),
+        None => format!("stream {} in redis", config.dead_letter.stream),
     };
     match (&config.memcached, config.newest_file()) {
         (Some(memcached), newest) => format!(
@@ -420,14 +420,14 @@ fn cache_line(config: &Config) -> String {
 ///
 /// Redis or the file fails.
 pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> anyhow::Result<()> {
-    let (entries, unreadable, from) = match (&config.redis, &config.dead_letter.file) {
-        (None, Some(file)) => {
+    let (entries, unreadable, from) = match config.letter_file() {
+        Some(file) => {
             let letters = dead_letters::read_file(file).await?;
             let mut entries = letters.entries;
             entries.truncate(count);
             (entries, letters.unreadable, file.display().to_string())
         }
-        _ => {
+        None => {
             let redis = config.require_redis("the dead-letter stream")?;
             let mut conn = redis.tool_connection().await?;
             let stream = &config.dead_letter.stream;

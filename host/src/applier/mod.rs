@@ -453,7 +453,7 @@ async fn connect_redis(config: &RedisConfig) -> Result<Connection, ConnectError>
 /// a path that cannot be written stops keepwarm at start rather than retrying every batch.
 fn memcached_files(config: &Config) -> Result<(Newest, Letters), ConnectError> {
     let missing = || ConnectError::Config("dead_letter.file is required without [redis]".into());
-    let letters = config.dead_letter.file.clone().ok_or_else(missing)?;
+    let letters = config.letter_file().ok_or_else(missing)?.to_owned();
     let newest = config.newest_file().ok_or_else(missing)?;
     let file_error = |path: &PathBuf| {
         let path = path.clone();

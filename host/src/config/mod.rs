@@ -345,6 +345,15 @@ impl Config {
         }
     }
 
+    /// Where dead letters go when it is a file: `dead_letter.file`, without `[redis]` (with it,
+    /// they go to the stream `dead_letter.stream`).
+    pub fn letter_file(&self) -> Option<&Path> {
+        match &self.redis {
+            None => self.dead_letter.file.as_deref(),
+            Some(_) => None,
+        }
+    }
+
     /// Without `[redis]`, the file that keeps the newest version written to Memcached:
     /// `memcached.newest_file`, else `dead_letter.file` with `.newest` appended.
     pub fn newest_file(&self) -> Option<PathBuf> {
