@@ -4,8 +4,10 @@
 # cache keys are printed. Uses a private Redis on a free port; leaves nothing running.
 #
 #   scripts/demo.sh               the cache is Redis (all three example plugins)
-#   scripts/demo.sh --memcached   the cache is a private Memcached (row-cache only: the other
-#                                 examples write sets and hashes, which Memcached lacks)
+#   scripts/demo.sh --memcached   the cache is a private Memcached, without [redis] (row-cache
+#                                 only: the other examples write sets and hashes, which Memcached
+#                                 lacks); the stream source names its Redis, dead letters would
+#                                 go to a file
 set -euo pipefail
 memcached=false
 if [[ "${1:-}" == "--memcached" ]]; then
@@ -26,18 +28,23 @@ cli() { redis-cli -p "$REDIS_PORT" "$@"; }
 
 work=$(mktemp -d -t keepwarm-demo.XXXXXX)
 plugins="$target/plugins"
-cache_table=""
+cache_table="[redis]
+url = \"$REDIS_URL\""
+source_url=""
 if $memcached; then
     start_memcached
     plugins="$work/plugins"
     mkdir -p "$plugins"
     cp "$target/plugins/row-cache.wasm" "$target/plugins/row-cache.toml" "$plugins/"
+    # No [redis]: the stream source names its Redis, dead letters go to a file.
     cache_table="[memcached]
-servers = [\"$MEMCACHED_SERVERS\"]"
+servers = [\"$MEMCACHED_SERVERS\"]
+
+[dead_letter]
+file = \"$work/dead-letters.jsonl\""
+    source_url="url = \"$REDIS_URL\""
 fi
 cat >"$work/keepwarm.toml" <<TOML
-[redis]
-url = "$REDIS_URL"
 $cache_table
 
 [plugins]
@@ -47,6 +54,7 @@ dir = "$plugins"
 kind = "redis-stream"
 stream = "sequin.changes"
 group = "keepwarm"
+$source_url
 TOML
 
 fixtures="$root/tests/fixtures/sequin-examples.jsonl"
@@ -106,7 +114,8 @@ for key in sorted(keys):
         print(f"{key}\n    {value.decode(errors='replace')}")
 PY
     echo
-    echo "== dead letters: $(cli XLEN keepwarm:dead-letters); consumer group:"
+    letters=$(grep -c . "$work/dead-letters.jsonl" 2>/dev/null || true)
+    echo "== dead letters (in $work/dead-letters.jsonl): ${letters:-0}; consumer group:"
     cli XINFO GROUPS sequin.changes | paste -sd' '
     exit 0
 fi

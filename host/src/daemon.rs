@@ -15,6 +15,7 @@ use crate::sources::{SourceConfig, SourceContext, SourceEnv};
 use crate::telemetry::Counters;
 use anyhow::Context as _;
 use arc_swap::ArcSwap;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::Semaphore;
@@ -131,8 +132,12 @@ pub async fn run(
     let mut sources = Vec::new();
     for config in core.config.sources.clone() {
         let name = config.name();
+        let cache_redis = match &core.config.redis {
+            Some(redis) => Some(redis.client()?),
+            None => None,
+        };
         let env = SourceEnv {
-            cache_redis: core.config.redis.client()?,
+            cache_redis,
             max_in_flight: core.config.pipeline.max_in_flight,
         };
         let source = config
@@ -270,33 +275,61 @@ fn log_counters(counters: &Counters) {
     );
 }
 
-/// Replays the dead-letter stream through the current plugins (`keepwarm dead-letters replay`).
+/// Where a replay reads dead letters and where its own failures go.
+enum Letters {
+    Stream { stream: String, scratch: String },
+    File { file: PathBuf, scratch: PathBuf },
+}
+
+/// Replays the dead letters through the current plugins (`keepwarm dead-letters replay`): the
+/// dead-letter stream, or without `[redis]` the dead-letter file.
 ///
 /// # Errors
 ///
-/// Start-up fails or Redis fails.
+/// Start-up fails, or Redis or the file fails.
 pub async fn replay_dead_letters(
     mut config: Config,
     shutdown: CancellationToken,
 ) -> anyhow::Result<dead_letters::ReplayReport> {
-    let stream = config.dead_letter.stream.clone();
     let millis = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis());
-    let scratch = format!("{stream}:replay-{millis}");
-    config.dead_letter.stream = scratch.clone();
+    // The replay's own failures go to a scratch stream (or file), read back at the end.
+    let letters = match config.letter_file().map(Path::to_owned) {
+        Some(file) => {
+            let mut scratch = file.clone().into_os_string();
+            scratch.push(format!(".replay-{millis}"));
+            let scratch = PathBuf::from(scratch);
+            // The daemons' record of the newest version, not one beside the scratch file.
+            let newest = config.newest_file();
+            if let Some(memcached) = config.memcached.as_mut() {
+                memcached.newest_file = newest;
+            }
+            config.dead_letter.file = Some(scratch.clone());
+            Letters::File { file, scratch }
+        }
+        None => {
+            let stream = config.dead_letter.stream.clone();
+            let scratch = format!("{stream}:replay-{millis}");
+            config.dead_letter.stream = scratch.clone();
+            Letters::Stream { stream, scratch }
+        }
+    };
     let core = Core::start(config).await?;
     let tracker = TaskTracker::new();
     let dispatcher = core.pipeline(&tracker, &shutdown);
     let ctx = core.context("dead-letters", dispatcher, &shutdown, &core.permits());
-    let report = dead_letters::replay(
-        core.config.redis.tool_connection().await?,
-        &stream,
-        &scratch,
-        core.config.pipeline.max_message_bytes,
-        ctx,
-    )
-    .await?;
+    let max_bytes = core.config.pipeline.max_message_bytes;
+    let report = match letters {
+        Letters::Stream { stream, scratch } => {
+            let redis = core.config.require_redis("the dead-letter stream")?;
+            let conn = redis.tool_connection().await?;
+            dead_letters::replay(conn, &stream, &scratch, max_bytes, ctx).await?
+        }
+        Letters::File { file, scratch } => {
+            dead_letters::replay_file(&file, &scratch, max_bytes, ctx).await?
+        }
+    };
     tracker.close();
     tracker.wait().await;
     Ok(report)
@@ -317,6 +350,7 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
         sources.len(),
         sources.join(", ")
     )?;
+    writeln!(out, "{}", cache_line(config))?;
     let mut ok = true;
     if sources.is_empty() {
         writeln!(
@@ -360,14 +394,47 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
     Ok(ok)
 }
 
-/// Prints the dead-letter stream (`keepwarm dead-letters list`).
+/// Where `keepwarm check` says plugin writes and dead letters go.
+fn cache_line(config: &Config) -> String {
+    let letters = match config.letter_file() {
+        Some(file) => format!("file {}", file.display()),
+        None => format!("stream {} in redis", config.dead_letter.stream),
+    };
+    match (&config.memcached, config.newest_file()) {
+        (Some(memcached), newest) => format!(
+            "cache: memcached {}; dead letters: {letters}{}",
+            memcached.servers.join(","),
+            newest.map_or(String::new(), |file| format!(
+                "; newest version written: file {}",
+                file.display()
+            ))
+        ),
+        (None, _) => format!("cache: redis; dead letters: {letters}"),
+    }
+}
+
+/// Prints the dead letters (`keepwarm dead-letters list`): the dead-letter stream, or without
+/// `[redis]` the dead-letter file.
 ///
 /// # Errors
 ///
-/// Redis fails.
+/// Redis or the file fails.
 pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> anyhow::Result<()> {
-    let mut conn = config.redis.tool_connection().await?;
-    let entries = dead_letters::read(&mut conn, &config.dead_letter.stream, "-", count).await?;
+    let (entries, unreadable, from) = match config.letter_file() {
+        Some(file) => {
+            let letters = dead_letters::read_file(file).await?;
+            let mut entries = letters.entries;
+            entries.truncate(count);
+            (entries, letters.unreadable, file.display().to_string())
+        }
+        None => {
+            let redis = config.require_redis("the dead-letter stream")?;
+            let mut conn = redis.tool_connection().await?;
+            let stream = &config.dead_letter.stream;
+            let entries = dead_letters::read(&mut conn, stream, "-", count).await?;
+            (entries, Vec::new(), stream.clone())
+        }
+    };
     for entry in &entries {
         if json {
             let fields: serde_json::Map<String, serde_json::Value> = entry
@@ -392,12 +459,11 @@ pub async fn list_dead_letters(config: &Config, count: usize, json: bool) -> any
             );
         }
     }
+    for (id, reason) in &unreadable {
+        eprintln!("{from} {id}: {reason} (left in the file)");
+    }
     if !json {
-        eprintln!(
-            "{} dead letters shown from {}",
-            entries.len(),
-            config.dead_letter.stream
-        );
+        eprintln!("{} dead letters shown from {from}", entries.len());
     }
     Ok(())
 }

@@ -4,11 +4,15 @@
 //! It reads the key's companion hash (see [`crate::applier::versioned`]) and the key itself, and
 //! shows the key's version, whether it is a tombstone, and the version of every member (set and
 //! sorted-set members, hash fields), as `commit_lsn/commit_idx` with the LSN also in Postgres
-//! notation (`0/4A1C2F88`). It only reads.
+//! notation (`0/4A1C2F88`). With Memcached as the cache it reads the key's envelope (see
+//! `applier/memcached/envelope.rs`) on the server the ring puts it on, and that server's floor.
+//! It only reads.
 
 use crate::applier::cluster::{HashSlot, key_slot};
+use crate::applier::memcached::envelope::{self, Item};
+use crate::applier::memcached::{self, ClientError};
 use crate::applier::versioned::{VersionField, parse_version, version_key};
-use crate::config::Config;
+use crate::config::{Config, ConfigError};
 use crate::message::Version;
 use serde_json::json;
 
@@ -22,6 +26,17 @@ pub enum InspectError {
         url: String,
         /// The client's error.
         error: redis::RedisError,
+    },
+    /// The configuration has no cache Redis.
+    #[error(transparent)]
+    NoRedis(#[from] ConfigError),
+    /// A Memcached server cannot be reached or failed.
+    #[error("cannot read from memcached {server}: {error}")]
+    Memcached {
+        /// The server.
+        server: String,
+        /// What failed.
+        error: ClientError,
     },
     /// Redis refused a read.
     #[error("cannot read {key} and {versions_key}: {error}")]
@@ -114,6 +129,142 @@ impl KeyVersions {
     }
 }
 
+/// What `keepwarm version` found, on the cache the configuration names.
+#[derive(Debug)]
+pub enum Report {
+    /// The key and its companion hash in Redis.
+    Redis(KeyVersions),
+    /// The key's envelope in Memcached.
+    Memcached(MemcachedKey),
+}
+
+impl Report {
+    /// A human-readable report.
+    pub fn to_text(&self) -> String {
+        match self {
+            Report::Redis(report) => report.to_text(),
+            Report::Memcached(report) => report.to_text(),
+        }
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        match self {
+            Report::Redis(report) => report.to_json(),
+            Report::Memcached(report) => report.to_json(),
+        }
+    }
+}
+
+/// What a Memcached key holds, read through its envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemcachedKey {
+    /// The key.
+    pub key: String,
+    /// The server the ring puts it on.
+    pub server: String,
+    /// The item's size in bytes (`None`: missing).
+    pub bytes: Option<usize>,
+    /// Its remaining time to live in seconds (`None`: none, or missing).
+    pub ttl_secs: Option<i64>,
+    /// What it holds.
+    pub stored: Stored,
+    /// The version of the server's floor, which a missing key counts as holding.
+    pub floor: Option<Version>,
+}
+
+/// What a Memcached item holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stored {
+    /// Nothing: not cached.
+    Missing,
+    /// A value written by a change at this version.
+    Value(Version),
+    /// A value a backfill read filled (no version).
+    Read,
+    /// A delete's tombstone at this version.
+    Tombstone(Version),
+    /// Not an envelope (a plain-mode plugin's value, or another client's): no version.
+    Foreign,
+}
+
+impl Stored {
+    fn name(self) -> &'static str {
+        match self {
+            Stored::Missing => "missing",
+            Stored::Value(_) => "value",
+            Stored::Read => "read",
+            Stored::Tombstone(_) => "tombstone",
+            Stored::Foreign => "foreign",
+        }
+    }
+
+    fn version(self) -> Option<Version> {
+        match self {
+            Stored::Value(version) | Stored::Tombstone(version) => Some(version),
+            Stored::Missing | Stored::Read | Stored::Foreign => None,
+        }
+    }
+}
+
+impl MemcachedKey {
+    /// A human-readable report.
+    pub fn to_text(&self) -> String {
+        let ttl = self
+            .ttl_secs
+            .map_or("none".to_owned(), |secs| format!("{secs} s"));
+        let mut out = match self.bytes {
+            Some(bytes) => format!(
+                "key:      {} (memcached {}, {bytes} bytes, ttl {ttl})\n",
+                self.key, self.server
+            ),
+            None => format!(
+                "key:      {} (memcached {}, missing)\n",
+                self.key, self.server
+            ),
+        };
+        out += &match self.stored {
+            Stored::Missing => "not cached\n".to_owned(),
+            Stored::Value(version) => format!("version:  {}\n", describe(version)),
+            Stored::Read => {
+                "no version stored: filled by a backfill read (any change overwrites it)\n"
+                    .to_owned()
+            }
+            Stored::Tombstone(version) => format!(
+                "version:  {}\ntombstone: the key was deleted; writes older than its version are skipped\n",
+                describe(version)
+            ),
+            Stored::Foreign => {
+                "no version stored: not a keepwarm envelope (a plain-mode value, or another client's); any change overwrites it\n"
+                    .to_owned()
+            }
+        };
+        if let Some(floor) = self.floor {
+            out += &format!(
+                "floor:    {} (raised after a lost connection; a missing key counts as holding it)\n",
+                describe(floor)
+            );
+        }
+        out
+    }
+
+    /// The report as JSON.
+    pub fn to_json(&self) -> serde_json::Value {
+        let version = |v: Version| json!({"commit_lsn": v.lsn, "commit_idx": v.idx});
+        json!({
+            "key": self.key,
+            "cache": "memcached",
+            "server": self.server,
+            "bytes": self.bytes,
+            "ttl_seconds": self.ttl_secs,
+            "stored": self.stored.name(),
+            "version": self.stored.version().map(version),
+            "tombstone": matches!(self.stored, Stored::Tombstone(_)),
+            "floor": self.floor.map(version),
+        })
+    }
+}
+
 /// `lsn/idx (LSN X/Y)`.
 fn describe(version: Version) -> String {
     format!(
@@ -126,13 +277,45 @@ fn describe(version: Version) -> String {
     )
 }
 
-/// Reads the versions of `key` from the cache Redis of `config`.
+/// Reads the versions of `key` from the cache of `config`: Memcached, or Redis.
 ///
 /// # Errors
 ///
-/// Redis cannot be reached or refuses a command.
-pub async fn read(config: &Config, key: &str) -> Result<KeyVersions, InspectError> {
-    let url = &config.redis.url;
+/// The cache cannot be reached or refuses a command.
+pub async fn read(config: &Config, key: &str) -> Result<Report, InspectError> {
+    if let Some(servers) = &config.memcached {
+        let peek = memcached::peek(servers, &config.versioning.key_prefix, key)
+            .await
+            .map_err(|(server, error)| InspectError::Memcached { server, error })?;
+        let (bytes, ttl_secs, stored) = match &peek.item {
+            None => (None, None, Stored::Missing),
+            Some((item, ttl)) => {
+                let stored = match envelope::decode(item) {
+                    Item::Value {
+                        version: Some(version),
+                        ..
+                    } => Stored::Value(version),
+                    Item::Value { version: None, .. } => Stored::Read,
+                    Item::Tombstone(version) => Stored::Tombstone(version),
+                    Item::Foreign(_) => Stored::Foreign,
+                };
+                (Some(item.len()), (*ttl >= 0).then_some(*ttl), stored)
+            }
+        };
+        return Ok(Report::Memcached(MemcachedKey {
+            key: key.to_owned(),
+            server: peek.server,
+            bytes,
+            ttl_secs,
+            stored,
+            floor: peek.floor,
+        }));
+    }
+    read_redis(config, key).await.map(Report::Redis)
+}
+
+async fn read_redis(config: &Config, key: &str) -> Result<KeyVersions, InspectError> {
+    let url = &config.require_redis("keepwarm version")?.url;
     let connect = |error| InspectError::Connect {
         url: url.clone(),
         error,

@@ -8,6 +8,8 @@
 //! - [`daemon`]: wiring for `keepwarm run` and `keepwarm replay`.
 //! - [`delivery`]: what sources hand to the pipeline and how it settles them (a leaf both use).
 //! - [`inspect`]: `keepwarm version`, the stored versions of a cache key.
+//! - [`letter_file`]: the dead-letter file of a Memcached cache without Redis (format, locking;
+//!   a leaf the applier and the `dead_letters` source use).
 //! - [`message`]: `ChangeMessage`, the one domain type every wire format decodes into.
 //! - [`manifest`]: a plugin's manifest (subscriptions, limits, `[config]`, self-tests).
 //! - [`runtime`]: wasmtime engine, plugin loading, warm instances, batch calls.
@@ -29,6 +31,7 @@ pub mod config;
 pub mod daemon;
 pub mod delivery;
 pub mod inspect;
+pub mod letter_file;
 pub mod manifest;
 pub mod message;
 pub mod ops;

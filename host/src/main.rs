@@ -70,7 +70,8 @@ enum Command {
         #[arg(long)]
         state: Option<PathBuf>,
     },
-    /// Shows the dead-letter stream, or replays it through the current plugins.
+    /// Shows the dead letters (the dead-letter stream, or without `[redis]` the dead-letter
+    /// file), or replays them through the current plugins.
     DeadLetters {
         #[command(subcommand)]
         action: DeadLetterAction,
@@ -88,7 +89,8 @@ enum Command {
     /// Shows the versions keepwarm stores for a cache key: the version of the last change
     /// written to it, whether it is a tombstone, and every member's version.
     Version {
-        /// The daemon's configuration file (for `[redis] url` and `[versioning] key_prefix`).
+        /// The daemon's configuration file (for `[redis] url` or `[memcached] servers`, and
+        /// `[versioning] key_prefix`).
         #[arg(long)]
         config: PathBuf,
         /// The cache key.
@@ -143,8 +145,8 @@ enum DeadLetterAction {
         #[arg(long)]
         json: bool,
     },
-    /// Runs every dead letter through the current plugins; entries leave the stream only when
-    /// they went through.
+    /// Runs every dead letter through the current plugins; entries leave the stream (or file)
+    /// only when they went through.
     Replay {
         /// The configuration file.
         #[arg(long)]

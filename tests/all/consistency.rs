@@ -16,7 +16,10 @@
 //! The same seeds run against Memcached as the cache (the stream stays in Redis): the plugin
 //! leaves out its team sets (Memcached has none), and the Redis restart becomes a Memcached
 //! restart, which loses every key and version. After it, a key may be missing (a cache miss, the
-//! cache refills as changes come), but a value present must be the model's.
+//! cache refills as changes come), but a value present must be the model's. They run once more
+//! on Memcached without `[redis]` (the stream source names its Redis itself): both consumers
+//! then share the newest version written through a local file, and dead letters would go to a
+//! file.
 //!
 //! - `KEEPWARM_SOAK_SEEDS=N`: run N seeds (from `KEEPWARM_SEED_BASE`, default 1000) instead of
 //!   the suite's.
@@ -59,6 +62,8 @@ struct Setup {
     work: TempDir,
     /// The Memcached servers when Memcached is the cache.
     memcached: Option<String>,
+    /// Memcached without `[redis]`: dead letters and the newest version go to files.
+    without_redis: bool,
 }
 
 impl Setup {
@@ -89,7 +94,13 @@ impl Setup {
             cache: TempDir::new("kw-artifacts"),
             work: TempDir::new("kw-consistency"),
             memcached,
+            without_redis: false,
         }
+    }
+
+    /// The dead-letter file of the run on `stream` (without `[redis]`).
+    fn letter_file(&self, stream: &str) -> std::path::PathBuf {
+        self.work.path().join(format!("{stream}.dead.jsonl"))
     }
 
     /// The daemon configuration of one consumer, its admin endpoint on `admin`.
@@ -98,12 +109,24 @@ impl Setup {
             Some(servers) => format!("[memcached]\nservers = [\"{servers}\"]\n"),
             None => String::new(),
         };
+        // Without [redis], the source names its Redis; dead letters go to a file of the run's.
+        let (redis, dead_letter, source_url) = if self.without_redis {
+            let file = self.letter_file(stream);
+            (
+                String::new(),
+                format!("file = \"{}\"", file.display()),
+                format!("url = \"{url}\""),
+            )
+        } else {
+            (
+                format!("[redis]\nurl = \"{url}\"\nresponse_timeout_ms = 3000\n"),
+                "stream = \"kwm:dead\"".to_owned(),
+                String::new(),
+            )
+        };
         format!(
             r#"
-[redis]
-url = "{url}"
-response_timeout_ms = 3000
-{memcached}[plugins]
+{redis}{memcached}[plugins]
 dir = "{plugins}"
 cache_dir = "{cache}"
 [pipeline]
@@ -111,7 +134,7 @@ lanes = 4
 batch_size = 16
 max_backoff_ms = 200
 [dead_letter]
-stream = "kwm:dead"
+{dead_letter}
 [admin]
 listen = "{admin}"
 [[source]]
@@ -122,6 +145,7 @@ consumer = "{consumer}"
 read_count = 8
 block_ms = 20
 claim_idle_ms = 250
+{source_url}
 "#,
             plugins = self.plugins.path().display(),
             cache = self.cache.path().display(),
@@ -206,8 +230,19 @@ async fn the_versioned_cache_equals_the_model_under_faults_and_plain_does_not() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn on_memcached_the_versioned_cache_never_holds_a_stale_value_and_plain_does() {
+    on_memcached(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_memcached_without_redis_the_versioned_cache_never_holds_a_stale_value() {
+    on_memcached(true).await;
+}
+
+/// The seeds on Memcached (`without_redis`: no `[redis]` in the consumers' configs).
+async fn on_memcached(without_redis: bool) {
     let mut memcached = crate::memcached::MemcachedServer::start().await;
-    let setup = Setup::with_cache(Some(memcached.address()));
+    let mut setup = Setup::with_cache(Some(memcached.address()));
+    setup.without_redis = without_redis;
     let mut redis = RedisServer::start().await;
     let seeds = seeds();
     let started = Instant::now();
@@ -220,7 +255,8 @@ async fn on_memcached_the_versioned_cache_never_holds_a_stale_value_and_plain_do
     let failed: Vec<&SeedReport> = reports.iter().filter(|r| !r.versioned.is_empty()).collect();
     let (values, resurrected, lost) = model::by_kind(reports.iter().flat_map(|r| &r.plain));
     println!(
-        "memcached, {} seeds in {:.1}s: versioned: {} seeds diverged, {} misses after restarts; plain: {} stale keys ({values} older values, {resurrected} resurrected, {lost} lost) over {} seeds",
+        "memcached{}, {} seeds in {:.1}s: versioned: {} seeds diverged, {} misses after restarts; plain: {} stale keys ({values} older values, {resurrected} resurrected, {lost} lost) over {} seeds",
+        if without_redis { " without redis" } else { "" },
         reports.len(),
         started.elapsed().as_secs_f64(),
         failed.len(),

@@ -88,7 +88,7 @@ async fn malformed_entries_are_dead_lettered_with_a_reason_and_acked() {
 }
 
 /// A row-cache keyed by a column only `stock_levels` has: other tables' changes are rejected.
-fn by_sku(env: &TestEnv, key: &str) {
+pub fn by_sku(env: &TestEnv, key: &str) {
     let manifest = format!("[config]\nkey = \"{}:{key}\"\n", env.prefix);
     env.add_plugin("by-sku", &plugin_wasm("row-cache"), &manifest);
 }

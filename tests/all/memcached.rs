@@ -1,7 +1,8 @@
 //! Memcached as the cache target (`[memcached]`): plain and versioned writes, operations it
 //! lacks refused at load and at run time, oversize values dead-lettered, and a Memcached restart
-//! retried and refilled.
+//! retried and refilled. [`only`]: Memcached without Redis.
 
+mod only;
 mod server;
 
 use crate::util::*;

@@ -18,12 +18,18 @@ impl Endpoint {
     /// Starts the daemon of `env` with `source` lines on the HTTP source and `pipeline` lines,
     /// and waits until the port accepts connections.
     pub async fn start(env: &TestEnv, source: &str, pipeline: &str) -> Endpoint {
+        Endpoint::start_with(env.config().pipeline(pipeline), source).await
+    }
+
+    /// Starts the daemon of `config` with an HTTP source (and `source` lines on it), and waits
+    /// until the port accepts connections.
+    pub async fn start_with(config: ConfigBuilder, source: &str) -> Endpoint {
         let port = free_port();
         let token = unique("t0ken");
         let lines = format!(
             "listen = \"127.0.0.1:{port}\"\npath = \"/sequin\"\ntoken = \"{token}\"\n{source}"
         );
-        let daemon = env.config().pipeline(pipeline).source("http", &lines).run();
+        let daemon = config.source("http", &lines).run();
         wait_for("the http source to listen", PATIENCE, || async {
             tokio::net::TcpStream::connect(("127.0.0.1", port))
                 .await

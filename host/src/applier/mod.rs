@@ -14,7 +14,9 @@
 //! - [`connection`]: one Redis or a cluster, and a batch's pipelines over it.
 //! - [`dead_letter`]: the dead-letter entry.
 //! - [`memcached`]: Memcached as the cache (`[memcached]`): plugin operations go there, one
-//!   message after the other; dead letters still go to the Redis dead-letter stream.
+//!   message after the other; dead letters go to the Redis dead-letter stream, or without
+//!   `[redis]` to the dead-letter file ([`crate::letter_file`]), appended and synced before the
+//!   batch's messages are acknowledged.
 
 pub(crate) mod cluster;
 mod connection;
@@ -24,14 +26,18 @@ pub(crate) mod plain;
 pub(crate) mod versioned;
 
 use crate::config::Config;
+use crate::config::RedisConfig;
+use crate::letter_file;
 use crate::message::Version;
 use crate::ops::Op;
 use cluster::key_slot;
 use connection::Connection;
 use dead_letter::DeadLetter;
+use memcached::newest::{Newest, NewestFile};
 use memcached::{Memcached, MemcachedRefusal};
 use redis::aio::ConnectionManagerConfig;
 use redis::{ServerError, ServerErrorKind};
+use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 /// The writes of one message.
@@ -108,6 +114,16 @@ pub enum ApplyError {
         /// What failed.
         error: memcached::ClientError,
     },
+    /// The dead-letter file or the newest-version file cannot be written (Memcached without
+    /// Redis): the batch's dead letters must not be lost, nor its messages acknowledged before
+    /// the version is recorded.
+    #[error("cannot write {}: {error}", path.display())]
+    File {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
     /// A cluster pipeline's task failed.
     #[error("a cluster pipeline task failed: {0}")]
     Task(#[from] tokio::task::JoinError),
@@ -133,16 +149,42 @@ pub enum ConnectError {
     /// The versioned-write script cannot be loaded.
     #[error(transparent)]
     Script(ApplyError),
+    /// A file of a Memcached cache without Redis cannot be used.
+    #[error("cannot use {}: {error}", path.display())]
+    File {
+        /// The dead-letter file or the newest-version file.
+        path: PathBuf,
+        /// Why.
+        error: std::io::Error,
+    },
 }
 
 /// The only writer to the cache.
 pub struct Applier {
-    conn: Connection,
-    /// The cache when it is Memcached; `conn` then only takes dead letters.
-    memcached: Option<Memcached>,
+    target: Target,
     dead_letter_stream: String,
     version_prefix: String,
     tombstone_ms: u64,
+}
+
+/// Where plugin operations and dead letters go.
+enum Target {
+    /// The cache Redis takes both.
+    Redis(Connection),
+    /// Memcached takes the operations; the dead letters (and the newest version written, see
+    /// `memcached::newest`) go to `letters`.
+    Memcached {
+        memcached: Box<Memcached>,
+        letters: Letters,
+    },
+}
+
+/// Where the dead letters of a Memcached cache go.
+enum Letters {
+    /// The dead-letter stream in the cache Redis.
+    Stream(Connection),
+    /// The dead-letter file (no `[redis]`).
+    File(PathBuf),
 }
 
 /// What a command's reply settles.
@@ -155,72 +197,60 @@ enum ReplyFor {
 }
 
 impl Applier {
-    /// Connects to the cache Redis. The connection reconnects on its own after failures.
+    /// Connects to the cache: Redis, or Memcached (with the Redis beside it, if any). The
+    /// connection reconnects on its own after failures.
     ///
     /// # Errors
     ///
-    /// The URL is invalid or Redis cannot be reached now.
+    /// The URL is invalid, Redis cannot be reached now, or a file of a Memcached cache without
+    /// Redis cannot be used.
     pub async fn connect(config: &Config) -> Result<Applier, ConnectError> {
-        let url = &config.redis.url;
-        let unreachable = |what| {
-            move |error| ConnectError::Unreachable {
-                what,
-                url: url.clone(),
-                error,
+        let redis = match &config.redis {
+            Some(redis) => Some(connect_redis(redis).await?),
+            None => None,
+        };
+        let target = match (&config.memcached, redis.clone()) {
+            (None, Some(conn)) => Target::Redis(conn),
+            (None, None) => {
+                return Err(ConnectError::Config(
+                    "[redis] is required unless [memcached] is the cache".to_owned(),
+                ));
             }
-        };
-        let conn = if config.redis.is_cluster() {
-            let client = config
-                .redis
-                .cluster_client(config.response_timeout())
-                .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
-            Connection::Cluster(
-                client
-                    .get_async_connection()
-                    .await
-                    .map_err(unreachable("the redis cluster"))?,
-            )
-        } else {
-            let client = config
-                .redis
-                .client()
-                .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
-            let manager_config = ConnectionManagerConfig::new()
-                .set_response_timeout(Some(config.response_timeout()))
-                .set_connection_timeout(Some(Duration::from_secs(5)))
-                .set_max_delay(Duration::from_secs(2));
-            Connection::Single(
-                client
-                    .get_connection_manager_with_config(manager_config)
-                    .await
-                    .map_err(unreachable("redis"))?,
-            )
-        };
-        let memcached = match &config.memcached {
-            Some(memcached) => {
+            (Some(memcached), redis) => {
+                let prefix = &config.versioning.key_prefix;
+                let (newest, letters) = match redis {
+                    Some(conn) => (
+                        Newest::in_redis(conn.clone(), prefix, &memcached.servers),
+                        Letters::Stream(conn),
+                    ),
+                    None => memcached_files(config)?,
+                };
                 let memcached = Memcached::new(
                     memcached,
                     config.versioning.tombstone_ttl_seconds,
-                    &config.versioning.key_prefix,
-                    conn.clone(),
+                    prefix,
+                    newest,
                 );
                 // A server down at start is not fatal (a pool outlives its servers' restarts):
                 // writes to it are retried until it answers, and /readyz says not ready.
                 if let Err((server, error)) = memcached.reach().await {
                     tracing::warn!(server, error = %error, "memcached does not answer at start; writes to it will be retried");
                 }
-                Some(memcached)
+                Target::Memcached {
+                    memcached: Box::new(memcached),
+                    letters,
+                }
             }
-            None => None,
         };
         let applier = Applier {
-            conn,
-            memcached,
+            target,
             dead_letter_stream: config.dead_letter.stream.clone(),
             version_prefix: config.versioning.key_prefix.clone(),
             tombstone_ms: config.versioning.tombstone_ttl_seconds.saturating_mul(1000),
         };
-        applier.load_script().await.map_err(ConnectError::Script)?;
+        if let Some(conn) = &redis {
+            load_script(conn).await.map_err(ConnectError::Script)?;
+        }
         Ok(applier)
     }
 
@@ -240,41 +270,49 @@ impl Applier {
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
-        if let Some(memcached) = &self.memcached {
-            let mut outcomes = Vec::with_capacity(messages.len());
-            let mut newest = None;
-            for writes in messages {
-                outcomes.push(match memcached.apply(writes).await? {
-                    Ok(stale) => {
-                        if !writes.versioned.is_empty() {
-                            newest = newest.max(writes.version);
-                        }
-                        MessageOutcome::Applied { stale }
+        let (memcached, letters) = match &self.target {
+            Target::Redis(conn) => return self.run_redis(conn, messages, dead_letters, None).await,
+            Target::Memcached { memcached, letters } => (memcached, letters),
+        };
+        let mut outcomes = Vec::with_capacity(messages.len());
+        let mut newest = None;
+        for writes in messages {
+            outcomes.push(match memcached.apply(writes).await? {
+                Ok(stale) => {
+                    if !writes.versioned.is_empty() {
+                        newest = newest.max(writes.version);
                     }
-                    Err(refusal) => MessageOutcome::Refused(Refusal::Memcached(refusal)),
-                });
-            }
-            // Recorded in Redis before anything is acknowledged, so that it outlives this
-            // process and a Memcached restart: the floor is raised to it (memcached/mod.rs).
-            let newest = newest.map(|version| memcached.record_newest(version));
-            self.run_redis(&[], dead_letters, newest).await?;
-            return Ok(outcomes);
+                    MessageOutcome::Applied { stale }
+                }
+                Err(refusal) => MessageOutcome::Refused(Refusal::Memcached(refusal)),
+            });
         }
-        self.apply_redis(messages, dead_letters).await
-    }
-
-    /// [`Applier::apply`] on the cache Redis.
-    async fn apply_redis(
-        &self,
-        messages: &[MessageWrites<'_>],
-        dead_letters: &[DeadLetter],
-    ) -> Result<Vec<MessageOutcome>, ApplyError> {
-        self.run_redis(messages, dead_letters, None).await
+        // Recorded before anything is acknowledged, so that it outlives this process and a
+        // Memcached restart: the floor is raised to it (memcached/mod.rs).
+        match letters {
+            Letters::Stream(conn) => {
+                let newest = newest.and_then(|version| memcached.newest.command(version));
+                self.run_redis(conn, &[], dead_letters, newest).await?;
+            }
+            Letters::File(path) => {
+                if let (Some(version), Newest::File(file)) = (newest, &memcached.newest) {
+                    file.record(version)
+                        .await
+                        .map_err(|error| ApplyError::File {
+                            path: file.path().to_owned(),
+                            error,
+                        })?;
+                }
+                append_letters(path, dead_letters).await?;
+            }
+        }
+        Ok(outcomes)
     }
 
     /// One pipeline of the messages' writes, the dead letters and a bookkeeping command.
     async fn run_redis(
         &self,
+        conn: &Connection,
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
         bookkeeping: Option<(redis::Cmd, String)>,
@@ -288,11 +326,11 @@ impl Applier {
         if commands.is_empty() {
             return Ok(outcomes);
         }
-        let replies = self.conn.run(commands).await?;
+        let replies = conn.run(commands).await?;
         for (settles, reply) in settles.iter().zip(replies) {
             match (settles, reply) {
                 (_, redis::Value::ServerError(error)) => {
-                    self.retry_on(&error).await?;
+                    retry_on(conn, &error).await?;
                     match settles {
                         ReplyFor::Message(index) => {
                             if matches!(outcomes[*index], MessageOutcome::Applied { .. }) {
@@ -359,38 +397,118 @@ impl Applier {
         (commands, settles)
     }
 
-    /// Fails the batch when retrying cures the reply `error`; a lost script is loaded again
-    /// first.
-    async fn retry_on(&self, error: &ServerError) -> Result<(), ApplyError> {
-        if error.kind() == Some(ServerErrorKind::NoScript) {
-            self.load_script().await?;
-            return Err(ApplyError::ScriptMissing);
-        }
-        if passes(error) {
-            return Err(ApplyError::Busy(error.clone()));
-        }
-        Ok(())
-    }
-
-    async fn load_script(&self) -> Result<(), ApplyError> {
-        // On a cluster, SCRIPT LOAD goes to every master.
-        let sha: String = self
-            .conn
-            .query(redis::cmd("SCRIPT").arg("LOAD").arg(versioned::SCRIPT))
-            .await
-            .map_err(ApplyError::ScriptLoad)?;
-        debug_assert_eq!(sha, versioned::script_sha());
-        Ok(())
-    }
-
     /// Whether the cache answers: Redis, and every Memcached server when Memcached is the cache.
     pub async fn ping(&self) -> bool {
-        let redis = self.conn.query::<String>(&redis::cmd("PING")).await.is_ok();
-        match &self.memcached {
-            Some(memcached) => redis && memcached.ping().await,
-            None => redis,
+        let redis_answers =
+            async |conn: &Connection| conn.query::<String>(&redis::cmd("PING")).await.is_ok();
+        match &self.target {
+            Target::Redis(conn) => redis_answers(conn).await,
+            Target::Memcached {
+                memcached,
+                letters: Letters::Stream(conn),
+            } => redis_answers(conn).await && memcached.ping().await,
+            Target::Memcached { memcached, .. } => memcached.ping().await,
         }
     }
+}
+
+/// A connection to the cache Redis (or cluster) of `[redis]`.
+async fn connect_redis(config: &RedisConfig) -> Result<Connection, ConnectError> {
+    let url = &config.url;
+    let unreachable = |what| {
+        move |error| ConnectError::Unreachable {
+            what,
+            url: url.clone(),
+            error,
+        }
+    };
+    Ok(if config.is_cluster() {
+        let client = config
+            .cluster_client(config.response_timeout())
+            .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
+        Connection::Cluster(
+            client
+                .get_async_connection()
+                .await
+                .map_err(unreachable("the redis cluster"))?,
+        )
+    } else {
+        let client = config
+            .client()
+            .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
+        let manager_config = ConnectionManagerConfig::new()
+            .set_response_timeout(Some(config.response_timeout()))
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_max_delay(Duration::from_secs(2));
+        Connection::Single(
+            client
+                .get_connection_manager_with_config(manager_config)
+                .await
+                .map_err(unreachable("redis"))?,
+        )
+    })
+}
+
+/// Without Redis: the newest-version record and the dead-letter file, both checked now so that
+/// a path that cannot be written stops keepwarm at start rather than retrying every batch.
+fn memcached_files(config: &Config) -> Result<(Newest, Letters), ConnectError> {
+    let missing = || ConnectError::Config("dead_letter.file is required without [redis]".into());
+    let letters = config.letter_file().ok_or_else(missing)?.to_owned();
+    let newest = config.newest_file().ok_or_else(missing)?;
+    let file_error = |path: &PathBuf| {
+        let path = path.clone();
+        move |error| ConnectError::File { path, error }
+    };
+    std::fs::OpenOptions::new()
+        .append(true)
+        .create(true)
+        .open(&letters)
+        .map_err(file_error(&letters))?;
+    let newest = NewestFile::open(&newest).map_err(file_error(&newest))?;
+    Ok((Newest::File(newest), Letters::File(letters)))
+}
+
+/// Appends the dead letters to the dead-letter file, durably (see [`letter_file`]).
+async fn append_letters(path: &Path, dead_letters: &[DeadLetter]) -> Result<(), ApplyError> {
+    if dead_letters.is_empty() {
+        return Ok(());
+    }
+    let now_ms = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis());
+    let lines: Vec<u8> = dead_letters
+        .iter()
+        .flat_map(|letter| letter_file::encode(letter.fields(now_ms)))
+        .collect();
+    let file = path.to_owned();
+    tokio::task::spawn_blocking(move || letter_file::append(&file, &lines))
+        .await?
+        .map_err(|error| ApplyError::File {
+            path: path.to_owned(),
+            error,
+        })
+}
+
+/// Fails the batch when retrying cures the reply `error`; a lost script is loaded again first.
+async fn retry_on(conn: &Connection, error: &ServerError) -> Result<(), ApplyError> {
+    if error.kind() == Some(ServerErrorKind::NoScript) {
+        load_script(conn).await?;
+        return Err(ApplyError::ScriptMissing);
+    }
+    if passes(error) {
+        return Err(ApplyError::Busy(error.clone()));
+    }
+    Ok(())
+}
+
+async fn load_script(conn: &Connection) -> Result<(), ApplyError> {
+    // On a cluster, SCRIPT LOAD goes to every master.
+    let sha: String = conn
+        .query(redis::cmd("SCRIPT").arg("LOAD").arg(versioned::SCRIPT))
+        .await
+        .map_err(ApplyError::ScriptLoad)?;
+    debug_assert_eq!(sha, versioned::script_sha());
+    Ok(())
 }
 
 /// Whether a reply error passes, so that retrying cures it.

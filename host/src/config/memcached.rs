@@ -22,6 +22,11 @@ pub struct MemcachedConfig {
     /// Connections kept open to each server.
     #[serde(default = "default_connections")]
     pub connections_per_server: usize,
+    /// Without `[redis]`: the file that keeps the newest version written to the pool, which
+    /// raises the floor after a restart (`applier/memcached/newest.rs`). Default:
+    /// `dead_letter.file` with `.newest` appended. Relative to the config file.
+    #[serde(default)]
+    pub newest_file: Option<std::path::PathBuf>,
 }
 
 fn default_response_timeout_ms() -> u64 {

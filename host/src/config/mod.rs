@@ -12,7 +12,6 @@ pub use memcached::MemcachedConfig;
 pub use redis::{REDIS_PASSWORD_ENV, RedisConfig, ToolConnection};
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 /// Why a configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +45,12 @@ pub enum ConfigError {
         /// The rule it breaks.
         rule: &'static str,
     },
+    /// Something that needs `[redis]` was asked of a configuration without it.
+    #[error("{what} needs [redis], which this configuration does not have")]
+    NoRedis {
+        /// What needed it.
+        what: String,
+    },
     /// A `[[source]]` table is well-formed but not usable.
     #[error("source {name}")]
     Source {
@@ -70,10 +75,12 @@ fn ensure(ok: bool, key: &'static str, rule: &'static str) -> Result<(), ConfigE
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// The cache Redis: where plugin operations are written (unless `[memcached]` is the cache)
-    /// and where dead letters go.
-    pub redis: RedisConfig,
+    /// and where dead letters go. Optional only with `[memcached]`: dead letters then go to
+    /// `dead_letter.file`.
+    #[serde(default)]
+    pub redis: Option<RedisConfig>,
     /// Memcached as the cache: plugin operations go there instead of Redis (dead letters stay
-    /// in Redis).
+    /// in Redis when there is one).
     #[serde(default)]
     pub memcached: Option<MemcachedConfig>,
     /// Where plugins live.
@@ -152,18 +159,23 @@ impl Default for PipelineConfig {
     }
 }
 
-/// `[dead_letter]`: the dead-letter stream.
+/// `[dead_letter]`: where messages that cannot be applied go: the dead-letter stream in the
+/// cache Redis, or without `[redis]` (Memcached only) a JSONL file.
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DeadLetterConfig {
     /// Stream (in the cache Redis) that receives dead letters.
     pub stream: String,
+    /// The JSONL file that receives dead letters when there is no `[redis]` (see
+    /// `letter_file.rs`); required then, refused otherwise. Relative to the config file.
+    pub file: Option<PathBuf>,
 }
 
 impl Default for DeadLetterConfig {
     fn default() -> DeadLetterConfig {
         DeadLetterConfig {
             stream: "keepwarm:dead-letters".to_owned(),
+            file: None,
         }
     }
 }
@@ -230,6 +242,18 @@ impl Config {
         {
             config.plugins.cache_dir = Some(base.join(cache));
         }
+        let files = [
+            config.dead_letter.file.as_mut(),
+            config
+                .memcached
+                .as_mut()
+                .and_then(|m| m.newest_file.as_mut()),
+        ];
+        for file in files.into_iter().flatten() {
+            if file.is_relative() {
+                *file = base.join(&*file);
+            }
+        }
         Ok(config)
     }
 
@@ -270,8 +294,10 @@ impl Config {
         if let Some((key, rule)) = config.memcached.as_ref().and_then(MemcachedConfig::invalid) {
             return Err(ConfigError::Invalid { key, rule });
         }
+        config.check_redis_or_files()?;
         let limits = SourceLimits {
             max_in_flight: pipeline.max_in_flight,
+            cache_redis: config.redis.is_some(),
         };
         for source in &config.sources {
             source
@@ -285,6 +311,63 @@ impl Config {
         Ok(config)
     }
 
+    /// `[redis]` is there, or Memcached is the cache and dead letters have their file; the
+    /// Memcached-only keys are not set beside a Redis that takes their role.
+    fn check_redis_or_files(&self) -> Result<(), ConfigError> {
+        let file = self.dead_letter.file.is_some();
+        let newest_file = self
+            .memcached
+            .as_ref()
+            .is_some_and(|m| m.newest_file.is_some());
+        match (&self.redis, &self.memcached) {
+            (None, None) => ensure(
+                false,
+                "redis",
+                "is required: it is the cache (or, with [memcached] as the cache, set dead_letter.file instead)",
+            ),
+            (None, Some(_)) => ensure(
+                file,
+                "dead_letter.file",
+                "is required without [redis]: dead letters go to that JSONL file (with [redis], to the stream dead_letter.stream)",
+            ),
+            (Some(_), _) => {
+                ensure(
+                    !file,
+                    "dead_letter.file",
+                    "is only for a Memcached cache without [redis]: with [redis], dead letters go to the stream dead_letter.stream",
+                )?;
+                ensure(
+                    !newest_file,
+                    "memcached.newest_file",
+                    "is only for a Memcached cache without [redis]: with [redis], the newest version written is kept in Redis",
+                )
+            }
+        }
+    }
+
+    /// Where dead letters go when it is a file: `dead_letter.file`, without `[redis]` (with it,
+    /// they go to the stream `dead_letter.stream`).
+    pub fn letter_file(&self) -> Option<&Path> {
+        match &self.redis {
+            None => self.dead_letter.file.as_deref(),
+            Some(_) => None,
+        }
+    }
+
+    /// Without `[redis]`, the file that keeps the newest version written to Memcached:
+    /// `memcached.newest_file`, else `dead_letter.file` with `.newest` appended.
+    pub fn newest_file(&self) -> Option<PathBuf> {
+        if self.redis.is_some() {
+            return None;
+        }
+        let memcached = self.memcached.as_ref()?;
+        memcached.newest_file.clone().or_else(|| {
+            let mut path = self.dead_letter.file.clone()?.into_os_string();
+            path.push(".newest");
+            Some(path.into())
+        })
+    }
+
     /// The kind of cache plugin operations are written to.
     pub fn cache_kind(&self) -> CacheKind {
         if self.memcached.is_some() {
@@ -294,9 +377,16 @@ impl Config {
         }
     }
 
-    /// The Redis response timeout.
-    pub fn response_timeout(&self) -> Duration {
-        Duration::from_millis(self.redis.response_timeout_ms)
+    /// The cache Redis, for what needs it by nature (the dead-letter stream, `keepwarm version`
+    /// on a Redis cache).
+    ///
+    /// # Errors
+    ///
+    /// There is no `[redis]`; `what` says what needed it.
+    pub fn require_redis(&self, what: &str) -> Result<&RedisConfig, ConfigError> {
+        self.redis.as_ref().ok_or_else(|| ConfigError::NoRedis {
+            what: what.to_owned(),
+        })
     }
 }
 
@@ -478,6 +568,54 @@ mod tests {
             let error = chain(Config::parse(&text).unwrap_err());
             assert!(error.contains(key), "{table}: {error}");
         }
+    }
+
+    #[test]
+    fn memcached_without_redis_needs_a_dead_letter_file_and_stream_sources_their_url() {
+        let plugins = "[plugins]\ndir = \"p\"\n";
+        let mc = "[memcached]\nservers = [\"127.0.0.1:11211\"]\n";
+        let file = "[dead_letter]\nfile = \"/var/kw/dead.jsonl\"\n";
+        let error = |text: &str| chain(Config::parse(text).unwrap_err());
+        assert!(
+            error(plugins).contains("redis is required"),
+            "{}",
+            error(plugins)
+        );
+        let no_file = error(&format!("{plugins}{mc}"));
+        assert!(
+            no_file.contains("dead_letter.file is required without [redis]"),
+            "{no_file}"
+        );
+        let config = Config::parse(&format!("{plugins}{mc}{file}")).unwrap();
+        assert!(config.redis.is_none());
+        assert_eq!(config.cache_kind(), CacheKind::Memcached);
+        assert_eq!(
+            config.newest_file(),
+            Some(PathBuf::from("/var/kw/dead.jsonl.newest"))
+        );
+        let own = format!("{plugins}{mc}newest_file = \"/var/kw/newest\"\n{file}");
+        assert_eq!(
+            Config::parse(&own).unwrap().newest_file(),
+            Some(PathBuf::from("/var/kw/newest"))
+        );
+        // Beside a Redis, the files would go unused: refused.
+        let redis = "[redis]\nurl = \"redis://x\"\n";
+        let beside = error(&format!("{redis}{plugins}{mc}{file}"));
+        assert!(beside.contains("dead_letter.file is only for"), "{beside}");
+        let beside = error(&format!("{redis}{plugins}{mc}newest_file = \"n\"\n"));
+        assert!(
+            beside.contains("memcached.newest_file is only for"),
+            "{beside}"
+        );
+        // A Redis Stream source needs a Redis: its own url without [redis].
+        let stream = "[[source]]\nkind = \"redis-stream\"\nstream = \"s\"\ngroup = \"g\"\n";
+        let no_url = error(&format!("{plugins}{mc}{file}{stream}"));
+        assert!(
+            no_url.contains("source redis-stream:s")
+                && no_url.contains("url: is required without [redis]"),
+            "{no_url}"
+        );
+        Config::parse(&format!("{plugins}{mc}{file}{stream}url = \"redis://h\"\n")).unwrap();
     }
 
     #[test]

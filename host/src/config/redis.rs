@@ -91,6 +91,11 @@ impl RedisConfig {
         }
     }
 
+    /// How long a command or pipeline may take.
+    pub fn response_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_millis(self.response_timeout_ms)
+    }
+
     /// Whether the cache is a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.cluster || !self.cluster_urls.is_empty()

@@ -54,8 +54,9 @@ pub trait Source: Send + 'static {
 
 /// What the daemon knows that a source's configuration may need when it is built.
 pub struct SourceEnv {
-    /// A client for the cache Redis (not connected), for sources that default to it.
-    pub cache_redis: redis::Client,
+    /// A client for the cache Redis (not connected), for sources that default to it; `None`
+    /// without `[redis]` (validation made sure no source then needs it).
+    pub cache_redis: Option<redis::Client>,
     /// `pipeline.max_in_flight`, for brokers told how much to hand out unacknowledged
     /// (JetStream's `max_ack_pending`, AMQP's prefetch).
     pub max_in_flight: usize,
@@ -65,6 +66,8 @@ pub struct SourceEnv {
 pub struct SourceLimits {
     /// `pipeline.max_in_flight`: no source may need more permits at once.
     pub max_in_flight: usize,
+    /// Whether there is a cache Redis (`[redis]`) for sources that default to it.
+    pub cache_redis: bool,
 }
 
 /// What [`SourceConfigure::build`] returns: the running source, built (for some kinds,
@@ -127,6 +130,15 @@ pub enum SourceError {
     #[error("cannot read {what}")]
     Read {
         /// The file, stream or socket.
+        what: String,
+        /// Why.
+        #[source]
+        error: std::io::Error,
+    },
+    /// Output could not be written.
+    #[error("cannot write {what}")]
+    Write {
+        /// The file.
         what: String,
         /// Why.
         #[source]

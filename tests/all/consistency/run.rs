@@ -360,11 +360,16 @@ pub async fn run_seed(
     in_process.stop().await;
     run.process.take().unwrap().stop();
     let mut conn = run.conn;
-    let dead: u64 = redis::cmd("XLEN")
-        .arg("kwm:dead")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let dead = if setup.without_redis {
+        let letters = std::fs::read_to_string(setup.letter_file(&run.stream)).unwrap_or_default();
+        letters.lines().count() as u64
+    } else {
+        redis::cmd("XLEN")
+            .arg("kwm:dead")
+            .query_async(&mut conn)
+            .await
+            .unwrap()
+    };
     assert_eq!(
         dead,
         0,

@@ -46,6 +46,12 @@ impl ConfigBuilder {
         self
     }
 
+    /// Removes the table `[table]`.
+    pub fn unset(mut self, table: &str) -> ConfigBuilder {
+        self.tables.retain(|(name, _)| name != table);
+        self
+    }
+
     pub fn redis(self, lines: &str) -> ConfigBuilder {
         self.set("redis", lines)
     }

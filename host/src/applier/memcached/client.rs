@@ -74,7 +74,25 @@ impl Conn {
 
     /// `mg <key> v c`: the value and its CAS, or `None` when the key is missing.
     pub(super) async fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u64)>, ClientError> {
-        let command = format!("mg {key} v c\r\n");
+        self.value_with(key, 'c').await
+    }
+
+    /// `mg <key> v t`: the value and its remaining time to live in seconds (`-1`: none), or
+    /// `None` when the key is missing (for `keepwarm version`).
+    pub(super) async fn get_ttl(
+        &mut self,
+        key: &str,
+    ) -> Result<Option<(Vec<u8>, i64)>, ClientError> {
+        self.value_with(key, 't').await
+    }
+
+    /// `mg <key> v <flag>`: the value and the flag's number.
+    async fn value_with<T: std::str::FromStr>(
+        &mut self,
+        key: &str,
+        flag: char,
+    ) -> Result<Option<(Vec<u8>, T)>, ClientError> {
+        let command = format!("mg {key} v {flag}\r\n");
         self.call(async |conn| {
             conn.send(command.as_bytes(), None).await?;
             let line = conn.line().await?;
@@ -86,8 +104,8 @@ impl Conn {
                         .next()
                         .and_then(|n| n.parse().ok())
                         .ok_or_else(|| ClientError::Protocol(line.clone()))?;
-                    let cas = words
-                        .find_map(|flag| flag.strip_prefix('c')?.parse().ok())
+                    let number = words
+                        .find_map(|word| word.strip_prefix(flag)?.parse().ok())
                         .ok_or_else(|| ClientError::Protocol(line.clone()))?;
                     let mut value = vec![0; size + 2];
                     conn.stream.read_exact(&mut value).await?;
@@ -95,7 +113,7 @@ impl Conn {
                         return Err(ClientError::Protocol("value without \\r\\n".to_owned()));
                     }
                     value.truncate(size);
-                    Ok(Some((value, cas)))
+                    Ok(Some((value, number)))
                 }
                 _ => Err(error_reply(line)),
             }

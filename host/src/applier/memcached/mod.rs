@@ -13,10 +13,10 @@
 //! **floor** (the item `<versioning.key_prefix>floor`, a tombstone envelope kept for the tombstone
 //! time to live): after a connection to a server broke, the first new connection raises the
 //! floor to the newest version written there before anything else is written: the newest this
-//! process wrote, or the newest any process recorded in Redis
-//! (`<versioning.key_prefix>memcached-newest:<servers>`,
-//! raised in the pipeline of each batch's dead letters, before its messages are acknowledged),
-//! which outlives both a Memcached restart and a process killed around it. A
+//! process wrote, or the newest any process recorded ([`newest`]: in Redis, raised in the
+//! pipeline of each batch's dead letters, or without Redis in a local file; either way before
+//! the batch's messages are acknowledged), which outlives both a Memcached restart and a process
+//! killed around it. A
 //! missing key counts as holding the floor's version: older changes, and backfill reads, do not
 //! fill it (a cache miss instead of a stale value). Delete the floor item to let a backfill fill
 //! keys before it expires.
@@ -30,13 +30,13 @@
 //! - [`client`]: the meta-protocol connection and the per-server pool.
 //! - [`ring`]: the ketama consistent hash over several servers.
 //! - [`envelope`]: the version header of versioned values.
+//! - [`newest`]: where the newest version written is recorded (Redis, or a local file).
 
 mod client;
 pub(crate) mod envelope;
+pub(crate) mod newest;
 pub(crate) mod ring;
 
-use super::connection::Connection;
-use super::versioned::{parse_version, version_arg};
 use super::{ApplyError, MessageWrites};
 use crate::config::MemcachedConfig;
 use crate::message::Version;
@@ -44,6 +44,7 @@ use crate::ops::{CacheKind, Op};
 pub use client::ClientError;
 use client::{Conn, Mode, Server, Written};
 use envelope::Item;
+use newest::Newest;
 use ring::Ring;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -107,14 +108,9 @@ pub(crate) struct Memcached {
     tombstone_secs: u64,
     /// The key of each server's floor.
     floor_key: String,
-    /// The cache Redis, which keeps the newest version written to Memcached at `newest_key`.
-    redis: Connection,
-    newest_key: String,
+    /// Where the newest version written to the pool is recorded.
+    pub(super) newest: Newest,
 }
-
-/// Raises the string at `KEYS[1]` to `ARGV[1]` (zero-padded versions: string order is version
-/// order).
-const RAISE_NEWEST: &str = "local c = redis.call('GET', KEYS[1]) if (not c) or c < ARGV[1] then redis.call('SET', KEYS[1], ARGV[1]) end return 0";
 
 /// What a versioned write does once the stored item is known.
 enum Write {
@@ -128,7 +124,7 @@ impl Memcached {
         config: &MemcachedConfig,
         tombstone_secs: u64,
         version_prefix: &str,
-        redis: Connection,
+        newest: Newest,
     ) -> Memcached {
         let timeout = Duration::from_millis(config.response_timeout_ms);
         Memcached {
@@ -141,23 +137,8 @@ impl Memcached {
             max_value_bytes: config.max_value_bytes,
             tombstone_secs: tombstone_secs.max(1),
             floor_key: format!("{version_prefix}floor"),
-            redis,
-            // One per pool: deployments that share the Redis keep their own.
-            newest_key: format!(
-                "{version_prefix}memcached-newest:{}",
-                config.servers.join(",")
-            ),
+            newest,
         }
-    }
-
-    /// The Redis command (and its key) that records `version` as written to Memcached.
-    pub(super) fn record_newest(&self, version: Version) -> (redis::Cmd, String) {
-        let mut cmd = redis::cmd("EVAL");
-        cmd.arg(RAISE_NEWEST)
-            .arg(1)
-            .arg(&self.newest_key)
-            .arg(version_arg(Some(version)));
-        (cmd, self.newest_key.clone())
     }
 
     /// Checks that every server answers, naming the first that does not.
@@ -185,15 +166,8 @@ impl Memcached {
     /// Raises the server's floor to the newest version this process wrote there.
     async fn raise_floor(&self, conn: &mut Conn, server: &Server) -> Result<(), ClientError> {
         let own = *server.newest.lock().unwrap_or_else(|e| e.into_inner());
-        let recorded = match self
-            .redis
-            .query::<Option<String>>(redis::cmd("GET").arg(&self.newest_key))
-            .await
-        {
-            Ok(text) => text.as_deref().and_then(parse_version),
-            // The batch is retried; the floor is raised on its next connection.
-            Err(error) => return Err(ClientError::Io(std::io::Error::other(error))),
-        };
+        // On an error the batch is retried; the floor is raised on its next connection.
+        let recorded = self.newest.read().await?;
         let Some(newest) = own.max(recorded) else {
             return Ok(());
         };
@@ -395,6 +369,42 @@ impl Memcached {
     fn tombstone(&self) -> u32 {
         expiry(self.tombstone_secs.saturating_mul(1000))
     }
+}
+
+/// What Memcached holds for one key, for `keepwarm version`.
+pub(crate) struct Peek {
+    /// The server the ring puts the key on.
+    pub(crate) server: String,
+    /// The item's bytes and remaining time to live in seconds (`-1`: none), if any.
+    pub(crate) item: Option<(Vec<u8>, i64)>,
+    /// The version of the server's floor, if any.
+    pub(crate) floor: Option<Version>,
+}
+
+/// Reads `key` and its server's floor (only reads).
+///
+/// # Errors
+///
+/// The server cannot be reached or fails: its address and the error.
+pub(crate) async fn peek(
+    config: &MemcachedConfig,
+    version_prefix: &str,
+    key: &str,
+) -> Result<Peek, (String, ClientError)> {
+    let address = config.servers[Ring::new(&config.servers).server(key)].clone();
+    let timeout = Duration::from_millis(config.response_timeout_ms);
+    let server = Server::new(address.clone(), 1, timeout);
+    let read = async {
+        let mut conn = server.take(async |_| Ok(())).await?;
+        let item = conn.get_ttl(key).await?;
+        let floor = conn.get(&format!("{version_prefix}floor")).await?;
+        Ok::<_, ClientError>(Peek {
+            server: address.clone(),
+            item,
+            floor: floor.and_then(|(bytes, _)| envelope::decode(&bytes).version()),
+        })
+    };
+    read.await.map_err(|error| (address.clone(), error))
 }
 
 /// What Memcached cannot take: an operation it lacks, a key it cannot store, a value over

@@ -1,18 +1,21 @@
-//! The dead-letter stream as a source: `keepwarm dead-letters list` shows it, and
-//! `keepwarm dead-letters replay` ([`replay`]) runs its entries through the current plugins
-//! once they are fixed.
+//! The dead letters as a source: `keepwarm dead-letters list` shows them, and
+//! `keepwarm dead-letters replay` ([`replay`]) runs them through the current plugins once they
+//! are fixed. They are in the dead-letter stream, or without `[redis]` in the dead-letter file
+//! ([`file`]).
 
+mod file;
 mod replay;
 
 use crate::delivery::Payload;
 use crate::sources::{SourceError, decode_json, decode_stream_entry};
-pub use replay::{ReplayReport, replay};
+pub use file::{FileLetters, read_file};
+pub use replay::{ReplayReport, replay, replay_file};
 use std::collections::BTreeMap;
 
 /// One dead-letter entry.
 #[derive(Debug, Clone)]
 pub struct Entry {
-    /// Stream id.
+    /// Stream id, or in the file `line:<n>`.
     pub id: String,
     /// Fields, by name.
     pub fields: BTreeMap<String, Vec<u8>>,

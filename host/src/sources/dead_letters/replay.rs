@@ -1,16 +1,20 @@
-//! `keepwarm dead-letters replay`: every entry of the dead-letter stream through the current
-//! plugins.
+//! `keepwarm dead-letters replay`: every dead letter through the current plugins, from the
+//! dead-letter stream ([`replay`]) or the dead-letter file ([`replay_file`]).
 //!
-//! A replay writes new failures to a scratch stream instead of the dead-letter stream. An
-//! entry leaves the dead-letter stream (`XDEL`) only when its replay was applied and did not
-//! fail again; an entry that fails again stays, and the new reason is reported. Shutdown
-//! (Ctrl-C, SIGTERM) stops the reading; what was handed over is finished and reported.
+//! A replay writes new failures to a scratch stream (or scratch file) instead of the dead
+//! letters it reads. An entry leaves the dead letters (`XDEL`, or the file rewritten without
+//! it) only when its replay was applied and did not fail again; an entry that fails again
+//! stays, and the new reason is reported. Shutdown (Ctrl-C, SIGTERM) stops the reading; what
+//! was handed over is finished and reported. Dead letters added while the replay runs stay for
+//! the next one.
 
-use super::read;
+use super::file::FileLetters;
+use super::{Entry, read, read_file};
 use crate::delivery::Settle;
 use crate::sources::jsonl::Progress;
 use crate::sources::{SourceContext, SourceError, Tally};
 use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,14 +23,26 @@ use std::time::Duration;
 pub struct ReplayReport {
     /// Entries replayed.
     pub replayed: usize,
-    /// Entries applied and removed from the dead-letter stream.
+    /// Entries applied and removed from the dead letters.
     pub fixed: usize,
-    /// Entries that failed again, with their new reason; they stay.
+    /// Entries that failed again (or cannot be read), with their new reason; they stay.
     pub still_failing: Vec<(String, String)>,
     /// Entries left unapplied (shutdown); they stay.
     pub abandoned: usize,
     /// Whether shutdown stopped the replay before every entry was read.
     pub interrupted: bool,
+}
+
+/// Where a replay reads dead letters, finds the new failures and removes the fixed entries.
+trait Letters {
+    /// How many there are (for the progress line).
+    async fn total(&mut self) -> Result<u64, SourceError>;
+    /// The next entries, oldest first; empty at the end.
+    async fn next_page(&mut self) -> Result<Vec<Entry>, SourceError>;
+    /// The ids of the entries that failed again, with their new reason, from the scratch.
+    async fn failures(&mut self) -> Result<Vec<(String, String)>, SourceError>;
+    /// Removes the `fixed` entries and the scratch.
+    async fn finish(self, fixed: &HashSet<&String>) -> Result<(), SourceError>;
 }
 
 /// Replays every entry of `stream` through the pipeline behind `ctx`, whose dead letters go to
@@ -36,32 +52,59 @@ pub struct ReplayReport {
 ///
 /// Redis fails.
 pub async fn replay(
-    mut conn: impl redis::aio::ConnectionLike + Send,
+    conn: impl redis::aio::ConnectionLike + Send,
     stream: &str,
     scratch: &str,
     max_bytes: usize,
     ctx: SourceContext,
 ) -> Result<ReplayReport, SourceError> {
-    let redis_error = |what: String| move |error| SourceError::Redis { what, error };
+    let letters = StreamLetters {
+        conn,
+        stream,
+        scratch,
+        after: "-".to_owned(),
+    };
+    run(letters, max_bytes, ctx).await
+}
+
+/// Replays every entry of the dead-letter file `path` through the pipeline behind `ctx`, whose
+/// dead letters go to the file `scratch`; then rewrites `path` without the entries that went
+/// through (keeping what daemons appended meanwhile) and removes `scratch`.
+///
+/// # Errors
+///
+/// A file cannot be read or written, or `path` was replaced meanwhile (another replay).
+pub async fn replay_file(
+    path: &Path,
+    scratch: &Path,
+    max_bytes: usize,
+    ctx: SourceContext,
+) -> Result<ReplayReport, SourceError> {
+    let letters = FileReplay {
+        letters: read_file(path).await?,
+        path: path.to_owned(),
+        scratch: scratch.to_owned(),
+    };
+    run(letters, max_bytes, ctx).await
+}
+
+async fn run(
+    mut letters: impl Letters,
+    max_bytes: usize,
+    ctx: SourceContext,
+) -> Result<ReplayReport, SourceError> {
     let tally = Arc::new(Tally::keeping_done_ids());
     let settle: Arc<dyn Settle> = Arc::clone(&tally) as Arc<dyn Settle>;
-    let total: u64 = redis::cmd("XLEN")
-        .arg(stream)
-        .query_async(&mut conn)
-        .await
-        .map_err(redis_error(format!("measure {stream}")))?;
-    let progress = Progress::messages(total);
-    let mut after = "-".to_owned();
+    let progress = Progress::messages(letters.total().await?);
     let mut replayed = 0;
     let mut interrupted = false;
     'read: loop {
         let settled = tally.counts().settled();
         progress.update(settled, replayed as u64, settled);
-        let entries = read(&mut conn, stream, &after, 500).await?;
-        let Some(last) = entries.last() else {
+        let entries = letters.next_page().await?;
+        if entries.is_empty() {
             break;
-        };
-        after = last.id.clone();
+        }
         for entry in entries {
             let Some(permit) = ctx.reserve(1).await.and_then(|mut p| p.take()) else {
                 interrupted = true;
@@ -79,42 +122,131 @@ pub async fn replay(
         })
         .await;
     progress.finish();
-    let mut still_failing = Vec::new();
-    let mut failed_ids = HashSet::new();
-    let mut after = "-".to_owned();
-    loop {
-        let again = read(&mut conn, scratch, &after, 500).await?;
-        let Some(last) = again.last() else {
-            break;
-        };
-        after = last.id.clone();
-        for entry in again {
-            failed_ids.insert(entry.text("source_id"));
-            still_failing.push((entry.text("source_id"), entry.text("reason")));
-        }
-    }
+    let still_failing = letters.failures().await?;
+    let failed_ids: HashSet<&String> = still_failing.iter().map(|(id, _)| id).collect();
     let done = tally.take_done_ids();
-    let fixed: Vec<&String> = done.iter().filter(|id| !failed_ids.contains(*id)).collect();
-    for chunk in fixed.chunks(500) {
-        let _: i64 = redis::cmd("XDEL")
-            .arg(stream)
-            .arg(chunk)
-            .query_async(&mut conn)
-            .await
-            .map_err(redis_error(format!(
-                "remove replayed entries from {stream}"
-            )))?;
-    }
-    let _: i64 = redis::cmd("DEL")
-        .arg(scratch)
-        .query_async(&mut conn)
-        .await
-        .map_err(redis_error(format!("delete the scratch stream {scratch}")))?;
+    let fixed: HashSet<&String> = done.iter().filter(|id| !failed_ids.contains(id)).collect();
+    let fixed_count = fixed.len();
+    letters.finish(&fixed).await?;
     Ok(ReplayReport {
         replayed,
-        fixed: fixed.len(),
+        fixed: fixed_count,
         still_failing,
         abandoned: tally.counts().abandoned as usize,
         interrupted,
     })
+}
+
+/// The dead-letter stream, and the scratch stream the replay's failures go to.
+struct StreamLetters<'a, C> {
+    conn: C,
+    stream: &'a str,
+    scratch: &'a str,
+    after: String,
+}
+
+impl<C: redis::aio::ConnectionLike + Send> StreamLetters<'_, C> {
+    fn redis_error(what: String) -> impl FnOnce(redis::RedisError) -> SourceError {
+        move |error| SourceError::Redis { what, error }
+    }
+}
+
+impl<C: redis::aio::ConnectionLike + Send> Letters for StreamLetters<'_, C> {
+    async fn total(&mut self) -> Result<u64, SourceError> {
+        redis::cmd("XLEN")
+            .arg(self.stream)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(Self::redis_error(format!("measure {}", self.stream)))
+    }
+
+    async fn next_page(&mut self) -> Result<Vec<Entry>, SourceError> {
+        let entries = read(&mut self.conn, self.stream, &self.after, 500).await?;
+        if let Some(last) = entries.last() {
+            self.after = last.id.clone();
+        }
+        Ok(entries)
+    }
+
+    async fn failures(&mut self) -> Result<Vec<(String, String)>, SourceError> {
+        let mut failures = Vec::new();
+        let mut after = "-".to_owned();
+        loop {
+            let again = read(&mut self.conn, self.scratch, &after, 500).await?;
+            let Some(last) = again.last() else {
+                return Ok(failures);
+            };
+            after = last.id.clone();
+            failures.extend(
+                again
+                    .iter()
+                    .map(|entry| (entry.text("source_id"), entry.text("reason"))),
+            );
+        }
+    }
+
+    async fn finish(mut self, fixed: &HashSet<&String>) -> Result<(), SourceError> {
+        let fixed: Vec<&String> = fixed.iter().copied().collect();
+        for chunk in fixed.chunks(500) {
+            let _: i64 = redis::cmd("XDEL")
+                .arg(self.stream)
+                .arg(chunk)
+                .query_async(&mut self.conn)
+                .await
+                .map_err(Self::redis_error(format!(
+                    "remove replayed entries from {}",
+                    self.stream
+                )))?;
+        }
+        let _: i64 = redis::cmd("DEL")
+            .arg(self.scratch)
+            .query_async(&mut self.conn)
+            .await
+            .map_err(Self::redis_error(format!(
+                "delete the scratch stream {}",
+                self.scratch
+            )))?;
+        Ok(())
+    }
+}
+
+/// The dead-letter file as read at the start, and the scratch file the replay's failures go to.
+struct FileReplay {
+    letters: FileLetters,
+    path: PathBuf,
+    scratch: PathBuf,
+}
+
+impl Letters for FileReplay {
+    async fn total(&mut self) -> Result<u64, SourceError> {
+        Ok(self.letters.entries.len() as u64)
+    }
+
+    async fn next_page(&mut self) -> Result<Vec<Entry>, SourceError> {
+        Ok(std::mem::take(&mut self.letters.entries))
+    }
+
+    async fn failures(&mut self) -> Result<Vec<(String, String)>, SourceError> {
+        let again = read_file(&self.scratch).await?;
+        let mut failures: Vec<(String, String)> = again
+            .entries
+            .iter()
+            .map(|entry| (entry.text("source_id"), entry.text("reason")))
+            .collect();
+        failures.extend(self.letters.unreadable.iter().cloned());
+        Ok(failures)
+    }
+
+    async fn finish(self, fixed: &HashSet<&String>) -> Result<(), SourceError> {
+        // The scratch goes even when the rewrite is refused (another replay replaced the file).
+        let rewritten = self.letters.remove(&self.path, fixed).await;
+        let removed = match std::fs::remove_file(&self.scratch) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(SourceError::Write {
+                what: format!("remove the scratch file {}", self.scratch.display()),
+                error,
+            }),
+            _ => Ok(()),
+        };
+        rewritten.and(removed)
+    }
 }

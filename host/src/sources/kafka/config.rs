@@ -151,7 +151,10 @@ mod tests {
         let text = format!("brokers = \"127.0.0.1:9092\"\ngroup_id = \"g\"\n{extra}");
         let config: KafkaSourceConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         config
-            .validate(&SourceLimits { max_in_flight: 10 })
+            .validate(&SourceLimits {
+            max_in_flight: 10,
+            cache_redis: true,
+        })
             .map_err(|e| e.to_string())?;
         Ok(config)
     }

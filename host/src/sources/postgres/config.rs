@@ -177,7 +177,10 @@ mod tests {
         .unwrap();
         assert!(config.create_slot && !config.create_publication);
         assert_eq!(config.truncate, OnTruncate::DeadLetter);
-        let limits = SourceLimits { max_in_flight: 10 };
+        let limits = SourceLimits {
+            max_in_flight: 10,
+            cache_redis: true,
+        };
         config.validate(&limits).unwrap();
         let bad_slot = parse(
             r#"connection = "host=db"

@@ -50,10 +50,19 @@ impl SourceConfigure for RedisStreamSourceConfig {
         format!("redis-stream:{}", self.stream.as_str())
     }
 
-    fn validate(&self, _limits: &SourceLimits) -> Result<(), SourceConfigError> {
-        if let Some(url) = &self.url {
-            redis::Client::open(url.as_str())
-                .map_err(|error| SourceConfigError::new("url", error.to_string()))?;
+    fn validate(&self, limits: &SourceLimits) -> Result<(), SourceConfigError> {
+        match &self.url {
+            Some(url) => {
+                redis::Client::open(url.as_str())
+                    .map_err(|error| SourceConfigError::new("url", error.to_string()))?;
+            }
+            None if !limits.cache_redis => {
+                return Err(SourceConfigError::new(
+                    "url",
+                    "is required without [redis]: a Redis Stream needs a Redis, and there is no cache Redis to default to",
+                ));
+            }
+            None => {}
         }
         Ok(())
     }
@@ -69,7 +78,9 @@ impl SourceConfigure for RedisStreamSourceConfig {
                         error,
                     }
                 })?,
-                None => env.cache_redis,
+                None => env.cache_redis.ok_or_else(|| {
+                    SourceConfigError::new("url", "is required without [redis]")
+                })?,
             };
             Ok(Box::new(RedisStreamSource {
                 config: *self,
