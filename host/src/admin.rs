@@ -90,17 +90,17 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
     let loaded = !state.plugins.load().plugins.is_empty();
-    let redis = state.applier.ping().await;
+    let cache = state.applier.ping().await;
     let sources = state.counters.sources();
     let connected = sources.values().all(|up| *up);
-    let status = if loaded && redis && connected {
+    let status = if loaded && cache && connected {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (
         status,
-        Json(serde_json::json!({"plugins_loaded": loaded, "redis": redis, "sources": sources})),
+        Json(serde_json::json!({"plugins_loaded": loaded, "cache": cache, "sources": sources})),
     )
 }
 

@@ -14,7 +14,7 @@
 //! - [`manifest`]: a plugin's manifest (subscriptions, limits, `[config]`, self-tests).
 //! - [`runtime`]: wasmtime engine, plugin loading, warm instances, batch calls.
 //! - [`ops`]: `Op`, the cache operations plugins return.
-//! - [`applier`]: the only module that writes to the cache Redis (operations and dead letters).
+//! - [`applier`]: the only module that writes to the cache, Redis or Memcached (operations and dead letters).
 //! - [`pipeline`]: lanes by row, batching, plugin calls, apply, then ack.
 //! - [`plugin_test`]: `keepwarm test`, a plugin run without Redis.
 //! - [`scaffold`]: `keepwarm new`, a plugin project in Rust, JavaScript or Python.
