@@ -24,14 +24,15 @@ mod change;
 mod checks;
 pub mod config;
 mod confirm;
+mod error;
 mod values;
 
 use super::{BoxFuture, Sampler, Source, SourceContext, SourceError};
 use crate::delivery::{Payload, RawPayload, Settle};
 use crate::message::DecodeError;
 use change::{Column, Fixed, Relation, Row, TxnInfo};
-use checks::PostgresError;
 pub use config::PostgresSourceConfig;
+pub use error::{PostgresError, SetupError};
 use config::OnTruncate;
 use confirm::{Confirm, row_id};
 use pg_walstream::{
