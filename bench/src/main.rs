@@ -6,6 +6,7 @@ mod brokers;
 mod kafka;
 mod native;
 mod plugin_cost;
+mod postgres;
 mod procstat;
 mod workload;
 
@@ -121,6 +122,8 @@ struct RunArgs {
     /// `keepwarm-bench` is replaced.
     #[arg(long)]
     amqp_url: Option<String>,
+    #[command(flatten)]
+    pg: postgres::PgArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -394,11 +397,17 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let result = run_all(&env, &args).await;
+    let pg = if result.is_ok() {
+        postgres::run(&env, &args).await
+    } else {
+        Ok(None)
+    };
     for mut server in server.into_iter().chain(memcached.map(|(child, _)| child)) {
         let _ = server.kill();
         let _ = server.wait();
     }
     let (throughput, latency) = result?;
+    let pg = pg?;
     let plugin_calls = if args
         .only
         .as_deref()
@@ -420,6 +429,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     };
     print_table(&throughput, &latency);
     plugin_cost::print(&plugin_calls);
+    postgres::print(pg.as_ref());
     let out = args
         .out
         .clone()
@@ -433,6 +443,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         "throughput": throughput,
         "latency": latency,
         "plugin_calls": plugin_calls,
+        "postgres": pg,
         "ratios": ratios(&throughput),
     });
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
