@@ -191,6 +191,8 @@ impl Streamer {
             self.config.slot.to_string(),
             self.config.publication.to_string(),
         )
+        // Whole transactions after their commit, never in progress: keepwarm could apply an
+        // in-progress one no earlier (docs/sources.md, "Large transactions").
         .with_protocol_version(1)
         .with_streaming_mode(StreamingMode::Off)
         .with_messages(true)
