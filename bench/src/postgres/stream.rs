@@ -8,6 +8,7 @@
 //! moment the change's `UPDATE` returned (both on this machine's monotonic clock).
 
 use super::Step;
+use crate::pace::{Pacer, percentile};
 use crate::procstat::Sample;
 use anyhow::Context as _;
 use std::collections::HashMap;
@@ -252,11 +253,9 @@ pub(crate) async fn step(
     let keepwarm_before = Sample::of(processes.keepwarm)?;
     let cluster_before = processes.cluster.cpu_seconds()?;
     let first = producer.next;
-    let start = Instant::now();
-    let end = start + Duration::from_secs(seconds);
+    let mut pacer = Pacer::new(rate, seconds);
+    let start = pacer.start();
     let mut sent: u64 = 0;
-    let mut tick = tokio::time::interval(Duration::from_millis(1));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // More outstanding statements than a second's worth means Postgres does not keep up with
     // the rate: the producer waits, and the step reports the rate it reached.
     #[allow(
@@ -265,14 +264,7 @@ pub(crate) async fn step(
         reason = "a small positive count"
     )]
     let max_in_flight = (rate as u64).max(100);
-    while Instant::now() < end {
-        tick.tick().await;
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "a small positive count"
-        )]
-        let due = (start.elapsed().as_secs_f64() * rate) as u64;
+    while let Some(due) = pacer.due().await {
         while sent < due && in_flight.load(Ordering::Relaxed) < max_in_flight {
             let seq = first + sent;
             let (client, statement) = &producer.clients[usize::try_from(sent)? % CONNECTIONS];
@@ -333,14 +325,14 @@ pub(crate) async fn step(
     #[allow(clippy::cast_precision_loss, reason = "counts far below 2^52")]
     let (sent_f, samples_n) = (sent as f64, samples.len());
     let fifth = (samples_n / 5).max(1);
-    let early = percentile(&mut latencies(&samples[..fifth.min(samples_n)]), 0.5);
-    let late = percentile(
+    let early = quantile(&mut latencies(&samples[..fifth.min(samples_n)]), 0.5);
+    let late = quantile(
         &mut latencies(&samples[samples_n.saturating_sub(fifth)..]),
         0.5,
     );
     let mut all = latencies(&samples);
     let achieved = sent_f / producing;
-    let p99 = percentile(&mut all, 0.99);
+    let p99 = quantile(&mut all, 0.99);
     let kept_up = achieved >= 0.95 * rate
         && samples_n > 0
         && unobserved * 1000 <= committed.len()
@@ -352,7 +344,7 @@ pub(crate) async fn step(
         achieved_per_second: achieved,
         observed: samples_n as u64,
         unobserved: unobserved as u64,
-        p50_ms: percentile(&mut all, 0.5),
+        p50_ms: quantile(&mut all, 0.5),
         p99_ms: p99,
         max_ms: all.last().copied().unwrap_or(f64::NAN),
         early_p50_ms: early,
@@ -369,18 +361,8 @@ fn latencies(samples: &[(Instant, f64)]) -> Vec<f64> {
     samples.iter().map(|(_, ms)| *ms).collect()
 }
 
-/// The `p` quantile of `values` (sorted here); NaN when empty.
-pub(crate) fn percentile(values: &mut [f64], p: f64) -> f64 {
-    if values.is_empty() {
-        return f64::NAN;
-    }
+/// The `p` quantile of `values` (sorted here).
+fn quantile(values: &mut [f64], p: f64) -> f64 {
     values.sort_by(f64::total_cmp);
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss,
-        reason = "an index into the values"
-    )]
-    let i = ((values.len() as f64 * p).ceil() as usize).clamp(1, values.len()) - 1;
-    values[i]
+    percentile(values, p)
 }
