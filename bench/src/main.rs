@@ -5,7 +5,9 @@
 mod brokers;
 mod kafka;
 mod native;
+mod pace;
 mod plugin_cost;
+mod postgres;
 mod procstat;
 mod workload;
 
@@ -121,6 +123,8 @@ struct RunArgs {
     /// `keepwarm-bench` is replaced.
     #[arg(long)]
     amqp_url: Option<String>,
+    #[command(flatten)]
+    pg: postgres::PgArgs,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -394,11 +398,17 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         );
     }
     let result = run_all(&env, &args).await;
+    let pg = if result.is_ok() {
+        postgres::run(&env, &args).await
+    } else {
+        Ok(None)
+    };
     for mut server in server.into_iter().chain(memcached.map(|(child, _)| child)) {
         let _ = server.kill();
         let _ = server.wait();
     }
     let (throughput, latency) = result?;
+    let pg = pg?;
     let plugin_calls = if args
         .only
         .as_deref()
@@ -420,6 +430,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     };
     print_table(&throughput, &latency);
     plugin_cost::print(&plugin_calls);
+    postgres::print(pg.as_ref());
     let out = args
         .out
         .clone()
@@ -433,6 +444,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         "throughput": throughput,
         "latency": latency,
         "plugin_calls": plugin_calls,
+        "postgres": pg,
         "ratios": ratios(&throughput),
     });
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
@@ -1136,21 +1148,11 @@ async fn paced(
     let result = async {
         // Let the consumer start and block on the empty stream.
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        let start = Instant::now();
-        let end = start + Duration::from_secs(seconds);
+        let mut pacer = pace::Pacer::new(rate, seconds);
         let mut sent: u64 = 0;
-        let mut tick = tokio::time::interval(Duration::from_millis(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
         // Paced messages continue the throughput workload's numbering.
         let base = 10_000_000_u64;
-        while Instant::now() < end {
-            tick.tick().await;
-            #[allow(
-                clippy::cast_possible_truncation,
-                clippy::cast_sign_loss,
-                reason = "a small positive count"
-            )]
-            let due = (start.elapsed().as_secs_f64() * rate) as u64;
+        while let Some(due) = pacer.due().await {
             if due <= sent {
                 continue;
             }
@@ -1192,19 +1194,7 @@ async fn paced(
     let mut samples =
         std::mem::take(&mut *samples.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
     samples.sort_by(f64::total_cmp);
-    let pct = |p: f64| -> f64 {
-        if samples.is_empty() {
-            return f64::NAN;
-        }
-        #[allow(
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            clippy::cast_precision_loss,
-            reason = "an index into the samples"
-        )]
-        let i = ((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1;
-        samples[i]
-    };
+    let pct = |p: f64| pace::percentile(&samples, p);
     Ok(Latency {
         name: name.to_owned(),
         rate_per_second: rate,

@@ -1,5 +1,6 @@
 //! Smoke test: `keepwarm-bench --quick` runs every scenario on a tiny workload against a private
-//! redis-server and writes valid JSON. No timing assertions: the numbers mean nothing here.
+//! redis-server (and a private Postgres cluster for the Postgres scenarios) and writes valid
+//! JSON. No timing assertions: the numbers mean nothing here.
 //!
 //! Needs the `keepwarm` binary of the same profile (built by `cargo test -p keepwarm`) and
 //! `target/plugins/row-cache.wasm` (`scripts/build-plugins.sh`); fails loudly otherwise.
@@ -76,4 +77,36 @@ fn quick_run_writes_results() {
         assert_eq!(call["rejected"], 0, "{call}");
         assert!(call["ops_per_change"].as_f64().unwrap() >= 1.0, "{call}");
     }
+    // The Postgres scenarios, tiny, against the private cluster the benchmark starts: skipped
+    // (with the reason) only where it cannot start one.
+    let pg = &json["postgres"];
+    if let Some(reason) = pg["skipped"].as_str() {
+        assert!(
+            !can_start_postgres(),
+            "skipped although Postgres can start: {reason}"
+        );
+        eprintln!("the Postgres scenarios were skipped: {reason}");
+    } else {
+        let steps = pg["steps"].as_array().unwrap();
+        assert_eq!(steps.len(), 1, "{pg}");
+        assert!(steps[0]["observed"].as_u64().unwrap() > 0, "{pg}");
+        assert_eq!(steps[0]["unobserved"], 0, "{pg}");
+        let backfill = &pg["backfill"];
+        assert_eq!(backfill["rows"], 2000, "{pg}");
+        assert_eq!(backfill["dead_letters"], 0, "{pg}");
+        assert!(backfill["keys"].as_u64().unwrap() >= 2000, "{pg}");
+    }
+}
+
+/// Postgres is installed and this process is root (initdb runs as the postgres user).
+fn can_start_postgres() -> bool {
+    let installed = std::fs::read_dir("/usr/lib/postgresql")
+        .is_ok_and(|mut d| d.any(|e| e.is_ok_and(|e| e.path().join("bin/initdb").is_file())));
+    let root = std::fs::read_to_string("/proc/self/status").is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Uid:"))
+            .and_then(|l| l.split_whitespace().next())
+            == Some("0")
+    });
+    installed && root
 }

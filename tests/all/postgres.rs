@@ -7,6 +7,7 @@
 //! test puts all of it together.
 
 mod cluster;
+mod refusals;
 
 use crate::util::{KeepwarmProcess, Keys, PATIENCE, TempDir, TestEnv, plugin_wasm, wait_for};
 use base64::Engine as _;

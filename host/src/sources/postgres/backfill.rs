@@ -13,7 +13,8 @@
 //! continues after it. The file is removed when the backfill completes.
 
 use super::change::{Column, Fixed, Relation};
-use super::checks::{self, PostgresError, ident, split_table};
+use super::checks::{self, ident, split_table};
+use super::error::{PostgresError, SetupError};
 use super::config::PostgresSourceConfig;
 use super::values::{quoted, write_value};
 use crate::delivery::Settle;
@@ -138,10 +139,14 @@ pub async fn run(
         columns.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
     let pk = checks::primary_key(&client, oid).await.map_err(failed)?;
     if pk.is_empty() {
-        return Err(failed(PostgresError::Setup(format!(
-            "table {} has no primary key to read it in order by",
-            request.table
-        ))));
+        // Read in primary-key order, keyed by it.
+        return Err(failed(
+            SetupError::NoPrimaryKey {
+                table: request.table.clone(),
+                statement: format!("ALTER TABLE {qualified} ADD PRIMARY KEY (…)"),
+            }
+            .into(),
+        ));
     }
     let relation = Relation {
         schema: schema.to_owned(),

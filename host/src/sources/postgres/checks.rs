@@ -2,40 +2,12 @@
 //! what to change; the publication and slot, created when allowed; primary keys; slot lag.
 
 use super::config::PostgresSourceConfig;
+use super::error::{PostgresError, SetupError};
 use std::collections::HashSet;
 use tokio_postgres::{Client, NoTls};
 
-/// Why the source cannot stream.
-#[derive(Debug, thiserror::Error)]
-pub(super) enum PostgresError {
-    /// A query or the connection failed: worth another try.
-    #[error("postgres: cannot {what}")]
-    Sql {
-        /// What was being done.
-        what: String,
-        /// Why.
-        #[source]
-        error: tokio_postgres::Error,
-    },
-    /// The replication stream failed: worth another try.
-    #[error("replication stream: {0}")]
-    Stream(#[source] pg_walstream::ReplicationError),
-    /// The database is not set up for the source; retrying does not help. The text says what
-    /// to change.
-    #[error("{0}")]
-    Setup(String),
-}
-
-impl PostgresError {
-    /// Whether another try may work.
-    pub(super) fn is_transient(&self) -> bool {
-        !matches!(self, PostgresError::Setup(_))
-    }
-}
-
 fn sql(what: impl Into<String>) -> impl FnOnce(tokio_postgres::Error) -> PostgresError {
-    let what = what.into();
-    move |error| PostgresError::Sql { what, error }
+    PostgresError::sql(what)
 }
 
 /// `schema.table` → (`schema`, `table`).
@@ -74,7 +46,7 @@ pub(super) struct Setup {
 ///
 /// # Errors
 ///
-/// [`PostgresError::Setup`] saying what to change, or a failed query.
+/// [`SetupError`] saying what to change, or a failed query.
 pub(super) async fn check(
     client: &Client,
     config: &PostgresSourceConfig,
@@ -83,10 +55,7 @@ pub(super) async fn check(
     let one = |row: tokio_postgres::Row| row.get::<_, String>(0);
     let wal_level = one(client.query_one("SHOW wal_level", &[]).await.map_err(sql("read wal_level"))?);
     if wal_level != "logical" {
-        return Err(PostgresError::Setup(format!(
-            "wal_level is {wal_level:?}; logical replication needs wal_level = logical \
-             (ALTER SYSTEM SET wal_level = logical, then restart Postgres)"
-        )));
+        return Err(SetupError::WalLevel { found: wal_level }.into());
     }
     let date_style = one(client.query_one("SHOW DateStyle", &[]).await.map_err(sql("read DateStyle"))?);
     let interval_style = one(
@@ -96,11 +65,11 @@ pub(super) async fn check(
             .map_err(sql("read IntervalStyle"))?,
     );
     if !date_style.starts_with("ISO") || interval_style != "postgres" {
-        return Err(PostgresError::Setup(format!(
-            "DateStyle is {date_style:?} and IntervalStyle {interval_style:?}; the stream's \
-             values are read in the ISO date style and the postgres interval style \
-             (ALTER DATABASE … SET DateStyle = 'ISO, MDY'; SET IntervalStyle = 'postgres')"
-        )));
+        return Err(SetupError::DateStyle {
+            date_style,
+            interval_style,
+        }
+        .into());
     }
     let role = client
         .query_one(
@@ -111,10 +80,11 @@ pub(super) async fn check(
         .map_err(sql("read the role's attributes"))?;
     let (user, may_replicate): (String, bool) = (role.get(0), role.get(1));
     if !may_replicate {
-        return Err(PostgresError::Setup(format!(
-            "role {user} may not stream changes: ALTER ROLE {} WITH REPLICATION",
-            ident(&user)
-        )));
+        return Err(SetupError::NoReplication {
+            statement: format!("ALTER ROLE {} WITH REPLICATION", ident(&user)),
+            role: user,
+        }
+        .into());
     }
     publication(client, config).await?;
     let tables = tables(client, config).await?;
@@ -152,9 +122,11 @@ async fn publication(client: &Client, config: &PostgresSourceConfig) -> Result<(
         ident(name)
     );
     if !config.create_publication {
-        return Err(PostgresError::Setup(format!(
-            "publication {name:?} does not exist: {create}; or set create_publication = true"
-        )));
+        return Err(SetupError::NoPublication {
+            publication: name.to_owned(),
+            statement: create,
+        }
+        .into());
     }
     client
         .batch_execute(&create)
@@ -188,10 +160,15 @@ async fn tables(
     // under their own names: a plugin subscribed to the table would never see their changes.
     if let Some(row) = rows.iter().find(|row| row.get::<_, bool>(4)) {
         let (schema, partition): (String, String) = (row.get(0), row.get(1));
-        return Err(PostgresError::Setup(format!(
-            "publication {publication:?} publishes partition {schema}.{partition} under its own              name, so plugins subscribed to its table would not see its changes:              ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
-            ident(publication)
-        )));
+        return Err(SetupError::PartitionPublished {
+            publication: publication.to_owned(),
+            partition: format!("{schema}.{partition}"),
+            statement: format!(
+                "ALTER PUBLICATION {} SET (publish_via_partition_root = true)",
+                ident(publication)
+            ),
+        }
+        .into());
     }
     let published: Vec<(String, String, String, bool)> = rows
         .iter()
@@ -201,13 +178,17 @@ async fn tables(
     for table in &config.tables {
         let Some((schema, name)) = split_table(table) else { continue };
         if !published.iter().any(|(s, t, ..)| s == schema && t == name) {
-            return Err(PostgresError::Setup(format!(
-                "table {table} is not in publication {publication:?}: \
-                 ALTER PUBLICATION {} ADD TABLE {}.{}",
-                ident(publication),
-                ident(schema),
-                ident(name)
-            )));
+            return Err(SetupError::NotPublished {
+                table: table.to_string(),
+                publication: publication.to_owned(),
+                statement: format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}.{}",
+                    ident(publication),
+                    ident(schema),
+                    ident(name)
+                ),
+            }
+            .into());
         }
         wanted.insert((schema.to_owned(), name.to_owned()));
     }
@@ -217,17 +198,18 @@ async fn tables(
         }
         let full = format!("{}.{}", ident(schema), ident(name));
         if !has_pk {
-            return Err(PostgresError::Setup(format!(
-                "table {schema}.{name} has no primary key; change messages are keyed by it: \
-                 ALTER TABLE {full} ADD PRIMARY KEY (…)"
-            )));
+            return Err(SetupError::NoPrimaryKey {
+                table: format!("{schema}.{name}"),
+                statement: format!("ALTER TABLE {full} ADD PRIMARY KEY (…)"),
+            }
+            .into());
         }
         if identity == "n" {
-            return Err(PostgresError::Setup(format!(
-                "table {schema}.{name} has REPLICA IDENTITY NOTHING, so its updates and deletes \
-                 cannot be streamed: ALTER TABLE {full} REPLICA IDENTITY DEFAULT (or FULL, for \
-                 old values in `changes`)"
-            )));
+            return Err(SetupError::NoReplicaIdentity {
+                table: format!("{schema}.{name}"),
+                statement: format!("ALTER TABLE {full} REPLICA IDENTITY DEFAULT"),
+            }
+            .into());
         }
         wanted.insert((schema.clone(), name.clone()));
     }
@@ -256,10 +238,11 @@ fn plan_backfills(
     }
     for (schema, table) in tables {
         super::backfill::plan(config, &format!("{schema}.{table}")).map_err(|error| {
-            PostgresError::Setup(format!(
-                "cannot record the backfill of {schema}.{table} in {}: {error}",
-                config.backfill_state_dir.display()
-            ))
+            SetupError::BackfillState {
+                table: format!("{schema}.{table}"),
+                dir: config.backfill_state_dir.clone(),
+                error,
+            }
         })?;
     }
     Ok(())
@@ -285,18 +268,20 @@ async fn slot(
             let (plugin, database, current): (Option<String>, Option<String>, String) =
                 (row.get(0), row.get(1), row.get(2));
             if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(current.as_str()) {
-                return Err(PostgresError::Setup(format!(
-                    "slot {slot:?} exists but is not a pgoutput slot of database {current:?} \
-                     (plugin {plugin:?}, database {database:?}); pick another slot name"
-                )));
+                return Err(SetupError::ForeignSlot {
+                    slot: slot.to_owned(),
+                    database: current,
+                    plugin,
+                    slot_database: database,
+                }
+                .into());
             }
             Ok(Slot::Existing)
         }
-        None if !first => Err(PostgresError::Setup(format!(
-            "replication slot {slot:?} was dropped while keepwarm was streaming from it; \
-             changes made since are lost to it. Re-create it (or restart keepwarm with \
-             create_slot = true) and re-warm the cache"
-        ))),
+        None if !first => Err(SetupError::SlotDropped {
+            slot: slot.to_owned(),
+        }
+        .into()),
         None if config.create_slot => {
             before_create()?;
             client
@@ -308,11 +293,11 @@ async fn slot(
                 .map_err(sql(format!("create replication slot {slot}")))?;
             Ok(Slot::Created)
         }
-        None => Err(PostgresError::Setup(format!(
-            "replication slot {slot:?} does not exist: \
-             SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'); \
-             or set create_slot = true"
-        ))),
+        None => Err(SetupError::NoSlot {
+            slot: slot.to_owned(),
+            statement: format!("SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput')"),
+        }
+        .into()),
     }
 }
 
@@ -321,7 +306,7 @@ async fn slot(
 ///
 /// # Errors
 ///
-/// [`PostgresError::Setup`] only.
+/// Those that are not transient only ([`SetupError`], or Postgres refusing the role).
 pub(super) async fn check_at_start(
     connect: &tokio_postgres::Config,
     config: &PostgresSourceConfig,

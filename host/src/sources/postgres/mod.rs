@@ -24,14 +24,15 @@ mod change;
 mod checks;
 pub mod config;
 mod confirm;
+mod error;
 mod values;
 
 use super::{BoxFuture, Sampler, Source, SourceContext, SourceError};
 use crate::delivery::{Payload, RawPayload, Settle};
 use crate::message::DecodeError;
 use change::{Column, Fixed, Relation, Row, TxnInfo};
-use checks::PostgresError;
 pub use config::PostgresSourceConfig;
+pub use error::{PostgresError, SetupError};
 use config::OnTruncate;
 use confirm::{Confirm, row_id};
 use pg_walstream::{
@@ -190,6 +191,8 @@ impl Streamer {
             self.config.slot.to_string(),
             self.config.publication.to_string(),
         )
+        // Whole transactions after their commit, never in progress: keepwarm could apply an
+        // in-progress one no earlier (docs/sources.md, "Large transactions").
         .with_protocol_version(1)
         .with_streaming_mode(StreamingMode::Off)
         .with_messages(true)
