@@ -1,6 +1,7 @@
 //! Versioned writes: redelivered or late messages cannot move the cache back in time.
 
 mod applier;
+mod batch;
 
 use crate::util::*;
 

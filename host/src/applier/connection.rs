@@ -14,6 +14,11 @@ pub(super) enum Connection {
 }
 
 impl Connection {
+    /// Whether this is a Redis Cluster, where commands travel by hash slot.
+    pub(super) fn is_cluster(&self) -> bool {
+        matches!(self, Connection::Cluster(_))
+    }
+
     pub(super) async fn query<T: redis::FromRedisValue>(
         &self,
         cmd: &redis::Cmd,

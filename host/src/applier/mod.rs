@@ -1,8 +1,9 @@
 //! The applier: the only module that writes to the cache (Redis, or Memcached).
 //!
-//! A lane's batch becomes one pipeline: every message's operations (plain commands, or one
-//! `EVALSHA` of the versioned script per message and hash slot) followed by the batch's dead
-//! letters. Every reply is checked. A reply error that retrying can cure (connection lost,
+//! A lane's batch becomes one pipeline: its messages' plain commands, then its versioned writes
+//! (one `EVALSHA` of the versioned script for the whole batch, or per hash slot on a cluster,
+//! which answers for each message), then the batch's dead letters. Every reply is checked, and
+//! every message's element of a script's reply. A reply error that retrying can cure (connection lost,
 //! `LOADING`, `OOM`, `NOSCRIPT`, …) fails the whole batch with an [`ApplyError`], and the lane
 //! retries it; the operations are idempotent, so re-applying what did go through is harmless.
 //! Any other reply error (`WRONGTYPE`, …) fails only its message ([`MessageOutcome::Refused`]),
@@ -40,7 +41,8 @@ use redis::{ServerError, ServerErrorKind};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-/// The writes of one message.
+/// The writes of one message. A batch's plain writes go before its versioned ones (a plugin's
+/// messages are all of one kind).
 #[derive(Default, Debug)]
 pub struct MessageWrites<'a> {
     /// The change's version; `None` for a backfill read.
@@ -98,6 +100,10 @@ pub enum ApplyError {
         /// Redis's answer.
         error: redis::ServerError,
     },
+    /// The versioned script answered something it never answers (a reply that is not one element
+    /// per message, or an element that is neither a count nor an error).
+    #[error("unexpected reply from the versioned-write script: {0}")]
+    ScriptReply(String),
     /// A pipeline came back with another number of replies than commands.
     #[error("expected {expected} replies, got {got}")]
     ReplyCount {
@@ -165,6 +171,9 @@ pub struct Applier {
     dead_letter_stream: String,
     version_prefix: String,
     tombstone_ms: u64,
+    /// Whether the server enforces hash slots (a Redis Cluster, even one node reached by one
+    /// URL), so that a versioned script call may only name keys of one slot.
+    slotted: bool,
 }
 
 /// Where plugin operations and dead letters go.
@@ -191,6 +200,8 @@ enum Letters {
 enum ReplyFor {
     /// A write of the message at this index.
     Message(usize),
+    /// A call of the versioned script: one element of its reply per message, at these indexes.
+    Messages(Vec<usize>),
     DeadLetter,
     /// keepwarm's own bookkeeping (the Memcached high-water mark): an error retries the batch.
     Bookkeeping,
@@ -242,11 +253,17 @@ impl Applier {
                 }
             }
         };
+        // Whether a versioned script call may only name keys of one slot.
+        let slotted = match &redis {
+            Some(conn) => conn.is_cluster() || cluster_enabled(conn).await,
+            None => false,
+        };
         let applier = Applier {
             target,
             dead_letter_stream: config.dead_letter.stream.clone(),
             version_prefix: config.versioning.key_prefix.clone(),
             tombstone_ms: config.versioning.tombstone_ttl_seconds.saturating_mul(1000),
+            slotted,
         };
         if let Some(conn) = &redis {
             load_script(conn).await.map_err(ConnectError::Script)?;
@@ -318,7 +335,7 @@ impl Applier {
         bookkeeping: Option<(redis::Cmd, String)>,
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
-        let (mut commands, mut settles) = self.commands(messages, dead_letters);
+        let (mut commands, mut settles) = self.commands(conn, messages, dead_letters);
         if let Some((cmd, key)) = bookkeeping {
             commands.push((cmd, key_slot(&key)));
             settles.push(ReplyFor::Bookkeeping);
@@ -327,60 +344,95 @@ impl Applier {
             return Ok(outcomes);
         }
         let replies = conn.run(commands).await?;
-        for (settles, reply) in settles.iter().zip(replies) {
-            match (settles, reply) {
-                (_, redis::Value::ServerError(error)) => {
-                    retry_on(conn, &error).await?;
-                    match settles {
-                        ReplyFor::Message(index) => {
-                            if matches!(outcomes[*index], MessageOutcome::Applied { .. }) {
-                                outcomes[*index] = MessageOutcome::Refused(Refusal::Redis(error));
+        for (settles, reply) in settles.into_iter().zip(replies) {
+            match settles {
+                ReplyFor::Message(index) => Self::settle(conn, &mut outcomes[index], reply).await?,
+                ReplyFor::Messages(indexes) => match reply {
+                    redis::Value::Array(elements) if elements.len() == indexes.len() => {
+                        for (index, element) in indexes.into_iter().zip(elements) {
+                            if !matches!(
+                                element,
+                                redis::Value::Int(_) | redis::Value::ServerError(_)
+                            ) {
+                                return Err(ApplyError::ScriptReply(format!("{element:?}")));
                             }
+                            Self::settle(conn, &mut outcomes[index], element).await?;
                         }
-                        ReplyFor::DeadLetter => {
-                            return Err(ApplyError::DeadLetterRefused {
+                    }
+                    // The call failed as a whole: it fails each of its messages.
+                    redis::Value::ServerError(error) => {
+                        for index in indexes {
+                            let reply = redis::Value::ServerError(error.clone());
+                            Self::settle(conn, &mut outcomes[index], reply).await?;
+                        }
+                    }
+                    other => return Err(ApplyError::ScriptReply(format!("{other:?}"))),
+                },
+                ReplyFor::DeadLetter | ReplyFor::Bookkeeping => {
+                    if let redis::Value::ServerError(error) = reply {
+                        retry_on(conn, &error).await?;
+                        return Err(match settles {
+                            ReplyFor::DeadLetter => ApplyError::DeadLetterRefused {
                                 stream: self.dead_letter_stream.clone(),
                                 error,
-                            });
-                        }
-                        ReplyFor::Bookkeeping => return Err(ApplyError::Busy(error)),
+                            },
+                            _ => ApplyError::Busy(error),
+                        });
                     }
                 }
-                (ReplyFor::Message(index), redis::Value::Int(stale)) => {
-                    if let MessageOutcome::Applied { stale: total } = &mut outcomes[*index] {
-                        *total += stale.max(0) as u64;
-                    }
-                }
-                _ => {}
             }
         }
         Ok(outcomes)
     }
 
+    /// Settles a message by one reply to its writes: an error refuses it (or fails the batch when
+    /// retrying cures it), a count adds writes skipped as stale.
+    async fn settle(
+        conn: &Connection,
+        outcome: &mut MessageOutcome,
+        reply: redis::Value,
+    ) -> Result<(), ApplyError> {
+        match reply {
+            redis::Value::ServerError(error) => {
+                retry_on(conn, &error).await?;
+                if matches!(outcome, MessageOutcome::Applied { .. }) {
+                    *outcome = MessageOutcome::Refused(Refusal::Redis(error));
+                }
+            }
+            redis::Value::Int(stale) => {
+                if let MessageOutcome::Applied { stale: total } = outcome {
+                    *total += stale.max(0) as u64;
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
     /// Every command of the batch with the hash slot of its keys, and what each reply settles.
     fn commands(
         &self,
+        conn: &Connection,
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
     ) -> (Vec<(redis::Cmd, cluster::HashSlot)>, Vec<ReplyFor>) {
+        let cluster = conn.is_cluster();
+        // The hash slot of a key, which only a cluster needs.
+        let slot = |key: &str| if cluster { key_slot(key) } else { 0 };
         let mut commands = Vec::new();
         let mut settles = Vec::new();
+        let mut calls =
+            versioned::Calls::new(&self.version_prefix, self.tombstone_ms, self.slotted);
         for (index, writes) in messages.iter().enumerate() {
             for op in &writes.plain {
-                commands.push((plain::command(op), key_slot(op.key())));
+                commands.push((plain::command(op), slot(op.key())));
                 settles.push(ReplyFor::Message(index));
             }
-            if !writes.versioned.is_empty() {
-                for (slot, cmd) in versioned::commands_by_slot(
-                    &writes.versioned,
-                    writes.version,
-                    &self.version_prefix,
-                    self.tombstone_ms,
-                ) {
-                    commands.push((cmd, slot));
-                    settles.push(ReplyFor::Message(index));
-                }
-            }
+            calls.add(index, &writes.versioned, writes.version);
+        }
+        for call in calls.finish() {
+            commands.push((call.cmd, call.slot));
+            settles.push(ReplyFor::Messages(call.messages));
         }
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
@@ -391,7 +443,7 @@ impl Applier {
             for (field, value) in letter.fields(now_ms) {
                 cmd.arg(field).arg(value);
             }
-            commands.push((cmd, key_slot(&self.dead_letter_stream)));
+            commands.push((cmd, slot(&self.dead_letter_stream)));
             settles.push(ReplyFor::DeadLetter);
         }
         (commands, settles)
@@ -499,6 +551,22 @@ async fn retry_on(conn: &Connection, error: &ServerError) -> Result<(), ApplyErr
         return Err(ApplyError::Busy(error.clone()));
     }
     Ok(())
+}
+
+/// Whether the single server keepwarm reaches is a cluster node (`cluster_enabled:1`), which
+/// refuses a script naming keys of two slots (`CROSSSLOT`). When `INFO` is refused, it is taken
+/// to be one: one call per slot works on any server, only slower.
+async fn cluster_enabled(conn: &Connection) -> bool {
+    match conn
+        .query::<String>(redis::cmd("INFO").arg("cluster"))
+        .await
+    {
+        Ok(info) => !info.lines().any(|line| line.trim() == "cluster_enabled:0"),
+        Err(error) => {
+            tracing::warn!(error = %error, "INFO cluster failed; versioned writes go one script call per hash slot");
+            true
+        }
+    }
 }
 
 async fn load_script(conn: &Connection) -> Result<(), ApplyError> {

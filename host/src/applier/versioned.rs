@@ -1,5 +1,7 @@
 //! Versioned writes: every operation of a change goes through one Lua script that compares the
-//! change's version with the version stored for each key (or member) and skips stale writes.
+//! change's version with the version stored for each key (or member) and skips stale writes. One
+//! call of the script carries the writes of many messages (a lane's batch, per hash slot) and
+//! answers for each message on its own ([`Calls`]).
 //!
 //! Versions live in a companion hash per data key, named so that it shares the data key's Redis
 //! Cluster hash slot (see [`version_key`]). Field `""` ([`KEY_FIELD`]) holds the key's version;
@@ -10,6 +12,7 @@
 use super::cluster::{HashSlot, hash_tag, key_slot, slot_tag};
 use crate::message::Version;
 use crate::ops::Op;
+use std::borrow::Cow;
 use std::sync::OnceLock;
 
 /// The Lua source of the versioned apply script.
@@ -83,22 +86,207 @@ pub(crate) fn version_key(prefix: &str, key: &str) -> String {
     }
 }
 
-/// Builds the `EVALSHA` commands that apply `ops` at `version`: one per Redis Cluster hash slot
-/// the operations touch, in the order of each slot's first operation, so that no call names keys
-/// of two slots (Redis Cluster refuses that with `CROSSSLOT`). Each key, with its members, is
-/// versioned and written atomically; the keys of one message in different slots are not one
-/// atomic step. A publish goes into the call of the keyed operation before it (or the first
-/// call), so it still follows the writes it announces; publishes alone make one call without keys.
-pub(crate) fn commands_by_slot(
-    ops: &[&Op],
-    version: Option<Version>,
-    prefix: &str,
-    tombstone_ms: u64,
-) -> Vec<(HashSlot, redis::Cmd)> {
-    let mut groups: Vec<(Option<HashSlot>, Vec<&Op>)> = Vec::new();
-    let mut pending_publishes: Vec<&Op> = Vec::new();
+/// The most messages one script call carries, and about the most bytes of arguments: a lane's
+/// batch (256 messages by default) of ordinary rows is one call, while a batch of large values is
+/// split, so that Redis never takes one huge command nor runs the script for long.
+pub(crate) const CALL_MESSAGES: usize = 256;
+/// See [`CALL_MESSAGES`].
+pub(crate) const CALL_BYTES: usize = 1 << 20;
+
+/// One call of the versioned script: the hash slot of its keys, the `EVALSHA` command, and the
+/// batch index of each message it carries, in the order of its reply (one element per message).
+pub(crate) struct Call {
+    pub(crate) slot: HashSlot,
+    pub(crate) cmd: redis::Cmd,
+    pub(crate) messages: Vec<usize>,
+}
+
+/// Gathers the versioned writes of a batch's messages into script calls: one per Redis Cluster
+/// hash slot the writes touch (on a single Redis, one in all), split after [`CALL_MESSAGES`]
+/// messages or [`CALL_BYTES`] bytes. No call names keys of two slots (Redis Cluster refuses that
+/// with `CROSSSLOT`); a message whose keys span slots is carried by one call per slot, and those
+/// are not one atomic step. Within a call, messages keep their batch order; a publish goes with
+/// the keyed operation before it (or the first one after it), so it still follows the writes it
+/// announces.
+pub(crate) struct Calls<'a> {
+    prefix: &'a str,
+    tombstone: String,
+    by_slot: bool,
+    /// The calls still taking messages, one per slot.
+    open: Vec<Builder<'a>>,
+    done: Vec<Call>,
+}
+
+/// A call being filled.
+struct Builder<'a> {
+    slot: HashSlot,
+    keys: Vec<Cow<'a, str>>,
+    args: Vec<Cow<'a, [u8]>>,
+    bytes: usize,
+    messages: Vec<usize>,
+}
+
+impl<'a> Calls<'a> {
+    /// Calls that keep companions under `prefix` and tombstones for `tombstone_ms`, one per hash
+    /// slot when `by_slot` (Redis Cluster).
+    pub(crate) fn new(prefix: &'a str, tombstone_ms: u64, by_slot: bool) -> Calls<'a> {
+        Calls {
+            prefix,
+            tombstone: tombstone_ms.to_string(),
+            by_slot,
+            open: Vec::new(),
+            done: Vec::new(),
+        }
+    }
+
+    /// Adds the versioned operations of the batch's message `index`, written at `version`.
+    pub(crate) fn add(&mut self, index: usize, ops: &[&'a Op], version: Option<Version>) {
+        if ops.is_empty() {
+            return;
+        }
+        let version = version_arg(version).into_bytes();
+        if !self.by_slot {
+            self.push(0, index, version, ops.iter().copied());
+            return;
+        }
+        for (slot, ops) in by_slot(ops) {
+            self.push(slot, index, version.clone(), ops.into_iter());
+        }
+    }
+
+    /// The calls, each slot's in the order its messages came.
+    pub(crate) fn finish(mut self) -> Vec<Call> {
+        let open = std::mem::take(&mut self.open);
+        for builder in open {
+            self.close(builder);
+        }
+        self.done
+    }
+
+    fn push(
+        &mut self,
+        slot: HashSlot,
+        index: usize,
+        version: Vec<u8>,
+        ops: impl Iterator<Item = &'a Op>,
+    ) {
+        let at = match self.open.iter().position(|b| b.slot == slot) {
+            Some(at) => at,
+            None => {
+                self.open.push(Builder {
+                    slot,
+                    keys: Vec::new(),
+                    args: vec![Cow::Owned(self.tombstone.clone().into_bytes())],
+                    bytes: 0,
+                    messages: Vec::new(),
+                });
+                self.open.len() - 1
+            }
+        };
+        let builder = &mut self.open[at];
+        builder.messages.push(index);
+        builder.arg(Cow::Owned(version));
+        for op in ops {
+            builder.op(op, self.prefix);
+        }
+        if builder.messages.len() >= CALL_MESSAGES || builder.bytes >= CALL_BYTES {
+            let full = self.open.swap_remove(at);
+            self.close(full);
+        }
+    }
+
+    fn close(&mut self, builder: Builder<'a>) {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(script_sha()).arg(builder.keys.len());
+        for key in &builder.keys {
+            cmd.arg(key.as_ref());
+        }
+        for arg in &builder.args {
+            cmd.arg(arg.as_ref());
+        }
+        self.done.push(Call {
+            slot: builder.slot,
+            cmd,
+            messages: builder.messages,
+        });
+    }
+}
+
+impl<'a> Builder<'a> {
+    fn arg(&mut self, arg: Cow<'a, [u8]>) {
+        self.bytes += arg.len();
+        self.args.push(arg);
+    }
+
+    fn text(&mut self, text: &'a str) {
+        self.arg(Cow::Borrowed(text.as_bytes()));
+    }
+
+    fn count(&mut self, n: usize) {
+        self.arg(Cow::Owned(n.to_string().into_bytes()));
+    }
+
+    /// One operation as the script reads it (see `versioned.lua`): its name, then its arguments.
+    fn op(&mut self, op: &'a Op, prefix: &str) {
+        if !matches!(op, Op::Publish { .. }) {
+            let key = op.key();
+            self.bytes += key.len() * 2 + prefix.len() + 2;
+            self.keys.push(Cow::Borrowed(key));
+            self.keys.push(Cow::Owned(version_key(prefix, key)));
+        }
+        // The script dispatches on the Redis command name (`Op::name`).
+        self.text(op.name());
+        match op {
+            Op::Set { value, ttl_ms, .. } => {
+                self.arg(Cow::Borrowed(value));
+                match ttl_ms {
+                    Some(ttl) => self.arg(Cow::Owned(ttl.to_string().into_bytes())),
+                    None => self.text(""),
+                }
+            }
+            Op::Del { .. } => {}
+            Op::Expire { ttl_ms, .. } => self.arg(Cow::Owned(ttl_ms.to_string().into_bytes())),
+            Op::HashSet { fields, .. } => {
+                self.count(fields.len() * 2);
+                for (field, value) in fields {
+                    self.text(field);
+                    self.arg(Cow::Borrowed(value));
+                }
+            }
+            Op::HashDel {
+                fields: members, ..
+            }
+            | Op::SetAdd { members, .. }
+            | Op::SetRemove { members, .. }
+            | Op::SortedSetRemove { members, .. } => {
+                self.count(members.len());
+                for member in members {
+                    self.text(member);
+                }
+            }
+            Op::SortedSetAdd { members, .. } => {
+                self.count(members.len() * 2);
+                for (score, member) in members {
+                    self.arg(Cow::Owned(score_text(*score).into_bytes()));
+                    self.text(member);
+                }
+            }
+            Op::Publish { channel, message } => {
+                self.text(channel);
+                self.arg(Cow::Borrowed(message));
+            }
+        }
+    }
+}
+
+/// A message's operations grouped by the hash slot of their keys, in the order of each slot's
+/// first operation. A publish joins the group of the keyed operation before it (or of the first
+/// one after it); publishes alone make a group of their channel's slot.
+fn by_slot<'a>(ops: &[&'a Op]) -> Vec<(HashSlot, Vec<&'a Op>)> {
+    let mut groups: Vec<(HashSlot, Vec<&'a Op>)> = Vec::new();
+    let mut pending_publishes: Vec<&'a Op> = Vec::new();
     let mut current: Option<usize> = None;
-    for op in ops {
+    for &op in ops {
         if matches!(op, Op::Publish { .. }) {
             match current {
                 Some(index) => groups[index].1.push(op),
@@ -107,10 +295,10 @@ pub(crate) fn commands_by_slot(
             continue;
         }
         let slot = key_slot(op.key());
-        let index = match groups.iter().position(|(s, _)| *s == Some(slot)) {
+        let index = match groups.iter().position(|(s, _)| *s == slot) {
             Some(index) => index,
             None => {
-                groups.push((Some(slot), Vec::new()));
+                groups.push((slot, Vec::new()));
                 groups.len() - 1
             }
         };
@@ -118,72 +306,10 @@ pub(crate) fn commands_by_slot(
         groups[index].1.push(op);
         current = Some(index);
     }
-    if !pending_publishes.is_empty() {
-        groups.push((None, pending_publishes));
+    if let Some(first) = pending_publishes.first() {
+        groups.push((key_slot(first.key()), pending_publishes));
     }
     groups
-        .iter()
-        .map(|(slot, ops)| {
-            let slot = slot.unwrap_or_else(|| key_slot(ops.first().map_or("", |op| op.key())));
-            (slot, command(ops, version, prefix, tombstone_ms))
-        })
-        .collect()
-}
-
-/// Builds one `EVALSHA` command that applies `ops` at `version`. Its keys must share a hash slot
-/// for Redis Cluster: [`commands_by_slot`] splits a message's operations accordingly.
-fn command(ops: &[&Op], version: Option<Version>, prefix: &str, tombstone_ms: u64) -> redis::Cmd {
-    let mut keys: Vec<String> = Vec::with_capacity(ops.len() * 2);
-    let mut args: Vec<Vec<u8>> = vec![
-        version_arg(version).into_bytes(),
-        tombstone_ms.to_string().into_bytes(),
-    ];
-    let text = |s: &String| s.as_bytes().to_vec();
-    for op in ops {
-        if !matches!(op, Op::Publish { .. }) {
-            keys.push(op.key().to_owned());
-            keys.push(version_key(prefix, op.key()));
-        }
-        let list: Vec<Vec<u8>> = match op {
-            Op::Set { value, ttl_ms, .. } => vec![
-                value.clone(),
-                ttl_ms
-                    .map(|t| t.to_string())
-                    .unwrap_or_default()
-                    .into_bytes(),
-            ],
-            Op::Del { .. } => vec![],
-            Op::Expire { ttl_ms, .. } => vec![ttl_ms.to_string().into_bytes()],
-            Op::HashSet { fields, .. } => fields
-                .iter()
-                .flat_map(|(f, v)| [text(f), v.clone()])
-                .collect(),
-            Op::HashDel {
-                fields: members, ..
-            }
-            | Op::SetAdd { members, .. }
-            | Op::SetRemove { members, .. }
-            | Op::SortedSetRemove { members, .. } => members.iter().map(text).collect(),
-            Op::SortedSetAdd { members, .. } => members
-                .iter()
-                .flat_map(|(score, m)| [score_text(*score).into_bytes(), text(m)])
-                .collect(),
-            Op::Publish { channel, message } => vec![text(channel), message.clone()],
-        };
-        // The script dispatches on the Redis command name (`Op::name`).
-        args.push(op.name().as_bytes().to_vec());
-        args.push(list.len().to_string().into_bytes());
-        args.extend(list);
-    }
-    let mut cmd = redis::cmd("EVALSHA");
-    cmd.arg(script_sha()).arg(keys.len());
-    for key in &keys {
-        cmd.arg(key);
-    }
-    for arg in &args {
-        cmd.arg(arg.as_slice());
-    }
-    cmd
 }
 
 /// A score as Redis parses it (`inf`/`-inf` for infinities).
@@ -202,14 +328,6 @@ pub(crate) fn score_text(score: f64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The commands alone, in order.
-    fn commands(ops: &[&Op], version: Option<Version>, prefix: &str, ttl: u64) -> Vec<redis::Cmd> {
-        commands_by_slot(ops, version, prefix, ttl)
-            .into_iter()
-            .map(|(_, cmd)| cmd)
-            .collect()
-    }
 
     #[test]
     fn companion_keys_share_the_slot() {
@@ -230,51 +348,55 @@ mod tests {
         assert_eq!(version_key("kw:v:", "{u1}:a"), "kw:v:{u1}:a");
     }
 
-    #[test]
-    fn the_script_knows_every_operation_and_the_member_prefix() {
-        let ops = [
+    /// One operation of every kind.
+    fn every_op() -> Vec<Op> {
+        vec![
             Op::Set {
-                key: String::new(),
-                value: Vec::new(),
-                ttl_ms: None,
+                key: "s".into(),
+                value: b"v".to_vec(),
+                ttl_ms: Some(5),
             },
-            Op::Del { key: String::new() },
+            Op::Del { key: "d".into() },
             Op::HashSet {
-                key: String::new(),
-                fields: Vec::new(),
+                key: "h".into(),
+                fields: vec![("f".into(), b"1".to_vec()), ("g".into(), b"2".to_vec())],
             },
             Op::HashDel {
-                key: String::new(),
-                fields: Vec::new(),
+                key: "h".into(),
+                fields: vec!["f".into()],
             },
             Op::SetAdd {
-                key: String::new(),
-                members: Vec::new(),
+                key: "t".into(),
+                members: vec!["a".into(), "b".into()],
             },
             Op::SetRemove {
-                key: String::new(),
-                members: Vec::new(),
+                key: "t".into(),
+                members: vec!["a".into()],
             },
             Op::SortedSetAdd {
-                key: String::new(),
-                members: Vec::new(),
+                key: "z".into(),
+                members: vec![(1.5, "a".into()), (f64::INFINITY, "b".into())],
             },
             Op::SortedSetRemove {
-                key: String::new(),
-                members: Vec::new(),
+                key: "z".into(),
+                members: vec!["a".into()],
             },
             Op::Expire {
-                key: String::new(),
+                key: "s".into(),
                 ttl_ms: 1,
             },
             Op::Publish {
-                channel: String::new(),
-                message: Vec::new(),
+                channel: "c".into(),
+                message: b"m".to_vec(),
             },
-        ];
-        for op in &ops {
+        ]
+    }
+
+    #[test]
+    fn the_script_knows_every_operation_and_the_member_prefix() {
+        for op in &every_op() {
             let name = op.name();
-            assert!(SCRIPT.contains(&format!("op == '{name}'")), "{name}");
+            assert!(SCRIPT.contains(&format!(" {name} = ")), "{name}");
         }
         assert!(SCRIPT.contains(&format!("'{MEMBER_FIELD_PREFIX}' ..")));
         assert_eq!(VersionField::parse(KEY_FIELD), Some(VersionField::Key));
@@ -285,28 +407,97 @@ mod tests {
         assert_eq!(VersionField::parse("x"), None);
     }
 
-    /// The keys (after the script's SHA and key count) and the operation names of a command.
-    fn keys_and_ops(cmd: &redis::Cmd) -> (Vec<String>, Vec<String>) {
-        let args: Vec<String> = cmd
+    /// A call as the script reads it: its keys, and per message its version and operations
+    /// (name and arguments).
+    type Message = (String, Vec<(String, Vec<String>)>);
+
+    fn read(call: &Call) -> (Vec<String>, Vec<Message>) {
+        let args: Vec<String> = call
+            .cmd
             .args_iter()
             .map(|arg| match arg {
                 redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
                 _ => String::new(),
             })
             .collect();
+        assert_eq!(args[0], "EVALSHA");
+        assert_eq!(args[1], script_sha());
         let n_keys: usize = args[2].parse().unwrap();
         let keys = args[3..3 + n_keys].to_vec();
-        let mut names = Vec::new();
-        let mut at = 3 + n_keys + 2;
-        while at < args.len() {
-            names.push(args[at].clone());
-            at += 2 + args[at + 1].parse::<usize>().unwrap();
+        let mut rest = args[3 + n_keys..].iter().cloned();
+        assert_eq!(rest.next().unwrap(), "1000");
+        let mut messages: Vec<Message> = Vec::new();
+        let mut rest = rest.peekable();
+        while let Some(token) = rest.next() {
+            let arity = match token.as_str() {
+                "SET" | "PUBLISH" => Some(2),
+                "DEL" => Some(0),
+                "PEXPIRE" => Some(1),
+                "HSET" | "HDEL" | "SADD" | "SREM" | "ZADD" | "ZREM" => None,
+                _ => {
+                    messages.push((token, Vec::new()));
+                    continue;
+                }
+            };
+            let n = arity.unwrap_or_else(|| rest.next().unwrap().parse().unwrap());
+            let op_args = (0..n).map(|_| rest.next().unwrap()).collect();
+            messages.last_mut().unwrap().1.push((token, op_args));
         }
-        (keys, names)
+        assert_eq!(messages.len(), call.messages.len());
+        (keys, messages)
+    }
+
+    fn names(message: &Message) -> Vec<&str> {
+        message.1.iter().map(|(name, _)| name.as_str()).collect()
+    }
+
+    fn calls(messages: &[Vec<&Op>], by_slot: bool) -> Vec<Call> {
+        let mut calls = Calls::new("kw:v:", 1000, by_slot);
+        for (index, ops) in messages.iter().enumerate() {
+            calls.add(index, ops, Some(Version { lsn: 1, idx: 0 }));
+        }
+        calls.finish()
     }
 
     #[test]
-    fn one_call_per_hash_slot_in_order() {
+    fn every_operation_is_written_as_the_script_reads_it() {
+        let ops = every_op();
+        let refs: Vec<&Op> = ops.iter().collect();
+        let mut calls = Calls::new("kw:v:", 1000, false);
+        calls.add(7, &refs, None);
+        let calls = calls.finish();
+        assert_eq!(calls.len(), 1);
+        assert_eq!(calls[0].messages, [7]);
+        let (keys, messages) = read(&calls[0]);
+        assert_eq!(keys.len(), 2 * (ops.len() - 1));
+        assert_eq!(keys[..4], ["s", "kw:v:{s}", "d", "kw:v:{d}"]);
+        let (version, written) = &messages[0];
+        assert_eq!(version, "");
+        let expect = |name: &str, args: &[&str]| {
+            (
+                name.to_owned(),
+                args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            )
+        };
+        assert_eq!(
+            written,
+            &[
+                expect("SET", &["v", "5"]),
+                expect("DEL", &[]),
+                expect("HSET", &["f", "1", "g", "2"]),
+                expect("HDEL", &["f"]),
+                expect("SADD", &["a", "b"]),
+                expect("SREM", &["a"]),
+                expect("ZADD", &["1.5", "a", "+inf", "b"]),
+                expect("ZREM", &["a"]),
+                expect("PEXPIRE", &["1"]),
+                expect("PUBLISH", &["c", "m"]),
+            ]
+        );
+    }
+
+    #[test]
+    fn one_call_per_hash_slot_carries_the_batch_in_order() {
         let set = |key: &str| Op::Set {
             key: key.to_owned(),
             value: b"v".to_vec(),
@@ -325,49 +516,83 @@ mod tests {
         };
         let (a, b) = (set("a"), set("b"));
         assert_ne!(key_slot("a"), key_slot("b"));
-        let ops = [&publish, &a, &b, &sadd, &publish, &del_b];
-        let cmds = commands(&ops, Some(Version { lsn: 1, idx: 0 }), "kw:v:", 1000);
-        assert_eq!(cmds.len(), 2);
-        let (keys, names) = keys_and_ops(&cmds[0]);
-        assert_eq!(keys, ["a", "kw:v:{a}", "{a}:index", "kw:v:{a}:index"]);
-        assert_eq!(names, ["PUBLISH", "SET", "SADD", "PUBLISH"]);
-        let (keys, names) = keys_and_ops(&cmds[1]);
-        assert_eq!(keys, ["b", "kw:v:{b}", "b", "kw:v:{b}"]);
-        assert_eq!(names, ["SET", "DEL"]);
-        for cmd in &cmds {
-            let (keys, _) = keys_and_ops(cmd);
-            assert!(keys.iter().all(|k| key_slot(k) == key_slot(&keys[0])));
-        }
-        let only_publish = commands(&[&publish], None, "kw:v:", 1000);
+        let batch = vec![
+            vec![&publish, &a, &b, &sadd, &publish, &del_b],
+            vec![],
+            vec![&a],
+            vec![&publish],
+        ];
+        let cluster = calls(&batch, true);
+        assert_eq!(cluster.len(), 3);
+        let (keys, messages) = read(&cluster[0]);
+        assert_eq!(cluster[0].slot, key_slot("a"));
+        assert_eq!(cluster[0].messages, [0, 2]);
         assert_eq!(
-            keys_and_ops(&only_publish[0]),
-            (vec![], vec!["PUBLISH".to_owned()])
+            keys,
+            [
+                "a",
+                "kw:v:{a}",
+                "{a}:index",
+                "kw:v:{a}:index",
+                "a",
+                "kw:v:{a}"
+            ]
         );
-        assert!(commands(&[], None, "kw:v:", 1000).is_empty());
+        assert_eq!(names(&messages[0]), ["PUBLISH", "SET", "SADD", "PUBLISH"]);
+        assert_eq!(names(&messages[1]), ["SET"]);
+        assert_eq!(messages[0].0, version_arg(Some(Version { lsn: 1, idx: 0 })));
+        let (keys, messages) = read(&cluster[1]);
+        assert_eq!(cluster[1].slot, key_slot("b"));
+        assert_eq!(cluster[1].messages, [0]);
+        assert_eq!(keys, ["b", "kw:v:{b}", "b", "kw:v:{b}"]);
+        assert_eq!(names(&messages[0]), ["SET", "DEL"]);
+        // Publishes alone: a call without keys, routed by the channel's slot.
+        let (keys, messages) = read(&cluster[2]);
+        assert_eq!(
+            (cluster[2].slot, &cluster[2].messages),
+            (key_slot("ch"), &vec![3])
+        );
+        assert!(keys.is_empty());
+        assert_eq!(names(&messages[0]), ["PUBLISH"]);
+        for call in &cluster {
+            let (keys, _) = read(call);
+            assert!(keys.iter().all(|k| key_slot(k) == call.slot));
+        }
+        // On a single Redis, one call for the batch, every message's operations in order.
+        let single = calls(&batch, false);
+        assert_eq!(single.len(), 1);
+        assert_eq!(single[0].messages, [0, 2, 3]);
+        let (_, messages) = read(&single[0]);
+        assert_eq!(
+            names(&messages[0]),
+            ["PUBLISH", "SET", "SET", "SADD", "PUBLISH", "DEL"]
+        );
+        assert!(calls(&[vec![]], true).is_empty());
     }
 
     #[test]
-    fn versioned_writes_split_by_slot() {
-        let ops = [
-            Op::Del {
-                key: "{a}:1".into(),
-            },
-            Op::Del {
-                key: "{b}:1".into(),
-            },
-            Op::Publish {
-                channel: "c".into(),
-                message: b"m".to_vec(),
-            },
-            Op::Del {
-                key: "{a}:2".into(),
-            },
-        ];
-        let refs: Vec<&Op> = ops.iter().collect();
-        let calls = commands_by_slot(&refs, None, "kw:v:", 1000);
-        assert_eq!(calls.len(), 2);
-        assert_eq!(calls[0].0, key_slot("a"));
-        assert_eq!(calls[1].0, key_slot("b"));
+    fn big_batches_are_split_by_messages_and_bytes() {
+        let small = Op::Set {
+            key: "k".to_owned(),
+            value: b"v".to_vec(),
+            ttl_ms: None,
+        };
+        let batch = vec![vec![&small]; CALL_MESSAGES + 3];
+        let split = calls(&batch, false);
+        assert_eq!(split.len(), 2);
+        assert_eq!(split[0].messages.len(), CALL_MESSAGES);
+        assert_eq!(
+            split[1].messages,
+            (CALL_MESSAGES..CALL_MESSAGES + 3).collect::<Vec<_>>()
+        );
+        let big = Op::Set {
+            key: "k".to_owned(),
+            value: vec![b'x'; CALL_BYTES / 2],
+            ttl_ms: None,
+        };
+        let split = calls(&[vec![&big], vec![&big], vec![&big]], false);
+        let carried: Vec<_> = split.iter().map(|call| call.messages.clone()).collect();
+        assert_eq!(carried, [vec![0, 1], vec![2]]);
     }
 
     #[test]

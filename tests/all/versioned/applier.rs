@@ -7,7 +7,7 @@ use keepwarm::ops::Op;
 use std::path::Path;
 
 /// An applier on the Redis at `url` (tombstones kept an hour), and a reader of that Redis.
-async fn applier(url: &str) -> (Applier, Keys) {
+pub(super) async fn applier(url: &str) -> (Applier, Keys) {
     let config = ConfigBuilder::new(url, Path::new("unused"))
         .set("versioning", "tombstone_ttl_seconds = 3600")
         .parse();
@@ -17,7 +17,7 @@ async fn applier(url: &str) -> (Applier, Keys) {
 
 /// Applies `ops` as one versioned message at `(lsn, 0)` (a read when `lsn` is 0) and returns how
 /// many writes were skipped as stale.
-async fn apply(applier: &Applier, lsn: u64, ops: &[Op]) -> u64 {
+pub(super) async fn apply(applier: &Applier, lsn: u64, ops: &[Op]) -> u64 {
     let writes = MessageWrites {
         version: (lsn > 0).then_some(Version { lsn, idx: 0 }),
         plain: Vec::new(),
@@ -29,14 +29,14 @@ async fn apply(applier: &Applier, lsn: u64, ops: &[Op]) -> u64 {
     }
 }
 
-fn sadd(key: &str, member: &str) -> Op {
+pub(super) fn sadd(key: &str, member: &str) -> Op {
     Op::SetAdd {
         key: key.to_owned(),
         members: vec![member.to_owned()],
     }
 }
 
-fn del(key: &str) -> Op {
+pub(super) fn del(key: &str) -> Op {
     Op::Del {
         key: key.to_owned(),
     }
