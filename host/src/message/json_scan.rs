@@ -102,13 +102,8 @@ impl Scan<'_> {
                         self.at += 1;
                         open.depth -= 1;
                     } else {
-                        if object {
-                            let Some(read) = self.key() else {
-                                return false;
-                            };
-                            if open.depth == 1 {
-                                key = read;
-                            }
+                        if object && !self.field_key(open.depth, &mut key) {
+                            return false;
                         }
                         continue;
                     }
@@ -153,13 +148,8 @@ impl Scan<'_> {
                 match self.peek() {
                     Some(b',') => {
                         self.at += 1;
-                        if in_object {
-                            let Some(read) = self.key() else {
-                                return false;
-                            };
-                            if open.depth == 1 {
-                                key = read;
-                            }
+                        if in_object && !self.field_key(open.depth, &mut key) {
+                            return false;
                         }
                         break;
                     }
@@ -172,6 +162,18 @@ impl Scan<'_> {
                 open.depth -= 1;
             }
         }
+    }
+
+    /// Reads the key of the next field of the object at `depth`, keeping its range in `key` when
+    /// that is the outermost object.
+    fn field_key(&mut self, depth: usize, key: &mut Range<usize>) -> bool {
+        let Some(read) = self.key() else {
+            return false;
+        };
+        if depth == 1 {
+            *key = read;
+        }
+        true
     }
 
     /// Reads `"key" :` inside an object; the range of the key between its quotes.
