@@ -10,6 +10,7 @@
 //! `ChangeMessage` is deliberately not `Serialize`: the only way back to the wire is
 //! [`ChangeMessage::to_sequin_json`], used for dead letters and replays.
 
+use metadata::MetadataWire;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::fmt;
@@ -172,18 +173,6 @@ fn bad(reason: impl Into<String>) -> DecodeError {
 
 fn shape(reason: impl Into<String>) -> DecodeError {
     DecodeError::WrongShape(reason.into())
-}
-
-/// The fields of `metadata` that keepwarm reads; the rest is passed through as text.
-#[derive(Deserialize)]
-struct MetadataWire {
-    table_schema: String,
-    table_name: String,
-    commit_timestamp: String,
-    commit_lsn: Option<u64>,
-    commit_idx: Option<u64>,
-    idempotency_key: String,
-    record_pks: Vec<String>,
 }
 
 /// The message as one JSON object (SQS body, webhook, JSONL line).
@@ -435,9 +424,14 @@ fn check(
             },
         );
     }
-    let meta: MetadataWire = serde_json::from_str(metadata)
-        .map_err(|error| bad(format!("field `metadata`: {error}")))?;
-    check_depth("metadata", metadata)?;
+    let meta = match metadata::read(metadata) {
+        Ok(metadata::Read::Scanned(meta)) => meta,
+        Ok(metadata::Read::Parsed(meta)) => {
+            check_depth("metadata", metadata)?;
+            meta
+        }
+        Err(error) => return Err(bad(format!("field `metadata`: {error}"))),
+    };
     let version = match (action, meta.commit_lsn, meta.commit_idx) {
         (Action::Read, None, None) => None,
         (Action::Read, _, _) => {
@@ -469,6 +463,10 @@ pub const MAX_DEPTH: usize = 128;
 
 /// Checks that `text` is one JSON object, nested at most [`MAX_DEPTH`] deep.
 fn check_object(name: &str, text: &str, syntax: Syntax) -> Result<(), DecodeError> {
+    // One pass vouches for nearly every field; the rest get the exact checks and their errors.
+    if json_scan::is_shallow_object(text.as_bytes()) {
+        return Ok(());
+    }
     if syntax == Syntax::Unchecked {
         serde_json::from_str::<&RawValue>(text)
             .map_err(|error| shape(format!("field `{name}` is not valid JSON: {error}")))?;
@@ -517,6 +515,9 @@ fn nesting_depth(text: &str) -> usize {
     }
     deepest
 }
+
+mod json_scan;
+mod metadata;
 
 #[cfg(test)]
 mod fuzz;

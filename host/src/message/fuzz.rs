@@ -154,3 +154,66 @@ proptest! {
         }
     }
 }
+
+/// What the exact checks of an unchecked field decide: valid JSON, an object, not too deep.
+fn exact_verdict(text: &str) -> bool {
+    serde_json::from_str::<&RawValue>(text).is_ok()
+        && text.trim_start().starts_with('{')
+        && nesting_depth(text) <= MAX_DEPTH
+}
+
+proptest! {
+    #![proptest_config(Config { cases: cases(), ..Config::default() })]
+
+    #[test]
+    fn the_one_pass_scan_vouches_only_for_what_the_exact_checks_accept(
+        value in json_value(),
+        edits in prop::collection::vec((any::<usize>(), any::<u8>(), any::<bool>()), 0..3),
+    ) {
+        // An object around the value, then a few bytes inserted or removed.
+        let mut bytes = format!("{{\"v\":{value}}}").into_bytes();
+        let unedited = edits.is_empty();
+        for (at, byte, insert) in edits {
+            let at = at % (bytes.len() + 1);
+            if insert {
+                bytes.insert(at, byte);
+            } else if at < bytes.len() {
+                bytes.remove(at);
+            }
+        }
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return Ok(());
+        };
+        let exact = exact_verdict(text);
+        let vouched = json_scan::is_shallow_object(&bytes);
+        prop_assert!(!vouched || exact, "vouched for {text:?}");
+        // And it vouches for every valid object serde_json writes, so the fast path is taken.
+        prop_assert!(!(unedited && exact) || vouched, "did not vouch for {text:?}");
+    }
+}
+
+proptest! {
+    #![proptest_config(Config { cases: cases(), ..Config::default() })]
+
+    #[test]
+    fn metadata_read_in_one_pass_is_what_serde_json_reads(
+        index in 0usize..12,
+        mutations in prop::collection::vec(mutation(), 0..4),
+    ) {
+        let fixtures = fixtures();
+        let mut text = fixtures[index % fixtures.len()].to_owned();
+        for m in &mutations {
+            text = String::from_utf8_lossy(&apply(&text, m)).into_owned();
+        }
+        let Some(metadata) = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|doc| doc.get("metadata").map(ToString::to_string))
+        else {
+            return Ok(());
+        };
+        if let Some(scanned) = metadata::scanned(&metadata) {
+            let exact: metadata::MetadataWire = serde_json::from_str(&metadata).unwrap();
+            prop_assert_eq!(scanned, exact);
+        }
+    }
+}

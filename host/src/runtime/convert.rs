@@ -10,6 +10,31 @@ pub fn pk_refs(message: &ChangeMessage) -> Vec<&str> {
     message.pks.iter().map(String::as_str).collect()
 }
 
+/// The primary keys of a whole batch in one list, for [`change_params`] (one allocation per
+/// batch rather than one per change).
+pub fn batch_pk_refs<'a>(changes: &[&'a ChangeMessage]) -> Vec<&'a str> {
+    changes
+        .iter()
+        .flat_map(|c| c.pks.iter().map(String::as_str))
+        .collect()
+}
+
+/// The WIT view of a batch, borrowing from the messages and their [`batch_pk_refs`].
+pub fn change_params<'a>(
+    changes: &[&'a ChangeMessage],
+    pks: &'a [&'a str],
+) -> Vec<wit::Change<'a>> {
+    let mut rest = pks;
+    changes
+        .iter()
+        .map(|c| {
+            let (own, others) = rest.split_at(c.pks.len().min(rest.len()));
+            rest = others;
+            change_param(c, own)
+        })
+        .collect()
+}
+
 /// The WIT view of a change, borrowing from the message (and its [`pk_refs`]).
 pub fn change_param<'a>(message: &'a ChangeMessage, pks: &'a [&'a str]) -> wit::Change<'a> {
     wit::Change {

@@ -194,12 +194,8 @@ impl Plugin {
     /// One call on one instance. An `Err` means the instance failed as a whole (and is gone).
     fn call_once(&self, changes: &[&ChangeMessage]) -> Result<Vec<ChangeOutcome>, PluginError> {
         let mut warm = self.take_warm()?;
-        let pks: Vec<Vec<&str>> = changes.iter().map(|c| convert::pk_refs(c)).collect();
-        let params: Vec<_> = changes
-            .iter()
-            .zip(&pks)
-            .map(|(c, pks)| convert::change_param(c, pks))
-            .collect();
+        let pks = convert::batch_pk_refs(changes);
+        let params = convert::change_params(changes, &pks);
         warm.store.set_epoch_deadline(self.deadline_ticks);
         let result = warm
             .bindings

@@ -1,0 +1,205 @@
+//! The fields of `metadata` that keepwarm reads.
+//!
+//! Sequin's metadata is about 500 bytes of which keepwarm needs seven plain fields. The usual
+//! metadata (no escapes in those fields, each once) is read in the one pass of [`json_scan`]
+//! that also checks its syntax and depth; anything else is read by serde_json, which decides
+//! and words the error. Both give the same fields for the same text (`metadata_fields_*` tests).
+
+use super::json_scan;
+use serde::Deserialize;
+use std::ops::Range;
+
+/// The fields of `metadata` that keepwarm reads; the rest is passed through as text.
+#[derive(Deserialize, Debug, PartialEq)]
+pub(super) struct MetadataWire {
+    pub(super) table_schema: String,
+    pub(super) table_name: String,
+    pub(super) commit_timestamp: String,
+    pub(super) commit_lsn: Option<u64>,
+    pub(super) commit_idx: Option<u64>,
+    pub(super) idempotency_key: String,
+    pub(super) record_pks: Vec<String>,
+}
+
+/// How `metadata` was read.
+pub(super) enum Read {
+    /// In one pass, which also vouched for its syntax and depth.
+    Scanned(MetadataWire),
+    /// By serde_json; its depth is still to be checked.
+    Parsed(MetadataWire),
+}
+
+/// Reads the fields from `text`, which starts with `{`.
+///
+/// # Errors
+///
+/// serde_json's error: invalid JSON, a missing field, a field of the wrong type.
+pub(super) fn read(text: &str) -> Result<Read, serde_json::Error> {
+    match scanned(text) {
+        Some(fields) => Ok(Read::Scanned(fields)),
+        None => serde_json::from_str(text).map(Read::Parsed),
+    }
+}
+
+/// The names of the fields, in [`MetadataWire`]'s order.
+const NAMES: [&str; 7] = [
+    "table_schema",
+    "table_name",
+    "commit_timestamp",
+    "commit_lsn",
+    "commit_idx",
+    "idempotency_key",
+    "record_pks",
+];
+
+/// The fields from one scan, or `None` when the text is unusual in any way that serde_json may
+/// read differently: invalid or too deep, a key written with escapes, a field given twice, an
+/// escape in a value, a number that is not a plain `u64`, a missing field.
+pub(super) fn scanned(text: &str) -> Option<MetadataWire> {
+    let bytes = text.as_bytes();
+    let mut values: [Option<Range<usize>>; 7] = Default::default();
+    let mut unusual = false;
+    let valid = json_scan::scan_object(bytes, |key, value| {
+        let key = &bytes[key];
+        if key.contains(&b'\\') {
+            unusual = true;
+        } else if let Some(slot) = NAMES.iter().position(|name| name.as_bytes() == key) {
+            unusual |= values[slot].replace(value).is_some();
+        }
+    });
+    if !valid || unusual {
+        return None;
+    }
+    let [schema, table, timestamp, lsn, idx, key, pks] = values;
+    let string = |range: Option<Range<usize>>| plain_string(text.get(range?)?);
+    let number = |range: Option<Range<usize>>| match range {
+        None => Some(None),
+        Some(range) => plain_u64(text.get(range)?),
+    };
+    Some(MetadataWire {
+        table_schema: string(schema)?,
+        table_name: string(table)?,
+        commit_timestamp: string(timestamp)?,
+        commit_lsn: number(lsn)?,
+        commit_idx: number(idx)?,
+        idempotency_key: string(key)?,
+        record_pks: plain_strings(text.get(pks?)?)?,
+    })
+}
+
+/// The contents of a JSON string without escapes (the scan has checked the rest).
+fn plain_string(value: &str) -> Option<String> {
+    let inner = value.strip_prefix('"')?.strip_suffix('"')?;
+    (!inner.contains('\\')).then(|| inner.to_owned())
+}
+
+/// `null`, or digits that fit a `u64` (the scan has ruled out leading zeros).
+fn plain_u64(value: &str) -> Option<Option<u64>> {
+    if value == "null" {
+        return Some(None);
+    }
+    if value.is_empty() || !value.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    value.parse().ok().map(Some)
+}
+
+/// An array of strings without escapes, e.g. `["1", "a,b"]`.
+fn plain_strings(value: &str) -> Option<Vec<String>> {
+    if value.contains('\\') {
+        return None;
+    }
+    let inner = value.strip_prefix('[')?.strip_suffix(']')?;
+    let mut strings = Vec::new();
+    let mut rest = inner.trim_start_matches(json_whitespace);
+    while !rest.is_empty() {
+        // Without escapes, each string ends at the next quote.
+        let after_quote = rest.strip_prefix('"')?;
+        let end = after_quote.find('"')?;
+        strings.push(after_quote[..end].to_owned());
+        rest = after_quote[end + 1..].trim_start_matches(json_whitespace);
+        if let Some(next) = rest.strip_prefix(',') {
+            rest = next.trim_start_matches(json_whitespace);
+        } else if !rest.is_empty() {
+            return None;
+        }
+    }
+    Some(strings)
+}
+
+fn json_whitespace(c: char) -> bool {
+    matches!(c, ' ' | '\n' | '\t' | '\r')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEQUIN: &str = r#"{"table_schema":"public","table_name":"orders","commit_timestamp":"2025-03-14T09:26:53.601022Z","commit_lsn":1243361160,"commit_idx":0,"database_name":"shop","transaction_annotations":null,"idempotency_key":"MTI0MzM2MTE2MDow","record_pks":["1001"],"consumer":{"id":"0b7e","name":"shop-cdc","annotations":{}}}"#;
+
+    /// The scan's fields, checked against serde_json's, or `None` when it defers.
+    fn scan(text: &str) -> Option<MetadataWire> {
+        let fields = scanned(text)?;
+        let exact: MetadataWire = serde_json::from_str(text).unwrap();
+        assert_eq!(fields, exact, "{text}");
+        Some(fields)
+    }
+
+    #[test]
+    fn metadata_fields_of_usual_metadata_come_from_the_scan() {
+        let fields = scan(SEQUIN).unwrap();
+        assert_eq!(fields.table_name, "orders");
+        assert_eq!(
+            (fields.commit_lsn, fields.commit_idx),
+            (Some(1243361160), Some(0))
+        );
+        assert_eq!(fields.record_pks, ["1001"]);
+        let read = SEQUIN
+            .replace(
+                r#""commit_lsn":1243361160,"commit_idx":0,"#,
+                r#""commit_lsn":null,"#,
+            )
+            .replace(r#"["1001"]"#, r#" [ "ams-1" , "SKU,42" ] "#);
+        let fields = scan(&read).unwrap();
+        assert_eq!((fields.commit_lsn, fields.commit_idx), (None, None));
+        assert_eq!(fields.record_pks, ["ams-1", "SKU,42"]);
+        let max = SEQUIN.replace("1243361160", &u64::MAX.to_string());
+        assert_eq!(scan(&max).unwrap().commit_lsn, Some(u64::MAX));
+        assert_eq!(
+            scan(&SEQUIN.replace(r#"["1001"]"#, "[]"))
+                .unwrap()
+                .record_pks,
+            [""; 0]
+        );
+    }
+
+    #[test]
+    fn metadata_fields_serde_json_may_read_otherwise_are_left_to_it() {
+        for (from, to) in [
+            (r#""table_name":"orders""#, r#""table_name":"ord\u0065rs""#),
+            (r#""table_name":"orders""#, r#""table\u005fname":"orders""#),
+            (
+                r#""table_name":"orders""#,
+                r#""table_name":"orders","table_name":"x""#,
+            ),
+            (r#""commit_idx":0"#, r#""commit_idx":1.0"#),
+            (r#""commit_idx":0"#, r#""commit_idx":-1"#),
+            (r#""commit_idx":0"#, r#""commit_idx":18446744073709551616"#),
+            (r#""commit_idx":0"#, r#""commit_idx":"0""#),
+            (r#"["1001"]"#, "[1001]"),
+            (r#"["1001"]"#, r#"["10\"01"]"#),
+            (r#"["1001"]"#, r#""1001""#),
+            (r#""table_name":"orders","#, ""),
+            (r#""table_name":"orders""#, r#""table_name":null"#),
+            (r#""consumer":{"#, r#""consumer":{"deep":[[[[]]]],"#),
+        ] {
+            let text = SEQUIN.replace(from, to);
+            assert_ne!(text, SEQUIN, "{from}");
+            let deferred = scanned(&text).is_none();
+            // (The last one is usual: it only checks that nested values are skipped.)
+            assert_eq!(deferred, !text.contains("deep"), "{text}");
+        }
+        assert!(scanned(&format!("{SEQUIN} x")).is_none());
+        assert!(scanned(&format!("[{SEQUIN}]")).is_none());
+    }
+}
