@@ -6,6 +6,7 @@ mod brokers;
 mod kafka;
 mod native;
 mod plugin_cost;
+mod plugin_load;
 mod procstat;
 mod workload;
 
@@ -418,8 +419,27 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let plugin_loads = if args
+        .only
+        .as_deref()
+        .is_none_or(|o| o.split(',').any(|n| n == "plugin-load"))
+    {
+        let (keepwarm, plugins, scratch) = (
+            env.keepwarm.clone(),
+            env.plugins.clone(),
+            env.scratch.clone(),
+        );
+        let (runs, quick) = (if args.quick { 1 } else { 3 }, args.quick);
+        tokio::task::spawn_blocking(move || {
+            plugin_load::measure(&keepwarm, &plugins, &scratch, runs, quick)
+        })
+        .await??
+    } else {
+        Vec::new()
+    };
     print_table(&throughput, &latency);
     plugin_cost::print(&plugin_calls);
+    plugin_load::print(&plugin_loads);
     let out = args
         .out
         .clone()
@@ -433,6 +453,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         "throughput": throughput,
         "latency": latency,
         "plugin_calls": plugin_calls,
+        "plugin_load": plugin_loads,
         "ratios": ratios(&throughput),
     });
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;

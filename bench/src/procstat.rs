@@ -3,7 +3,7 @@
 use anyhow::Context as _;
 
 /// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`; 100 on Linux).
-const TICKS: f64 = 100.0;
+pub(crate) const TICKS: f64 = 100.0;
 
 /// CPU and peak RSS of a process at one moment.
 pub(crate) struct Sample {
