@@ -142,7 +142,7 @@ fn median(mut runs: Vec<Run>) -> Run {
 /// Runs `keepwarm check` once and reads its figures for `name`; `expect` is how the component
 /// must have been obtained (`cold` or `cached`).
 fn check(keepwarm: &Path, config: &Path, name: &str, expect: &str) -> anyhow::Result<Run> {
-    let children_before = children_cpu()?;
+    let children_before = crate::procstat::waited_children_cpu_seconds()?;
     let started = Instant::now();
     let out = Command::new(keepwarm)
         .arg("check")
@@ -153,7 +153,7 @@ fn check(keepwarm: &Path, config: &Path, name: &str, expect: &str) -> anyhow::Re
         .output()
         .with_context(|| format!("running {}", keepwarm.display()))?;
     let wall_seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = children_cpu()? - children_before;
+    let cpu_seconds = crate::procstat::waited_children_cpu_seconds()? - children_before;
     let stdout = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         bail!(
@@ -187,15 +187,6 @@ fn check(keepwarm: &Path, config: &Path, name: &str, expect: &str) -> anyhow::Re
         instantiate_seconds: ms("instantiate")?,
         self_test_seconds: ms("self-tests")?,
     })
-}
-
-/// User plus system CPU seconds of this process's waited-for children (`cutime` + `cstime`).
-fn children_cpu() -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| -> f64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0.0) };
-    Ok((ticks(13) + ticks(14)) / crate::procstat::TICKS)
 }
 
 /// Prints the table.
