@@ -10,7 +10,11 @@
 # Python (scripts/build-python-plugin.sh: componentize-py). The JavaScript and Python toolchains
 # are pinned in tools/ and installed on first use (scripts/lib/toolchains.sh).
 #
-# Usage: scripts/build-plugins.sh
+# The Rust plugins of a tree build (cargo) while its JavaScript and Python plugins build (jco,
+# componentize-py), side by side.
+#
+# Usage: scripts/build-plugins.sh [--examples]
+#   --examples   only plugins/ (what scripts/demo.sh runs), not the test plugins
 set -euo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -21,8 +25,14 @@ export CARGO_TARGET_DIR="$target"
 wasm_target=wasm32-wasip2
 
 main() {
+    local examples_only=false
+    case "${1:-}" in
+        "") ;;
+        --examples) examples_only=true ;;
+        *) fail "usage: $0 [--examples]" ;;
+    esac
     build_tree "$repo/plugins" "$target/plugins"
-    build_tree "$repo/tests/plugins" "$target/test-plugins"
+    $examples_only || build_tree "$repo/tests/plugins" "$target/test-plugins"
 }
 
 # build_tree SRC OUT: builds every plugin directory under SRC into OUT, grouped by language.
@@ -40,9 +50,17 @@ build_tree() {
             python+=("$dir")
         fi
     done
-    ((${#rust[@]} == 0)) || build_rust_plugins "$out" "${rust[@]}"
+    # cargo in the background: the JavaScript and Python builds are mostly one thread each.
+    local rust_pid=""
+    if ((${#rust[@]} > 0)); then
+        build_rust_plugins "$out" "${rust[@]}" &
+        rust_pid=$!
+    fi
     ((${#js[@]} == 0)) || build_js_plugins "$out" "${js[@]}"
     ((${#python[@]} == 0)) || build_python_plugins "$out" "${python[@]}"
+    if [[ -n "$rust_pid" ]]; then
+        wait "$rust_pid" || fail "building the Rust plugins of $src failed"
+    fi
 }
 
 # build_rust_plugins OUT DIR...: Rust plugins are workspace members (cdylib); one cargo run

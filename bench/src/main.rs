@@ -7,6 +7,7 @@ mod kafka;
 mod native;
 mod pace;
 mod plugin_cost;
+mod plugin_load;
 mod postgres;
 mod procstat;
 mod workload;
@@ -428,9 +429,28 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let plugin_loads = if args
+        .only
+        .as_deref()
+        .is_none_or(|o| o.split(',').any(|n| n == "plugin-load"))
+    {
+        let (keepwarm, plugins, scratch) = (
+            env.keepwarm.clone(),
+            env.plugins.clone(),
+            env.scratch.clone(),
+        );
+        let (runs, quick) = (if args.quick { 1 } else { 3 }, args.quick);
+        tokio::task::spawn_blocking(move || {
+            plugin_load::measure(&keepwarm, &plugins, &scratch, runs, quick)
+        })
+        .await??
+    } else {
+        Vec::new()
+    };
     print_table(&throughput, &latency);
     plugin_cost::print(&plugin_calls);
     postgres::print(pg.as_ref());
+    plugin_load::print(&plugin_loads);
     let out = args
         .out
         .clone()
@@ -445,6 +465,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         "latency": latency,
         "plugin_calls": plugin_calls,
         "postgres": pg,
+        "plugin_load": plugin_loads,
         "ratios": ratios(&throughput),
     });
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;

@@ -22,14 +22,7 @@ impl Sample {
     pub(crate) fn of(pid: u32) -> anyhow::Result<Sample> {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .with_context(|| format!("process {pid} is gone"))?;
-        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        let ticks = |i: usize| {
-            fields
-                .get(i)
-                .and_then(|f| f.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
+        let ticks = stat_fields(&stat);
         let cpu_seconds = (ticks(11) + ticks(12)) / TICKS;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib = status
@@ -41,5 +34,30 @@ impl Sample {
             cpu_seconds,
             peak_rss_mib: kib / 1024.0,
         })
+    }
+}
+
+/// User plus system CPU seconds of this process's children that it has waited for
+/// (`cutime` + `cstime`): the difference across a wait is that child's CPU time.
+///
+/// # Errors
+///
+/// `/proc/self/stat` cannot be read.
+pub(crate) fn waited_children_cpu_seconds() -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    let ticks = stat_fields(&stat);
+    Ok((ticks(13) + ticks(14)) / TICKS)
+}
+
+/// The numeric fields of a `/proc/<pid>/stat` line after the command name, by index from the
+/// state field (0); a missing or unreadable field reads as 0.
+fn stat_fields(stat: &str) -> impl Fn(usize) -> f64 + '_ {
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    move |i| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
     }
 }

@@ -96,6 +96,26 @@ fn quick_run_writes_results() {
         assert_eq!(backfill["dead_letters"], 0, "{pg}");
         assert!(backfill["keys"].as_u64().unwrap() >= 2000, "{pg}");
     }
+    // --quick loads only the Rust example, once compiled and once from the artifact cache (the
+    // bench fails when `keepwarm check` says otherwise), each with its phases timed.
+    let loads = json["plugin_load"].as_array().unwrap();
+    let plugins: Vec<&str> = loads
+        .iter()
+        .map(|l| l["plugin"].as_str().unwrap())
+        .collect();
+    assert_eq!(plugins, ["row-cache"]);
+    for kind in ["cold", "cached"] {
+        let run = &loads[0][kind];
+        for figure in [
+            "wall_seconds",
+            "cpu_seconds",
+            "compile_seconds",
+            "instantiate_seconds",
+            "self_test_seconds",
+        ] {
+            assert!(run[figure].is_f64(), "{kind} {figure}: {run}");
+        }
+    }
 }
 
 /// Postgres is installed and this process is root (initdb runs as the postgres user).

@@ -374,7 +374,7 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
         match loaded {
             Ok(loaded) => writeln!(
                 out,
-                "plugin {}: ok (version {}, tables {}, {} ms)",
+                "plugin {}: ok (version {}, tables {}, {} ms: compile {} ms {}, instantiate {} ms, self-tests {} ms)",
                 files.name,
                 loaded.plugin.version(),
                 loaded
@@ -383,7 +383,11 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
                     .tables
                     .as_ref()
                     .map_or("*".to_owned(), |t| t.join(",")),
-                loaded.elapsed.as_millis()
+                loaded.elapsed.as_millis(),
+                loaded.timings.compile.as_millis(),
+                loaded.compiled.as_str(),
+                loaded.timings.instantiate.as_millis(),
+                loaded.timings.self_test.as_millis()
             )?,
             Err(error) => {
                 ok = false;

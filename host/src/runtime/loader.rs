@@ -129,6 +129,19 @@ pub struct Loaded {
     pub compiled: Compiled,
     /// Time from bytes to a self-tested plugin.
     pub elapsed: Duration,
+    /// Where that time went.
+    pub timings: LoadTimings,
+}
+
+/// Where a load's time went (`keepwarm check` prints it; the bench's `plugin-load` reads it).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadTimings {
+    /// Compiling the component to native code, or taking it from the artifact cache.
+    pub compile: Duration,
+    /// Linking it against keepwarm's imports and instantiating it once.
+    pub instantiate: Duration,
+    /// Running the manifest's self-tests.
+    pub self_test: Duration,
 }
 
 /// Loads every plugin of a directory and records each in the runtime's registry. Any plugin that
@@ -170,6 +183,7 @@ pub(super) fn register(runtime: &Runtime, loaded: Loaded, previous: Option<&str>
         tables = ?plugin.manifest.tables,
         compiled = loaded.compiled.as_str(),
         load_ms,
+        compile_ms = loaded.timings.compile.as_millis() as u64,
         "plugin loaded"
     );
     plugin
@@ -216,11 +230,12 @@ pub fn load_source(runtime: &Runtime, source: PluginSource) -> Result<Loaded, Lo
         version: source.version.clone(),
         config_json: manifest.config_json(),
     });
-    let (plugin, compiled) = load_bytes(runtime, &source.wasm, ident, manifest)?;
+    let (plugin, compiled, timings) = load_bytes(runtime, &source.wasm, ident, manifest)?;
     Ok(Loaded {
         plugin,
         compiled,
         elapsed: start.elapsed(),
+        timings,
     })
 }
 
@@ -230,14 +245,16 @@ fn load_bytes(
     wasm: &[u8],
     ident: Arc<PluginIdent>,
     manifest: Manifest,
-) -> Result<(Plugin, Compiled), LoadError> {
+) -> Result<(Plugin, Compiled, LoadTimings), LoadError> {
     if !wasm.starts_with(b"\0asm") {
         return Err(LoadError::NotWasm);
     }
+    let start = Instant::now();
     let (component, compiled) = runtime
         .cache()
         .component(runtime.engine(), wasm)
         .map_err(LoadError::Compile)?;
+    let compile = start.elapsed();
     let instance_pre = runtime
         .linker()
         .instantiate_pre(&component)
@@ -251,8 +268,14 @@ fn load_bytes(
         super::EPOCH_TICK,
     );
     plugin.check_instantiate().map_err(LoadError::Instantiate)?;
+    let instantiated = start.elapsed();
     super::selftest::run(&plugin)?;
-    Ok((plugin, compiled))
+    let timings = LoadTimings {
+        compile,
+        instantiate: instantiated - compile,
+        self_test: start.elapsed() - instantiated,
+    };
+    Ok((plugin, compiled, timings))
 }
 
 /// The version of a plugin: a short SHA-256 of its component and manifest.
