@@ -34,10 +34,7 @@ start_cluster() {
             --save "" --appendonly no --dir "$CLUSTER_DIR/$port" --daemonize yes \
             --pidfile "$CLUSTER_DIR/$port/redis.pid" --logfile "$CLUSTER_DIR/$port/redis.log" >/dev/null
     done
-    local existing
-    existing=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
-    # shellcheck disable=SC2064 # expand now: the trap keeps the earlier handler
-    trap "stop_cluster${existing:+; $existing}" EXIT
+    on_exit stop_cluster
     for port in "${ports[@]}"; do
         local up=""
         for _ in $(seq 1 100); do

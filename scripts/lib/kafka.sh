@@ -52,21 +52,12 @@ start_kafka() {
         --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
         --storage-engine memory://tansu/ >"$KAFKA_DIR/kafka.log" 2>&1 &
     KAFKA_PID=$!
-    local existing
-    existing=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
-    # shellcheck disable=SC2064 # expand now: the trap keeps the earlier handler
-    trap "stop_kafka${existing:+; $existing}" EXIT
-    for _ in $(seq 1 200); do
-        if python3 -c "import socket; socket.create_connection(('127.0.0.1', $KAFKA_PORT), timeout=1).close()" 2>/dev/null; then
-            KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
-            export KAFKA_BROKERS KAFKA_PORT
-            return 0
-        fi
-        if ! kill -0 "$KAFKA_PID" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
+    on_exit stop_kafka
+    if wait_service "$KAFKA_PID" 200 python3 -c "import socket; socket.create_connection(('127.0.0.1', $KAFKA_PORT), timeout=1).close()"; then
+        KAFKA_BROKERS="127.0.0.1:$KAFKA_PORT"
+        export KAFKA_BROKERS KAFKA_PORT
+        return 0
+    fi
     echo "the Kafka broker (tansu) did not start; its log:" >&2
     cat "$KAFKA_DIR/kafka.log" >&2
     return 1

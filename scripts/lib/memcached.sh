@@ -8,29 +8,24 @@ start_memcached() {
     # -U 0: no UDP. The Debian package does not start a server here; this one is ours.
     memcached -u nobody -l 127.0.0.1 -p "$MEMCACHED_PORT" -U 0 -m 64 &
     MEMCACHED_PID=$!
-    local existing
-    existing=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
-    # shellcheck disable=SC2064 # expand now: the trap keeps the earlier handler
-    trap "stop_memcached${existing:+; $existing}" EXIT
-    for _ in $(seq 1 100); do
-        if python3 - "$MEMCACHED_PORT" 2>/dev/null <<'PY'
+    on_exit stop_memcached
+    if wait_service "$MEMCACHED_PID" 100 memcached_answers "$MEMCACHED_PORT"; then
+        MEMCACHED_SERVERS="127.0.0.1:$MEMCACHED_PORT"
+        export MEMCACHED_SERVERS MEMCACHED_PORT
+        return 0
+    fi
+    echo "memcached did not start on port $MEMCACHED_PORT" >&2
+    return 1
+}
+
+# Whether the memcached on port $1 answers a meta no-op.
+memcached_answers() {
+    python3 - "$1" <<'PY'
 import socket, sys
 s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=1)
 s.sendall(b"mn\r\n")
 sys.exit(0 if s.recv(16).startswith(b"MN") else 1)
 PY
-        then
-            MEMCACHED_SERVERS="127.0.0.1:$MEMCACHED_PORT"
-            export MEMCACHED_SERVERS MEMCACHED_PORT
-            return 0
-        fi
-        if ! kill -0 "$MEMCACHED_PID" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
-    echo "memcached did not start on port $MEMCACHED_PORT" >&2
-    return 1
 }
 
 stop_memcached() {

@@ -8,26 +8,17 @@ start_moto() {
     MOTO_PORT=$(free_port)
     moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$MOTO_DIR/moto.log" 2>&1 &
     MOTO_PID=$!
-    local existing
-    existing=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
-    # shellcheck disable=SC2064 # expand now: the trap keeps the earlier handler
-    trap "stop_moto${existing:+; $existing}" EXIT
-    for _ in $(seq 1 200); do
-        if python3 -c "import urllib.request, sys; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/', timeout=1)" 2>/dev/null; then
-            SQS_ENDPOINT="http://127.0.0.1:$MOTO_PORT"
-            export SQS_ENDPOINT MOTO_PORT
-            # moto accepts any credentials; the daemon under test finds these through the
-            # standard AWS chain. No instance-metadata probing on a machine that has none.
-            export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
-            export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
-            export AWS_EC2_METADATA_DISABLED=true
-            return 0
-        fi
-        if ! kill -0 "$MOTO_PID" 2>/dev/null; then
-            break
-        fi
-        sleep 0.1
-    done
+    on_exit stop_moto
+    if wait_service "$MOTO_PID" 200 python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/', timeout=1)"; then
+        SQS_ENDPOINT="http://127.0.0.1:$MOTO_PORT"
+        export SQS_ENDPOINT MOTO_PORT
+        # moto accepts any credentials; the daemon under test finds these through the
+        # standard AWS chain. No instance-metadata probing on a machine that has none.
+        export AWS_ACCESS_KEY_ID="${AWS_ACCESS_KEY_ID:-test}"
+        export AWS_SECRET_ACCESS_KEY="${AWS_SECRET_ACCESS_KEY:-test}"
+        export AWS_EC2_METADATA_DISABLED=true
+        return 0
+    fi
     echo "moto_server did not start; its log:" >&2
     cat "$MOTO_DIR/moto.log" >&2
     return 1

@@ -1,8 +1,34 @@
-# Starts a private redis-server on a free port for this shell; sourced by the scripts.
+# Starts a private redis-server on a free port for this shell; sourced by the scripts, and
+# first: free_port, on_exit and wait_service serve the other services' scripts too.
 # After `start_redis`, REDIS_PORT and REDIS_URL are set and the server stops when the shell exits.
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+
+# Runs `$1` when the shell exits, after nothing else: whatever EXIT trap is set already runs too.
+on_exit() {
+    local existing
+    existing=$(trap -p EXIT | sed -E "s/^trap -- '(.*)' EXIT$/\1/")
+    # shellcheck disable=SC2064 # expand now: the trap keeps the earlier handler
+    trap "$1${existing:+; $existing}" EXIT
+}
+
+# Waits up to $2 tenths of a second for the command after them to succeed while process $1
+# lives; fails when it never does or the process has died.
+wait_service() {
+    local pid=$1 tries=$2
+    shift 2
+    for _ in $(seq 1 "$tries"); do
+        if "$@" 2>/dev/null; then
+            return 0
+        fi
+        if ! kill -0 "$pid" 2>/dev/null; then
+            return 1
+        fi
+        sleep 0.1
+    done
+    return 1
 }
 
 start_redis() {
