@@ -19,10 +19,7 @@ async fn run(name: &str, manifest_extra: &str, lines: &[String]) -> TestEnv {
     let env = TestEnv::new(name);
     env.add_row_cache(manifest_extra);
     let daemon = env.run();
-    for (n, line) in lines.iter().enumerate() {
-        env.xadd(std::slice::from_ref(line)).await;
-        env.wait_drained(n as u64 + 1).await;
-    }
+    env.xadd_each_drained(lines).await;
     daemon.stop().await;
     env
 }

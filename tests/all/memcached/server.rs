@@ -101,18 +101,21 @@ impl Memcached {
         Some(line.trim_end().to_owned())
     }
 
-    /// The item's bytes, as stored.
-    pub async fn raw(&mut self, key: &str) -> Option<Vec<u8>> {
-        let command = format!("mg {key} v\r\n");
+    /// Sends `mg <key> <flags>` and returns the reply's first line; `None` on a miss (`EN`).
+    async fn meta_get(&mut self, key: &str, flags: &str) -> Option<String> {
+        let command = format!("mg {key} {flags}\r\n");
         self.stream
             .get_mut()
             .write_all(command.as_bytes())
             .await
             .unwrap();
         let line = self.line().await.unwrap();
-        if line == "EN" {
-            return None;
-        }
+        (line != "EN").then_some(line)
+    }
+
+    /// The item's bytes, as stored.
+    pub async fn raw(&mut self, key: &str) -> Option<Vec<u8>> {
+        let line = self.meta_get(key, "v").await?;
         let size: usize = line
             .strip_prefix("VA ")
             .and_then(|rest| rest.split(' ').next()?.parse().ok())
@@ -151,16 +154,7 @@ impl Memcached {
 
     /// The item's remaining time to live in seconds (`-1`: none), `None` when missing.
     pub async fn ttl(&mut self, key: &str) -> Option<i64> {
-        let command = format!("mg {key} t\r\n");
-        self.stream
-            .get_mut()
-            .write_all(command.as_bytes())
-            .await
-            .unwrap();
-        let line = self.line().await.unwrap();
-        if line == "EN" {
-            return None;
-        }
+        let line = self.meta_get(key, "t").await?;
         line.split(' ')
             .find_map(|flag| flag.strip_prefix('t')?.parse().ok())
     }

@@ -163,6 +163,15 @@ impl TestEnv {
         self.wait("the consumer group", |_, _| true).await;
     }
 
+    /// Writes `lines` one at a time, each after the one before is acknowledged, so that the
+    /// order they arrive in is exactly the order given (the stream must start empty).
+    pub async fn xadd_each_drained(&self, lines: &[String]) {
+        for (n, line) in lines.iter().enumerate() {
+            self.xadd(std::slice::from_ref(line)).await;
+            self.wait_drained(n as u64 + 1).await;
+        }
+    }
+
     /// Waits until the group has read `n` entries and acknowledged them all.
     pub async fn wait_drained(&self, n: u64) {
         self.group.wait_drained(n).await;
