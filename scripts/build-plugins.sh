@@ -64,7 +64,9 @@ build_tree() {
 }
 
 # build_rust_plugins OUT DIR...: Rust plugins are workspace members (cdylib); one cargo run
-# builds them all with the `plugin` profile.
+# builds them all with the `plugin` profile, in a target directory of their own: they share
+# nothing with the host's build, and cargo's lock on one directory would make a guest build wait
+# for a host build running beside it (scripts/demo.sh runs both at once).
 build_rust_plugins() {
     local out="$1" dir name
     shift
@@ -75,11 +77,13 @@ build_rust_plugins() {
         names+=("$name")
         packages+=(-p "$name")
     done
-    (cd "$repo" && cargo build --quiet --profile plugin --target "$wasm_target" "${packages[@]}")
+    local guests="$target/guests"
+    (cd "$repo" && CARGO_TARGET_DIR="$guests" cargo build --quiet --profile plugin \
+        --target "$wasm_target" "${packages[@]}")
     local i
     for i in "${!names[@]}"; do
         name="${names[$i]}"
-        install_plugin "$target/$wasm_target/plugin/${name//-/_}.wasm" "${dirs[$i]}" "$out" "$name"
+        install_plugin "$guests/$wasm_target/plugin/${name//-/_}.wasm" "${dirs[$i]}" "$out" "$name"
     done
 }
 

@@ -16,12 +16,15 @@ fi
 cd "$(dirname "$0")/.."
 root=$(pwd)
 
-scripts/setup.sh
-# The example plugins only (not the test plugins), built while cargo builds the host: the
-# JavaScript and Python builds run beside it (the Rust example waits for cargo's lock).
+# Only what the demo needs: no SQS emulator, Kafka broker or Postgres.
+if $memcached; then scripts/setup.sh --demo --memcached; else scripts/setup.sh --demo; fi
+# The example plugins only (not the test plugins), built while cargo builds the host (the Rust
+# example in its own target directory). The host without the sources the demo does not use
+# (SQS, Kafka, NATS, RabbitMQ, Postgres: their clients are a quarter of a cold build); the
+# test suite builds them all.
 scripts/build-plugins.sh --examples &
 plugins_pid=$!
-cargo build --quiet -p keepwarm
+cargo build --quiet -p keepwarm --no-default-features
 wait "$plugins_pid"
 target="${CARGO_TARGET_DIR:-$root/target}"
 

@@ -16,6 +16,8 @@ cargo fmt --all -- --check
 # `arbitrary_precision`, which changes how the host parses numbers.
 echo "== cargo clippy"
 cargo clippy -p keepwarm --all-targets -- -D warnings
+# The build without the optional sources (what scripts/demo.sh builds) must keep compiling.
+cargo clippy -p keepwarm --no-default-features --all-targets -- -D warnings
 guests=(-p keepwarm-guest -p row-cache -p tagger -p hostile -p wrong-world -p model-cache)
 cargo clippy "${guests[@]}" --all-targets -- -D warnings
 cargo clippy -p keepwarm-bench --all-targets -- -D warnings

@@ -7,6 +7,7 @@ use crate::pipeline::{self, Dispatcher, Shared};
 use crate::runtime::{self, PluginSet, Runtime, reload};
 use crate::sources::dead_letters;
 use crate::sources::jsonl::{self, ReplaySummary};
+#[cfg(feature = "postgres")]
 use crate::sources::postgres::{
     self,
     backfill::{BackfillRequest, BackfillSummary},
@@ -195,6 +196,7 @@ pub async fn run(
     Ok(())
 }
 
+#[cfg(feature = "postgres")]
 /// Backfills a table (`keepwarm backfill`) through the plugins into the cache, with the
 /// connection of the configuration's Postgres source (`source` names it when there are several).
 ///

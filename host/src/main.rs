@@ -5,7 +5,6 @@ use keepwarm::config::Config;
 use keepwarm::daemon;
 use keepwarm::scaffold::{self, Lang, NewPlugin};
 use keepwarm::sources::jsonl::Input;
-use keepwarm::sources::postgres::backfill::BackfillRequest;
 use keepwarm::telemetry::LogFormat;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -286,29 +285,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             filter,
             source,
             state,
-        } => {
-            let config = Config::load(&config)?;
-            let state =
-                state.unwrap_or_else(|| PathBuf::from(format!(".keepwarm-backfill-{table}.json")));
-            let request = BackfillRequest {
-                table,
-                filter,
-                state,
-            };
-            let summary = tokio_runtime()?.block_on(async {
-                let shutdown = on_signals();
-                daemon::backfill(config, source, request, shutdown).await
-            })?;
-            eprintln!(
-                "backfilled {} rows ({} rows/s): {} done, {} left unapplied",
-                summary.rows, summary.rows_per_second, summary.done, summary.abandoned
-            );
-            Ok(if summary.abandoned == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            })
-        }
+        } => backfill(&config, table, filter, source, state),
         Command::Replay { config, input } => {
             let config = Config::load(&config)?;
             let input = match input.as_str() {
@@ -371,4 +348,51 @@ fn on_signals() -> CancellationToken {
         }
     });
     token
+}
+
+/// `keepwarm backfill`.
+#[cfg(feature = "postgres")]
+fn backfill(
+    config: &std::path::Path,
+    table: String,
+    filter: Option<String>,
+    source: Option<String>,
+    state: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    use keepwarm::sources::postgres::backfill::BackfillRequest;
+    let config = Config::load(config)?;
+    let state = state.unwrap_or_else(|| PathBuf::from(format!(".keepwarm-backfill-{table}.json")));
+    let request = BackfillRequest {
+        table,
+        filter,
+        state,
+    };
+    let summary = tokio_runtime()?.block_on(async {
+        let shutdown = on_signals();
+        daemon::backfill(config, source, request, shutdown).await
+    })?;
+    eprintln!(
+        "backfilled {} rows ({} rows/s): {} done, {} left unapplied",
+        summary.rows, summary.rows_per_second, summary.done, summary.abandoned
+    );
+    Ok(if summary.abandoned == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// `keepwarm backfill` in a build without the Postgres source: says how to get one.
+#[cfg(not(feature = "postgres"))]
+fn backfill(
+    _config: &std::path::Path,
+    _table: String,
+    _filter: Option<String>,
+    _source: Option<String>,
+    _state: Option<PathBuf>,
+) -> anyhow::Result<ExitCode> {
+    anyhow::bail!(
+        "this keepwarm was built without the postgres source, which backfill reads through: \
+         rebuild it with the cargo feature `postgres` (on by default)"
+    )
 }

@@ -395,6 +395,13 @@ mod tests {
     use super::*;
 
     #[test]
+    #[cfg(all(
+        feature = "sqs",
+        feature = "kafka",
+        feature = "nats",
+        feature = "rabbitmq",
+        feature = "postgres"
+    ))]
     fn example_config_parses() {
         let text = include_str!("../../../config/example.toml");
         let config = Config::parse(text).unwrap();
@@ -425,6 +432,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "sqs")]
     fn sqs_sources_take_defaults_and_reject_out_of_range_values() {
         let config = Config::parse(&format!(
             "{BASE}kind = \"sqs\"\nqueue_url = \"http://127.0.0.1:5000/1/q.fifo\"\nregion = \"us-east-1\"\n"
@@ -453,6 +461,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "nats")]
     fn nats_sources_take_defaults_and_check_names_and_stream_creation() {
         let nats = "kind = \"nats\"\nurl = \"nats://127.0.0.1:4222\"\nstream = \"S\"\n";
         let config = Config::parse(&format!("{BASE}{nats}")).unwrap();
@@ -475,6 +484,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "rabbitmq")]
     fn rabbitmq_sources_need_one_amqp_url_and_keys_for_an_exchange() {
         let amqp = "kind = \"rabbitmq\"\nqueue = \"q\"\n";
         let url = "url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"\n";

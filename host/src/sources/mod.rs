@@ -164,22 +164,49 @@ pub enum SourceError {
     },
 }
 
-/// Declares each kind's module and its variant of [`SourceConfig`], tagged by `kind`.
+/// A kind of source this keepwarm knows, whether or not this build has it.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceKind {
+    /// Its `kind` key.
+    pub kind: &'static str,
+    /// The cargo feature that builds it (`None`: always built).
+    pub feature: Option<&'static str>,
+    /// Whether this build has it.
+    pub built: bool,
+}
+
+/// Declares each kind's module and its variant of [`SourceConfig`], tagged by `kind`. A kind
+/// with `in "feature"` is built only with that cargo feature (its client is a large build);
+/// without it, a `[[source]]` of that kind is refused with the feature it needs.
 macro_rules! registry {
-    ($($module:ident: $kind:literal => $variant:ident($config:ty)),* $(,)?) => {
-        $(pub mod $module;)*
+    (@feature) => { None };
+    (@feature $feature:literal) => { Some($feature) };
+    (@built) => { true };
+    (@built $feature:literal) => { cfg!(feature = $feature) };
+    ($($module:ident: $kind:literal => $variant:ident($config:ty) $(in $feature:literal)?),* $(,)?) => {
+        $(
+            $(#[cfg(feature = $feature)])?
+            pub mod $module;
+        )*
 
         /// One `[[source]]` table; its `kind` picks the source.
         #[derive(Clone, Debug)]
         pub enum SourceConfig {
             $(
                 #[doc = concat!("`kind = \"", $kind, "\"`")]
+                $(#[cfg(feature = $feature)])?
                 $variant($config),
             )*
         }
 
-        /// Every `kind` there is.
-        pub const SOURCE_KINDS: &[&str] = &[$($kind),*];
+        /// Every kind there is, built or not.
+        pub const SOURCE_KINDS: &[SourceKind] = &[$(
+            SourceKind {
+                kind: $kind,
+                feature: registry!(@feature $($feature)?),
+                built: registry!(@built $($feature)?),
+            },
+        )*];
 
         impl<'de> serde::Deserialize<'de> for SourceConfig {
             /// Reads the table, then its kind's type from the rest of it: unlike serde's
@@ -194,13 +221,11 @@ macro_rules! registry {
                 };
                 let rest = toml::Value::Table(table);
                 let config = match kind.as_str() {
-                    $($kind => rest.try_into().map(SourceConfig::$variant),)*
-                    other => {
-                        return Err(D::Error::custom(format!(
-                            "unknown source kind {other:?}; the kinds are {}",
-                            SOURCE_KINDS.join(", ")
-                        )));
-                    }
+                    $(
+                        $(#[cfg(feature = $feature)])?
+                        $kind => rest.try_into().map(SourceConfig::$variant),
+                    )*
+                    other => return Err(D::Error::custom(not_built(other))),
                 };
                 config.map_err(|error| D::Error::custom(format!("{kind} source: {error}")))
             }
@@ -210,7 +235,10 @@ macro_rules! registry {
             /// The table, as its kind's configuration.
             pub fn kind(&self) -> &dyn SourceConfigure {
                 match self {
-                    $(SourceConfig::$variant(config) => config,)*
+                    $(
+                        $(#[cfg(feature = $feature)])?
+                        SourceConfig::$variant(config) => config,
+                    )*
                 }
             }
 
@@ -221,7 +249,10 @@ macro_rules! registry {
             /// What must fail at start-up failed (a port in use, an unset variable).
             pub async fn build(self, env: SourceEnv) -> Result<Box<dyn Source>, SourceError> {
                 match self {
-                    $(SourceConfig::$variant(config) => Box::new(config).build(env).await,)*
+                    $(
+                        $(#[cfg(feature = $feature)])?
+                        SourceConfig::$variant(config) => Box::new(config).build(env).await,
+                    )*
                 }
             }
         }
@@ -230,17 +261,92 @@ macro_rules! registry {
 
 registry! {
     redis_stream: "redis-stream" => RedisStream(redis_stream::RedisStreamSourceConfig),
-    sqs: "sqs" => Sqs(sqs::SqsSourceConfig),
-    kafka: "kafka" => Kafka(kafka::KafkaSourceConfig),
+    sqs: "sqs" => Sqs(sqs::SqsSourceConfig) in "sqs",
+    kafka: "kafka" => Kafka(kafka::KafkaSourceConfig) in "kafka",
     webhook: "http" => Http(webhook::HttpSourceConfig),
-    nats: "nats" => Nats(nats::NatsSourceConfig),
-    rabbitmq: "rabbitmq" => RabbitMq(rabbitmq::RabbitMqSourceConfig),
-    postgres: "postgres" => Postgres(postgres::PostgresSourceConfig),
+    nats: "nats" => Nats(nats::NatsSourceConfig) in "nats",
+    rabbitmq: "rabbitmq" => RabbitMq(rabbitmq::RabbitMqSourceConfig) in "rabbitmq",
+    postgres: "postgres" => Postgres(postgres::PostgresSourceConfig) in "postgres",
+}
+
+/// Why a `kind` that this build cannot read is refused: a kind left out of the build names the
+/// cargo feature that builds it; an unknown one lists the kinds this build has.
+fn not_built(kind: &str) -> String {
+    refusal(kind, SOURCE_KINDS)
+}
+
+fn refusal(kind: &str, kinds: &[SourceKind]) -> String {
+    let built: Vec<&str> = kinds.iter().filter(|k| k.built).map(|k| k.kind).collect();
+    let built = built.join(", ");
+    match kinds
+        .iter()
+        .find(|k| k.kind == kind)
+        .and_then(|k| k.feature)
+    {
+        Some(feature) => format!(
+            "this keepwarm was built without the {kind} source: rebuild it with the cargo \
+             feature `{feature}` (on by default), e.g. `cargo build --release -p keepwarm \
+             --features {feature}`; the kinds this build has are {built}"
+        ),
+        None => format!("unknown source kind {kind:?}; the kinds are {built}"),
+    }
 }
 
 impl SourceConfig {
     /// A short name for logs and dead letters.
     pub fn name(&self) -> String {
         self.kind().name()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_kind_left_out_of_the_build_names_its_feature() {
+        let kinds = [
+            SourceKind {
+                kind: "redis-stream",
+                feature: None,
+                built: true,
+            },
+            SourceKind {
+                kind: "kafka",
+                feature: Some("kafka"),
+                built: false,
+            },
+        ];
+        let error = refusal("kafka", &kinds);
+        assert!(error.contains("without the kafka source"), "{error}");
+        assert!(error.contains("--features kafka"), "{error}");
+        assert!(
+            error.ends_with("this build has are redis-stream"),
+            "{error}"
+        );
+        let error = refusal("kafak", &kinds);
+        assert_eq!(
+            error,
+            "unknown source kind \"kafak\"; the kinds are redis-stream"
+        );
+    }
+
+    #[test]
+    fn every_kind_of_this_build_is_listed_as_built() {
+        let built: Vec<&str> = SOURCE_KINDS
+            .iter()
+            .filter(|k| k.built)
+            .map(|k| k.kind)
+            .collect();
+        assert!(built.starts_with(&["redis-stream"]) && built.contains(&"http"));
+        assert_eq!(
+            SOURCE_KINDS
+                .iter()
+                .find(|k| k.kind == "kafka")
+                .map(|k| k.built),
+            Some(cfg!(feature = "kafka"))
+        );
+        let error = not_built("nope");
+        assert!(error.contains(&built.join(", ")), "{error}");
     }
 }
