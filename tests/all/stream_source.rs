@@ -125,3 +125,45 @@ async fn a_steady_stream_is_applied_completely_and_in_row_order() {
         assert!(value.contains(r#""status":"v9""#), "row {row}: {value}");
     }
 }
+
+/// The reader's own `XREADGROUP` connection authenticates as the URL says (a named user, or the
+/// default user's password) and reads the URL's database, like every other connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_is_read_with_the_urls_user_password_and_database() {
+    let server = RedisServer::start_with(&[
+        "--requirepass",
+        "s3cret-pw",
+        "--user",
+        "reader",
+        "on",
+        ">reader-pw",
+        "~*",
+        "&*",
+        "+@all",
+    ])
+    .await;
+    let port = server.port;
+    for (name, url) in [
+        (
+            "acl",
+            format!("redis://reader:reader-pw@127.0.0.1:{port}/3"),
+        ),
+        ("pw", format!("redis://:s3cret-pw@127.0.0.1:{port}/2")),
+    ] {
+        let env = TestEnv::row_cache(name).on(&url);
+        let lines = fixture_lines();
+        env.xadd(&lines).await;
+        let daemon = env.run();
+        env.wait_drained(lines.len() as u64).await;
+        daemon.stop().await;
+        assert_fixtures_cached(&Keys::under(&url, &env.prefix).await, false).await;
+    }
+    // Each database holds its own stream, and database 0 none of them.
+    let mut zero = connect(&format!("redis://:s3cret-pw@127.0.0.1:{port}/0")).await;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut zero)
+        .await
+        .unwrap();
+    assert!(keys.is_empty(), "{keys:?}");
+}

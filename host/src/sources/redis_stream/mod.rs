@@ -11,13 +11,15 @@
 //!   call, or done but not yet acknowledged) look as idle to Redis: they are not delivered again.
 //! - Survives Redis restarts: every failed call is retried with capped backoff.
 //!
-//! - [`config`]: the `[[source]]` table. `read`: the reader and the entry parser; `ack`: the
+//! - [`config`]: the `[[source]]` table. `read`: the reader and the entry parser; `resp`: the
+//!   reader's own connection for `XREADGROUP`; `ack`: the
 //!   held ids and the `XACK` loop; `lag`: the pending and lag gauges.
 
 mod ack;
 pub mod config;
 mod lag;
 mod read;
+mod resp;
 
 use super::{BoxFuture, Source, SourceContext, SourceError};
 use crate::backoff::Backoff;
@@ -82,6 +84,7 @@ impl RedisStreamSource {
             config,
             consumer,
             held,
+            info: client.get_connection_info().clone(),
         };
         reader_state.read_loop(reader, &ctx, &entries).await;
         sampler.abort();

@@ -2,6 +2,7 @@
 //! pending, each asking for no more than the in-flight permits allow.
 
 use super::ack::HeldIds;
+use super::resp::{ReadConn, ReadError};
 use super::{Entry, RedisStreamSourceConfig};
 use crate::sources::{Permits, SourceContext};
 use redis::Value;
@@ -13,7 +14,13 @@ pub(super) struct Reader {
     pub(super) config: RedisStreamSourceConfig,
     pub(super) consumer: String,
     pub(super) held: HeldIds,
+    /// Where `XREADGROUP` goes (its own lean connection, see `resp`).
+    pub(super) info: redis::ConnectionInfo,
 }
+
+/// How long a read may take beyond its `BLOCK`, and a connection to open.
+const READ_MARGIN: Duration = Duration::from_secs(10);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Reader {
     /// Reads until shutdown, handing each batch and its permits to the decode task.
@@ -27,6 +34,7 @@ impl Reader {
         let mut group_ready = false;
         let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).clamp(100, 30_000));
         let mut next_claim = Instant::now();
+        let mut lean: Option<ReadConn> = None;
         loop {
             let Some(permits) = ctx.reserve(self.config.read_count.get()).await else {
                 return;
@@ -54,7 +62,7 @@ impl Reader {
                 // consumer, and a dropped reply would leave them pending until another consumer
                 // reclaims them. The read ends within `block_ms`; what it brings is processed
                 // and acknowledged during the shutdown grace, and the next reserve stops.
-                self.read(&mut conn, permits.len()).await
+                self.read(&mut lean, permits.len()).await
             };
             ctx.set_up(read.is_ok());
             match read {
@@ -70,6 +78,9 @@ impl Reader {
                 }
                 Err(error) => {
                     drop(permits);
+                    if !error.keeps_connection() {
+                        lean = None;
+                    }
                     if error.code() == Some("NOGROUP") {
                         tracing::warn!(source = %ctx.name, "consumer group is gone (redis restarted without persistence?); recreating it");
                         group_ready = false;
@@ -115,45 +126,28 @@ impl Reader {
         }
     }
 
-    async fn read(
-        &self,
-        conn: &mut ConnectionManager,
-        count: usize,
-    ) -> redis::RedisResult<Vec<Entry>> {
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
-            .arg(self.config.group.as_str())
-            .arg(&self.consumer)
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(self.config.block_ms)
-            .arg("STREAMS")
-            .arg(self.config.stream.as_str())
-            .arg(">")
-            .query_async(conn)
-            .await?;
-        // Nil on timeout; otherwise [[stream, [entry, …]]] (or a map under RESP3).
-        let entries = match reply {
-            Value::Nil => return Ok(Vec::new()),
-            Value::Array(streams) => streams
-                .into_iter()
-                .filter_map(|s| match s {
-                    Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
-                    _ => None,
-                })
-                .collect::<Vec<_>>(),
-            Value::Map(streams) => streams.into_iter().map(|(_, v)| v).collect(),
-            _ => Vec::new(),
+    /// New entries through the lean connection, opened first when there is none.
+    async fn read(&self, lean: &mut Option<ReadConn>, count: usize) -> Result<Vec<Entry>, ReadError> {
+        let conn = match lean {
+            Some(conn) => conn,
+            None => lean.insert(ReadConn::connect(&self.info, CONNECT_TIMEOUT).await?),
         };
-        Ok(entries.into_iter().flat_map(parse_entries).collect())
+        conn.xreadgroup(
+            self.config.group.as_str(),
+            &self.consumer,
+            count,
+            self.config.block_ms,
+            self.config.stream.as_str(),
+            READ_MARGIN,
+        )
+        .await
     }
 
     async fn claim(
         &self,
         conn: &mut ConnectionManager,
         count: usize,
-    ) -> redis::RedisResult<Vec<Entry>> {
+    ) -> Result<Vec<Entry>, ReadError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(self.config.stream.as_str())
             .arg(self.config.group.as_str())
@@ -172,7 +166,7 @@ impl Reader {
     }
 }
 
-/// Parses `[[id, [field, value, …]], …]` by value (the field values, the whole message, are
+/// Parses `XAUTOCLAIM`'s `[[id, [field, value, …]], …]` by value (the field values, the whole message, are
 /// moved, not copied), skipping entries deleted from the stream.
 fn parse_entries(value: Value) -> Vec<Entry> {
     let Value::Array(entries) = value else {
