@@ -6,7 +6,7 @@ use crate::delivery::{AckToken, Delivery, Dispatch, Origin, Payload, RawPayload,
 use crate::message::{ChangeMessage, DecodeError, StreamFields};
 use crate::telemetry::{self, Counters, Metrics, SourceLabel};
 use prometheus_client::metrics::counter::Counter;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
@@ -24,6 +24,9 @@ pub struct SourceContext {
     labels: SourceLabel,
     /// This source's `messages_received` counter, looked up once rather than per message.
     received: Counter,
+    /// What [`SourceContext::set_up`] last recorded (`None`: nothing yet), so that a source
+    /// that says "up" with every message (Kafka, NATS) records only the changes.
+    up: Arc<Mutex<Option<bool>>>,
 }
 
 /// In-flight permits reserved by [`SourceContext::reserve`]; those not taken go back to the
@@ -72,6 +75,7 @@ impl SourceContext {
             max_message_bytes,
             labels,
             received,
+            up: Arc::default(),
         }
     }
 
@@ -140,9 +144,15 @@ impl SourceContext {
         decode_stream_entry(fields, self.max_message_bytes)
     }
 
-    /// Records whether the source reaches its queue (`keepwarm_source_up`, `/readyz`).
+    /// Records whether the source reaches its queue (`keepwarm_source_up`, `/readyz`). Cheap
+    /// when nothing changed: a source may call it for every message.
     pub fn set_up(&self, up: bool) {
-        self.counters.source_up(&self.name, up);
+        // Held while recording, so that two tasks of a source cannot record out of order.
+        let mut last = self.up.lock().unwrap_or_else(|p| p.into_inner());
+        if *last != Some(up) {
+            self.counters.source_up(&self.name, up);
+            *last = Some(up);
+        }
     }
 
     /// The Prometheus metrics, for a source's own gauges.
