@@ -190,42 +190,77 @@ enum Header {
 /// The longest bulk string taken (Redis's own limit, `proto-max-bulk-len`, is 512 MiB).
 const MAX_BULK: usize = 512 << 20;
 
+/// Reads the first line of a reply: in place when the buffer holds all of it (nearly always),
+/// else through `line`.
 async fn read_header<R: AsyncBufRead + Unpin>(
     io: &mut R,
     line: &mut Vec<u8>,
 ) -> Result<Header, ReadError> {
+    let buffered = {
+        let buf = io.fill_buf().await?;
+        buf.iter()
+            .position(|&b| b == b'\n')
+            .map(|end| (parse_line(&buf[..=end]), end + 1))
+    };
+    if let Some((header, used)) = buffered {
+        // Consumed even for an error answer: the connection stays in step.
+        io.consume(used);
+        return header;
+    }
     line.clear();
     if io.read_until(b'\n', line).await? == 0 {
         return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     }
+    parse_line(line)
+}
+
+/// A reply's first line, with its CRLF.
+fn parse_line(line: &[u8]) -> Result<Header, ReadError> {
     let Some(body) = line.strip_suffix(b"\r\n") else {
         return Err(ReadError::Io(std::io::ErrorKind::UnexpectedEof.into()));
     };
     let Some((&kind, rest)) = body.split_first() else {
         return Err(ReadError::Protocol("empty line"));
     };
-    let number = || -> Result<i64, ReadError> {
-        std::str::from_utf8(rest)
-            .ok()
-            .and_then(|n| n.parse().ok())
-            .ok_or(ReadError::Protocol("bad length"))
+    let length = || match number(rest) {
+        Some(-1) => Ok(None),
+        Some(n) => usize::try_from(n)
+            .map(Some)
+            .map_err(|_| ReadError::Protocol("bad length")),
+        None => Err(ReadError::Protocol("bad length")),
     };
-    let length = |n: i64| usize::try_from(n).map_err(|_| ReadError::Protocol("bad length"));
     Ok(match kind {
         b'-' => return Err(ReadError::Redis(String::from_utf8_lossy(rest).into_owned())),
         b'+' => Header::Simple,
         b':' => Header::Int,
         b'_' => Header::Nil,
-        b'*' | b'$' => match number()? {
-            -1 => Header::Nil,
-            n if kind == b'*' => Header::Array(length(n)?),
-            n => match length(n)? {
-                n if n > MAX_BULK => return Err(ReadError::Protocol("bulk string too long")),
-                n => Header::Bulk(n),
-            },
+        b'*' => length()?.map_or(Header::Nil, Header::Array),
+        b'$' => match length()? {
+            None => Header::Nil,
+            Some(n) if n > MAX_BULK => return Err(ReadError::Protocol("bulk string too long")),
+            Some(n) => Header::Bulk(n),
         },
         _ => return Err(ReadError::Protocol("unknown reply type")),
     })
+}
+
+/// A decimal integer, as RESP writes lengths.
+fn number(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', digits)) => (true, digits),
+        _ => (false, text),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n = 0i64;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(digit - b'0');
+    }
+    Some(if negative { -n } else { n })
 }
 
 /// An array's length; `None` for nil.
@@ -248,6 +283,18 @@ async fn read_bulk<R: AsyncBufRead + Unpin>(
     let Header::Bulk(n) = read_header(io, line).await? else {
         return Err(ReadError::Protocol("expected a bulk string"));
     };
+    let buffered = {
+        let buf = io.fill_buf().await?;
+        buf.get(..n + 2).map(|whole| {
+            (whole[n..] == *b"\r\n")
+                .then(|| whole[..n].to_vec())
+                .ok_or(ReadError::Protocol("bulk string without its CRLF"))
+        })
+    };
+    if let Some(bytes) = buffered {
+        io.consume(n + 2);
+        return bytes;
+    }
     let mut bytes = vec![0; n + 2];
     io.read_exact(&mut bytes).await?;
     if bytes[n..] != *b"\r\n" {
@@ -346,6 +393,28 @@ mod tests {
         ] {
             let error = parse(broken).await.unwrap_err();
             assert!(!error.keeps_connection(), "{error}");
+        }
+    }
+
+    #[tokio::test]
+    async fn replies_split_across_reads_parse_alike() {
+        let reply = b"*1\r\n*2\r\n$6\r\nstream\r\n*1\r\n\
+            *2\r\n$15\r\n1700000000000-0\r\n*2\r\n$6\r\nrecord\r\n$19\r\n{\"id\":1,\"x\":\"abcd\"}\r\n";
+        let whole = parse(reply).await.unwrap();
+        // A 3-byte buffer: every header and bulk string crosses reads.
+        let mut small = tokio::io::BufReader::with_capacity(3, &reply[..]);
+        let split = read_entries(&mut small, &mut Vec::new()).await.unwrap();
+        assert_eq!(whole, split);
+        assert_eq!(whole[0].1[0].1, br#"{"id":1,"x":"abcd"}"#);
+    }
+
+    #[test]
+    fn lengths_are_decimal() {
+        assert_eq!(number(b"0"), Some(0));
+        assert_eq!(number(b"-1"), Some(-1));
+        assert_eq!(number(b"123456"), Some(123_456));
+        for bad in [&b""[..], b"-", b"1a", b" 1", b"9999999999999999999"] {
+            assert_eq!(number(bad), None, "{bad:?}");
         }
     }
 
