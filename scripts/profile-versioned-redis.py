@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Redis's instructions per message for keepwarm's writes, plain against versioned, under callgrind.
+
+Starts a private redis-server under `valgrind --tool=callgrind`, sends N bench-shaped messages
+(95% SET of a ~850-byte record, 5% DEL, over 10,000 rows) the way the applier does, and prints
+Redis's total instruction count:
+
+- plain: each batch one pipeline of SET/DEL (what `consistency = "plain"` sends);
+- versioned: each batch one EVALSHA of host/src/applier/versioned.lua, the data key and its
+  companion per message, then the version and the operation (what `Calls` in versioned.rs
+  builds).
+
+The stream's own commands (XREADGROUP, XACK) are left out: both modes pay them alike. Run two
+sizes; (count at the larger - count at the smaller) / (difference of sizes) is the cost per
+message, start-up cancelled out (docs/bench.md, "Versioned writes: where Redis's time goes"):
+
+    scripts/profile-versioned-redis.py plain 2000;     scripts/profile-versioned-redis.py plain 12000
+    scripts/profile-versioned-redis.py versioned 2000; scripts/profile-versioned-redis.py versioned 12000
+    scripts/profile-versioned-redis.py versioned 6000 --batch 1 --keep   # keeps the callgrind file
+
+Needs redis-server and valgrind; uses only the standard library.
+"""
+
+import argparse
+import os
+import random
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "host", "src", "applier", "versioned.lua")
+STATUSES = ["pending", "paid", "packed", "shipped", "delivered"]
+
+
+def command(*args):
+    out = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        arg = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(arg), arg))
+    return b"".join(out)
+
+
+class Redis:
+    def __init__(self, port):
+        self.sock = socket.create_connection(("127.0.0.1", port))
+        self.file = self.sock.makefile("rb")
+
+    def send(self, data):
+        self.sock.sendall(data)
+
+    def reply(self):
+        line = self.file.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b"-":
+            raise RuntimeError(rest.decode())
+        if kind in (b"+", b":"):
+            return rest
+        if kind == b"$":
+            n = int(rest)
+            return None if n < 0 else self.file.read(n + 2)[:-2]
+        if kind == b"*":
+            n = int(rest)
+            return None if n < 0 else [self.reply() for _ in range(n)]
+        raise RuntimeError(f"unexpected reply {line!r}")
+
+
+def record(rng, row, i):
+    r = rng.getrandbits(64)
+    return (
+        f'{{"id":{row},"customer_id":{row % 9973 + 1},"status":"{STATUSES[r % 5]}",'
+        f'"currency":"EUR","total_amount":"{(r >> 20) % 1000}.{(r >> 8) % 100:02}",'
+        f'"shipping_weight_kg":{(r >> 12) % 20}.25,"is_gift":{"true" if r & 1 else "false"},'
+        f'"created_at":"2025-03-14T09:26:53.589793Z",'
+        f'"updated_at":"2025-03-14T09:{i // 60 % 60:02}:{i % 60:02}.601022Z",'
+        f'"shipping_address":{{"line1":"{row} Keizersgracht","city":"Amsterdam",'
+        f'"postcode":"1015 CJ","country":"NL"}},"notes":"{"n" * 200}"}}'
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("mode", choices=["plain", "versioned"])
+    parser.add_argument("messages", type=int)
+    parser.add_argument("--batch", type=int, default=256, help="messages per pipeline or call")
+    parser.add_argument("--keep", action="store_true", help="keep and name the callgrind file")
+    args = parser.parse_args()
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tempfile.mktemp(prefix="keepwarm-redis-callgrind.")
+    server = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", "redis-server",
+         "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(600):
+        try:
+            redis = Redis(port)
+            redis.send(command("PING"))
+            redis.reply()
+            break
+        except OSError:
+            time.sleep(0.1)
+    else:
+        sys.exit("redis-server did not start")
+    if args.mode == "versioned":
+        redis.send(command("SCRIPT", "LOAD", open(SCRIPT).read()))
+        sha = redis.reply()
+
+    rng = random.Random(7)
+    lsn = 1000
+    sent = 0
+    while sent < args.messages:
+        batch = min(args.batch, args.messages - sent)
+        sent += batch
+        keys, argv, pipeline = [], [86_400_000], []
+        for _ in range(batch):
+            lsn += 1
+            row = rng.randrange(1, 10_001)
+            key = f"public.orders:{row}"
+            delete = rng.random() < 0.05
+            value = None if delete else record(rng, row, lsn)
+            if args.mode == "plain":
+                pipeline.append(command("DEL", key) if delete else command("SET", key, value))
+            else:
+                keys += [key, "kw:v:{" + key + "}"]
+                argv += [f"{lsn:020}:{0:020}"] + (["DEL"] if delete else ["SET", value, ""])
+        if args.mode == "plain":
+            redis.send(b"".join(pipeline))
+            for _ in range(batch):
+                redis.reply()
+        else:
+            redis.send(command("EVALSHA", sha, len(keys), *keys, *argv))
+            redis.reply()
+    redis.send(command("SHUTDOWN", "NOSAVE"))
+    try:
+        redis.reply()
+    except (OSError, RuntimeError):
+        pass
+    server.wait()
+    with open(out) as profile:
+        total = next(line.split()[1] for line in profile if line.startswith(("summary:", "totals:")))
+    print(f"{args.mode} {args.messages} messages, batches of {args.batch}: {total} instructions")
+    if args.keep:
+        print(f"callgrind file: {out}")
+    else:
+        os.unlink(out)
+
+
+if __name__ == "__main__":
+    main()
