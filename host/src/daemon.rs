@@ -196,13 +196,13 @@ pub async fn run(
     Ok(())
 }
 
-#[cfg(feature = "postgres")]
 /// Backfills a table (`keepwarm backfill`) through the plugins into the cache, with the
 /// connection of the configuration's Postgres source (`source` names it when there are several).
 ///
 /// # Errors
 ///
 /// No such source, start-up fails, or the table cannot be read.
+#[cfg(feature = "postgres")]
 pub async fn backfill(
     config: Config,
     source: Option<String>,

@@ -166,8 +166,8 @@ impl Reader {
     }
 }
 
-/// Parses `XAUTOCLAIM`'s `[[id, [field, value, …]], …]` by value (the field values, the whole message, are
-/// moved, not copied), skipping entries deleted from the stream.
+/// Parses `XAUTOCLAIM`'s `[[id, [field, value, …]], …]` by value (the field values, the whole
+/// message, are moved, not copied), skipping entries deleted from the stream.
 fn parse_entries(value: Value) -> Vec<Entry> {
     let Value::Array(entries) = value else {
         return Vec::new();
