@@ -11,8 +11,9 @@
 //! Sources never write to the cache and never name the pipeline: they see it as a
 //! [`Dispatch`](crate::delivery::Dispatch) handle. Only sources talk to queues.
 //!
-//! Adding a kind: a folder here with `config.rs` and `mod.rs`, one line in [`registry!`]'s
-//! call below, and its section in `docs/sources.md` and `config/example.toml`.
+//! Adding a kind: a folder here with `config.rs` and `mod.rs`, its `mod` line and one line in
+//! [`registry!`]'s call below, and its section in `docs/sources.md` and
+//! `config/example.toml`.
 //!
 //! - [`redis_stream`]: Sequin's Redis Stream sink, through a consumer group.
 //! - [`sqs`]: Sequin's SQS sink (FIFO or standard queues); deletes after apply.
@@ -175,7 +176,7 @@ pub struct SourceKind {
     pub built: bool,
 }
 
-/// Declares each kind's module and its variant of [`SourceConfig`], tagged by `kind`. A kind
+/// Declares each kind's variant of [`SourceConfig`], tagged by `kind`. A kind
 /// with `in "feature"` is built only with that cargo feature (its client is a large build);
 /// without it, a `[[source]]` of that kind is refused with the feature it needs.
 macro_rules! registry {
@@ -183,12 +184,7 @@ macro_rules! registry {
     (@feature $feature:literal) => { Some($feature) };
     (@built) => { true };
     (@built $feature:literal) => { cfg!(feature = $feature) };
-    ($($module:ident: $kind:literal => $variant:ident($config:ty) $(in $feature:literal)?),* $(,)?) => {
-        $(
-            $(#[cfg(feature = $feature)])?
-            pub mod $module;
-        )*
-
+    ($($kind:literal => $variant:ident($config:ty) $(in $feature:literal)?),* $(,)?) => {
         /// One `[[source]]` table; its `kind` picks the source.
         #[derive(Clone, Debug)]
         pub enum SourceConfig {
@@ -259,14 +255,28 @@ macro_rules! registry {
     };
 }
 
+// Declared here, not by the macro, so that rustfmt reaches them.
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "postgres")]
+pub mod postgres;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;
+pub mod redis_stream;
+#[cfg(feature = "sqs")]
+pub mod sqs;
+pub mod webhook;
+
 registry! {
-    redis_stream: "redis-stream" => RedisStream(redis_stream::RedisStreamSourceConfig),
-    sqs: "sqs" => Sqs(sqs::SqsSourceConfig) in "sqs",
-    kafka: "kafka" => Kafka(kafka::KafkaSourceConfig) in "kafka",
-    webhook: "http" => Http(webhook::HttpSourceConfig),
-    nats: "nats" => Nats(nats::NatsSourceConfig) in "nats",
-    rabbitmq: "rabbitmq" => RabbitMq(rabbitmq::RabbitMqSourceConfig) in "rabbitmq",
-    postgres: "postgres" => Postgres(postgres::PostgresSourceConfig) in "postgres",
+    "redis-stream" => RedisStream(redis_stream::RedisStreamSourceConfig),
+    "sqs" => Sqs(sqs::SqsSourceConfig) in "sqs",
+    "kafka" => Kafka(kafka::KafkaSourceConfig) in "kafka",
+    "http" => Http(webhook::HttpSourceConfig),
+    "nats" => Nats(nats::NatsSourceConfig) in "nats",
+    "rabbitmq" => RabbitMq(rabbitmq::RabbitMqSourceConfig) in "rabbitmq",
+    "postgres" => Postgres(postgres::PostgresSourceConfig) in "postgres",
 }
 
 /// Why a `kind` that this build cannot read is refused: a kind left out of the build names the

@@ -1,9 +1,7 @@
 //! `[[source]] kind = "kafka"`.
 
 use super::KafkaSource;
-use crate::sources::{
-    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
-};
+use crate::sources::{Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits};
 use crate::valid::{Bounded, NonEmpty};
 use rdkafka::ClientConfig;
 use serde::Deserialize;
@@ -152,9 +150,9 @@ mod tests {
         let config: KafkaSourceConfig = toml::from_str(&text).map_err(|e| e.to_string())?;
         config
             .validate(&SourceLimits {
-            max_in_flight: 10,
-            cache_redis: true,
-        })
+                max_in_flight: 10,
+                cache_redis: true,
+            })
             .map_err(|e| e.to_string())?;
         Ok(config)
     }

@@ -40,7 +40,10 @@ impl Partition {
     }
 
     fn in_flight(&self) -> usize {
-        self.marks.values().filter(|m| **m == Mark::InFlight).count()
+        self.marks
+            .values()
+            .filter(|m| **m == Mark::InFlight)
+            .count()
     }
 
     /// Drops the applied prefix.

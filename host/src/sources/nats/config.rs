@@ -1,9 +1,7 @@
 //! `[[source]] kind = "nats"`.
 
 use super::NatsSource;
-use crate::sources::{
-    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
-};
+use crate::sources::{Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits};
 use crate::valid::{Bounded, Checked, NonEmpty, TextRule};
 use serde::Deserialize;
 

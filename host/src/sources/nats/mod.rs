@@ -288,7 +288,11 @@ impl Puller {
                 return Pulled::Failed;
             }
         };
-        let redelivered = ctx.metrics().redelivered.get_or_create(ctx.labels()).clone();
+        let redelivered = ctx
+            .metrics()
+            .redelivered
+            .get_or_create(ctx.labels())
+            .clone();
         let mut stopping = false;
         loop {
             // A pull request is never dropped half-way: the server may already be sending

@@ -14,8 +14,8 @@
 
 use super::change::{Column, Fixed, Relation};
 use super::checks::{self, ident, split_table};
-use super::error::{PostgresError, SetupError};
 use super::config::PostgresSourceConfig;
+use super::error::{PostgresError, SetupError};
 use super::values::{quoted, write_value};
 use crate::delivery::Settle;
 use crate::sources::jsonl::Progress;
@@ -125,7 +125,12 @@ pub async fn run(
     let oid: u32 = client
         .query_one("SELECT $1::text::regclass::oid", &[&qualified])
         .await
-        .map_err(|error| failed(PostgresError::Sql { what: format!("find table {}", request.table), error }))?
+        .map_err(|error| {
+            failed(PostgresError::Sql {
+                what: format!("find table {}", request.table),
+                error,
+            })
+        })?
         .get(0);
     let columns = client
         .query(
@@ -134,9 +139,16 @@ pub async fn run(
             &[&oid],
         )
         .await
-        .map_err(|error| failed(PostgresError::Sql { what: "read the columns".into(), error }))?;
-    let types: Vec<(String, u32, String)> =
-        columns.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+        .map_err(|error| {
+            failed(PostgresError::Sql {
+                what: "read the columns".into(),
+                error,
+            })
+        })?;
+    let types: Vec<(String, u32, String)> = columns
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     let pk = checks::primary_key(&client, oid).await.map_err(failed)?;
     if pk.is_empty() {
         // Read in primary-key order, keyed by it.
@@ -153,7 +165,10 @@ pub async fn run(
         table: name.to_owned(),
         columns: types
             .iter()
-            .map(|(name, oid, _)| Column { name: Arc::from(name.as_str()), type_oid: *oid })
+            .map(|(name, oid, _)| Column {
+                name: Arc::from(name.as_str()),
+                type_oid: *oid,
+            })
             .collect(),
         pks: pk
             .iter()
@@ -179,26 +194,40 @@ pub async fn run(
     if !state.after.is_empty() {
         tracing::info!(table = %request.table, after = ?state.after, "resuming the backfill");
     }
-    let select: Vec<String> = types.iter().map(|(name, ..)| format!("{}::text", ident(name))).collect();
+    let select: Vec<String> = types
+        .iter()
+        .map(|(name, ..)| format!("{}::text", ident(name)))
+        .collect();
     // Qualified: a bare name in ORDER BY would sort by the `::text` output column of that name.
     let key_cols: Vec<String> = pk.iter().map(|p| format!("src.{}", ident(p))).collect();
     let key_params: Vec<String> = pk
         .iter()
         .enumerate()
         .map(|(i, p)| {
-            let ty = types.iter().find(|(n, ..)| n == p).map_or("text", |(_, _, ty)| ty.as_str());
+            let ty = types
+                .iter()
+                .find(|(n, ..)| n == p)
+                .map_or("text", |(_, _, ty)| ty.as_str());
             format!("${}::text::{ty}", i + 1)
         })
         .collect();
     let filter = request.filter.as_deref().map(|f| format!("({f})"));
     let count_sql = format!(
         "SELECT count(*) FROM {qualified}{}",
-        filter.as_deref().map(|f| format!(" WHERE {f}")).unwrap_or_default()
+        filter
+            .as_deref()
+            .map(|f| format!(" WHERE {f}"))
+            .unwrap_or_default()
     );
     let total: i64 = client
         .query_one(&count_sql, &[])
         .await
-        .map_err(|error| failed(PostgresError::Sql { what: "count the rows".into(), error }))?
+        .map_err(|error| {
+            failed(PostgresError::Sql {
+                what: "count the rows".into(),
+                error,
+            })
+        })?
         .get(0);
     let progress = Progress::messages(u64::try_from(total).unwrap_or(0));
     let tally = Arc::new(Tally::default());
@@ -208,7 +237,11 @@ pub async fn run(
     loop {
         let mut conditions = Vec::new();
         if !state.after.is_empty() {
-            conditions.push(format!("({}) > ({})", key_cols.join(", "), key_params.join(", ")));
+            conditions.push(format!(
+                "({}) > ({})",
+                key_cols.join(", "),
+                key_params.join(", ")
+            ));
         }
         if let Some(f) = &filter {
             conditions.push(f.clone());
@@ -216,33 +249,54 @@ pub async fn run(
         let sql = format!(
             "SELECT {} FROM {qualified} AS src{} ORDER BY {} LIMIT {CHUNK}",
             select.join(", "),
-            if conditions.is_empty() { String::new() } else { format!(" WHERE {}", conditions.join(" AND ")) },
+            if conditions.is_empty() {
+                String::new()
+            } else {
+                format!(" WHERE {}", conditions.join(" AND "))
+            },
             key_cols.join(", "),
         );
         let params: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if state.after.is_empty() {
             Vec::new()
         } else {
-            state.after.iter().map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync)).collect()
+            state
+                .after
+                .iter()
+                .map(|v| v as &(dyn tokio_postgres::types::ToSql + Sync))
+                .collect()
         };
-        let rows = client
-            .query(&sql, &params)
-            .await
-            .map_err(|error| failed(PostgresError::Sql { what: format!("read {}", request.table), error }))?;
+        let rows = client.query(&sql, &params).await.map_err(|error| {
+            failed(PostgresError::Sql {
+                what: format!("read {}", request.table),
+                error,
+            })
+        })?;
         if rows.is_empty() {
             break;
         }
-        let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ").to_string();
+        let now = chrono::Utc::now()
+            .format("%Y-%m-%dT%H:%M:%S%.6fZ")
+            .to_string();
         let mut last = Vec::new();
         for row in &rows {
             let texts: Vec<Option<String>> = (0..types.len()).map(|i| row.get(i)).collect();
-            let pks: Vec<String> = relation.pks.iter().map(|&i| texts[i].clone().unwrap_or_default()).collect();
+            let pks: Vec<String> = relation
+                .pks
+                .iter()
+                .map(|&i| texts[i].clone().unwrap_or_default())
+                .collect();
             let json = read_message(&relation, &texts, &pks, &state.id, &now, &fixed);
             let Some(mut permits) = ctx.reserve(1).await else {
                 return Ok(summary(&tally, rows_read, started));
             };
             let Some(permit) = permits.take() else { break };
             rows_read += 1;
-            ctx.deliver(permit, ctx.decode_json(json.into_bytes()), format!("{}:{}", request.table, pks.join(":")), &settle);
+            ctx.deliver(
+                permit,
+                ctx.decode_json(json.into_bytes()),
+                format!("{}:{}", request.table, pks.join(":")),
+                &settle,
+            );
             last = pks;
         }
         // The chunk is settled before its end is remembered, so a crash re-reads at most it.
@@ -282,12 +336,22 @@ fn log_rate(table: &str, rows: u64, started: Instant, total: i64) {
     let rate = rows as f64 / seconds;
     let left = (total as f64 - rows as f64).max(0.0);
     let eta = if rate > 0.0 { left / rate } else { 0.0 };
-    tracing::info!(table, rows, total, rows_per_second = rate as u64, eta_seconds = eta as u64, "backfill progress");
+    tracing::info!(
+        table,
+        rows,
+        total,
+        rows_per_second = rate as u64,
+        eta_seconds = eta as u64,
+        "backfill progress"
+    );
 }
 
 fn save(path: &PathBuf, state: &State) -> Result<(), SourceError> {
     let tmp = path.with_extension("tmp");
-    let write = |error| SourceError::Read { what: format!("backfill state {}", path.display()), error };
+    let write = |error| SourceError::Read {
+        what: format!("backfill state {}", path.display()),
+        error,
+    };
     let text = serde_json::to_vec(state).unwrap_or_default();
     std::fs::write(&tmp, text).map_err(write)?;
     std::fs::rename(&tmp, path).map_err(write)

@@ -114,7 +114,9 @@ fn value(column: &Column, row: &RowData) -> Value {
             write_value(&mut out, column.type_oid, &String::from_utf8_lossy(bytes));
             Value::Json(out)
         }
-        Some(ColumnValue::Binary(bytes)) => Value::Json(quoted(&format!("\\x{}", hex::encode(bytes)))),
+        Some(ColumnValue::Binary(bytes)) => {
+            Value::Json(quoted(&format!("\\x{}", hex::encode(bytes))))
+        }
     }
 }
 
@@ -167,7 +169,11 @@ pub(super) fn message(
         // differs; a key-only old row (identity not FULL) carries only the key.
         if let Some(old_value) = &old_value
             && new_value != Value::Absent
-            && (relation.full_identity || relation.pks.iter().any(|&i| relation.columns[i].name == column.name))
+            && (relation.full_identity
+                || relation
+                    .pks
+                    .iter()
+                    .any(|&i| relation.columns[i].name == column.name))
             && *old_value != Value::Absent
             && *old_value != new_value
         {
@@ -180,7 +186,11 @@ pub(super) fn message(
     }
     record.push('}');
     changes.push('}');
-    let changes = if action == "update" { changes.as_str() } else { "null" };
+    let changes = if action == "update" {
+        changes.as_str()
+    } else {
+        "null"
+    };
     let pks: Vec<String> = relation
         .pks
         .iter()
@@ -245,13 +255,20 @@ mod tests {
     #[test]
     fn an_insert_is_a_sequin_message() {
         let fixed = Fixed::new("shop-prod", "orders-cache", "shop", "db.internal");
-        let new = row(&[("id", Some("1001")), ("status", Some("paid")), ("note", None)]);
+        let new = row(&[
+            ("id", Some("1001")),
+            ("status", Some("paid")),
+            ("note", None),
+        ]);
         let json = message(&relation(false), &txn(), 0, &Row::Insert(&new), &fixed);
         let message = crate::message::ChangeMessage::from_json(&json).unwrap();
         assert_eq!(message.row_id(), "public.orders:1001");
         assert_eq!(message.idempotency_key, "MTI0MzM2MTE2MDow");
         let v = parse(&json);
-        assert_eq!(v["record"], parse(r#"{"id":1001,"status":"paid","note":null}"#));
+        assert_eq!(
+            v["record"],
+            parse(r#"{"id":1001,"status":"paid","note":null}"#)
+        );
         assert_eq!(v["changes"], serde_json::Value::Null);
         let meta = &v["metadata"];
         assert_eq!(meta.as_object().unwrap().len(), 12);
@@ -264,11 +281,37 @@ mod tests {
     #[test]
     fn updates_carry_changed_old_values_or_an_empty_object() {
         let fixed = Fixed::new("db", "c", "db", "h");
-        let old = row(&[("id", Some("1")), ("status", Some("new")), ("note", Some("x"))]);
-        let new = row(&[("id", Some("1")), ("status", Some("paid")), ("note", Some("x"))]);
-        let full = message(&relation(true), &txn(), 3, &Row::Update { old: Some(&old), new: &new }, &fixed);
+        let old = row(&[
+            ("id", Some("1")),
+            ("status", Some("new")),
+            ("note", Some("x")),
+        ]);
+        let new = row(&[
+            ("id", Some("1")),
+            ("status", Some("paid")),
+            ("note", Some("x")),
+        ]);
+        let full = message(
+            &relation(true),
+            &txn(),
+            3,
+            &Row::Update {
+                old: Some(&old),
+                new: &new,
+            },
+            &fixed,
+        );
         assert_eq!(parse(&full)["changes"], parse(r#"{"status":"new"}"#));
-        let none = message(&relation(false), &txn(), 3, &Row::Update { old: None, new: &new }, &fixed);
+        let none = message(
+            &relation(false),
+            &txn(),
+            3,
+            &Row::Update {
+                old: None,
+                new: &new,
+            },
+            &fixed,
+        );
         assert_eq!(parse(&none)["changes"], parse("{}"));
     }
 
@@ -276,10 +319,32 @@ mod tests {
     fn unchanged_toast_is_marked_or_filled_from_the_old_row() {
         let fixed = Fixed::new("db", "c", "db", "h");
         let new = row(&[("id", Some("1")), ("status", Some("paid"))]);
-        let json = message(&relation(false), &txn(), 0, &Row::Update { old: None, new: &new }, &fixed);
+        let json = message(
+            &relation(false),
+            &txn(),
+            0,
+            &Row::Update {
+                old: None,
+                new: &new,
+            },
+            &fixed,
+        );
         assert_eq!(parse(&json)["record"]["note"], "unchanged_toast");
-        let old = row(&[("id", Some("1")), ("status", Some("new")), ("note", Some("long"))]);
-        let json = message(&relation(true), &txn(), 0, &Row::Update { old: Some(&old), new: &new }, &fixed);
+        let old = row(&[
+            ("id", Some("1")),
+            ("status", Some("new")),
+            ("note", Some("long")),
+        ]);
+        let json = message(
+            &relation(true),
+            &txn(),
+            0,
+            &Row::Update {
+                old: Some(&old),
+                new: &new,
+            },
+            &fixed,
+        );
         assert_eq!(parse(&json)["record"]["note"], "long");
         assert_eq!(parse(&json)["changes"], parse(r#"{"status":"new"}"#));
     }

@@ -53,17 +53,21 @@ pub(super) async fn check(
     first: bool,
 ) -> Result<Setup, PostgresError> {
     let one = |row: tokio_postgres::Row| row.get::<_, String>(0);
-    let wal_level = one(client.query_one("SHOW wal_level", &[]).await.map_err(sql("read wal_level"))?);
+    let wal_level = one(client
+        .query_one("SHOW wal_level", &[])
+        .await
+        .map_err(sql("read wal_level"))?);
     if wal_level != "logical" {
         return Err(SetupError::WalLevel { found: wal_level }.into());
     }
-    let date_style = one(client.query_one("SHOW DateStyle", &[]).await.map_err(sql("read DateStyle"))?);
-    let interval_style = one(
-        client
-            .query_one("SHOW IntervalStyle", &[])
-            .await
-            .map_err(sql("read IntervalStyle"))?,
-    );
+    let date_style = one(client
+        .query_one("SHOW DateStyle", &[])
+        .await
+        .map_err(sql("read DateStyle"))?);
+    let interval_style = one(client
+        .query_one("SHOW IntervalStyle", &[])
+        .await
+        .map_err(sql("read IntervalStyle"))?);
     if !date_style.starts_with("ISO") || interval_style != "postgres" {
         return Err(SetupError::DateStyle {
             date_style,
@@ -176,7 +180,9 @@ async fn tables(
         .collect();
     let mut wanted = HashSet::new();
     for table in &config.tables {
-        let Some((schema, name)) = split_table(table) else { continue };
+        let Some((schema, name)) = split_table(table) else {
+            continue;
+        };
         if !published.iter().any(|(s, t, ..)| s == schema && t == name) {
             return Err(SetupError::NotPublished {
                 table: table.to_string(),
@@ -267,7 +273,9 @@ async fn slot(
         Some(row) => {
             let (plugin, database, current): (Option<String>, Option<String>, String) =
                 (row.get(0), row.get(1), row.get(2));
-            if plugin.as_deref() != Some("pgoutput") || database.as_deref() != Some(current.as_str()) {
+            if plugin.as_deref() != Some("pgoutput")
+                || database.as_deref() != Some(current.as_str())
+            {
                 return Err(SetupError::ForeignSlot {
                     slot: slot.to_owned(),
                     database: current,

@@ -145,12 +145,12 @@ impl SourceConfigure for PostgresSourceConfig {
             let connect = self.connect_config()?;
             // A database that is reachable but not set up stops the daemon at start-up, with
             // what to change; one that is unreachable is retried by the running source.
-            super::checks::check_at_start(&connect, &self).await.map_err(|error| {
-                SourceError::Client {
+            super::checks::check_at_start(&connect, &self)
+                .await
+                .map_err(|error| SourceError::Client {
                     what: format!("postgres source {}", self.name()),
                     error: Box::new(error),
-                }
-            })?;
+                })?;
             Ok(Box::new(PostgresSource {
                 config: *self,
                 connect,
@@ -188,7 +188,13 @@ mod tests {
                slot = "Bad-Slot""#,
         )
         .unwrap();
-        assert!(bad_slot.validate(&limits).unwrap_err().to_string().contains("slot"));
+        assert!(
+            bad_slot
+                .validate(&limits)
+                .unwrap_err()
+                .to_string()
+                .contains("slot")
+        );
         let bad_table = parse(
             r#"connection = "host=db"
                publication = "p"
@@ -197,7 +203,13 @@ mod tests {
                truncate = "ignore""#,
         )
         .unwrap();
-        assert!(bad_table.validate(&limits).unwrap_err().to_string().contains("schema.table"));
+        assert!(
+            bad_table
+                .validate(&limits)
+                .unwrap_err()
+                .to_string()
+                .contains("schema.table")
+        );
         let unknown = parse("connection = \"x\"\npublication = \"p\"\nslot = \"s\"\ncolour = 1");
         assert!(unknown.unwrap_err().to_string().contains("colour"));
     }

@@ -96,7 +96,9 @@ pub(super) fn row_id(commit_lsn: u64, commit_idx: u64) -> String {
 
 impl Settle for Confirm {
     fn settle(&self, id: &str, settled: Settled) {
-        let lsn = id.split_once(':').and_then(|(lsn, _)| lsn.parse::<u64>().ok());
+        let lsn = id
+            .split_once(':')
+            .and_then(|(lsn, _)| lsn.parse::<u64>().ok());
         if let Some(lsn) = lsn {
             let mut txns = self.txns();
             if let Some(txn) = txns.get_mut(&lsn) {

@@ -89,7 +89,9 @@ pub enum SetupError {
         statement: String,
     },
     /// The publication is missing and keepwarm may not create it.
-    #[error("publication {publication:?} does not exist: {statement}; or set create_publication = true")]
+    #[error(
+        "publication {publication:?} does not exist: {statement}; or set create_publication = true"
+    )]
     NoPublication {
         /// The publication.
         publication: String,

@@ -31,10 +31,10 @@ use super::{BoxFuture, Sampler, Source, SourceContext, SourceError};
 use crate::delivery::{Payload, RawPayload, Settle};
 use crate::message::DecodeError;
 use change::{Column, Fixed, Relation, Row, TxnInfo};
-pub use config::PostgresSourceConfig;
-pub use error::{PostgresError, SetupError};
 use config::OnTruncate;
+pub use config::PostgresSourceConfig;
 use confirm::{Confirm, row_id};
+pub use error::{PostgresError, SetupError};
 use pg_walstream::{
     EventType, LogicalReplicationStream, ReplicaIdentity, ReplicationError,
     ReplicationStreamConfig, RetryConfig, StreamingMode,
@@ -82,14 +82,26 @@ struct Streamer {
 impl PostgresSource {
     async fn run_until_shutdown(self, ctx: SourceContext) -> Result<(), SourceError> {
         let PostgresSource { config, connect } = self;
-        let dbname = connect.get_dbname().or(connect.get_user()).unwrap_or("postgres").to_owned();
+        let dbname = connect
+            .get_dbname()
+            .or(connect.get_user())
+            .unwrap_or("postgres")
+            .to_owned();
         let host = match connect.get_hosts().first() {
             Some(tokio_postgres::config::Host::Tcp(host)) => host.clone(),
             Some(tokio_postgres::config::Host::Unix(path)) => path.display().to_string(),
             None => "localhost".to_owned(),
         };
-        let database_name = config.database_name.as_deref().unwrap_or(&dbname).to_owned();
-        let consumer_name = config.consumer_name.as_deref().unwrap_or(&config.slot).to_owned();
+        let database_name = config
+            .database_name
+            .as_deref()
+            .unwrap_or(&dbname)
+            .to_owned();
+        let consumer_name = config
+            .consumer_name
+            .as_deref()
+            .unwrap_or(&config.slot)
+            .to_owned();
         let mut streamer = Streamer {
             fixed: Fixed::new(&database_name, &consumer_name, &dbname, &host),
             config,
@@ -207,9 +219,10 @@ impl Streamer {
             max_duration: Duration::from_secs(10),
             jitter: false,
         });
-        let mut stream = LogicalReplicationStream::new(&replication_url(&self.connect), stream_config)
-            .await
-            .map_err(PostgresError::Stream)?;
+        let mut stream =
+            LogicalReplicationStream::new(&replication_url(&self.connect), stream_config)
+                .await
+                .map_err(PostgresError::Stream)?;
         // From the slot's confirmed flush LSN.
         stream.start(None).await.map_err(PostgresError::Stream)?;
         ctx.set_up(true);
@@ -234,7 +247,9 @@ impl Streamer {
         };
         let cancel = ctx.shutdown.child_token();
         let result = loop {
-            stream.shared_lsn_feedback.update_applied_lsn(confirm.confirmed());
+            stream
+                .shared_lsn_feedback
+                .update_applied_lsn(confirm.confirmed());
             let event = match stream.next_event(&cancel).await {
                 Ok(event) => event,
                 Err(ReplicationError::Cancelled(_)) => break Ok(()),
@@ -248,7 +263,9 @@ impl Streamer {
             // Between transactions with nothing outstanding, everything received is applied:
             // confirm it, so an idle slot (or one whose WAL is about other tables) keeps up.
             if reader.txn.is_none() && confirm.is_idle() {
-                stream.shared_lsn_feedback.update_applied_lsn(stream.current_lsn());
+                stream
+                    .shared_lsn_feedback
+                    .update_applied_lsn(stream.current_lsn());
             }
             stream.maybe_send_feedback().await;
         };
@@ -259,7 +276,9 @@ impl Streamer {
                 .tally
                 .wait_settled(reader.delivered, Duration::from_secs(5), |_| {})
                 .await;
-            stream.shared_lsn_feedback.update_applied_lsn(confirm.confirmed());
+            stream
+                .shared_lsn_feedback
+                .update_applied_lsn(confirm.confirmed());
             if let Err(error) = stream.stop().await {
                 tracing::debug!(source = %ctx.name, error = %error, "final feedback failed");
             }
@@ -388,7 +407,9 @@ impl Reader<'_> {
                         Ok(serde_json::Value::Object(_)) => {
                             txn.info.annotations = Some(text.into_owned());
                         }
-                        _ => tracing::warn!(source = %self.ctx.name, "transaction annotations are not a JSON object; left null"),
+                        _ => {
+                            tracing::warn!(source = %self.ctx.name, "transaction annotations are not a JSON object; left null")
+                        }
                     }
                 }
             }
@@ -464,7 +485,8 @@ impl Reader<'_> {
         };
         self.confirm.row(lsn);
         self.delivered += 1;
-        self.ctx.deliver(permit, payload, row_id(lsn, idx), &self.settle);
+        self.ctx
+            .deliver(permit, payload, row_id(lsn, idx), &self.settle);
         true
     }
 }
@@ -508,12 +530,19 @@ fn encode(text: &str) -> String {
 /// Samples the slot's lag into the gauge until shutdown; warns above `bound`, and when the
 /// slot is gone.
 async fn sample_lag(connect: tokio_postgres::Config, slot: String, bound: u64, ctx: SourceContext) {
-    let gauge = ctx.metrics().pg_slot_lag_bytes.get_or_create(ctx.labels()).clone();
+    let gauge = ctx
+        .metrics()
+        .pg_slot_lag_bytes
+        .get_or_create(ctx.labels())
+        .clone();
     let mut client = None;
     let mut over = false;
     let mut every = Sampler::every(SAMPLE_EVERY);
     while every.tick(&ctx).await {
-        if client.as_ref().is_none_or(tokio_postgres::Client::is_closed) {
+        if client
+            .as_ref()
+            .is_none_or(tokio_postgres::Client::is_closed)
+        {
             client = checks::connect(&connect).await.ok();
         }
         let Some(c) = client.as_ref() else { continue };
@@ -526,8 +555,12 @@ async fn sample_lag(connect: tokio_postgres::Config, slot: String, bound: u64, c
                 }
                 over = now_over;
             }
-            Ok(None) => tracing::warn!(source = %ctx.name, slot = %slot, "the replication slot does not exist"),
-            Err(error) => tracing::debug!(source = %ctx.name, error = %error, "cannot sample the slot's lag"),
+            Ok(None) => {
+                tracing::warn!(source = %ctx.name, slot = %slot, "the replication slot does not exist")
+            }
+            Err(error) => {
+                tracing::debug!(source = %ctx.name, error = %error, "cannot sample the slot's lag")
+            }
         }
     }
 }
@@ -540,7 +573,8 @@ mod tests {
     #[test]
     fn the_replication_url_keeps_every_part_encoded() {
         let mut config =
-            tokio_postgres::Config::from_str("host=db.internal port=6543 user=kw dbname=shop").unwrap();
+            tokio_postgres::Config::from_str("host=db.internal port=6543 user=kw dbname=shop")
+                .unwrap();
         config.password("p@ss word");
         assert_eq!(
             replication_url(&config),

@@ -34,9 +34,9 @@ mod oid {
 fn element_of(type_oid: u32) -> Option<u32> {
     Some(match type_oid {
         1000 => oid::BOOL,
-        1001 => 17,   // bytea
-        1002 => 18,   // char
-        1003 => 19,   // name
+        1001 => 17, // bytea
+        1002 => 18, // char
+        1003 => 19, // name
         1005 => oid::INT2,
         1007 => oid::INT4,
         1009 => 25,   // text
@@ -46,7 +46,7 @@ fn element_of(type_oid: u32) -> Option<u32> {
         1021 => oid::FLOAT4,
         1022 => oid::FLOAT8,
         1028 => oid::OID,
-        791 => 790,   // money
+        791 => 790, // money
         199 => oid::JSON,
         3807 => oid::JSONB,
         1182 => 1082, // date
@@ -137,7 +137,11 @@ fn numeric(text: &str) -> String {
     let exponent = -(fraction.len() as i64);
     let all = format!("{whole}{fraction}");
     let coefficient = all.trim_start_matches('0');
-    let coefficient = if coefficient.is_empty() { "0" } else { coefficient };
+    let coefficient = if coefficient.is_empty() {
+        "0"
+    } else {
+        coefficient
+    };
     let adjusted = exponent + coefficient.len() as i64 - 1;
     if exponent == 0 || adjusted >= -6 {
         return text.to_owned();
@@ -311,7 +315,11 @@ mod tests {
         check(701, "NaN", r#""NaN""#);
         check(701, "-Infinity", r#""-Infinity""#);
         check(25, "naïve \"quoted\"\n", r#""naïve \"quoted\"\n""#);
-        check(2950, "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11", r#""a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11""#);
+        check(
+            2950,
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11",
+            r#""a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11""#,
+        );
         check(17, r"\xdeadbeef", r#""\\xdeadbeef""#);
         check(3802, r#"{"a": [1, 10.50]}"#, r#"{"a": [1, 10.50]}"#);
         check(114, "3", "3");
@@ -332,16 +340,44 @@ mod tests {
 
     #[test]
     fn times() {
-        check(1184, "2026-12-02 06:13:42+00", r#""2026-12-02T06:13:42.000000Z""#);
-        check(1184, "2026-12-02 06:13:42.5+05:30", r#""2026-12-02T00:43:42.500000Z""#);
-        check(1184, "2026-12-01 23:00:00.123456-02", r#""2026-12-02T01:00:00.123456Z""#);
+        check(
+            1184,
+            "2026-12-02 06:13:42+00",
+            r#""2026-12-02T06:13:42.000000Z""#,
+        );
+        check(
+            1184,
+            "2026-12-02 06:13:42.5+05:30",
+            r#""2026-12-02T00:43:42.500000Z""#,
+        );
+        check(
+            1184,
+            "2026-12-01 23:00:00.123456-02",
+            r#""2026-12-02T01:00:00.123456Z""#,
+        );
         check(1184, "infinity", r#""infinity""#);
-        check(1114, "2026-12-02 06:13:42.25", r#""2026-12-02T06:13:42.250000""#);
+        check(
+            1114,
+            "2026-12-02 06:13:42.25",
+            r#""2026-12-02T06:13:42.250000""#,
+        );
         check(1083, "06:13:42.123", r#""06:13:42""#);
         check(1266, "06:13:42+02", r#""06:13:42""#);
-        check(1186, "1 year 2 mons -3 days 04:05:06.5", r#"{"months":14,"days":-3,"microseconds":14706500000}"#);
-        check(1186, "-00:00:01", r#"{"months":0,"days":0,"microseconds":-1000000}"#);
-        check(1186, "00:00:00", r#"{"months":0,"days":0,"microseconds":0}"#);
+        check(
+            1186,
+            "1 year 2 mons -3 days 04:05:06.5",
+            r#"{"months":14,"days":-3,"microseconds":14706500000}"#,
+        );
+        check(
+            1186,
+            "-00:00:01",
+            r#"{"months":0,"days":0,"microseconds":-1000000}"#,
+        );
+        check(
+            1186,
+            "00:00:00",
+            r#"{"months":0,"days":0,"microseconds":0}"#,
+        );
     }
 
     #[test]
@@ -349,9 +385,17 @@ mod tests {
         check(1007, "{1,2,NULL}", "[1,2,null]");
         check(1007, "{}", "[]");
         check(1007, "{{1,2},{3,4}}", "[[1,2],[3,4]]");
-        check(1009, r#"{a,"b c","d\"e","NULL",NULL}"#, r#"["a","b c","d\"e","NULL",null]"#);
+        check(
+            1009,
+            r#"{a,"b c","d\"e","NULL",NULL}"#,
+            r#"["a","b c","d\"e","NULL",null]"#,
+        );
         check(1231, "{1.50,0.0000001}", r#"["1.50","1E-7"]"#);
-        check(1185, r#"{"2026-12-02 06:13:42+00"}"#, r#"["2026-12-02T06:13:42.000000Z"]"#);
+        check(
+            1185,
+            r#"{"2026-12-02 06:13:42+00"}"#,
+            r#"["2026-12-02T06:13:42.000000Z"]"#,
+        );
         check(3807, r#"{"{\"a\": 1}",null}"#, r#"[{"a": 1},null]"#);
         check(1007, "[0:1]={1,2}", "[1,2]");
         check(1000, "{t,f}", "[true,false]");

@@ -1,9 +1,7 @@
 //! `[[source]] kind = "rabbitmq"`.
 
 use super::RabbitMqSource;
-use crate::sources::{
-    Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits,
-};
+use crate::sources::{Built, Source, SourceConfigError, SourceConfigure, SourceEnv, SourceLimits};
 use crate::valid::NonEmpty;
 use serde::Deserialize;
 

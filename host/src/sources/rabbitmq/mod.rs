@@ -160,8 +160,8 @@ async fn open(
     ctx: &SourceContext,
 ) -> Result<Session, lapin::Error> {
     let config = &source.config;
-    let properties =
-        ConnectionProperties::default().with_connection_name(format!("keepwarm {}", ctx.name).into());
+    let properties = ConnectionProperties::default()
+        .with_connection_name(format!("keepwarm {}", ctx.name).into());
     let connection = tokio::time::timeout(
         Duration::from_secs(10),
         Connection::connect(&source.url, properties),
@@ -231,7 +231,11 @@ async fn consume(
     settle: &Arc<dyn Settle>,
     ctx: &SourceContext,
 ) -> Ended {
-    let redelivered = ctx.metrics().redelivered.get_or_create(ctx.labels()).clone();
+    let redelivered = ctx
+        .metrics()
+        .redelivered
+        .get_or_create(ctx.labels())
+        .clone();
     loop {
         let next = tokio::select! {
             biased;

@@ -72,15 +72,15 @@ impl SourceConfigure for RedisStreamSourceConfig {
             // A stream on the cache Redis shares its credentials; a stream elsewhere has its
             // own URL.
             let client = match &self.url {
-                Some(url) => redis::Client::open(url.as_str()).map_err(|error| {
-                    SourceError::Redis {
+                Some(url) => {
+                    redis::Client::open(url.as_str()).map_err(|error| SourceError::Redis {
                         what: format!("use url {url}"),
                         error,
-                    }
-                })?,
-                None => env.cache_redis.ok_or_else(|| {
-                    SourceConfigError::new("url", "is required without [redis]")
-                })?,
+                    })?
+                }
+                None => env
+                    .cache_redis
+                    .ok_or_else(|| SourceConfigError::new("url", "is required without [redis]"))?,
             };
             Ok(Box::new(RedisStreamSource {
                 config: *self,

@@ -8,7 +8,12 @@ const SAMPLE_EVERY: Duration = Duration::from_secs(2);
 
 /// Samples `XINFO GROUPS` into the `stream_pending` and `stream_lag` gauges until shutdown, on
 /// a connection of its own (the reader's connection is busy with blocking reads).
-pub(super) async fn sample(client: redis::Client, stream: String, group: String, ctx: SourceContext) {
+pub(super) async fn sample(
+    client: redis::Client,
+    stream: String,
+    group: String,
+    ctx: SourceContext,
+) {
     let metrics = ctx.metrics();
     let mut conn = None;
     let mut every = Sampler::every(SAMPLE_EVERY);
@@ -32,7 +37,10 @@ pub(super) async fn sample(client: redis::Client, stream: String, group: String,
                     // Redis reports no lag when it cannot tell (after deletions); keep the
                     // last value then.
                     if let Some(lag) = g.lag {
-                        metrics.stream_lag.get_or_create(ctx.labels()).set(lag as i64);
+                        metrics
+                            .stream_lag
+                            .get_or_create(ctx.labels())
+                            .set(lag as i64);
                     }
                 }
             }

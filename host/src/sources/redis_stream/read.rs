@@ -127,7 +127,11 @@ impl Reader {
     }
 
     /// New entries through the lean connection, opened first when there is none.
-    async fn read(&self, lean: &mut Option<ReadConn>, count: usize) -> Result<Vec<Entry>, ReadError> {
+    async fn read(
+        &self,
+        lean: &mut Option<ReadConn>,
+        count: usize,
+    ) -> Result<Vec<Entry>, ReadError> {
         let conn = match lean {
             Some(conn) => conn,
             None => lean.insert(ReadConn::connect(&self.info, CONNECT_TIMEOUT).await?),

@@ -13,8 +13,10 @@
 
 use super::Entry;
 use std::time::Duration;
-use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::io::BufStream;
+use tokio::io::{
+    AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt,
+};
 
 /// A byte stream to Redis.
 trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
@@ -87,7 +89,9 @@ impl ReadConn {
                 stream.set_nodelay(true)?;
                 Box::new(stream)
             }
-            redis::ConnectionAddr::Unix(path) => Box::new(tokio::net::UnixStream::connect(path).await?),
+            redis::ConnectionAddr::Unix(path) => {
+                Box::new(tokio::net::UnixStream::connect(path).await?)
+            }
             other => return Err(ReadError::Address(other.to_string())),
         };
         let mut conn = ReadConn {
@@ -98,7 +102,10 @@ impl ReadConn {
         let settings = info.redis_settings();
         if let Some(password) = settings.password() {
             match settings.username() {
-                Some(user) => conn.simple(&[b"AUTH", user.as_bytes(), password.as_bytes()]).await?,
+                Some(user) => {
+                    conn.simple(&[b"AUTH", user.as_bytes(), password.as_bytes()])
+                        .await?
+                }
                 None => conn.simple(&[b"AUTH", password.as_bytes()]).await?,
             }
         }
@@ -154,7 +161,11 @@ impl ReadConn {
 
     async fn send(&mut self, args: &[&[u8]], more: &[&[u8]]) -> Result<(), ReadError> {
         self.out.clear();
-        encode(&mut self.out, args.iter().chain(more).copied(), args.len() + more.len());
+        encode(
+            &mut self.out,
+            args.iter().chain(more).copied(),
+            args.len() + more.len(),
+        );
         self.io.write_all(&self.out).await?;
         self.io.flush().await?;
         Ok(())

@@ -184,10 +184,7 @@ impl Receiver {
         }
     }
 
-    async fn receive(
-        &self,
-        max: usize,
-    ) -> Result<Vec<aws_sdk_sqs::types::Message>, SqsCallError> {
+    async fn receive(&self, max: usize) -> Result<Vec<aws_sdk_sqs::types::Message>, SqsCallError> {
         let max = i32::try_from(max.min(10)).unwrap_or(10);
         let visibility = i32::try_from(self.visibility.as_secs()).unwrap_or(i32::MAX);
         self.queue

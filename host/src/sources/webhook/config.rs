@@ -97,9 +97,10 @@ impl SourceConfigure for HttpSourceConfig {
 
     fn validate(&self, _limits: &SourceLimits) -> Result<(), SourceConfigError> {
         match (&self.token, &self.token_env) {
-            (Some(token), None) if token.is_empty() => {
-                Err(SourceConfigError::new("token", "http token must not be empty"))
-            }
+            (Some(token), None) if token.is_empty() => Err(SourceConfigError::new(
+                "token",
+                "http token must not be empty",
+            )),
             (None, Some(name)) if name.is_empty() => Err(SourceConfigError::new(
                 "token_env",
                 "http token_env must not be empty",

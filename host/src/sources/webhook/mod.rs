@@ -25,6 +25,7 @@ use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse as _, Response};
 use axum::routing::post;
+pub use config::HttpSourceConfig;
 use serde_json::value::RawValue;
 use sha2::{Digest as _, Sha256};
 use std::pin::Pin;
@@ -32,7 +33,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::net::TcpListener;
-pub use config::HttpSourceConfig;
 
 /// A bound listener and the endpoint's settings: binding happens at start-up, so a port in use
 /// or a missing token stops the daemon before it runs.
@@ -57,10 +57,13 @@ impl HttpSource {
     async fn serve(self, ctx: SourceContext) -> Result<(), SourceError> {
         let shutdown = ctx.shutdown.clone();
         let name = Arc::clone(&ctx.name);
-        let address = self.listener.local_addr().map_err(|error| SourceError::Read {
-            what: "the listener's address".to_owned(),
-            error,
-        })?;
+        let address = self
+            .listener
+            .local_addr()
+            .map_err(|error| SourceError::Read {
+                what: "the listener's address".to_owned(),
+                error,
+            })?;
         let webhook = Webhook::new(&self.config, &self.token, ctx);
         tracing::info!(source = %name, address = %address, path = %self.config.path, "listening for sequin webhooks");
         axum::serve(self.listener, router(webhook, &self.config.path))
