@@ -249,6 +249,8 @@ struct Throughput {
     seconds: f64,
     messages_per_second: f64,
     cpu_seconds_per_million: f64,
+    /// The kernel's share of the consumer's CPU (system ÷ user + system), in percent.
+    system_cpu_percent: f64,
     /// The cache server's CPU: Redis, or memcached in the Memcached scenarios.
     redis_cpu_seconds_per_million: Option<f64>,
     peak_rss_mib: f64,
@@ -953,6 +955,8 @@ impl Mark {
             seconds,
             messages_per_second: n_f64 / seconds,
             cpu_seconds_per_million: (consumer.cpu_seconds - self.consumer.cpu_seconds) / millions,
+            system_cpu_percent: 100.0 * (consumer.system_seconds - self.consumer.system_seconds)
+                / (consumer.cpu_seconds - self.consumer.cpu_seconds).max(f64::MIN_POSITIVE),
             redis_cpu_seconds_per_million: self
                 .cache
                 .as_ref()
@@ -1252,17 +1256,18 @@ fn ratios(t: &[Throughput]) -> serde_json::Value {
 fn print_table(t: &[Throughput], l: &[Latency]) {
     println!();
     println!(
-        "| scenario | messages | seconds | msg/s | CPU s / M msgs | cache CPU s / M msgs | peak RSS MiB | dead letters |"
+        "| scenario | messages | seconds | msg/s | CPU s / M msgs | of which system | cache CPU s / M msgs | peak RSS MiB | dead letters |"
     );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     for r in t {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {} | {:.1} | {} |",
+            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.0}% | {} | {:.1} | {} |",
             r.name,
             r.messages,
             r.seconds,
             r.messages_per_second,
             r.cpu_seconds_per_million,
+            r.system_cpu_percent,
             r.redis_cpu_seconds_per_million
                 .map_or("-".to_owned(), |v| format!("{v:.2}")),
             r.peak_rss_mib,

@@ -9,6 +9,8 @@ const TICKS: f64 = 100.0;
 pub(crate) struct Sample {
     /// User plus system CPU seconds so far.
     pub(crate) cpu_seconds: f64,
+    /// The system (kernel) part of `cpu_seconds`: syscalls, wake-ups, page faults.
+    pub(crate) system_seconds: f64,
     /// Peak resident set (`VmHWM`), MiB.
     pub(crate) peak_rss_mib: f64,
 }
@@ -24,6 +26,7 @@ impl Sample {
             .with_context(|| format!("process {pid} is gone"))?;
         let ticks = stat_fields(&stat);
         let cpu_seconds = (ticks(11) + ticks(12)) / TICKS;
+        let system_seconds = ticks(12) / TICKS;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let kib = status
             .lines()
@@ -32,6 +35,7 @@ impl Sample {
             .unwrap_or(0.0);
         Ok(Sample {
             cpu_seconds,
+            system_seconds,
             peak_rss_mib: kib / 1024.0,
         })
     }
