@@ -1,5 +1,7 @@
 //! The `keepwarm` command: the daemon and its tools.
 
+mod allocator;
+
 use clap::{Parser, Subcommand};
 use keepwarm::config::Config;
 use keepwarm::daemon;
@@ -10,14 +12,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio_util::sync::CancellationToken;
-
-// The per-message path allocates and frees many small buffers on several threads (stream
-// replies, decoded messages, plugin results, Redis commands); glibc's allocator spent about a
-// fifth of keepwarm's CPU there (docs/bench.md, "Profile findings"). Built with `no_thp`: asking
-// for transparent huge pages made every partly used 2 MiB of its arena resident (peak RSS about
-// 120 MiB instead of 60 with the same live data).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// Keeps Redis caches in sync with Postgres change streams through WebAssembly plugins.
 #[derive(Parser)]
@@ -156,6 +150,7 @@ enum DeadLetterAction {
 }
 
 fn main() -> ExitCode {
+    allocator::tune();
     let cli = Cli::parse();
     keepwarm::telemetry::init_logging(cli.log_format);
     match run(cli.command) {
