@@ -175,7 +175,7 @@ fn shape(reason: impl Into<String>) -> DecodeError {
     DecodeError::WrongShape(reason.into())
 }
 
-/// The message as one JSON object (SQS body, webhook, JSONL line).
+/// The message as one JSON object (SQS body, webhook, JSONL line), as serde_json reads it.
 #[derive(Deserialize)]
 struct MessageWire<'a> {
     #[serde(borrow)]
@@ -185,6 +185,72 @@ struct MessageWire<'a> {
     action: Option<&'a str>,
     #[serde(borrow)]
     metadata: Option<&'a RawValue>,
+}
+
+/// The parts of a message object: each field's text, `None` when absent or `null`.
+#[derive(Debug, PartialEq)]
+struct Parts<'a> {
+    record: Option<&'a str>,
+    changes: Option<&'a str>,
+    action: Option<&'a str>,
+    metadata: Option<&'a str>,
+}
+
+impl<'a> From<MessageWire<'a>> for Parts<'a> {
+    fn from(wire: MessageWire<'a>) -> Parts<'a> {
+        Parts {
+            record: wire.record.map(RawValue::get),
+            changes: wire.changes.map(RawValue::get),
+            action: wire.action,
+            metadata: wire.metadata.map(RawValue::get),
+        }
+    }
+}
+
+impl<'a> Parts<'a> {
+    /// The parts in one pass of [`json_scan`], which also vouches that the whole object is valid
+    /// JSON at most [`MAX_DEPTH`] deep, so that each part is too. `None` for anything it cannot
+    /// read exactly as serde_json would (invalid or deeper JSON, a key written with escapes or
+    /// given twice, an `action` that is not a plain string or `null`): [`MessageWire`] then reads
+    /// the message and words the error.
+    fn scanned(text: &'a str) -> Option<Parts<'a>> {
+        let mut parts = Parts {
+            record: None,
+            changes: None,
+            action: None,
+            metadata: None,
+        };
+        let (mut seen, mut exact) = ([false; 4], true);
+        let vouched = json_scan::scan_object(text.as_bytes(), |key, value| {
+            let (key, value) = (&text[key], &text[value]);
+            if key.contains('\\') {
+                exact = false;
+                return;
+            }
+            let (slot, part) = match key {
+                "record" => (0, &mut parts.record),
+                "changes" => (1, &mut parts.changes),
+                "action" => (2, &mut parts.action),
+                "metadata" => (3, &mut parts.metadata),
+                _ => return,
+            };
+            // serde_json refuses a field given twice.
+            exact &= !std::mem::replace(&mut seen[slot], true);
+            *part = (value != "null").then_some(value);
+        });
+        if !vouched || !exact {
+            return None;
+        }
+        // serde_json borrows `action` only when it has no escape, and refuses any other type.
+        if let Some(action) = parts.action {
+            let plain = action
+                .strip_prefix('"')
+                .and_then(|a| a.strip_suffix('"'))
+                .filter(|a| !a.contains('\\'))?;
+            parts.action = Some(plain);
+        }
+        Some(parts)
+    }
 }
 
 /// The fields of a stream entry, by value: names and raw values.
@@ -198,10 +264,12 @@ struct Checked {
     has_changes: bool,
 }
 
-/// Whether the texts handed to [`check`] were already parsed as JSON (they came out of a parsed
-/// message object) or still need to be.
+/// What is already known of the texts handed to [`check`]: vouched for by the one-pass scan of
+/// their message object (valid JSON, shallower than [`MAX_DEPTH`]), parsed by serde_json as
+/// part of it (valid JSON), or nothing yet.
 #[derive(Clone, Copy, PartialEq)]
 enum Syntax {
+    Vouched,
     Parsed,
     Unchecked,
 }
@@ -214,6 +282,13 @@ impl ChangeMessage {
     /// A [`DecodeError`] naming the first problem: invalid JSON, a missing or mistyped field, an
     /// unknown action, or a version that does not fit the action.
     pub fn from_json(text: &str) -> Result<ChangeMessage, DecodeError> {
+        Self::decode_object(text, true)
+    }
+
+    /// [`ChangeMessage::from_json`], reading the object in one pass of [`json_scan`] when
+    /// `scan` (and when that pass can vouch for it), else with serde_json: the same verdict
+    /// either way, which the property tests check.
+    fn decode_object(text: &str, scan: bool) -> Result<ChangeMessage, DecodeError> {
         let trimmed = text.trim_start();
         if !trimmed.starts_with('{') {
             return Err(match serde_json::from_str::<serde::de::IgnoredAny>(text) {
@@ -224,19 +299,23 @@ impl ChangeMessage {
                 Ok(_) => shape("JSON value is not an object, not a change message"),
             });
         }
-        let wire: MessageWire<'_> = serde_json::from_str(text)
-            .map_err(|error| DecodeError::InvalidJson(error.to_string()))?;
-        let action = wire.action.ok_or(DecodeError::MissingField("action"))?;
-        let record = wire
-            .record
-            .ok_or(DecodeError::MissingField("record"))?
-            .get();
-        let metadata = wire
+        let scanned = if scan { Parts::scanned(text) } else { None };
+        let (parts, syntax) = match scanned {
+            Some(parts) => (parts, Syntax::Vouched),
+            None => (
+                serde_json::from_str::<MessageWire<'_>>(text)
+                    .map_err(|error| DecodeError::InvalidJson(error.to_string()))?
+                    .into(),
+                Syntax::Parsed,
+            ),
+        };
+        let action = parts.action.ok_or(DecodeError::MissingField("action"))?;
+        let record = parts.record.ok_or(DecodeError::MissingField("record"))?;
+        let metadata = parts
             .metadata
-            .ok_or(DecodeError::MissingField("metadata"))?
-            .get();
-        let changes = wire.changes.map(RawValue::get);
-        let checked = check(action, record, changes, metadata, Syntax::Parsed)?;
+            .ok_or(DecodeError::MissingField("metadata"))?;
+        let changes = parts.changes;
+        let checked = check(action, record, changes, metadata, syntax)?;
         Ok(Self::build(
             checked,
             record.to_owned(),
@@ -463,6 +542,9 @@ pub const MAX_DEPTH: usize = 128;
 
 /// Checks that `text` is one JSON object, nested at most [`MAX_DEPTH`] deep.
 fn check_object(name: &str, text: &str, syntax: Syntax) -> Result<(), DecodeError> {
+    if syntax == Syntax::Vouched && text.starts_with('{') {
+        return Ok(());
+    }
     // One pass vouches for nearly every field; the rest get the exact checks and their errors.
     if json_scan::is_shallow_object(text.as_bytes()) {
         return Ok(());

@@ -322,3 +322,52 @@ fn metadata_must_be_an_object() {
         reason(&as_array)
     );
 }
+
+#[test]
+fn the_one_pass_read_of_a_message_agrees_with_serde_json_at_its_edges() {
+    let line = fixtures()[0];
+    let nested = |depth: usize| {
+        let deep = format!("{}1{}", "[".repeat(depth), "]".repeat(depth));
+        line.replace(r#""is_gift":false"#, &format!(r#""is_gift":{deep}"#))
+    };
+    let mut cases: Vec<String> = (120..136).map(nested).collect();
+    cases.extend([
+        // A part given twice, a key written with an escape, escapes in `action`.
+        line.replace(
+            r#""action":"insert""#,
+            r#""action":"insert","action":"update""#,
+        ),
+        line.replace(r#""action":"insert""#, r#""act\u0069on":"insert""#),
+        line.replace(r#""action":"insert""#, r#""action":"ins\u0065rt""#),
+        line.replace(r#""action":"insert""#, r#""action":7"#),
+        line.replace(r#""action":"insert""#, r#""action":null"#),
+        line.replace(r#""record":{"#, r#""record":null,"r":{"#),
+        line.replace(r#""changes":null"#, r#""changes":{"status":"x"}"#),
+        line.replace(r#""changes":null"#, r#""changes":[]"#),
+        line.replace(r#""metadata":{"#, r#""metadata":null,"m":{"#),
+        format!(" \n{line}\t "),
+        format!("{line} x"),
+        format!("\u{feff}{line}"),
+    ]);
+    for text in &cases {
+        let exact = ChangeMessage::decode_object(text, false);
+        let fast = ChangeMessage::from_json(text);
+        assert_eq!(
+            fast.as_ref().map(ChangeMessage::to_sequin_json),
+            exact.as_ref().map(ChangeMessage::to_sequin_json),
+            "{text}"
+        );
+    }
+    // Both verdicts occur: the edges are where they change.
+    assert!(cases.iter().any(|t| ChangeMessage::from_json(t).is_ok()));
+    assert!(cases.iter().any(|t| ChangeMessage::from_json(t).is_err()));
+}
+
+#[test]
+fn the_one_pass_read_takes_every_fixture() {
+    for line in fixtures() {
+        let parts = Parts::scanned(line).expect(line);
+        let wire: MessageWire<'_> = serde_json::from_str(line).unwrap();
+        assert_eq!(parts, Parts::from(wire), "{line}");
+    }
+}
