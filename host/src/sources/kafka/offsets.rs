@@ -8,6 +8,7 @@
 
 use crate::delivery::{Settle, Settled};
 use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -62,6 +63,9 @@ impl Partition {
 pub(super) struct Offsets {
     partitions: Mutex<HashMap<Tp, Partition>>,
     settled: Condvar,
+    /// Threads in [`Offsets::wait_idle`]; changed and read only under the `partitions` lock, so
+    /// that a settlement wakes (a system call) only when someone waits.
+    waiters: AtomicUsize,
 }
 
 impl Offsets {
@@ -103,8 +107,11 @@ impl Offsets {
             };
             state.advance();
         }
+        let waiting = self.waiters.load(Ordering::Relaxed) > 0;
         drop(partitions);
-        self.settled.notify_all();
+        if waiting {
+            self.settled.notify_all();
+        }
     }
 
     /// Messages delivered and not settled, in `tps` (all partitions when `None`).
@@ -124,7 +131,8 @@ impl Offsets {
     pub(super) fn wait_idle(&self, tps: &[Tp], limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         let mut partitions = self.lock();
-        loop {
+        self.waiters.fetch_add(1, Ordering::Relaxed);
+        let idle = loop {
             let busy: usize = tps
                 .iter()
                 .filter_map(|tp| partitions.get(tp))
@@ -132,17 +140,19 @@ impl Offsets {
                 .sum();
             let left = deadline.saturating_duration_since(Instant::now());
             if busy == 0 {
-                return true;
+                break true;
             }
             if left.is_zero() {
-                return false;
+                break false;
             }
             partitions = self
                 .settled
                 .wait_timeout(partitions, left)
                 .unwrap_or_else(|p| p.into_inner())
                 .0;
-        }
+        };
+        self.waiters.fetch_sub(1, Ordering::Relaxed);
+        idle
     }
 
     /// The offsets worth committing now: each partition's ready offset, where it is past the
@@ -249,6 +259,32 @@ mod tests {
         offsets.settle("t", 0, 16, Settled::Done);
         assert!(offsets.to_commit().is_empty());
         assert_eq!(offsets.lag(&tp(0), Some(20)), Some(5));
+    }
+
+    #[test]
+    fn a_settlement_wakes_a_revoke_waiting_for_it() {
+        let offsets = std::sync::Arc::new(Offsets::default());
+        offsets.assign([tp(0)]);
+        offsets.delivered("t", 0, 0);
+        let limit = Duration::from_secs(300);
+        let waiter = std::thread::spawn({
+            let offsets = std::sync::Arc::clone(&offsets);
+            move || {
+                let started = Instant::now();
+                (offsets.wait_idle(&[tp(0)], limit), started.elapsed())
+            }
+        });
+        // The waiter counts itself under the lock before it sleeps, and the settlement takes
+        // the lock: it comes while the waiter is counted.
+        while offsets.waiters.load(Ordering::Relaxed) == 0 {
+            std::thread::yield_now();
+        }
+        offsets.settle("t", 0, 0, Settled::Done);
+        let (idle, waited) = waiter.join().unwrap();
+        assert!(idle);
+        // Woken by the settlement, not by its time limit.
+        assert!(waited < limit / 2, "{waited:?}");
+        assert_eq!(offsets.waiters.load(Ordering::Relaxed), 0);
     }
 
     #[test]
