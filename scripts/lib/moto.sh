@@ -6,7 +6,9 @@
 start_moto() {
     MOTO_DIR=$(mktemp -d -t keepwarm-moto.XXXXXX)
     MOTO_PORT=$(free_port)
-    moto_server -H 127.0.0.1 -p "$MOTO_PORT" >"$MOTO_DIR/moto.log" 2>&1 &
+    # moto_server.py: moto's own server with a race of its deletes fixed (see that file).
+    python3 "$(dirname "${BASH_SOURCE[0]}")/moto_server.py" -H 127.0.0.1 -p "$MOTO_PORT" \
+        >"$MOTO_DIR/moto.log" 2>&1 &
     MOTO_PID=$!
     on_exit stop_moto
     if wait_service "$MOTO_PID" 200 python3 -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:$MOTO_PORT/moto-api/', timeout=1)"; then

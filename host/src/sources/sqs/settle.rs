@@ -261,7 +261,7 @@ impl Queue {
             }
             backoff.sleep().await;
         }
-        tracing::error!(source = %self.source, entries = pending.len(), "sqs {what} failed {ATTEMPTS} times; giving up: those messages come back after their visibility timeout and are re-applied harmlessly");
+        tracing::error!(source = %self.source, entries = pending.len(), "sqs {what} failed {ATTEMPTS} times; giving up: those messages come back after their visibility timeout and are applied again (harmless in versioned mode; in plain mode an older version may then overwrite a newer one)");
     }
 
     /// Makes one message visible again at once (it was received but will not be delivered).
