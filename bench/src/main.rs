@@ -1257,11 +1257,13 @@ fn ratios(t: &[Throughput]) -> serde_json::Value {
 }
 
 fn print_table(t: &[Throughput], l: &[Latency]) {
-    println!();
-    println!(
-        "| scenario | messages | seconds | msg/s | CPU s / M msgs | of which system | cache CPU s / M msgs | peak RSS MiB | dead letters |"
-    );
-    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    if !t.is_empty() {
+        println!();
+        println!(
+            "| scenario | messages | seconds | msg/s | CPU s / M msgs | of which system | cache CPU s / M msgs | peak RSS MiB | dead letters |"
+        );
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    }
     for r in t {
         println!(
             "| {} | {} | {:.2} | {:.0} | {:.2} | {:.0}% | {} | {:.1} | {} |",
