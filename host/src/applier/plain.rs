@@ -8,8 +8,10 @@ pub(crate) fn command(op: &Op) -> redis::Cmd {
     let mut cmd;
     match op {
         Op::Set { key, value, ttl_ms } => {
-            cmd = redis::cmd("SET");
-            cmd.arg(key).arg(value.as_slice());
+            // Sized once: the value is most of the command, and growing the buffer around it
+            // copied it again at each step.
+            cmd = redis::Cmd::with_capacity(5, key.len() + value.len() + 32);
+            cmd.arg("SET").arg(key).arg(value.as_slice());
             if let Some(ttl) = ttl_ms {
                 cmd.arg("PX").arg(*ttl);
             }
