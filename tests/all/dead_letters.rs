@@ -51,12 +51,21 @@ async fn malformed_entries_are_dead_lettered_with_a_reason_and_acked() {
     for fields in bad {
         env.xadd_raw(fields).await;
     }
+    // A field name that is not UTF-8 (`action` behind a stray byte): read in the same reply as
+    // the entries around it, without failing them.
+    let odd_name: &[(&[u8], &[u8])] = &[
+        (b"\xffaction", b"insert"),
+        (b"record", record),
+        (b"changes", b"null"),
+        (b"metadata", metadata),
+    ];
+    env.xadd_raw(odd_name).await;
     // And one good message after them.
     env.xadd(&[fixtures()[0].to_string()]).await;
 
-    let dead = run_to_end(&env, 5).await;
+    let dead = run_to_end(&env, 6).await;
     let reasons: Vec<String> = dead.iter().map(|e| e.field("reason")).collect();
-    assert_eq!(dead.len(), 4, "{reasons:?}");
+    assert_eq!(dead.len(), 5, "{reasons:?}");
     // Lanes run in parallel, so the entries may come in any order: find each by its reason.
     let find = |needle: &str| {
         let found: Vec<_> = dead
@@ -70,6 +79,7 @@ async fn malformed_entries_are_dead_lettered_with_a_reason_and_acked() {
     find("`record` is not valid JSON");
     let unknown = find("unknown action \"upsert\"");
     let not_utf8 = find("not valid UTF-8");
+    let odd_name = find("missing field `action`");
     for entry in &dead {
         assert_eq!(entry.field("kind"), "decode");
         assert_eq!(
@@ -81,6 +91,7 @@ async fn malformed_entries_are_dead_lettered_with_a_reason_and_acked() {
     // The original fields are kept byte for byte.
     assert_eq!(not_utf8.raw("entry.record"), vec![0xff, 0xfe]);
     assert_eq!(unknown.raw("entry.action"), b"upsert");
+    assert_eq!(odd_name.raw("entry.\u{fffd}action"), b"insert");
     assert!(
         env.keys().await.get("public.orders:1001").await.is_some(),
         "the good message after the bad ones was applied"

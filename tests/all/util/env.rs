@@ -120,7 +120,7 @@ impl TestEnv {
     }
 
     /// Writes one entry of raw fields.
-    pub async fn xadd_raw(&self, fields: &[(&str, &[u8])]) {
+    pub async fn xadd_raw<N: redis::ToRedisArgs + Send + Sync>(&self, fields: &[(N, &[u8])]) {
         let mut conn = self.stream_conn().await;
         let _: String = conn.xadd(&self.group.stream, "*", fields).await.unwrap();
     }

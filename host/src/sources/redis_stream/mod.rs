@@ -33,6 +33,14 @@ use tokio::sync::mpsc;
 /// One stream entry: its id and its fields.
 type Entry = (String, Vec<(String, Vec<u8>)>);
 
+/// A field's name as the decoder and dead letters see it. A name that is not UTF-8 can be none
+/// of Sequin's four, so the entry is dead-lettered as missing them, with the name kept readable
+/// (invalid bytes as U+FFFD); it never fails the read of the entries around it.
+fn field_name(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+}
+
 /// A configured stream and the client of the Redis that holds it.
 pub(crate) struct RedisStreamSource {
     pub(crate) config: RedisStreamSourceConfig,

@@ -192,15 +192,15 @@ fn parse_entries(value: Value) -> Vec<Entry> {
                     let mut flat = flat.into_iter();
                     let mut pairs = Vec::with_capacity(flat.len() / 2);
                     while let (Some(k), Some(v)) = (flat.next(), flat.next()) {
-                        if let (Some(k), Some(v)) = (text(k), bytes(v)) {
-                            pairs.push((k, v));
+                        if let (Some(k), Some(v)) = (bytes(k), bytes(v)) {
+                            pairs.push((super::field_name(k), v));
                         }
                     }
                     pairs
                 }
                 Value::Map(map) => map
                     .into_iter()
-                    .filter_map(|(k, v)| Some((text(k)?, bytes(v)?)))
+                    .filter_map(|(k, v)| Some((super::field_name(bytes(k)?), bytes(v)?)))
                     .collect(),
                 _ => Vec::new(),
             };

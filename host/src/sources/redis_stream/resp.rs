@@ -349,7 +349,7 @@ async fn read_entries<R: AsyncBufRead + Unpin>(
             };
             let mut fields = Vec::with_capacity(flat / 2);
             for _ in 0..flat / 2 {
-                let name = read_text(io, line).await?;
+                let name = super::field_name(read_bulk(io, line).await?);
                 fields.push((name, read_bulk(io, line).await?));
             }
             if flat % 2 == 1 {
@@ -387,6 +387,19 @@ mod tests {
                 ]
             )]
         );
+    }
+
+    #[tokio::test]
+    async fn a_field_name_that_is_not_utf8_fails_only_its_own_entry() {
+        // The reply is read whole (the connection stays in step) and the next entry is kept;
+        // the odd entry goes on to be dead-lettered by the decoder.
+        let reply = b"*1\r\n*2\r\n$1\r\ns\r\n*2\r\n\
+            *2\r\n$3\r\n1-0\r\n*2\r\n$2\r\n\xffa\r\n$1\r\nv\r\n\
+            *2\r\n$3\r\n2-0\r\n*2\r\n$6\r\naction\r\n$6\r\ninsert\r\n";
+        let entries = parse(reply).await.unwrap();
+        assert_eq!(entries.len(), 2);
+        assert_eq!(entries[0].1, [("\u{fffd}a".to_owned(), b"v".to_vec())]);
+        assert_eq!(entries[1].1, [("action".to_owned(), b"insert".to_vec())]);
     }
 
     #[tokio::test]
