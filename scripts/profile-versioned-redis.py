@@ -10,6 +10,16 @@ Redis's total instruction count:
   companion per message, then the version and the operation (what `Calls` in versioned.rs
   builds).
 
+Two alternatives to the script, measured to see what they would buy (docs/bench.md, round 5),
+not what keepwarm sends:
+
+- multi: per batch, one pipeline of HGET of each companion, then MULTI, per message SET, HSET of
+  the companion and PERSIST (a delete: DEL, HSET, PEXPIRE), EXEC: the commands a transaction in
+  place of the script would run, without the guard;
+- watch: the same, with the companions WATCHed first (what makes it safe against other writers).
+
+`--script PATH` profiles another Lua script in place of versioned.lua (same keys and arguments).
+
 The stream's own commands (XREADGROUP, XACK) are left out: both modes pay them alike. Run two
 sizes; (count at the larger - count at the smaller) / (difference of sizes) is the cost per
 message, start-up cancelled out (docs/bench.md, "Versioned writes: where Redis's time goes"):
@@ -80,11 +90,34 @@ def record(rng, row, i):
     )
 
 
+def transaction(redis, changes, watch):
+    """The changes as a transaction: the companions read (and watched), then MULTI ... EXEC."""
+    companions = list(dict.fromkeys(vkey for _, vkey, _, _ in changes))
+    reads = [command("HGET", vkey, "") for vkey in companions]
+    pipeline = ([command("WATCH", *companions)] if watch else []) + reads
+    redis.send(b"".join(pipeline))
+    for _ in pipeline:
+        redis.reply()
+    pipeline = [command("MULTI")]
+    for key, vkey, version, value in changes:
+        if value is None:
+            pipeline += [command("DEL", key), command("HSET", vkey, "", version),
+                         command("PEXPIRE", vkey, 86_400_000)]
+        else:
+            pipeline += [command("SET", key, value), command("HSET", vkey, "", version),
+                         command("PERSIST", vkey)]
+    pipeline.append(command("EXEC"))
+    redis.send(b"".join(pipeline))
+    for _ in pipeline:
+        redis.reply()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["plain", "versioned"])
+    parser.add_argument("mode", choices=["plain", "versioned", "multi", "watch"])
     parser.add_argument("messages", type=int)
     parser.add_argument("--batch", type=int, default=256, help="messages per pipeline or call")
+    parser.add_argument("--script", default=SCRIPT, help="the Lua script of the versioned mode")
     parser.add_argument("--keep", action="store_true", help="keep and name the callgrind file")
     args = parser.parse_args()
 
@@ -107,7 +140,7 @@ def main():
     else:
         sys.exit("redis-server did not start")
     if args.mode == "versioned":
-        redis.send(command("SCRIPT", "LOAD", open(SCRIPT).read()))
+        redis.send(command("SCRIPT", "LOAD", open(args.script).read()))
         sha = redis.reply()
 
     rng = random.Random(7)
@@ -116,7 +149,7 @@ def main():
     while sent < args.messages:
         batch = min(args.batch, args.messages - sent)
         sent += batch
-        keys, argv, pipeline = [], [86_400_000], []
+        keys, argv, pipeline, changes = [], [86_400_000], [], []
         for _ in range(batch):
             lsn += 1
             row = rng.randrange(1, 10_001)
@@ -125,6 +158,8 @@ def main():
             value = None if delete else record(rng, row, lsn)
             if args.mode == "plain":
                 pipeline.append(command("DEL", key) if delete else command("SET", key, value))
+            elif args.mode in ("multi", "watch"):
+                changes.append((key, "kw:v:{" + key + "}", f"{lsn:020}:{0:020}", value))
             else:
                 keys += [key, "kw:v:{" + key + "}"]
                 argv += [f"{lsn:020}:{0:020}"] + (["DEL"] if delete else ["SET", value, ""])
@@ -132,6 +167,8 @@ def main():
             redis.send(b"".join(pipeline))
             for _ in range(batch):
                 redis.reply()
+        elif args.mode in ("multi", "watch"):
+            transaction(redis, changes, args.mode == "watch")
         else:
             redis.send(command("EVALSHA", sha, len(keys), *keys, *argv))
             redis.reply()
