@@ -233,6 +233,39 @@ async fn no_files_network_environment_or_clock_without_a_grant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_bad_changes_of_a_row_side_by_side_are_dead_lettered_not_retried_forever() {
+    // Row 2 panics the plugin, twice in a row within one batch (one lane, everything written
+    // before the daemon starts): the one-by-one retry gives up after two failures in a row and
+    // the plugin is paused. Called again after the pause, the plugin answers the other rows, so
+    // row 2's changes are dead-lettered and the rest applied, instead of a pause after every call.
+    let env = TestEnv::new("hostile-two-in-a-row");
+    let manifest = hostile_manifest(&env.prefix, "panic", "", &victims(&[2]));
+    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+    let mut lines: Vec<String> = (0..2).map(order).collect();
+    lines.push(order_change(fixtures()[0], 2, Some(5_002)));
+    lines.push(order_change(fixtures()[2], 2, Some(5_003)));
+    lines.extend((3..8).map(order));
+    env.xadd(&lines).await;
+    let daemon = env.stream_config().pipeline("lanes = 1").run();
+    env.wait_drained(lines.len() as u64).await;
+    daemon.stop().await;
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 2, "{dead:?}");
+    for letter in &dead {
+        assert!(letter.field("payload").contains(r#""record_pks":["2"]"#));
+        assert!(
+            letter.field("reason").contains("plugin trapped"),
+            "{letter:?}"
+        );
+    }
+    let keys = env.keys().await;
+    for row in [0, 1, 3, 4, 5, 6, 7] {
+        assert!(keys.get(&row.to_string()).await.is_some(), "row {row}");
+    }
+    assert!(keys.get("2").await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_that_keeps_failing_is_paused_and_its_messages_wait() {
     let env = TestEnv::new("hostile-pause");
     let failing = hostile_manifest(&env.prefix, "panic", "[limits]\nmax_failures = 0", "");

@@ -3,6 +3,7 @@
 //! message. While it is paused its messages wait, unacknowledged; a new version starts afresh.
 
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 /// Failure bookkeeping and pause state.
@@ -11,6 +12,8 @@ pub(crate) struct Breaker {
     threshold: u32,
     window: Duration,
     state: Mutex<State>,
+    /// Changes the plugin answered (without failing as an instance), in every lane.
+    answered: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -36,7 +39,18 @@ impl Breaker {
                 paused_until: None,
                 next_pause: FIRST_PAUSE,
             }),
+            answered: AtomicU64::new(0),
         }
+    }
+
+    /// Counts changes the plugin answered.
+    pub(crate) fn answered(&self, changes: u64) {
+        self.answered.fetch_add(changes, Ordering::Relaxed);
+    }
+
+    /// How many changes the plugin has answered so far: when this moves, the plugin works.
+    pub(crate) fn answers(&self) -> u64 {
+        self.answered.load(Ordering::Relaxed)
     }
 
     /// How long the plugin is still paused, if it is.

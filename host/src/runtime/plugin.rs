@@ -45,6 +45,15 @@ struct Warm {
 /// The answer for one change.
 pub type ChangeOutcome = Result<Vec<Op>, PluginError>;
 
+/// How the changes of a failed batch call are called again, one by one.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Retries {
+    /// The rest are left unattempted after [`Plugin::GIVE_UP_AFTER`] instance failures in a row.
+    GiveUp,
+    /// Every change is called.
+    Each,
+}
+
 impl Plugin {
     /// Single-change retries stop after this many instance failures in a row.
     const GIVE_UP_AFTER: usize = 2;
@@ -104,6 +113,17 @@ impl Plugin {
     /// one deadline at a time rather than one per lane; a call that finds the plugin paused
     /// attempts nothing.
     pub fn call_batch(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
+        self.call_batch_with(changes, Retries::GiveUp)
+    }
+
+    /// [`Plugin::call_batch`], but when the batch call fails every change is called on its own,
+    /// however many fail in a row: after a pause, to tell changes that fail from a plugin that
+    /// fails (see `pipeline/lane/call.rs`).
+    pub fn call_batch_each(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
+        self.call_batch_with(changes, Retries::Each)
+    }
+
+    fn call_batch_with(&self, changes: &[&ChangeMessage], retries: Retries) -> Vec<ChangeOutcome> {
         let _turn = self
             .suspect
             .load(Ordering::Acquire)
@@ -114,7 +134,7 @@ impl Plugin {
                 .map(|_| Err(PluginError::Unattempted))
                 .collect();
         }
-        let outcomes = self.call_batch_unserialized(changes);
+        let outcomes = self.call_batch_unserialized(changes, retries);
         let failed = outcomes
             .iter()
             .any(|o| o.as_ref().is_err_and(PluginError::is_instance_failure));
@@ -122,7 +142,11 @@ impl Plugin {
         outcomes
     }
 
-    fn call_batch_unserialized(&self, changes: &[&ChangeMessage]) -> Vec<ChangeOutcome> {
+    fn call_batch_unserialized(
+        &self,
+        changes: &[&ChangeMessage],
+        retries: Retries,
+    ) -> Vec<ChangeOutcome> {
         let error = match self.call_once(changes) {
             Ok(outcomes) => return outcomes,
             Err(error) => error,
@@ -143,7 +167,7 @@ impl Plugin {
         let mut outcomes = Vec::with_capacity(changes.len());
         let mut in_a_row = 0;
         for change in changes {
-            if in_a_row >= Self::GIVE_UP_AFTER {
+            if retries == Retries::GiveUp && in_a_row >= Self::GIVE_UP_AFTER {
                 outcomes.push(Err(PluginError::Unattempted));
                 continue;
             }

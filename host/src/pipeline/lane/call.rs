@@ -1,6 +1,13 @@
 //! Calling a lane's plugin on a batch: in a blocking task, after any pause, with the breaker
 //! fed by the outcome. A plugin failing as a whole keeps its batch (nothing applied, order
 //! kept) and is called again after the pause, possibly as a fixed version.
+//!
+//! The same version called again after a pause calls every change of the batch on its own
+//! ([`Plugin::call_batch_each`]). If the plugin answers any change (here or in another lane
+//! since it tripped), what still fails is the changes' fault, not the plugin's: the batch is
+//! answered and those changes are dead-lettered. Two bad changes of one row side by side would
+//! otherwise trip the breaker on every call and hold the lane (and the sources' in-flight
+//! budget) for good. A plugin that answers nothing at all keeps its batch waiting.
 
 use super::Shared;
 use crate::pipeline::Job;
@@ -24,10 +31,15 @@ pub(super) enum Called {
 
 /// Calls the plugin serving `name` on the batch, waiting while it is paused.
 pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Called {
+    // The version this batch tripped, and how many changes it had answered by then.
+    let mut tripped: Option<(Arc<Plugin>, u64)> = None;
     loop {
         let Some(plugin) = shared.plugins.load().get(name).cloned() else {
             return Called::Gone;
         };
+        // A new version starts afresh.
+        let each = tripped.as_ref().filter(|(by, _)| Arc::ptr_eq(by, &plugin));
+        let answers_at_trip = each.map(|(_, answers)| *answers);
         if let Some(pause) = plugin.breaker.paused_for() {
             // Wake at least every second: a new version (with a fresh breaker) ends the wait.
             tokio::select! {
@@ -36,31 +48,61 @@ pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Call
                 () = tokio::time::sleep(pause.min(Duration::from_secs(1))) => continue,
             }
         }
-        let Some(outcomes) = call_blocking(name, shared, &plugin, jobs).await else {
+        let each = answers_at_trip.is_some();
+        let Some(outcomes) = call_blocking(name, shared, &plugin, jobs, each).await else {
             return Called::Abandoned;
         };
         if paused_meanwhile(&plugin, &outcomes) {
             continue;
         }
+        let answered = outcomes.iter().filter(|o| answers(o)).count() as u64;
+        plugin.breaker.answered(answered);
+        if let Some(before) = answers_at_trip
+            && plugin.breaker.answers() > before
+        {
+            tracing::warn!(
+                plugin = name,
+                version = plugin.version(),
+                failed = outcomes.len() as u64 - answered,
+                "the plugin works but these changes keep failing it; dead-lettering them"
+            );
+            return Called::Answered { plugin, outcomes };
+        }
         if !trips(name, shared, &plugin, &outcomes) {
             return Called::Answered { plugin, outcomes };
         }
+        tripped = Some((Arc::clone(&plugin), plugin.breaker.answers()));
     }
 }
 
-/// One batch call off the async executor; `None` when its task failed.
+/// Whether the plugin answered the change (an error it returned counts: only a failure of the
+/// instance, or a change left unattempted, does not).
+fn answers(outcome: &ChangeOutcome) -> bool {
+    match outcome {
+        Ok(_) => true,
+        Err(error) => !error.is_instance_failure() && !matches!(error, PluginError::Unattempted),
+    }
+}
+
+/// One batch call off the async executor (`each`: [`Plugin::call_batch_each`]); `None` when
+/// its task failed.
 async fn call_blocking(
     name: &str,
     shared: &Shared,
     plugin: &Arc<Plugin>,
     jobs: &[Arc<Job>],
+    each: bool,
 ) -> Option<Vec<ChangeOutcome>> {
     let started = Instant::now();
     let called = tokio::task::spawn_blocking({
         let (plugin, jobs) = (Arc::clone(plugin), jobs.to_vec());
         move || {
             let messages: Vec<_> = jobs.iter().filter_map(|job| job.message()).collect();
-            plugin.call_batch(&messages)
+            if each {
+                plugin.call_batch_each(&messages)
+            } else {
+                plugin.call_batch(&messages)
+            }
         }
     })
     .await;
