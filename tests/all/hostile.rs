@@ -233,6 +233,16 @@ async fn no_files_network_environment_or_clock_without_a_grant() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_sleeps_returns_at_once_instead_of_holding_its_lane() {
+    let outcome = run("sleep", "", "", 3).await;
+    assert!(outcome.dead.is_empty());
+    for row in 0..3 {
+        let probe = outcome.get(&format!("probe:{row}")).await;
+        assert_eq!(probe.as_deref(), Some("woke"), "row {row}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_bad_changes_of_a_row_side_by_side_are_dead_lettered_not_retried_forever() {
     // Row 2 panics the plugin, twice in a row within one batch (one lane, everything written
     // before the daemon starts): the one-by-one retry gives up after two failures in a row and

@@ -18,6 +18,7 @@
 pub mod bindings;
 pub(crate) mod breaker;
 pub mod cache;
+mod clocks;
 pub mod convert;
 pub mod error;
 mod guest_output;
@@ -76,6 +77,7 @@ impl Runtime {
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Wasmtime)?;
+        clocks::add_to_linker(&mut linker).map_err(EngineError::Wasmtime)?;
         bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |state| state,

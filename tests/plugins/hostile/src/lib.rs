@@ -10,7 +10,8 @@
 //!   clock grant), then caches `started <ms>`, when its call began: a change that is slow only
 //!   once, as on a machine stalled by load;
 //! - `fs`, `net`, `env`, `clock`: tries to read `/etc/hostname`, connect to 127.0.0.1:6379,
-//!   read `$HOME`, or read the wall clock, and caches what it got as `<prefix>probe:<pks>`.
+//!   read `$HOME`, or read the wall clock, and caches what it got as `<prefix>probe:<pks>`;
+//! - `sleep`: sleeps an hour, then for ever, then caches `woke` as `<prefix>probe:<pks>`.
 
 use keepwarm_guest::{Change, Config, Op, Plugin, log, ops};
 use std::cell::RefCell;
@@ -127,6 +128,12 @@ impl Plugin for Hostile {
                     Err(error) => format!("error: {error}"),
                 },
             ),
+            "sleep" => {
+                // An hour, then a timer that can never fire: neither may hold the lane.
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+                std::thread::sleep(std::time::Duration::MAX);
+                probe("woke".to_owned())
+            }
             other => Err(format!("unknown mode {other}")),
         }
     }
