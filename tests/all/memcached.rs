@@ -348,3 +348,46 @@ async fn memcached_down_at_start_is_retried_until_it_answers() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_writing_a_key_twice_applies_both_writes() {
+    use keepwarm::applier::{Applier, MessageOutcome, MessageWrites};
+    use keepwarm::message::Version;
+    use keepwarm::ops::Op;
+    let env = TestEnv::new("mc-twice");
+    let applier = Applier::connect(&config(&env, &memcached_servers()).parse())
+        .await
+        .unwrap();
+    let key = env.key("twice");
+    let set = |value: &str| Op::Set {
+        key: key.clone(),
+        value: value.as_bytes().to_vec(),
+        ttl_ms: None,
+    };
+    let apply = async |lsn: u64, ops: &[Op]| {
+        let writes = MessageWrites {
+            version: Some(Version { lsn, idx: 0 }),
+            plain: Vec::new(),
+            versioned: ops.iter().collect(),
+        };
+        match applier.apply(&[writes], &[]).await.unwrap().remove(0) {
+            MessageOutcome::Applied { stale } => stale,
+            MessageOutcome::Refused(reason) => panic!("refused: {reason}"),
+        }
+    };
+    let expire = Op::Expire {
+        key: key.clone(),
+        ttl_ms: 100_000,
+    };
+    // A value and then its time to live, in one message: the second write is not stale.
+    assert_eq!(apply(20, &[set("a"), expire]).await, 0);
+    let mut mc = Memcached::open(&memcached_servers()).await;
+    let ttl = mc.ttl(&key).await;
+    assert!(ttl.is_some_and(|t| (90..=100).contains(&t)), "{ttl:?}");
+    // Delete then write again.
+    let del = Op::Del { key: key.clone() };
+    assert_eq!(apply(30, &[del, set("b")]).await, 0);
+    assert_eq!(mc.versioned(&key).await.value(), Some("b"));
+    assert_eq!(apply(25, &[set("old")]).await, 1);
+    assert_eq!(mc.versioned(&key).await.value(), Some("b"));
+}

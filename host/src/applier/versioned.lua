@@ -52,9 +52,11 @@ local function next_op()
 end
 
 -- Whether a write of this message may replace what holds the version `stored` (false: none).
+-- Its own version counts as not newer: a message's later operation on a key it already wrote
+-- (DEL then HSET, SET then PEXPIRE) applies, and a redelivered message writes what it wrote.
 local function fresh(stored)
   if ver == '' then return not stored end
-  return (not stored) or stored < ver
+  return (not stored) or stored <= ver
 end
 
 -- The companion takes the data key's time to live; when the key is gone, what the companion

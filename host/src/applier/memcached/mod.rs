@@ -3,7 +3,7 @@
 //!
 //! Plain writes are `ms` (set), `md` (delete) and `mg … T` (touch). Versioned writes follow the
 //! rules of `versioned.lua` with Memcached's compare-and-set: read the item with its CAS value
-//! (`mg key v c`), skip the write when the version stored in its [`envelope`] is not older (a
+//! (`mg key v c`), skip the write when the version stored in its [`envelope`] is newer (a
 //! backfill read writes only where no version is stored), otherwise store with `ms … C<cas>` (or
 //! `ms … ME`, add-only, when the key is missing) and read again when another writer came in
 //! between (`EX`, `NS`, `NF`). A delete leaves a tombstone for the tombstone time to live.
@@ -317,7 +317,9 @@ impl Memcached {
             let may_write = match version {
                 // A backfill read fills only what no change has versioned.
                 None => stored.is_none(),
-                Some(version) => stored.is_none_or(|stored| stored < version),
+                // Its own version is not newer: a message's second operation on the key
+                // applies (as in `versioned.lua`).
+                Some(version) => stored.is_none_or(|stored| stored <= version),
             };
             if !may_write {
                 return Ok(true);
