@@ -67,6 +67,13 @@ pub enum Settled {
 pub trait Settle: Send + Sync + 'static {
     /// Called exactly once per message.
     fn settle(&self, id: &str, settled: Settled);
+
+    /// Instead of [`Settle::settle`]: no plugin subscribes to the message, so there was nothing
+    /// to apply. A queue acknowledges it as done; a source that must tell "applied" from
+    /// "nothing took it" (a dead-letter replay, which deletes what it applied) overrides this.
+    fn unrouted(&self, id: &str) {
+        self.settle(id, Settled::Done);
+    }
 }
 
 /// The acknowledgement of one message. Settling it as done, or dropping it (abandoned), tells
@@ -98,6 +105,12 @@ impl AckToken {
     pub fn ack(mut self) {
         self.settled = true;
         self.settle.settle(&self.id, Settled::Done);
+    }
+
+    /// Marks the message done with nothing to apply: no plugin subscribes to it.
+    pub fn ack_unrouted(mut self) {
+        self.settled = true;
+        self.settle.unrouted(&self.id);
     }
 }
 

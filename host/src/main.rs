@@ -190,10 +190,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                     eprintln!("still failing: {id}: {reason}");
                 }
                 eprintln!(
-                    "replayed {} dead letters: {} fixed and removed, {} still failing, {} left unapplied{}",
+                    "replayed {} dead letters: {} fixed and removed, {} still failing, {} taken by no plugin (kept), {} left unapplied{}",
                     report.replayed,
                     report.fixed,
                     report.still_failing.len(),
+                    report.unrouted,
                     report.abandoned,
                     if report.interrupted {
                         " (interrupted: the rest were not read and stay)"
@@ -204,6 +205,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 Ok(
                     if report.still_failing.is_empty()
                         && report.abandoned == 0
+                        && report.unrouted == 0
                         && !report.interrupted
                     {
                         ExitCode::SUCCESS

@@ -180,3 +180,30 @@ async fn dead_letters_are_listed_and_replayed_once_the_plugin_is_fixed() {
         "the fixed plugin applied the replayed change"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_letter_no_plugin_takes_stays_through_a_replay() {
+    let env = TestEnv::new("dlq-unrouted");
+    by_sku(&env, "{sku}");
+    env.xadd(&[fixtures()[0].to_string()]).await;
+    assert_eq!(run_to_end(&env, 1).await.len(), 1);
+    // The plugin now takes products only: nothing takes the order change, which must not be
+    // counted as fixed and deleted.
+    let manifest = format!(
+        "tables = [\"products\"]\n[config]\nkey = \"{}:{{table}}:{{pks}}\"\n",
+        env.prefix
+    );
+    env.add_plugin("by-sku", &plugin_wasm("row-cache"), &manifest);
+    let dir = TempDir::new("kw-dlq-unrouted");
+    let config = env.config().write(&dir, "keepwarm.toml");
+    let (ok, _, err) = keepwarm_cli_async(&["dead-letters", "replay", "--config", &config]).await;
+    assert!(
+        !ok,
+        "a letter nothing took makes the replay exit non-zero: {err}"
+    );
+    assert!(
+        err.contains("replayed 1 dead letters: 0 fixed and removed, 0 still failing, 1 taken by no plugin (kept)"),
+        "{err}"
+    );
+    assert_eq!(env.dead_letters().await.len(), 1, "the letter stays");
+}

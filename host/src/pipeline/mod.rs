@@ -115,7 +115,7 @@ impl Dispatch for Dispatcher {
                 .unrouted
                 .get_or_create(&telemetry::source(&delivery.origin.source))
                 .inc();
-            delivery.ack.ack();
+            delivery.ack.ack_unrouted();
             return;
         }
         let job = Job::new(delivery, targets.len());

@@ -19,12 +19,19 @@ pub struct Counts {
     pub done: u64,
     /// Left for redelivery.
     pub abandoned: u64,
+    /// Taken by no plugin (none subscribes to it): nothing applied.
+    pub unrouted: u64,
 }
 
 impl Counts {
     /// Settled either way.
     pub fn settled(&self) -> u64 {
-        self.done + self.abandoned
+        self.done + self.abandoned + self.unrouted
+    }
+
+    /// Settled and not left for redelivery: done, or taken by no plugin.
+    pub fn finished(&self) -> u64 {
+        self.done + self.unrouted
     }
 }
 
@@ -88,6 +95,11 @@ impl Settle for Tally {
             Settled::Abandoned => counts.abandoned += 1,
         });
     }
+
+    /// Counted apart, and not among the done ids: nothing was applied.
+    fn unrouted(&self, _id: &str) {
+        self.counts.send_modify(|counts| counts.unrouted += 1);
+    }
 }
 
 #[cfg(test)]
@@ -103,14 +115,16 @@ mod tests {
             settler.settle("a", Settled::Done);
             settler.settle("b", Settled::Abandoned);
             settler.settle("c", Settled::Done);
+            settler.unrouted("d");
         });
-        tally.wait_settled(3, Duration::from_secs(60), |_| {}).await;
+        tally.wait_settled(4, Duration::from_secs(60), |_| {}).await;
         task.await.unwrap();
         assert_eq!(
             tally.counts(),
             Counts {
                 done: 2,
-                abandoned: 1
+                abandoned: 1,
+                unrouted: 1
             }
         );
         assert_eq!(tally.take_done_ids(), ["a", "c"]);

@@ -4,7 +4,7 @@
 //! A replay writes new failures to a scratch stream (or scratch file) instead of the dead
 //! letters it reads. An entry leaves the dead letters (`XDEL`, or the file rewritten without
 //! it) only when its replay was applied and did not fail again; an entry that fails again
-//! stays, and the new reason is reported. Shutdown (Ctrl-C, SIGTERM) stops the reading; what
+//! stays, and the new reason is reported, as does an entry no loaded plugin subscribes to. Shutdown (Ctrl-C, SIGTERM) stops the reading; what
 //! was handed over is finished and reported. Dead letters added while the replay runs stay for
 //! the next one.
 
@@ -29,6 +29,9 @@ pub struct ReplayReport {
     pub still_failing: Vec<(String, String)>,
     /// Entries left unapplied (shutdown); they stay.
     pub abandoned: usize,
+    /// Entries no plugin subscribes to (their plugin is not loaded, or no longer takes their
+    /// table): nothing was applied, so they stay.
+    pub unrouted: usize,
     /// Whether shutdown stopped the replay before every entry was read.
     pub interrupted: bool,
 }
@@ -133,6 +136,7 @@ async fn run(
         fixed: fixed_count,
         still_failing,
         abandoned: tally.counts().abandoned as usize,
+        unrouted: tally.counts().unrouted as usize,
         interrupted,
     })
 }

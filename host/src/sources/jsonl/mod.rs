@@ -19,7 +19,7 @@ use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
 pub struct ReplaySummary {
     /// Non-empty lines read.
     pub messages: u64,
-    /// Messages applied or dead-lettered.
+    /// Messages applied, dead-lettered, or taken by no plugin.
     pub done: u64,
     /// Messages abandoned (shutdown while Redis was unavailable).
     pub abandoned: u64,
@@ -88,19 +88,19 @@ pub async fn run(input: Input, ctx: SourceContext) -> Result<ReplaySummary, Sour
         messages += 1;
         let payload = ctx.decode_json(text.to_vec());
         ctx.deliver(permit, payload, format!("line {line_no}"), &settle);
-        progress.update(read_bytes, messages, tally.counts().done);
+        progress.update(read_bytes, messages, tally.counts().finished());
     }
     drop(settle);
     tally
         .wait_settled(messages, Duration::from_millis(500), |counts| {
-            progress.update(read_bytes, messages, counts.done);
+            progress.update(read_bytes, messages, counts.finished());
         })
         .await;
     progress.finish();
     let counts = tally.counts();
     Ok(ReplaySummary {
         messages,
-        done: counts.done,
+        done: counts.finished(),
         abandoned: counts.abandoned,
     })
 }

@@ -135,7 +135,7 @@ impl Webhook {
             Ok(true) if counts.abandoned == 0 => Delivered::Done,
             Ok(true) => Delivered::Abandoned(counts.abandoned as usize),
             Ok(false) => Delivered::ShuttingDown,
-            Err(_) => Delivered::TimedOut(total - counts.done as usize),
+            Err(_) => Delivered::TimedOut(total - counts.finished() as usize),
         }
     }
 }
