@@ -258,6 +258,45 @@ async fn inserts_updates_and_deletes_reach_the_cache_and_a_truncate_is_a_dead_le
     daemon.stop().await;
 }
 
+#[tokio::test]
+async fn a_delete_that_lacks_its_primary_key_is_a_dead_letter_saying_why() {
+    // The replica identity is another unique index: a delete's old row carries `code` only.
+    let pg = Pg::new(
+        "kw-pg-ident",
+        "CREATE TABLE items (id int PRIMARY KEY, code text NOT NULL UNIQUE, n int);
+         ALTER TABLE items REPLICA IDENTITY USING INDEX items_code_key;",
+    )
+    .await;
+    let daemon = pg
+        .env
+        .config()
+        .source("postgres", &pg.source("\"public.items\""))
+        .run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute("INSERT INTO items VALUES (1, 'a', 0)")
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("items", "1"), |_| true).await;
+    pg.client
+        .batch_execute("DELETE FROM items WHERE id = 1")
+        .await
+        .unwrap();
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    wait_for("the delete's dead letter", PATIENCE, || async {
+        !keys.dead_letters(&pg.env.dead).await.is_empty()
+    })
+    .await;
+    let letters = keys.dead_letters(&pg.env.dead).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let text = format!("{:?}", letters[0]);
+    assert!(
+        text.contains("the delete of public.items carries no value for its primary key column id"),
+        "{text}"
+    );
+    daemon.stop().await;
+}
+
 /// A partitioned table streams under its own name (keepwarm creates the publication with
 /// `publish_via_partition_root`), and a publication that would stream its partitions under
 /// theirs is refused with the statement that fixes it.
@@ -405,6 +444,55 @@ async fn a_kill_9_and_a_restart_lose_nothing() {
     assert!(keys.get(&pg.key("items", "200")).await.is_none());
     second.signal("TERM");
     assert!(second.wait_exit(PATIENCE).success());
+}
+
+#[tokio::test]
+async fn the_slot_confirms_wal_of_tables_it_does_not_stream() {
+    let pg = Pg::new(
+        "kw-pg-idle",
+        "CREATE TABLE items (id int PRIMARY KEY, n int); CREATE TABLE other (id int PRIMARY KEY, n int);",
+    )
+    .await;
+    let dir = TempDir::new("kw-pg-idle");
+    // The publication carries `items` only.
+    let config = pg.config_file(&dir, "\"public.items\"");
+    let mut daemon = streaming(&config);
+    pg.wait_slot().await;
+    pg.client
+        .execute("INSERT INTO items VALUES (1, 0)", &[])
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("items", "1"), |_| true).await;
+    // WAL the publication does not carry: Postgres sends keepalives, no change. The slot must
+    // still confirm past it, or it holds that WAL on disk for good.
+    pg.client
+        .batch_execute("INSERT INTO other SELECT g, g FROM generate_series(1, 1000) g")
+        .await
+        .unwrap();
+    let written: String = pg
+        .client
+        .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    wait_for(
+        "the slot to confirm the other table's WAL",
+        PATIENCE,
+        || async {
+            pg.client
+                .query_one(
+                    "SELECT confirmed_flush_lsn >= $1::text::pg_lsn FROM pg_replication_slots
+                     WHERE slot_name = $2",
+                    &[&written, &pg.slot],
+                )
+                .await
+                .unwrap()
+                .get::<_, bool>(0)
+        },
+    )
+    .await;
+    daemon.signal("TERM");
+    assert!(daemon.wait_exit(PATIENCE).success());
 }
 
 /// The whole message a plugin sees, read back from the dead letter of a plugin that rejects every

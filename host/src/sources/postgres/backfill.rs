@@ -44,7 +44,7 @@ pub struct BackfillRequest {
 pub struct BackfillSummary {
     /// Rows read in this run.
     pub rows: u64,
-    /// Rows applied or dead-lettered.
+    /// Rows applied, dead-lettered, or taken by no plugin.
     pub done: u64,
     /// Rows abandoned (shutdown while the cache was unavailable): run it again.
     pub abandoned: u64,
@@ -278,6 +278,7 @@ pub async fn run(
             .format("%Y-%m-%dT%H:%M:%S%.6fZ")
             .to_string();
         let mut last = Vec::new();
+        let abandoned_before = tally.counts().abandoned;
         for row in &rows {
             let texts: Vec<Option<String>> = (0..types.len()).map(|i| row.get(i)).collect();
             let pks: Vec<String> = relation
@@ -302,9 +303,14 @@ pub async fn run(
         // The chunk is settled before its end is remembered, so a crash re-reads at most it.
         tally
             .wait_settled(rows_read, Duration::from_millis(500), |counts| {
-                progress.update(counts.done, rows_read, counts.done);
+                progress.update(counts.finished(), rows_read, counts.finished());
             })
             .await;
+        if tally.counts().abandoned > abandoned_before {
+            // A row of the chunk was left unapplied (shutdown while the cache was down): the
+            // state keeps the chunk's start, so that a rerun reads it again.
+            break;
+        }
         state.after = last;
         save(&request.state, &state)?;
         log_rate(&request.table, rows_read, started, total);
@@ -325,7 +331,7 @@ fn summary(tally: &Tally, rows: u64, started: Instant) -> BackfillSummary {
     let seconds = started.elapsed().as_secs_f64().max(1e-3);
     BackfillSummary {
         rows,
-        done: counts.done,
+        done: counts.finished(),
         abandoned: counts.abandoned,
         rows_per_second: (rows as f64 / seconds) as u64,
     }

@@ -96,6 +96,36 @@ pub(super) enum Row<'a> {
     Delete(&'a RowData),
 }
 
+impl Row<'_> {
+    /// The action, as Sequin names it.
+    pub(super) fn action(&self) -> &'static str {
+        match self {
+            Row::Insert(_) => "insert",
+            Row::Update { .. } => "update",
+            Row::Delete(_) => "delete",
+        }
+    }
+
+    /// The row the message shows: the new one, or for a delete the old one.
+    fn shown(&self) -> &RowData {
+        match *self {
+            Row::Insert(new) | Row::Update { new, .. } => new,
+            Row::Delete(old) => old,
+        }
+    }
+}
+
+/// The first primary key column the change carries no value for, if any: a delete under a
+/// replica identity index that leaves out the primary key sends only that index's columns.
+pub(super) fn missing_key<'r>(relation: &'r Relation, row: &Row<'_>) -> Option<&'r str> {
+    relation
+        .pks
+        .iter()
+        .map(|&i| &relation.columns[i])
+        .find(|column| text(column, row.shown()).is_none())
+        .map(|column| &*column.name)
+}
+
 /// A column's value in one row.
 #[derive(PartialEq)]
 enum Value {
@@ -145,10 +175,10 @@ pub(super) fn message(
     row: &Row<'_>,
     fixed: &Fixed,
 ) -> String {
-    let (action, shown, old) = match *row {
-        Row::Insert(new) => ("insert", new, None),
-        Row::Update { old, new } => ("update", new, old),
-        Row::Delete(old) => ("delete", old, None),
+    let (action, shown) = (row.action(), row.shown());
+    let old = match *row {
+        Row::Update { old, .. } => old,
+        Row::Insert(_) | Row::Delete(_) => None,
     };
     let mut record = String::from("{");
     let mut changes = String::from("{");
@@ -347,6 +377,16 @@ mod tests {
         );
         assert_eq!(parse(&json)["record"]["note"], "long");
         assert_eq!(parse(&json)["changes"], parse(r#"{"status":"new"}"#));
+    }
+
+    #[test]
+    fn a_change_without_its_key_is_named() {
+        let keyed = row(&[("id", Some("7")), ("status", None), ("note", None)]);
+        let keyless = row(&[("id", None), ("status", Some("x")), ("note", None)]);
+        let relation = relation(false);
+        assert_eq!(missing_key(&relation, &Row::Delete(&keyed)), None);
+        assert_eq!(missing_key(&relation, &Row::Delete(&keyless)), Some("id"));
+        assert_eq!(Row::Delete(&keyless).action(), "delete");
     }
 
     #[test]

@@ -263,7 +263,8 @@ async fn slot(
     let slot = config.slot.as_str();
     let row = client
         .query_opt(
-            "SELECT plugin::text, database::text, current_database()::text
+            "SELECT plugin::text, database::text, current_database()::text,
+                    wal_status = 'lost'
              FROM pg_replication_slots WHERE slot_name = $1",
             &[&slot],
         )
@@ -281,6 +282,14 @@ async fn slot(
                     database: current,
                     plugin,
                     slot_database: database,
+                }
+                .into());
+            }
+            // Invalidated (`max_slot_wal_keep_size`): the WAL it needed is gone, and so are the
+            // changes in it; Postgres refuses to stream from it for good.
+            if row.get::<_, Option<bool>>(3) == Some(true) {
+                return Err(SetupError::SlotLost {
+                    slot: slot.to_owned(),
                 }
                 .into());
             }

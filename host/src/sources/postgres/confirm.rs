@@ -6,7 +6,9 @@
 //! itself would make Postgres send the transaction again). Rows settle in any order, lanes
 //! being parallel; the confirmed LSN only ever becomes the end LSN of the oldest transactions
 //! that are committed and have nothing outstanding. A row left abandoned (shutdown while the
-//! cache was down) stops the prefix for good in this connection: Postgres sends it again after
+//! cache was down, a lane whose plugin call failed) stops the prefix for good in this
+//! connection: Postgres sends it again on the next one. Outside shutdown the session ends at
+//! once for that ([`Confirm::abandoned`]), rather than hold the slot (and its WAL) back until
 //! a restart.
 
 use crate::delivery::{Settle, Settled};
@@ -14,6 +16,7 @@ use crate::sources::Tally;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio_util::sync::CancellationToken;
 
 /// The transactions of one replication connection, and the confirmed LSN they share with the
 /// connections before and after it.
@@ -22,6 +25,8 @@ pub(super) struct Confirm {
     confirmed: Arc<AtomicU64>,
     /// Counts what was settled, so shutdown can wait for it.
     pub(super) tally: Tally,
+    /// Cancelled when a row is abandoned.
+    pub(super) abandoned: CancellationToken,
 }
 
 #[derive(Default)]
@@ -41,6 +46,7 @@ impl Confirm {
             txns: Mutex::new(BTreeMap::new()),
             confirmed,
             tally: Tally::default(),
+            abandoned: CancellationToken::new(),
         }
     }
 
@@ -107,6 +113,9 @@ impl Settle for Confirm {
                 self.advance(&mut txns);
             }
         }
+        if settled == Settled::Abandoned {
+            self.abandoned.cancel();
+        }
         self.tally.settle(id, settled);
     }
 }
@@ -164,8 +173,10 @@ mod tests {
         let c = confirm();
         transaction(&c, 100, 1, 110);
         transaction(&c, 200, 1, 210);
-        c.settle(&row_id(100, 0), Settled::Abandoned);
         c.settle(&row_id(200, 0), Settled::Done);
+        assert!(!c.abandoned.is_cancelled());
+        c.settle(&row_id(100, 0), Settled::Abandoned);
+        assert!(c.abandoned.is_cancelled(), "the session is told to end");
         assert_eq!(c.confirmed(), 0);
         assert_eq!(c.tally.counts().abandoned, 1);
     }

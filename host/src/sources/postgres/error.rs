@@ -21,6 +21,10 @@ pub enum PostgresError {
     /// the checks).
     #[error("replication stream: {0}")]
     Stream(#[source] pg_walstream::ReplicationError),
+    /// A row was left unapplied outside shutdown (its lane's plugin call failed): the session
+    /// ends, so that Postgres sends it again from the confirmed position.
+    #[error("a change was left unapplied; reopening the stream so that Postgres sends it again")]
+    Abandoned,
     /// The database is not set up for the source: retrying does not help.
     #[error(transparent)]
     Setup(#[from] SetupError),
@@ -33,7 +37,7 @@ impl PostgresError {
     pub fn is_transient(&self) -> bool {
         match self {
             PostgresError::Sql { error, .. } => !is_refusal(error),
-            PostgresError::Stream(_) => true,
+            PostgresError::Stream(_) | PostgresError::Abandoned => true,
             PostgresError::Setup(_) => false,
         }
     }
@@ -162,6 +166,17 @@ pub enum SetupError {
          and re-warm the cache"
     )]
     SlotDropped {
+        /// The slot.
+        slot: String,
+    },
+    /// Postgres invalidated the slot (its WAL passed `max_slot_wal_keep_size`).
+    #[error(
+        "replication slot {slot:?} was invalidated by Postgres (its WAL passed \
+         max_slot_wal_keep_size): the changes in the removed WAL are lost to it. Drop it \
+         (SELECT pg_drop_replication_slot('{slot}')), let keepwarm create it again \
+         (create_slot = true), and re-warm the cache"
+    )]
+    SlotLost {
         /// The slot.
         slot: String,
     },

@@ -49,6 +49,8 @@ const ANNOTATIONS_PREFIX: &str = "sequin:transaction_annotations.set";
 
 /// How often the slot's lag is sampled.
 const SAMPLE_EVERY: Duration = Duration::from_secs(5);
+/// How often a reader with no change to read confirms what it received (keepalives).
+const IDLE_CONFIRM: Duration = Duration::from_secs(1);
 
 /// A configured replication stream.
 pub(crate) struct PostgresSource {
@@ -128,7 +130,7 @@ impl PostgresSource {
             match result {
                 Ok(()) => break Ok(()),
                 Err(error) if error.is_transient() => {
-                    tracing::warn!(source = %ctx.name, error = %error, "postgres unreachable; reconnecting");
+                    tracing::warn!(source = %ctx.name, error = %error, "replication session ended; reconnecting");
                     if !ctx.wait(&mut backoff).await {
                         break Ok(());
                     }
@@ -246,19 +248,46 @@ impl Streamer {
             delivered: 0,
         };
         let cancel = ctx.shutdown.child_token();
+        // Wakes the loop when no change comes: Postgres sends nothing for transactions that
+        // touch no published table, only keepalives (which pg_walstream reads inside
+        // `next_event`, moving the received position). Without the wake-up an idle reader
+        // would never confirm that position, and the slot would hold back the WAL of every
+        // other table and database.
+        let mut tick = tokio::time::interval(IDLE_CONFIRM);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let result = loop {
             stream
                 .shared_lsn_feedback
                 .update_applied_lsn(confirm.confirmed());
-            let event = match stream.next_event(&cancel).await {
-                Ok(event) => event,
-                Err(ReplicationError::Cancelled(_)) => break Ok(()),
-                Err(error) => break Err(PostgresError::Stream(error)),
+            // Dropping `next_event` on a tick is safe: it waits for the socket with what it
+            // has read kept in libpq's buffers, and a frame once read is returned without
+            // another wait.
+            let next = tokio::select! {
+                biased;
+                event = stream.next_event(&cancel) => Next::Event(event),
+                _ = tick.tick() => Next::Tick,
+                // Not at shutdown, where abandoned rows are expected and the final feedback
+                // below is wanted.
+                () = confirm.abandoned.cancelled(), if !ctx.shutdown.is_cancelled() => {
+                    Next::Abandoned
+                }
             };
-            match reader.handle(event.event_type).await {
-                Ok(true) => {}
-                Ok(false) => break Ok(()),
-                Err(error) => break Err(error),
+            let event = match next {
+                Next::Event(event) => Some(event),
+                Next::Tick => None,
+                Next::Abandoned => break Err(PostgresError::Abandoned),
+            };
+            if let Some(event) = event {
+                let event = match event {
+                    Ok(event) => event,
+                    Err(ReplicationError::Cancelled(_)) => break Ok(()),
+                    Err(error) => break Err(PostgresError::Stream(error)),
+                };
+                match reader.handle(event.event_type).await {
+                    Ok(true) => {}
+                    Ok(false) => break Ok(()),
+                    Err(error) => break Err(error),
+                }
             }
             // Between transactions with nothing outstanding, everything received is applied:
             // confirm it, so an idle slot (or one whose WAL is about other tables) keeps up.
@@ -285,6 +314,15 @@ impl Streamer {
         }
         result
     }
+}
+
+/// What woke the session's loop.
+enum Next<E> {
+    Event(E),
+    /// Time to confirm what an idle reader received.
+    Tick,
+    /// A row was abandoned outside shutdown.
+    Abandoned,
 }
 
 /// A transaction being read.
@@ -436,7 +474,21 @@ impl Reader<'_> {
         }
         let json = change::message(relation, &txn.info, idx, row, self.fixed);
         let lsn = txn.info.commit_lsn;
-        let payload = self.ctx.decode_json(json.into_bytes());
+        let payload = match change::missing_key(relation, row) {
+            // Its row id would be empty: no plugin could find the cached row.
+            Some(column) => Payload::Malformed {
+                raw: RawPayload::Body(json.into_bytes()),
+                reason: DecodeError::Invalid(format!(
+                    "the {} of {}.{} carries no value for its primary key column {column} \
+                     (a replica identity index without the primary key?); the cached row \
+                     cannot be found",
+                    row.action(),
+                    relation.schema,
+                    relation.table
+                )),
+            },
+            None => self.ctx.decode_json(json.into_bytes()),
+        };
         Ok(self.deliver(lsn, idx, payload).await)
     }
 
