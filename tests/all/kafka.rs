@@ -118,6 +118,26 @@ async fn wait_rows_from(env: &TestEnv, row: u64, version: u64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_topic_leaves_the_in_flight_budget_to_the_other_sources() {
+    // One budget of four for both sources. The Kafka consumer reserves ahead for what it
+    // fetches; on a topic with nothing to read it must give that back, or the stream source
+    // beside it waits for ever.
+    let env = TestEnv::row_cache("kafka-quiet");
+    let topic = Topic::create("kw-quiet", 1).await;
+    let daemon = topic
+        .config(&env, "")
+        .source("redis-stream", &env.stream_source())
+        .pipeline("max_in_flight = 4\nbatch_size = 2")
+        .run();
+    env.wait_group().await;
+    let lines: Vec<String> = (0..20).map(|row| order_line(row, 0)).collect();
+    env.xadd(&lines).await;
+    env.wait_drained(lines.len() as u64).await;
+    daemon.stop().await;
+    assert!(env.dead_letters().await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restart_resumes_from_the_commit() {
     let env = TestEnv::row_cache("kafka-restart");
     let topic = Topic::create("kw-restart", 1).await;

@@ -94,6 +94,11 @@ impl TestEnv {
 
     /// [`TestEnv::config`] with the Redis Stream source on the test's stream and group.
     pub fn stream_config(&self) -> ConfigBuilder {
+        self.config().source("redis-stream", &self.stream_source())
+    }
+
+    /// The lines of the Redis Stream source on the test's stream and group.
+    pub fn stream_source(&self) -> String {
         let mut lines = format!(
             "stream = \"{}\"\ngroup = \"{}\"\nblock_ms = 200\nclaim_idle_ms = 500",
             self.group.stream, self.group.name
@@ -101,7 +106,7 @@ impl TestEnv {
         if self.group.url != self.cache_url {
             lines += &format!("\nurl = \"{}\"", self.group.url);
         }
-        self.config().source("redis-stream", &lines)
+        lines
     }
 
     /// Runs the daemon with [`TestEnv::stream_config`].

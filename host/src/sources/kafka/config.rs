@@ -66,6 +66,9 @@ impl OffsetReset {
 fn default_session_timeout_ms() -> Bounded<1_000, 3_600_000> {
     Bounded::of(45_000)
 }
+/// librdkafka's default `max.poll.interval.ms`.
+const DEFAULT_MAX_POLL_INTERVAL_MS: u64 = 300_000;
+
 fn default_revoke_timeout_ms() -> Bounded<0, 600_000> {
     Bounded::of(10_000)
 }
@@ -133,6 +136,22 @@ impl SourceConfigure for KafkaSourceConfig {
         self.client_config()
             .create_native_config()
             .map_err(|error| SourceConfigError::new("librdkafka", error.to_string()))?;
+        // The revoke waits inside the poll thread's rebalance callback: past the group's poll
+        // interval the member is thrown out, and the applied prefix cannot be committed.
+        let poll_interval_ms = self
+            .librdkafka
+            .get("max.poll.interval.ms")
+            .and_then(|ms| ms.parse::<u64>().ok())
+            .unwrap_or(DEFAULT_MAX_POLL_INTERVAL_MS);
+        if self.revoke_timeout_ms.get() >= poll_interval_ms {
+            return Err(SourceConfigError::new(
+                "revoke_timeout_ms",
+                format!(
+                    "must be below max.poll.interval.ms ({poll_interval_ms} ms): a revoke that \
+                     waits longer gets this member thrown out of the group"
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -178,6 +197,15 @@ mod tests {
         let reset = parse("topics = [\"t\"]\nauto_offset_reset = \"middle\"");
         assert!(reset.unwrap_err().contains("unknown variant"));
         assert!(parse("topics = [\"t\"]\ngroup = \"x\"").is_err());
+        let revoke = parse("topics = [\"t\"]\nrevoke_timeout_ms = 300000");
+        assert!(
+            revoke
+                .unwrap_err()
+                .contains("max.poll.interval.ms (300000 ms)")
+        );
+        let longer =
+            "revoke_timeout_ms = 400000\n[librdkafka]\n\"max.poll.interval.ms\" = \"500000\"";
+        parse(&format!("topics = [\"t\"]\n{longer}")).unwrap();
         // TLS and SASL/SCRAM settings pass through (OpenSSL is built in).
         parse("topics = [\"t\"]\n[librdkafka]\n\"security.protocol\" = \"ssl\"").unwrap();
         let scram = "\"security.protocol\" = \"sasl_ssl\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\

@@ -134,6 +134,12 @@ impl ClientContext for KafkaContext {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            // The poll reports it too, and the source stops there.
+            self.ctx.set_up(false);
+            tracing::error!(source = %self.ctx.name, error = %error, reason, "fatal kafka client error");
+            return;
+        }
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.ctx.set_up(false);
         }
@@ -260,7 +266,12 @@ async fn run(config: KafkaSourceConfig, ctx: SourceContext) -> Result<(), Source
         .map_err(|error| SourceError::Client {
             what: "the kafka poll thread failed".to_owned(),
             error: Box::new(error),
-        })?;
+        })?
+        .map_err(client_error(
+            "the kafka consumer failed for good (fenced by another member with the same \
+             group.instance.id?); the source stops"
+                .to_owned(),
+        ))?;
     tracing::info!(source = %name, "source stopped");
     Ok(())
 }
@@ -280,9 +291,13 @@ impl Poller {
         &self.consumer.context().offsets
     }
 
-    fn run(mut self, ctx: &SourceContext) {
+    /// Polls until shutdown; `Err` when the consumer failed for good (a fatal client error,
+    /// e.g. fenced by another member with its `group.instance.id`): what was delivered is
+    /// finished and committed as far as the broker still takes it, and the source stops.
+    fn run(mut self, ctx: &SourceContext) -> Result<(), KafkaError> {
         let mut permits: Option<Permits> = None;
         let mut last_commit = Instant::now();
+        let mut fatal = None;
         while !ctx.shutdown.is_cancelled() {
             if last_commit.elapsed() >= self.commit_every {
                 self.commit(CommitMode::Async);
@@ -294,7 +309,10 @@ impl Poller {
             let Some(free) = permits.as_mut().filter(|p| !p.is_empty()) else {
                 // Nothing may go in flight: keep serving the group, hold what comes.
                 self.pause();
-                self.poll_into_held(ctx, POLL);
+                if let Err(error) = self.poll_into_held(ctx, POLL) {
+                    fatal = Some(error);
+                    break;
+                }
                 continue;
             };
             self.resume();
@@ -303,8 +321,17 @@ impl Poller {
             let message = match next {
                 Some(message) => message,
                 None => match self.poll(ctx, POLL) {
-                    Some(message) => message,
-                    None => continue,
+                    Ok(Some(message)) => message,
+                    Err(error) => {
+                        fatal = Some(error);
+                        break;
+                    }
+                    Ok(None) => {
+                        // Quiet: the permits go back to the shared budget, which other
+                        // sources may be waiting on, and are reserved again when messages come.
+                        permits = None;
+                        continue;
+                    }
                 },
             };
             if let Some(permit) = free.take() {
@@ -312,6 +339,7 @@ impl Poller {
             }
         }
         self.stop(ctx);
+        fatal.map_or(Ok(()), Err)
     }
 
     /// Reserves permits without blocking the group for long: `None` when none came within a
@@ -323,9 +351,13 @@ impl Poller {
             .flatten()
     }
 
-    /// One poll; a message, or `None` (nothing came, or an error was logged).
-    fn poll(&self, ctx: &SourceContext, timeout: Duration) -> Option<Fetched> {
-        match self.consumer.poll(timeout)? {
+    /// One poll; a message, or `None` (nothing came, or an error was logged); `Err` only when
+    /// the consumer failed for good.
+    fn poll(&self, ctx: &SourceContext, timeout: Duration) -> Result<Option<Fetched>, KafkaError> {
+        let Some(polled) = self.consumer.poll(timeout) else {
+            return Ok(None);
+        };
+        Ok(match polled {
             Ok(message) => {
                 ctx.set_up(true);
                 Some(Fetched {
@@ -336,6 +368,10 @@ impl Poller {
                 })
             }
             Err(KafkaError::PartitionEOF(_)) => None,
+            Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
+                ctx.set_up(false);
+                return Err(error);
+            }
             // The error callback has logged the outage; librdkafka reconnects by itself.
             Err(error @ KafkaError::MessageConsumption(_)) => {
                 tracing::debug!(source = %ctx.name, error = %error, "kafka poll failed; librdkafka retries");
@@ -345,13 +381,14 @@ impl Poller {
                 tracing::warn!(source = %ctx.name, error = %error, "kafka poll failed; librdkafka retries");
                 None
             }
-        }
+        })
     }
 
-    fn poll_into_held(&self, ctx: &SourceContext, timeout: Duration) {
-        if let Some(message) = self.poll(ctx, timeout) {
+    fn poll_into_held(&self, ctx: &SourceContext, timeout: Duration) -> Result<(), KafkaError> {
+        if let Some(message) = self.poll(ctx, timeout)? {
             self.consumer.context().held().push_back(message);
         }
+        Ok(())
     }
 
     fn deliver(
@@ -434,8 +471,11 @@ impl Poller {
         self.consumer.context().held().clear();
         let mut last_commit = Instant::now();
         while self.offsets().in_flight(None) > 0 {
-            // Messages that still come are not delivered: they stay after the commit.
-            let _ = self.poll(ctx, POLL);
+            // Messages that still come are not delivered: they stay after the commit. A
+            // consumer failed for good answers at once: wait as a poll would.
+            if self.poll(ctx, POLL).is_err() {
+                std::thread::sleep(POLL);
+            }
             if last_commit.elapsed() >= self.commit_every {
                 self.commit(CommitMode::Async);
                 last_commit = Instant::now();

@@ -15,18 +15,19 @@ use std::time::{Duration, Instant};
 /// A topic and partition.
 pub(super) type Tp = (String, i32);
 
-/// The state of one message delivered and not yet part of the committable prefix.
+/// The state of one message delivered and not applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mark {
     InFlight,
-    Done,
     /// Not applied (shutdown while the cache was down): the commit stops before it.
     Abandoned,
 }
 
 #[derive(Default)]
 struct Partition {
-    /// Delivered messages not yet in the applied prefix.
+    /// Delivered messages not applied. An applied message leaves at once, wherever it is:
+    /// the commit is the lowest offset still here, so messages applied behind one that waits
+    /// (its plugin paused) cost nothing while it waits.
     marks: BTreeMap<i64, Mark>,
     /// The offset after the last one delivered.
     next: Option<i64>,
@@ -45,16 +46,6 @@ impl Partition {
             .values()
             .filter(|m| **m == Mark::InFlight)
             .count()
-    }
-
-    /// Drops the applied prefix.
-    fn advance(&mut self) {
-        while let Some(entry) = self.marks.first_entry() {
-            if *entry.get() != Mark::Done {
-                break;
-            }
-            entry.remove();
-        }
     }
 }
 
@@ -97,15 +88,18 @@ impl Offsets {
     /// the new owner reads from the last commit.
     pub(super) fn settle(&self, topic: &str, partition: i32, offset: i64, settled: Settled) {
         let mut partitions = self.lock();
-        if let Some(state) = partitions.get_mut(&(topic.to_owned(), partition))
-            && let Some(mark) = state.marks.get_mut(&offset)
-        {
-            *mark = match (settled, *mark) {
-                (Settled::Done, _) => Mark::Done,
-                (Settled::Abandoned, Mark::Done) => Mark::Done,
-                (Settled::Abandoned, _) => Mark::Abandoned,
-            };
-            state.advance();
+        if let Some(state) = partitions.get_mut(&(topic.to_owned(), partition)) {
+            match settled {
+                Settled::Done => {
+                    state.marks.remove(&offset);
+                }
+                Settled::Abandoned => {
+                    // Only a message still marked: one applied already stays applied.
+                    if let Some(mark) = state.marks.get_mut(&offset) {
+                        *mark = Mark::Abandoned;
+                    }
+                }
+            }
         }
         let waiting = self.waiters.load(Ordering::Relaxed) > 0;
         drop(partitions);
@@ -248,6 +242,8 @@ mod tests {
         }
         assert_eq!(offsets.to_commit(), [(tp(0), 10)]);
         assert_eq!(offsets.in_flight(None), 1);
+        // What was applied behind the waiting message is not kept.
+        assert_eq!(offsets.lock()[&tp(0)].marks.len(), 1);
         offsets.settle("t", 0, 10, Settled::Done);
         assert_eq!(offsets.to_commit(), [(tp(0), 15)]);
         offsets.committed(&tp(0), 15);
@@ -257,6 +253,9 @@ mod tests {
         offsets.delivered("t", 0, 16);
         offsets.settle("t", 0, 15, Settled::Abandoned);
         offsets.settle("t", 0, 16, Settled::Done);
+        // A late abandon of an applied message changes nothing.
+        offsets.settle("t", 0, 16, Settled::Abandoned);
+        assert_eq!(offsets.lock()[&tp(0)].marks.len(), 1);
         assert!(offsets.to_commit().is_empty());
         assert_eq!(offsets.lag(&tp(0), Some(20)), Some(5));
     }
