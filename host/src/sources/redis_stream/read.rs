@@ -34,6 +34,10 @@ impl Reader {
         let mut group_ready = false;
         let claim_every = Duration::from_millis((self.config.claim_idle_ms / 2).clamp(100, 30_000));
         let mut next_claim = Instant::now();
+        // Where the next claim starts in the group's pending entries: each claim goes on from
+        // where the last one stopped, so entries this process still holds (idle behind a paused
+        // plugin) do not fill every claim and starve those another consumer left behind.
+        let mut claim_from = String::from("0-0");
         let mut lean: Option<ReadConn> = None;
         loop {
             let Some(permits) = ctx.reserve(self.config.read_count.get()).await else {
@@ -56,7 +60,7 @@ impl Reader {
             let claiming = Instant::now() >= next_claim;
             let read = if claiming {
                 next_claim = Instant::now() + claim_every;
-                self.claim(&mut conn, permits.len()).await
+                self.claim(&mut conn, permits.len(), &mut claim_from).await
             } else {
                 // Not cut short at shutdown: Redis may already have handed entries to this
                 // consumer, and a dropped reply would leave them pending until another consumer
@@ -147,24 +151,31 @@ impl Reader {
         .await
     }
 
+    /// Claims up to `count` entries idle past `claim_idle_ms`, from `from` in the pending
+    /// entries; `from` becomes where the next claim starts (`0-0` once the end is reached).
     async fn claim(
         &self,
         conn: &mut ConnectionManager,
         count: usize,
+        from: &mut String,
     ) -> Result<Vec<Entry>, ReadError> {
         let reply: Value = redis::cmd("XAUTOCLAIM")
             .arg(self.config.stream.as_str())
             .arg(self.config.group.as_str())
             .arg(&self.consumer)
             .arg(self.config.claim_idle_ms)
-            .arg("0-0")
+            .arg(from.as_str())
             .arg("COUNT")
             .arg(count)
             .query_async(conn)
             .await?;
         // [next-cursor, [entry, …], [deleted-id, …]]
         match reply {
-            Value::Array(mut parts) if parts.len() >= 2 => Ok(parse_entries(parts.remove(1))),
+            Value::Array(mut parts) if parts.len() >= 2 => {
+                let entries = parse_entries(parts.remove(1));
+                *from = text(parts.swap_remove(0)).unwrap_or_else(|| "0-0".to_owned());
+                Ok(entries)
+            }
             _ => Ok(Vec::new()),
         }
     }

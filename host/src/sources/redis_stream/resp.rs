@@ -287,6 +287,9 @@ async fn read_array<R: AsyncBufRead + Unpin>(
 }
 
 /// A bulk string's bytes.
+/// The most elements reserved ahead from an announced array length.
+const RESERVE_AT_MOST: usize = 4096;
+
 async fn read_bulk<R: AsyncBufRead + Unpin>(
     io: &mut R,
     line: &mut Vec<u8>,
@@ -338,7 +341,9 @@ async fn read_entries<R: AsyncBufRead + Unpin>(
         }
         read_bulk(io, line).await?;
         let n = read_array(io, line).await?.unwrap_or(0);
-        entries.reserve(n);
+        // Sizes announced by the server are trusted only so far: a broken reply must not
+        // reserve more memory than the machine has.
+        entries.reserve(n.min(RESERVE_AT_MOST));
         for _ in 0..n {
             if read_array(io, line).await? != Some(2) {
                 return Err(ReadError::Protocol("expected [id, fields]"));
@@ -347,7 +352,7 @@ async fn read_entries<R: AsyncBufRead + Unpin>(
             let Some(flat) = read_array(io, line).await? else {
                 continue;
             };
-            let mut fields = Vec::with_capacity(flat / 2);
+            let mut fields = Vec::with_capacity((flat / 2).min(RESERVE_AT_MOST));
             for _ in 0..flat / 2 {
                 let name = super::field_name(read_bulk(io, line).await?);
                 fields.push((name, read_bulk(io, line).await?));
@@ -412,6 +417,9 @@ mod tests {
             b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$5\r\nb\r\n",
             b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*2\r\n$1\r\na\r\n$1\r\nbXX",
             b"*2\r\n",
+            // Lengths no reply has: refused, not reserved.
+            b"*1\r\n*2\r\n$1\r\ns\r\n*99999999999\r\n",
+            b"*1\r\n*2\r\n$1\r\ns\r\n*1\r\n*2\r\n$3\r\n1-0\r\n*99999999999\r\n",
             b"%1\r\n",
             b"$-2\r\n",
         ] {
