@@ -82,10 +82,16 @@ impl InFlight {
 
     /// Messages that become visible before `horizon`: `(id, receipt)`.
     fn due(&self, horizon: Instant) -> Vec<(String, String)> {
-        self.lock()
+        let mut due: Vec<(Instant, String, String)> = self
+            .lock()
             .iter()
             .filter(|(_, held)| held.visible_until <= horizon)
-            .map(|(id, held)| (id.clone(), held.receipt.clone()))
+            .map(|(id, held)| (held.visible_until, id.clone(), held.receipt.clone()))
+            .collect();
+        // The soonest to become visible again first.
+        due.sort_unstable_by_key(|(until, _, _)| *until);
+        due.into_iter()
+            .map(|(_, id, receipt)| (id, receipt))
             .collect()
     }
 
@@ -306,7 +312,10 @@ pub(super) async fn settle_loop(queue: Arc<Queue>, mut rx: mpsc::UnboundedReceiv
 }
 
 /// Extends the visibility of messages still in flight when half of their timeout has passed,
-/// until `stop`.
+/// until `stop`: the soonest due first, [`CONCURRENT_CALLS`] batch calls at once, each given
+/// one tick. A backlog held while the cache is down (up to `max_in_flight` messages, all due at
+/// once) is extended in a few seconds rather than one call after the other, and one stuck
+/// connection does not hold back the rest.
 pub(super) async fn keep_visible(
     queue: Arc<Queue>,
     inflight: Arc<InFlight>,
@@ -326,30 +335,53 @@ pub(super) async fn keep_visible(
             continue;
         }
         tracing::debug!(source = %queue.source, messages = due.len(), "extending the visibility of messages still in flight");
+        let mut calls = tokio::task::JoinSet::new();
         for chunk in due.chunks(BATCH) {
-            // Entry ids are positions; the receipts identify the messages.
-            let entries: Vec<(String, String)> = chunk
-                .iter()
-                .enumerate()
-                .map(|(i, (_, receipt))| (i.to_string(), receipt.clone()))
-                .collect();
-            let asked = Instant::now();
-            // One attempt per tick: what failed is still due at the next one.
-            match queue.call(Action::SetVisibility(seconds), &entries).await {
-                Ok(failed) => {
-                    for (i, (id, receipt)) in chunk.iter().enumerate() {
-                        match failed.iter().find(|(entry, _, _)| *entry == i.to_string()) {
-                            None => inflight.extended(id, receipt, asked + visibility),
-                            Some((_, _, reason)) => {
-                                tracing::warn!(source = %queue.source, id = %id, reason = %reason, "cannot extend the visibility of a message in flight");
-                            }
-                        }
+            while calls.len() >= CONCURRENT_CALLS {
+                let _ = calls.join_next().await;
+            }
+            let (queue, inflight) = (Arc::clone(&queue), Arc::clone(&inflight));
+            let chunk = chunk.to_vec();
+            calls.spawn(async move {
+                // One attempt per tick: what failed is still due at the next one.
+                let extend = extend(&queue, &inflight, &chunk, seconds, visibility);
+                if tokio::time::timeout(tick, extend).await.is_err() {
+                    tracing::warn!(source = %queue.source, messages = chunk.len(), "extending visibility timed out; retrying at the next tick");
+                }
+            });
+        }
+        while calls.join_next().await.is_some() {}
+    }
+}
+
+/// One visibility call for up to [`BATCH`] messages, recorded in the in-flight table.
+async fn extend(
+    queue: &Queue,
+    inflight: &InFlight,
+    chunk: &[(String, String)],
+    seconds: i32,
+    visibility: Duration,
+) {
+    // Entry ids are positions; the receipts identify the messages.
+    let entries: Vec<(String, String)> = chunk
+        .iter()
+        .enumerate()
+        .map(|(i, (_, receipt))| (i.to_string(), receipt.clone()))
+        .collect();
+    let asked = Instant::now();
+    match queue.call(Action::SetVisibility(seconds), &entries).await {
+        Ok(failed) => {
+            for (i, (id, receipt)) in chunk.iter().enumerate() {
+                match failed.iter().find(|(entry, _, _)| *entry == i.to_string()) {
+                    None => inflight.extended(id, receipt, asked + visibility),
+                    Some((_, _, reason)) => {
+                        tracing::warn!(source = %queue.source, id = %id, reason = %reason, "cannot extend the visibility of a message in flight");
                     }
                 }
-                Err(error) => {
-                    tracing::warn!(source = %queue.source, messages = chunk.len(), error = %error, "cannot extend visibility; retrying at the next tick");
-                }
             }
+        }
+        Err(error) => {
+            tracing::warn!(source = %queue.source, messages = chunk.len(), error = %error, "cannot extend visibility; retrying at the next tick");
         }
     }
 }
@@ -379,5 +411,13 @@ mod tests {
         table.hold("m3", "new".into(), now);
         table.extended("m3", "old", now + Duration::from_secs(99));
         assert_eq!(table.due(now), [("m3".to_owned(), "new".to_owned())]);
+        // The soonest to become visible again come first.
+        table.hold("m4", "r4".into(), now - Duration::from_secs(1));
+        let due: Vec<String> = table
+            .due(now + Duration::from_secs(60))
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(due, ["m4", "m3", "m1"]);
     }
 }
