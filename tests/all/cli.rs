@@ -61,6 +61,36 @@ fn keepwarm_test_reports_a_plugin_that_fails_to_load() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keepwarm_replay_dead_letters_a_line_over_the_limit_and_goes_on() {
+    // A line of 3 MB against a 1 MB limit, between two changes: read no further than the
+    // limit, dead-lettered as too large, and the next line applied.
+    let env = TestEnv::row_cache("replay-huge");
+    let dir = TempDir::new("kw-replay-huge");
+    let config = env
+        .config()
+        .pipeline("max_message_bytes = 1048576")
+        .write(&dir, "keepwarm.toml");
+    let huge = format!("[{}]", "1,".repeat(1_500_000));
+    let lines = [fixtures()[0], huge.as_str(), fixtures()[2]].join("\n");
+    let input = dir.write("changes.jsonl", &lines);
+    let (ok, _, err) = keepwarm_cli_async(&["replay", "--config", &config, &input]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("replayed 3 messages: 3 done"), "{err}");
+    let dead = env.dead_letters().await;
+    assert_eq!(dead.len(), 1);
+    let reason = dead[0].field("reason");
+    assert!(
+        reason.contains("message of 3000002 bytes exceeds the limit of 1048576 bytes"),
+        "{reason}"
+    );
+    assert_eq!(dead[0].raw("payload").len(), 1_048_576);
+    assert_eq!(
+        env.keys().await.get("public.orders:1001").await,
+        Some(record_text(fixtures()[2]))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keepwarm_replay_warms_the_cache_from_a_file() {
     let env = TestEnv::row_cache("replay");
     let dir = TempDir::new("kw-replay");

@@ -132,6 +132,11 @@ impl SourceContext {
         });
     }
 
+    /// The largest message taken (`pipeline.max_message_bytes`).
+    pub fn max_message_bytes(&self) -> usize {
+        self.max_message_bytes
+    }
+
     /// Decodes a JSON message body (SQS, HTTP, Kafka, NATS, AMQP, a JSONL line, a dead
     /// letter): the size limit, UTF-8, then the Sequin message. The body is kept whole for the
     /// dead letter when it is rejected.

@@ -7,12 +7,13 @@
 mod progress;
 
 use super::{SourceContext, SourceError, Tally};
-use crate::delivery::Settle;
+use crate::delivery::{Payload, RawPayload, Settle};
+use crate::message::DecodeError;
 pub(crate) use progress::Progress;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncBufReadExt as _, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, BufReader};
 
 /// What a replay did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -64,9 +65,14 @@ pub async fn run(input: Input, ctx: SourceContext) -> Result<ReplaySummary, Sour
     let mut line_no = 0u64;
     let mut messages = 0u64;
     let mut read_bytes = 0u64;
+    // A line is read up to this; the rest of a longer one is skipped, not held in memory (an
+    // export of one huge JSON array, a binary file).
+    let limit = ctx.max_message_bytes();
+    let bound = limit as u64 + 2;
     loop {
         line.clear();
-        let n = reader
+        let n = (&mut reader)
+            .take(bound)
             .read_until(b'\n', &mut line)
             .await
             .map_err(read_error)?;
@@ -75,6 +81,13 @@ pub async fn run(input: Input, ctx: SourceContext) -> Result<ReplaySummary, Sour
         }
         line_no += 1;
         read_bytes += n as u64;
+        // The line's length without its newline, when it is over the bound.
+        let mut too_long = None;
+        if n as u64 == bound && line.last() != Some(&b'\n') {
+            let (rest, newline) = skip_line(&mut reader).await.map_err(read_error)?;
+            read_bytes += rest + u64::from(newline);
+            too_long = Some(n as u64 + rest);
+        }
         let text = line.trim_ascii();
         if text.is_empty() {
             continue;
@@ -86,7 +99,17 @@ pub async fn run(input: Input, ctx: SourceContext) -> Result<ReplaySummary, Sour
             break;
         };
         messages += 1;
-        let payload = ctx.decode_json(text.to_vec());
+        let payload = match too_long {
+            Some(size) => Payload::Malformed {
+                // Its start, for the dead letter.
+                raw: RawPayload::Body(line[..limit].to_vec()),
+                reason: DecodeError::TooLarge {
+                    size: usize::try_from(size).unwrap_or(usize::MAX),
+                    limit,
+                },
+            },
+            None => ctx.decode_json(text.to_vec()),
+        };
         ctx.deliver(permit, payload, format!("line {line_no}"), &settle);
         progress.update(read_bytes, messages, tally.counts().finished());
     }
@@ -103,4 +126,27 @@ pub async fn run(input: Input, ctx: SourceContext) -> Result<ReplaySummary, Sour
         done: counts.finished(),
         abandoned: counts.abandoned,
     })
+}
+
+/// Reads past the rest of the line without keeping it: its length, and whether a newline
+/// (consumed too) ended it.
+async fn skip_line(reader: &mut (impl AsyncBufRead + Unpin)) -> std::io::Result<(u64, bool)> {
+    let mut skipped = 0u64;
+    loop {
+        let buf = reader.fill_buf().await?;
+        if buf.is_empty() {
+            return Ok((skipped, false));
+        }
+        match buf.iter().position(|&b| b == b'\n') {
+            Some(at) => {
+                reader.consume(at + 1);
+                return Ok((skipped + at as u64, true));
+            }
+            None => {
+                let len = buf.len();
+                reader.consume(len);
+                skipped += len as u64;
+            }
+        }
+    }
 }
