@@ -318,6 +318,37 @@ async fn a_memcached_restart_is_retried_unacknowledged_and_the_cache_refills() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memcached_restart_while_keepwarm_is_down_raises_the_floor_at_start() {
+    let mut server = MemcachedServer::start().await;
+    let env = TestEnv::new("mc-restart-down");
+    env.add_row_cache("");
+    let update = with_lsn(fixtures()[2], 200, "shipped");
+    let daemon = config(&env, &server.address()).run();
+    env.xadd_each_drained(std::slice::from_ref(&update)).await;
+    daemon.stop().await;
+    // Memcached restarts (empty) while no keepwarm runs; then an older change of the row
+    // comes (a redelivery, a late queue): it must not fill the emptied key.
+    server.kill();
+    server.start_again().await;
+    let daemon = config(&env, &server.address()).run();
+    let insert = with_lsn(fixtures()[0], 100, "pending");
+    let newer = with_lsn(fixtures()[2], 300, "delivered");
+    env.xadd(std::slice::from_ref(&insert)).await;
+    env.wait_drained(2).await;
+    let mut mc = Memcached::open(&server.address()).await;
+    let key = env.key("public.orders:1001");
+    assert_eq!(mc.versioned(&key).await, Versioned::Missing);
+    // Newer changes are written as ever.
+    env.xadd(std::slice::from_ref(&newer)).await;
+    env.wait_drained(3).await;
+    assert_eq!(
+        mc.versioned(&key).await.value(),
+        Some(record_text(&newer).as_str())
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memcached_down_at_start_is_retried_until_it_answers() {
     let mut server = MemcachedServer::start().await;
     server.kill();

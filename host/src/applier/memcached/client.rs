@@ -253,6 +253,15 @@ fn error_reply(line: String) -> ClientError {
     }
 }
 
+/// Why a new connection is checked before use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Check {
+    /// The process's first connection to the server.
+    Start,
+    /// The first after a connection broke.
+    Loss,
+}
+
 /// One server, its idle connections, and what keeps versions safe across its restarts.
 pub(super) struct Server {
     /// `host:port`, as configured.
@@ -260,8 +269,11 @@ pub(super) struct Server {
     idle: Mutex<Vec<Conn>>,
     keep: usize,
     timeout: Duration,
-    /// A connection broke: the server may have restarted and lost its items.
+    /// No connection was checked yet, or one broke: the server may have lost its items
+    /// (restarted, flushed) since keepwarm last wrote there.
     lost: AtomicBool,
+    /// A first connection was checked ([`Check::Start`]); after that, [`Check::Loss`].
+    checked: AtomicBool,
     /// New connections are made one at a time, so that the first after a loss raises the floor
     /// before any other writes.
     gate: tokio::sync::Mutex<()>,
@@ -276,17 +288,19 @@ impl Server {
             idle: Mutex::new(Vec::new()),
             keep,
             timeout,
-            lost: AtomicBool::new(false),
+            lost: AtomicBool::new(true),
+            checked: AtomicBool::new(false),
             gate: tokio::sync::Mutex::new(()),
             newest: Mutex::new(None),
         }
     }
 
-    /// An idle connection, or a new one. The first new connection after a connection broke
-    /// runs `after_loss` on it (under the gate, before it is used for anything else).
+    /// An idle connection, or a new one. The first new connection of the process, and the
+    /// first after a connection broke, run `check` on it (under the gate, before it is used
+    /// for anything else).
     pub(super) async fn take(
         &self,
-        after_loss: impl AsyncFnOnce(&mut Conn) -> Result<(), ClientError>,
+        check: impl AsyncFnOnce(&mut Conn, Check) -> Result<(), ClientError>,
     ) -> Result<Conn, ClientError> {
         let idle = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop();
         if let Some(conn) = idle {
@@ -295,11 +309,17 @@ impl Server {
         let _gate = self.gate.lock().await;
         let connected = Conn::connect(&self.address, self.timeout).await;
         let mut conn = connected.inspect_err(|_| self.lost.store(true, Ordering::SeqCst))?;
-        if self.lost.swap(false, Ordering::SeqCst)
-            && let Err(error) = after_loss(&mut conn).await
-        {
-            self.lost.store(true, Ordering::SeqCst);
-            return Err(error);
+        if self.lost.swap(false, Ordering::SeqCst) {
+            let why = if self.checked.load(Ordering::SeqCst) {
+                Check::Loss
+            } else {
+                Check::Start
+            };
+            if let Err(error) = check(&mut conn, why).await {
+                self.lost.store(true, Ordering::SeqCst);
+                return Err(error);
+            }
+            self.checked.store(true, Ordering::SeqCst);
         }
         Ok(conn)
     }

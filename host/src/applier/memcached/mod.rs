@@ -11,7 +11,9 @@
 //! A restarted Memcached has lost every item, versions and tombstones included, so a late
 //! redelivery could write an old value into the emptied key. Against that, each server holds a
 //! **floor** (the item `<versioning.key_prefix>floor`, a tombstone envelope kept for the tombstone
-//! time to live): after a connection to a server broke, the first new connection raises the
+//! time to live): after a connection to a server broke, and at start when the server's sentinel
+//! (`<versioning.key_prefix>kept`, no expiry) is gone because it restarted while no keepwarm was
+//! connected, the first new connection raises the
 //! floor to the newest version written there before anything else is written: the newest this
 //! process wrote, or the newest any process recorded ([`newest`]: in Redis, raised in the
 //! pipeline of each batch's dead letters, or without Redis in a local file; either way before
@@ -42,7 +44,7 @@ use crate::config::MemcachedConfig;
 use crate::message::Version;
 use crate::ops::{CacheKind, Op};
 pub use client::ClientError;
-use client::{Conn, Mode, Server, Written};
+use client::{Check, Conn, Mode, Server, Written};
 use envelope::Item;
 use newest::Newest;
 use ring::Ring;
@@ -108,6 +110,10 @@ pub(crate) struct Memcached {
     tombstone_secs: u64,
     /// The key of each server's floor.
     floor_key: String,
+    /// The key of each server's sentinel: an item without expiry, written once the floor is
+    /// settled, whose absence at start says the server lost its items (restarted, flushed)
+    /// since a keepwarm last checked it.
+    sentinel_key: String,
     /// Where the newest version written to the pool is recorded.
     pub(super) newest: Newest,
 }
@@ -137,6 +143,7 @@ impl Memcached {
             max_value_bytes: config.max_value_bytes,
             tombstone_secs: tombstone_secs.max(1),
             floor_key: format!("{version_prefix}floor"),
+            sentinel_key: format!("{version_prefix}kept"),
             newest,
         }
     }
@@ -156,22 +163,53 @@ impl Memcached {
         self.reach().await.is_ok()
     }
 
-    /// A connection to `server`; the first after a loss raises the server's floor.
+    /// A connection to `server`, checked first when it is the process's first or the first
+    /// after a loss ([`Memcached::check_server`]).
     async fn take(&self, server: &Server) -> Result<Conn, ClientError> {
         server
-            .take(async |conn| self.raise_floor(conn, server).await)
+            .take(async |conn, why| self.check_server(conn, server, why).await)
             .await
     }
 
-    /// Raises the server's floor to the newest version this process wrote there.
-    async fn raise_floor(&self, conn: &mut Conn, server: &Server) -> Result<(), ClientError> {
+    /// Settles the server's floor before anything is written on a new connection: after a
+    /// broken connection it is raised (the server may have restarted); at start, only when the
+    /// sentinel is gone, i.e. the server lost its items while no keepwarm was connected (a
+    /// restart while keepwarm was down too). Then the sentinel is written, if missing.
+    async fn check_server(
+        &self,
+        conn: &mut Conn,
+        server: &Server,
+        why: Check,
+    ) -> Result<(), ClientError> {
+        let emptied = conn.get(&self.sentinel_key).await?.is_none();
+        if why == Check::Loss || emptied {
+            self.raise_floor(conn, server, why).await?;
+        }
+        if emptied {
+            conn.store(&self.sentinel_key, b"", 0, Mode::Add).await?;
+        }
+        Ok(())
+    }
+
+    /// Raises the server's floor to the newest version written there (by this process, or
+    /// recorded by any).
+    async fn raise_floor(
+        &self,
+        conn: &mut Conn,
+        server: &Server,
+        why: Check,
+    ) -> Result<(), ClientError> {
         let own = *server.newest.lock().unwrap_or_else(|e| e.into_inner());
         // On an error the batch is retried; the floor is raised on its next connection.
         let recorded = self.newest.read().await?;
         let Some(newest) = own.max(recorded) else {
             return Ok(());
         };
-        tracing::warn!(server = %server.address, floor = %newest, "memcached connection lost: raising the floor, so that older changes do not fill keys a restart may have emptied");
+        let because = match why {
+            Check::Loss => "memcached connection lost",
+            Check::Start => "memcached lost its items while keepwarm was away",
+        };
+        tracing::warn!(server = %server.address, floor = %newest, "{because}: raising the floor, so that older changes do not fill keys a restart may have emptied");
         let floor = envelope::tombstone(newest);
         for _ in 0..MAX_CAS_ROUNDS {
             let written = match conn.get(&self.floor_key).await? {
@@ -397,7 +435,7 @@ pub(crate) async fn peek(
     let timeout = Duration::from_millis(config.response_timeout_ms);
     let server = Server::new(address.clone(), 1, timeout);
     let read = async {
-        let mut conn = server.take(async |_| Ok(())).await?;
+        let mut conn = server.take(async |_, _| Ok(())).await?;
         let item = conn.get_ttl(key).await?;
         let floor = conn.get(&format!("{version_prefix}floor")).await?;
         Ok::<_, ClientError>(Peek {
