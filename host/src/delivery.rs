@@ -19,6 +19,9 @@ pub struct Delivery {
     pub origin: Origin,
     /// Settled by the pipeline once the message is done.
     pub ack: AckToken,
+    /// The only plugin that takes it (a replayed dead letter goes back to the plugin that
+    /// failed on it, not to those that applied it then); `None`: every plugin subscribed.
+    pub only: Option<Arc<str>>,
 }
 
 /// What a source read.

@@ -207,3 +207,45 @@ async fn a_dead_letter_no_plugin_takes_stays_through_a_replay() {
     );
     assert_eq!(env.dead_letters().await.len(), 1, "the letter stays");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_letter_goes_only_to_the_plugin_that_failed_on_it() {
+    // by-sku fails on the insert; rows (plain writes) applies it, then the update of the same
+    // row while by-sku is away. The replay of the insert must not take rows back to it.
+    let env = TestEnv::new("dlq-only");
+    by_sku(&env, "{sku}");
+    let rows = format!(
+        "consistency = \"plain\"\n[config]\nkey = \"{}:rows:{{table}}:{{pks}}\"\n",
+        env.prefix
+    );
+    env.add_plugin("rows", &plugin_wasm("row-cache"), &rows);
+    env.xadd(&[fixtures()[0].to_string()]).await;
+    assert_eq!(run_to_end(&env, 1).await.len(), 1);
+    for file in ["by-sku.wasm", "by-sku.toml"] {
+        std::fs::remove_file(env.plugins_dir().join(file)).unwrap();
+    }
+    env.xadd(&[fixtures()[2].to_string()]).await;
+    let daemon = env.run();
+    env.wait_drained(2).await;
+    daemon.stop().await;
+    let keys = env.keys().await;
+    let updated = Some(record_text(fixtures()[2]));
+    assert_eq!(keys.get("rows:orders:1001").await, updated);
+
+    by_sku(&env, "{table}:{pks}");
+    let dir = TempDir::new("kw-dlq-only");
+    let config = env.config().write(&dir, "keepwarm.toml");
+    let (ok, _, err) = keepwarm_cli_async(&["dead-letters", "replay", "--config", &config]).await;
+    assert!(ok, "{err}");
+    assert!(err.contains("1 fixed and removed"), "{err}");
+    assert_eq!(
+        keys.get("orders:1001").await,
+        Some(record_text(fixtures()[0])),
+        "by-sku applied the replayed insert"
+    );
+    assert_eq!(
+        keys.get("rows:orders:1001").await,
+        updated,
+        "rows kept the update"
+    );
+}

@@ -78,8 +78,8 @@ pub struct Dispatcher {
 }
 
 impl Dispatch for Dispatcher {
-    /// Sends a delivery to the lane of its row in every plugin subscribed to it; a message no
-    /// plugin wants is acknowledged at once.
+    /// Sends a delivery to the lane of its row in every plugin subscribed to it (or in the one
+    /// it names); a message no plugin wants is acknowledged at once.
     fn dispatch(&self, delivery: Delivery) {
         let inner = &self.inner;
         let metrics = &inner.shared.counters.metrics;
@@ -103,6 +103,7 @@ impl Dispatch for Dispatcher {
         // message.
         let targets: Vec<(Lanes, usize)> = plugins
             .routes(message)
+            .filter(|p| delivery.only.as_deref().is_none_or(|only| p.name() == only))
             .map(|p| {
                 let lanes = self.lanes_of(p.name());
                 let lane = pick(&hasher, lanes.len());

@@ -119,6 +119,18 @@ impl SourceContext {
         id: String,
         settle: &Arc<dyn Settle>,
     ) {
+        self.deliver_to(permit, payload, id, settle, None);
+    }
+
+    /// [`SourceContext::deliver`] to the plugin named `only` alone, when given.
+    pub fn deliver_to(
+        &self,
+        permit: OwnedSemaphorePermit,
+        payload: Payload,
+        id: String,
+        settle: &Arc<dyn Settle>,
+        only: Option<Arc<str>>,
+    ) {
         let ack = AckToken::new(Arc::clone(settle), id.clone(), Some(permit));
         let origin = Origin {
             source: Arc::clone(&self.name),
@@ -129,6 +141,7 @@ impl SourceContext {
             payload,
             origin,
             ack,
+            only,
         });
     }
 

@@ -11,6 +11,7 @@ use crate::sources::{SourceError, decode_json, decode_stream_entry};
 pub use file::{FileLetters, read_file};
 pub use replay::{ReplayReport, replay, replay_file};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One dead-letter entry.
 #[derive(Debug, Clone)]
@@ -28,6 +29,13 @@ impl Entry {
             .get(name)
             .map(|v| String::from_utf8_lossy(v).into_owned())
             .unwrap_or_default()
+    }
+
+    /// The plugin that failed on the message, if a plugin was involved: the replay goes to it
+    /// alone (the others applied the message when it came).
+    pub fn plugin(&self) -> Option<Arc<str>> {
+        let name = self.fields.get("plugin")?;
+        (!name.is_empty()).then(|| Arc::from(String::from_utf8_lossy(name).as_ref()))
     }
 
     /// The message the entry holds, decoded again by the decode every source uses: the

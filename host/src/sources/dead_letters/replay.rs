@@ -114,7 +114,14 @@ async fn run(
                 break 'read;
             };
             replayed += 1;
-            ctx.deliver(permit, entry.payload(max_bytes), entry.id.clone(), &settle);
+            let only = entry.plugin();
+            ctx.deliver_to(
+                permit,
+                entry.payload(max_bytes),
+                entry.id.clone(),
+                &settle,
+                only,
+            );
         }
     }
     drop(ctx);
