@@ -38,8 +38,10 @@ pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Call
             return Called::Gone;
         };
         // A new version starts afresh.
-        let each = tripped.as_ref().filter(|(by, _)| Arc::ptr_eq(by, &plugin));
-        let answers_at_trip = each.map(|(_, answers)| *answers);
+        let answers_at_trip = tripped
+            .as_ref()
+            .filter(|(by, _)| Arc::ptr_eq(by, &plugin))
+            .map(|(_, answers)| *answers);
         if let Some(pause) = plugin.breaker.paused_for() {
             // Wake at least every second: a new version (with a fresh breaker) ends the wait.
             tokio::select! {

@@ -4,9 +4,10 @@
 //! A replay writes new failures to a scratch stream (or scratch file) instead of the dead
 //! letters it reads. An entry leaves the dead letters (`XDEL`, or the file rewritten without
 //! it) only when its replay was applied and did not fail again; an entry that fails again
-//! stays, and the new reason is reported, as does an entry no loaded plugin subscribes to. Shutdown (Ctrl-C, SIGTERM) stops the reading; what
-//! was handed over is finished and reported. Dead letters added while the replay runs stay for
-//! the next one.
+//! stays, and the new reason is reported, as does an entry no loaded plugin subscribes to. A
+//! letter a plugin failed on goes back to that plugin alone. Shutdown (Ctrl-C, SIGTERM) stops
+//! the reading; what was handed over is finished and reported. Dead letters added while the
+//! replay runs stay for the next one.
 
 use super::file::FileLetters;
 use super::{Entry, read, read_file};
