@@ -633,6 +633,37 @@ async fn ready(daemon: &crate::util::Daemon) -> u16 {
 }
 
 #[tokio::test]
+async fn a_table_without_a_primary_key_is_skipped_when_every_table_streams() {
+    // `tables = []` streams the whole publication (FOR ALL TABLES). A table created later
+    // without a primary key is skipped: no dead letter per change, and a reconnect (whose
+    // checks see it) does not stop the source.
+    let pg = Pg::new(
+        "kw-pg-nokey",
+        "CREATE TABLE items (id int PRIMARY KEY, n int); CREATE PUBLICATION kw FOR ALL TABLES;",
+    )
+    .await;
+    let daemon = pg.env.config().source("postgres", &pg.source("")).run();
+    pg.wait_slot().await;
+    pg.client
+        .batch_execute(
+            "CREATE TABLE nokey (n int); INSERT INTO nokey VALUES (1);
+             INSERT INTO items VALUES (1, 1);",
+        )
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("items", "1"), |_| true).await;
+    cut_the_stream(&pg).await;
+    pg.client
+        .batch_execute("INSERT INTO nokey VALUES (2); INSERT INTO items VALUES (2, 2);")
+        .await
+        .unwrap();
+    pg.wait_record(&pg.key("items", "2"), |_| true).await;
+    daemon.stop().await;
+    let keys = Keys::connect(pg.env.cache_url()).await;
+    assert!(keys.dead_letters(&pg.env.dead).await.is_empty());
+}
+
+#[tokio::test]
 async fn a_cut_stream_is_reopened_and_nothing_is_lost() {
     let pg = Pg::new(
         "kw-pg-cut",

@@ -203,6 +203,12 @@ async fn tables(
             continue;
         }
         let full = format!("{}.{}", ident(schema), ident(name));
+        if !has_pk && config.tables.is_empty() {
+            // Every table of the publication is streamed: one without a key cannot be cached
+            // by row, and must not stop the others (it may have been created since the start).
+            tracing::warn!(publication, table = %format!("{schema}.{name}"), "table has no primary key: its changes are not streamed (add one to cache it)");
+            continue;
+        }
         if !has_pk {
             return Err(SetupError::NoPrimaryKey {
                 table: format!("{schema}.{name}"),

@@ -365,10 +365,13 @@ impl Reader<'_> {
                         type_oid: c.type_id,
                     })
                     .collect();
-                let pks = pk
+                let pks: Vec<usize> = pk
                     .iter()
                     .filter_map(|name| columns.iter().position(|c| &*c.name == name.as_str()))
                     .collect();
+                if pks.is_empty() && self.wanted.is_none() {
+                    tracing::warn!(source = %self.ctx.name, table = %format!("{namespace}.{relation_name}"), "table has no primary key: its changes are not streamed (add one to cache it)");
+                }
                 self.relations.insert(
                     relation_id,
                     Relation {
@@ -470,6 +473,11 @@ impl Reader<'_> {
         if let Some(wanted) = &self.wanted
             && !wanted.contains(&(relation.schema.clone(), relation.table.clone()))
         {
+            return Ok(true);
+        }
+        // Streaming every table of the publication: one without a primary key is skipped (the
+        // checks and the relation say so), rather than a dead letter per change.
+        if self.wanted.is_none() && relation.pks.is_empty() {
             return Ok(true);
         }
         let json = change::message(relation, &txn.info, idx, row, self.fixed);
