@@ -298,6 +298,7 @@ impl Config {
         let limits = SourceLimits {
             max_in_flight: pipeline.max_in_flight,
             cache_redis: config.redis.is_some(),
+            cache_cluster: config.redis.as_ref().is_some_and(RedisConfig::is_cluster),
         };
         for source in &config.sources {
             source
@@ -626,6 +627,14 @@ mod tests {
             "{no_url}"
         );
         Config::parse(&format!("{plugins}{mc}{file}{stream}url = \"redis://h\"\n")).unwrap();
+        // Nor can it default to a cache that is a cluster.
+        let cluster = "[redis]\nurl = \"redis://x\"\ncluster = true\n";
+        let on_cluster = error(&format!("{cluster}{plugins}{stream}"));
+        assert!(
+            on_cluster.contains("url: is required when [redis] is a Redis Cluster"),
+            "{on_cluster}"
+        );
+        Config::parse(&format!("{cluster}{plugins}{stream}url = \"redis://h\"\n")).unwrap();
     }
 
     #[test]

@@ -69,6 +69,8 @@ pub struct SourceLimits {
     pub max_in_flight: usize,
     /// Whether there is a cache Redis (`[redis]`) for sources that default to it.
     pub cache_redis: bool,
+    /// Whether that cache Redis is a Redis Cluster, which a source cannot default to.
+    pub cache_cluster: bool,
 }
 
 /// What [`SourceConfigure::build`] returns: the running source, built (for some kinds,

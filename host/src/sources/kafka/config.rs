@@ -171,6 +171,7 @@ mod tests {
             .validate(&SourceLimits {
                 max_in_flight: 10,
                 cache_redis: true,
+                cache_cluster: false,
             })
             .map_err(|e| e.to_string())?;
         Ok(config)

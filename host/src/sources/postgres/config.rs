@@ -180,6 +180,7 @@ mod tests {
         let limits = SourceLimits {
             max_in_flight: 10,
             cache_redis: true,
+            cache_cluster: false,
         };
         config.validate(&limits).unwrap();
         let bad_slot = parse(

@@ -62,6 +62,12 @@ impl SourceConfigure for RedisStreamSourceConfig {
                     "is required without [redis]: a Redis Stream needs a Redis, and there is no cache Redis to default to",
                 ));
             }
+            None if limits.cache_cluster => {
+                return Err(SourceConfigError::new(
+                    "url",
+                    "is required when [redis] is a Redis Cluster: the source reads a stream from one Redis (give it that Redis's url)",
+                ));
+            }
             None => {}
         }
         Ok(())
