@@ -1,8 +1,8 @@
 //! Plugins cannot wait on the monotonic clock. wasmtime-wasi's `subscribe-duration` and
 //! `subscribe-instant` are real timers, and `wasi:io/poll` blocks the host thread on them
-//! outside wasm code, where the epoch deadline cannot interrupt it: a plugin calling
-//! `time.sleep` (Python), `std::thread::sleep` (Rust) or `setTimeout` (JavaScript) would hold
-//! its lane for as long as it asked, and an unrepresentable duration for ever. Here both give a
+//! outside wasm code, where the epoch deadline cannot interrupt it: a plugin sleeping
+//! (`std::thread::sleep`, Python's `time.sleep`: both wait on these timers) would hold its
+//! lane for as long as it asked, and an unrepresentable duration for ever. Here both give a
 //! pollable that is ready at once (after one yield, as wasmtime-wasi's zero-length timer does),
 //! so a sleep returns immediately and a plugin waiting for time to pass loops until its
 //! deadline stops it.
