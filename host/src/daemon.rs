@@ -45,7 +45,8 @@ impl Core {
     /// A plugin fails to load, or Redis cannot be reached.
     pub async fn start(config: Config) -> anyhow::Result<Core> {
         let runtime = Arc::new(
-            Runtime::new(Some(config.plugins.cache_dir()))?.for_cache(config.cache_kind()),
+            Runtime::with_instances(Some(config.plugins.cache_dir()), config.plugins.instances)?
+                .for_cache(config.cache_kind()),
         );
         let plugins = runtime::load_dir(&runtime, &config.plugins.dir)?;
         if plugins.plugins.is_empty() {
@@ -361,7 +362,9 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
         )?;
         ok = false;
     }
-    let runtime = Runtime::new(Some(config.plugins.cache_dir()))?.for_cache(config.cache_kind());
+    let runtime =
+        Runtime::with_instances(Some(config.plugins.cache_dir()), config.plugins.instances)?
+            .for_cache(config.cache_kind());
     let files = runtime::loader::list_dir(&config.plugins.dir)?;
     if files.is_empty() {
         writeln!(

@@ -163,3 +163,33 @@ async fn sqs_queue_depth_and_counts_reach_metrics() {
     );
     daemon.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_instance_pool_makes_batches_wait_not_dead_letters() {
+    // Three plugins with four lanes each, and room for three instances in all: a lane that
+    // finds no room waits (the other plugins' idle instances are dropped to make some), and no
+    // message is dead-lettered for it.
+    let env = TestEnv::new("pool-full");
+    for name in ["a", "b", "c"] {
+        let manifest = format!(
+            "[config]\nkey = \"{}:{name}:{{table}}:{{pks}}\"\n",
+            env.prefix
+        );
+        env.add_plugin(name, &plugin_wasm("row-cache"), &manifest);
+    }
+    let daemon = env
+        .stream_config()
+        .set("plugins", "instances = 3")
+        .pipeline("lanes = 4\nbatch_size = 2")
+        .run();
+    let lines: Vec<String> = (0..40).map(|row| order_line(row, 0)).collect();
+    env.xadd(&lines).await;
+    env.wait_drained(lines.len() as u64).await;
+    daemon.stop().await;
+    assert!(env.dead_letters().await.is_empty());
+    let keys = env.keys().await;
+    for name in ["a", "b", "c"] {
+        let cached = keys.matching(&format!("{name}:orders:*")).await.len();
+        assert_eq!(cached, 40, "plugin {name}");
+    }
+}

@@ -115,10 +115,21 @@ pub struct PluginsConfig {
     /// Rescan the directory this often even without file events, in seconds.
     #[serde(default = "default_rescan_seconds")]
     pub rescan_seconds: u64,
+    /// Plugin instances the engine's pool holds at once, all plugins together: a warm one per
+    /// lane and plugin, twice over while a reload swaps versions.
+    #[serde(default = "default_instances")]
+    pub instances: u32,
 }
 
 fn default_rescan_seconds() -> u64 {
     60
+}
+
+/// See [`PluginsConfig::instances`].
+pub const DEFAULT_INSTANCES: u32 = 512;
+
+fn default_instances() -> u32 {
+    DEFAULT_INSTANCES
 }
 
 impl PluginsConfig {
@@ -270,6 +281,11 @@ impl Config {
             config.plugins.rescan_seconds >= 1,
             "plugins.rescan_seconds",
             "must be at least 1",
+        )?;
+        ensure(
+            (1..=100_000).contains(&config.plugins.instances),
+            "plugins.instances",
+            "must be between 1 and 100000",
         )?;
         ensure(
             pipeline.batch_size >= 1,

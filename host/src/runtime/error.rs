@@ -34,6 +34,10 @@ pub enum PluginError {
     /// Not attempted: the plugin failed on several changes in a row just before (it is paused).
     #[error("not attempted: the plugin is failing on every change")]
     Unattempted,
+    /// Not attempted: the engine's instance pool is full (`[plugins] instances`), a condition of
+    /// the host, not of the change or the plugin. The batch waits and is called again.
+    #[error("not attempted: {0}")]
+    PoolFull(String),
     /// The plugin broke the contract or its manifest's limits.
     #[error("plugin misbehaved: {0}")]
     Misbehaved(Misbehavior),

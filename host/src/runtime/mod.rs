@@ -67,11 +67,23 @@ impl Runtime {
     ///
     /// The engine cannot be created at all.
     pub fn new(cache_dir: Option<PathBuf>) -> Result<Runtime, EngineError> {
-        let (engine, pooling) = match Engine::new(&engine_config(true)) {
+        Runtime::with_instances(cache_dir, crate::config::DEFAULT_INSTANCES)
+    }
+
+    /// [`Runtime::new`] with a pool of `instances` plugin instances (`[plugins] instances`).
+    ///
+    /// # Errors
+    ///
+    /// The engine cannot be created at all.
+    pub fn with_instances(
+        cache_dir: Option<PathBuf>,
+        instances: u32,
+    ) -> Result<Runtime, EngineError> {
+        let (engine, pooling) = match Engine::new(&engine_config(Some(instances))) {
             Ok(engine) => (engine, true),
             Err(error) => {
                 tracing::warn!(error = %error, "pooling allocator unavailable, using on-demand allocation");
-                let engine = Engine::new(&engine_config(false)).map_err(EngineError::Wasmtime)?;
+                let engine = Engine::new(&engine_config(None)).map_err(EngineError::Wasmtime)?;
                 (engine, false)
             }
         };
@@ -138,19 +150,22 @@ impl Runtime {
     }
 }
 
-fn engine_config(pooling: bool) -> Config {
+/// The engine's configuration; with the pooling allocator when `pool` gives its size in plugin
+/// instances.
+fn engine_config(pool: Option<u32>) -> Config {
     let mut config = Config::new();
     config.wasm_component_model(true);
     config.epoch_interruption(true);
     config.cranelift_opt_level(wasmtime::OptLevel::Speed);
-    if pooling {
+    if let Some(instances) = pool {
         let mut pool = PoolingAllocationConfig::default();
-        // Sized for a few dozen plugins with a warm instance per lane each; the default
-        // reserves room for a thousand.
-        pool.total_component_instances(512);
-        pool.total_core_instances(2048);
-        pool.total_memories(1024);
-        pool.total_tables(2048);
+        // By default sized for a few dozen plugins with a warm instance per lane each (512);
+        // wasmtime's default reserves room for a thousand. A component has a few core
+        // instances, memories and tables.
+        pool.total_component_instances(instances);
+        pool.total_core_instances(instances.saturating_mul(4));
+        pool.total_memories(instances.saturating_mul(2));
+        pool.total_tables(instances.saturating_mul(4));
         pool.max_memories_per_component(32);
         pool.max_memory_size(4 << 30);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));

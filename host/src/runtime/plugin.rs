@@ -151,6 +151,9 @@ impl Plugin {
             Ok(outcomes) => return outcomes,
             Err(error) => error,
         };
+        if let PluginError::PoolFull(_) = error {
+            return vec![Err(error); changes.len()];
+        }
         if let [change] = changes {
             return vec![self.after_failure(change, error)];
         }
@@ -172,6 +175,10 @@ impl Plugin {
                 continue;
             }
             let outcome = match self.call_single(change) {
+                // No instance to call the rest on: the whole batch waits.
+                Err(error @ PluginError::PoolFull(_)) => {
+                    return vec![Err(error); changes.len()];
+                }
                 Err(error) => self.after_failure(change, error),
                 ok => ok,
             };
@@ -276,22 +283,35 @@ impl Plugin {
         );
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks);
-        let bindings =
-            self.pre
-                .instantiate(&mut store)
-                .map_err(|error| match self.classify(&error) {
-                    // Past the deadline while starting up is a timeout like any other.
-                    PluginError::Trap { code, message } => PluginError::Trap {
-                        code,
-                        message: format!("instantiation failed: {message}"),
-                    },
-                    other => other,
-                })?;
+        let bindings = self.pre.instantiate(&mut store).map_err(|error| {
+            match self.classify(&error) {
+                _ if error
+                    .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                    .is_some() =>
+                {
+                    PluginError::PoolFull(format!(
+                        "the engine's instance pool is full ({error}); raise [plugins] instances"
+                    ))
+                }
+                // Past the deadline while starting up is a timeout like any other.
+                PluginError::Trap { code, message } => PluginError::Trap {
+                    code,
+                    message: format!("instantiation failed: {message}"),
+                },
+                other => other,
+            }
+        })?;
         Ok(Warm {
             store,
             bindings,
             calls: 0,
         })
+    }
+
+    /// Drops the warm instances no call is using, giving their room in the engine's pool back
+    /// (to another plugin that cannot get an instance).
+    pub(crate) fn drop_idle(&self) {
+        self.warm.lock().unwrap_or_else(|p| p.into_inner()).clear();
     }
 
     /// Returns an instance to the pool unless it is due for recycling.

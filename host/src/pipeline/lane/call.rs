@@ -13,7 +13,8 @@ use super::Shared;
 use crate::pipeline::Job;
 use crate::runtime::plugin::ChangeOutcome;
 use crate::runtime::{Plugin, PluginError};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 /// What calling the plugin on a batch came to.
@@ -33,6 +34,8 @@ pub(super) enum Called {
 pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Called {
     // The version this batch tripped, and how many changes it had answered by then.
     let mut tripped: Option<(Arc<Plugin>, u64)> = None;
+    // Waits so far for room in the engine's instance pool.
+    let mut pool_waits = 0u32;
     loop {
         let Some(plugin) = shared.plugins.load().get(name).cloned() else {
             return Called::Gone;
@@ -55,6 +58,15 @@ pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Call
             return Called::Abandoned;
         };
         if paused_meanwhile(&plugin, &outcomes) {
+            continue;
+        }
+        if outcomes
+            .iter()
+            .any(|o| matches!(o, Err(PluginError::PoolFull(_))))
+        {
+            if !wait_for_pool(name, shared, &outcomes, &mut pool_waits).await {
+                return Called::Abandoned;
+            }
             continue;
         }
         let answered = outcomes.iter().filter(|o| answers(o)).count() as u64;
@@ -82,7 +94,52 @@ pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Call
 fn answers(outcome: &ChangeOutcome) -> bool {
     match outcome {
         Ok(_) => true,
-        Err(error) => !error.is_instance_failure() && !matches!(error, PluginError::Unattempted),
+        Err(error) => {
+            !error.is_instance_failure()
+                && !matches!(error, PluginError::Unattempted | PluginError::PoolFull(_))
+        }
+    }
+}
+
+/// Whether a warning about the pool may be logged now: once a second at most, over all lanes.
+fn once_a_second() -> bool {
+    static START: OnceLock<Instant> = OnceLock::new();
+    static LAST: AtomicU64 = AtomicU64::new(0);
+    let second = START.get_or_init(Instant::now).elapsed().as_secs() + 1;
+    LAST.swap(second, Ordering::Relaxed) != second
+}
+
+/// No instance could be had from the engine's pool (`[plugins] instances`): the batch keeps
+/// its changes (nothing is dead-lettered, the breaker is not fed) and is called again once the
+/// warm instances no call is using are dropped, in every plugin, to make room. False on
+/// shutdown.
+async fn wait_for_pool(
+    name: &str,
+    shared: &Shared,
+    outcomes: &[ChangeOutcome],
+    waits: &mut u32,
+) -> bool {
+    if once_a_second() {
+        let reason = outcomes.iter().find_map(|o| match o {
+            Err(PluginError::PoolFull(reason)) => Some(reason.as_str()),
+            _ => None,
+        });
+        tracing::warn!(
+            plugin = name,
+            reason,
+            waits = *waits,
+            "no room for another plugin instance; the batch waits"
+        );
+    }
+    for plugin in &shared.plugins.load().plugins {
+        plugin.drop_idle();
+    }
+    let pause = Duration::from_millis(10 << (*waits).min(6));
+    *waits += 1;
+    tokio::select! {
+        biased;
+        () = shared.shutdown.cancelled() => false,
+        () = tokio::time::sleep(pause) => true,
     }
 }
 
