@@ -122,7 +122,13 @@ pub(super) fn missing_key<'r>(relation: &'r Relation, row: &Row<'_>) -> Option<&
         .pks
         .iter()
         .map(|&i| &relation.columns[i])
-        .find(|column| text(column, row.shown()).is_none())
+        // A presence check: `message` renders the key's text itself.
+        .find(|column| {
+            matches!(
+                row.shown().get(&column.name),
+                None | Some(ColumnValue::Null)
+            )
+        })
         .map(|column| &*column.name)
 }
 
