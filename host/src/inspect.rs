@@ -1,7 +1,7 @@
 //! `keepwarm version`: the versions keepwarm stores for a cache key, for operators debugging a
 //! cache ("why does this key hold that?").
 //!
-//! It reads the key's companion hash (see [`crate::applier::versioned`]) and the key itself, and
+//! It reads the key's companion (see [`crate::applier::versioned`]) and the key itself, and
 //! shows the key's version, whether it is a tombstone, and the version of every member (set and
 //! sorted-set members, hash fields), as `commit_lsn/commit_idx` with the LSN also in Postgres
 //! notation (`0/4A1C2F88`). With Memcached as the cache it reads the key's envelope (see
@@ -11,7 +11,7 @@
 use crate::applier::cluster::{HashSlot, key_slot};
 use crate::applier::memcached::envelope::{self, Item};
 use crate::applier::memcached::{self, ClientError};
-use crate::applier::versioned::{VersionField, parse_version, version_key};
+use crate::applier::versioned::{KEY_FIELD, VersionField, parse_version, version_key};
 use crate::config::{Config, ConfigError};
 use crate::message::Version;
 use serde_json::json;
@@ -43,7 +43,7 @@ pub enum InspectError {
     Read {
         /// The data key.
         key: String,
-        /// Its companion hash.
+        /// Its companion (the versions key).
         versions_key: String,
         /// The client's error.
         error: redis::RedisError,
@@ -59,7 +59,7 @@ pub struct KeyVersions {
     pub kind: String,
     /// Its time to live in milliseconds, `None` without one (or when it does not exist).
     pub ttl_ms: Option<i64>,
-    /// The companion hash holding the versions.
+    /// The companion holding the versions: a string (the key's version) or a hash.
     pub versions_key: String,
     /// The Redis Cluster hash slot both share.
     pub slot: HashSlot,
@@ -132,7 +132,7 @@ impl KeyVersions {
 /// What `keepwarm version` found, on the cache the configuration names.
 #[derive(Debug)]
 pub enum Report {
-    /// The key and its companion hash in Redis.
+    /// The key and its companion in Redis.
     Redis(KeyVersions),
     /// The key's envelope in Memcached.
     Memcached(MemcachedKey),
@@ -327,23 +327,43 @@ async fn read_redis(config: &Config, key: &str) -> Result<KeyVersions, InspectEr
         .map_err(connect)?;
     let versions_key = version_key(&config.versioning.key_prefix, key);
     let ttl = |ms: i64| (ms >= 0).then_some(ms);
-    let (kind, ttl_ms, fields, versions_ttl): (String, i64, Vec<(String, String)>, i64) =
-        redis::pipe()
-            .cmd("TYPE")
-            .arg(key)
-            .cmd("PTTL")
-            .arg(key)
-            .cmd("HGETALL")
-            .arg(&versions_key)
-            .cmd("PTTL")
+    let read_error = |error| InspectError::Read {
+        key: key.to_owned(),
+        versions_key: versions_key.clone(),
+        error,
+    };
+    let (kind, ttl_ms, versions_kind, versions_ttl): (String, i64, String, i64) = redis::pipe()
+        .cmd("TYPE")
+        .arg(key)
+        .cmd("PTTL")
+        .arg(key)
+        .cmd("TYPE")
+        .arg(&versions_key)
+        .cmd("PTTL")
+        .arg(&versions_key)
+        .query_async(&mut conn)
+        .await
+        .map_err(read_error)?;
+    // The companion is a string (the key's version) or a hash (field "" and members' fields).
+    let fields: Vec<(String, String)> = match versions_kind.as_str() {
+        "string" => {
+            let version: Option<String> = redis::cmd("GET")
+                .arg(&versions_key)
+                .query_async(&mut conn)
+                .await
+                .map_err(read_error)?;
+            version
+                .map(|version| (KEY_FIELD.to_owned(), version))
+                .into_iter()
+                .collect()
+        }
+        "hash" => redis::cmd("HGETALL")
             .arg(&versions_key)
             .query_async(&mut conn)
             .await
-            .map_err(|error| InspectError::Read {
-                key: key.to_owned(),
-                versions_key: versions_key.clone(),
-                error,
-            })?;
+            .map_err(read_error)?,
+        _ => Vec::new(),
+    };
     let mut report = KeyVersions {
         key: key.to_owned(),
         kind,

@@ -127,7 +127,7 @@ async fn a_change_the_plugin_rejects_is_dead_lettered_with_the_plugin_and_versio
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_redis_refuses_is_dead_lettered_and_the_rest_applied() {
     let env = TestEnv::row_cache("wrongtype");
-    // Someone else's string sits where the version hash of order 1001 belongs: Redis answers
+    // Someone else's string sits where the version of order 1001 belongs: the script answers
     // WRONGTYPE for that message only.
     let keys = env.keys().await;
     let squatter = version_key(&env.key("public.orders:1001"));

@@ -3,11 +3,15 @@
 //! call of the script carries the writes of many messages (a lane's batch, per hash slot) and
 //! answers for each message on its own ([`Calls`]).
 //!
-//! Versions live in a companion hash per data key, named so that it shares the data key's Redis
-//! Cluster hash slot (see [`version_key`]). Field `""` ([`KEY_FIELD`]) holds the key's version;
-//! field `m:<member>` ([`MEMBER_FIELD_PREFIX`]) the version of a set member, sorted-set member or
-//! hash field. `versioned.lua` writes them; `keepwarm version` ([`crate::inspect`]) reads them
-//! back with [`VersionField::parse`] and [`parse_version`].
+//! Versions live in a companion key per data key, named so that it shares the data key's Redis
+//! Cluster hash slot (see [`version_key`]). A key written as a whole (`set`, `del`, `expire`)
+//! has a string companion: its version. A key written member by member has a hash companion:
+//! field `""` ([`KEY_FIELD`]) holds the key's version, field `m:<member>`
+//! ([`MEMBER_FIELD_PREFIX`]) the version of a set member, sorted-set member or hash field
+//! (contract v4 kept every key's version in a hash; `versioned.lua` reads those and rewrites
+//! them as strings). `versioned.lua` and the transactions of [`super::watched`] write them;
+//! `keepwarm version` ([`crate::inspect`]) reads them back with [`VersionField::parse`] and
+//! [`parse_version`].
 
 use super::cluster::{HashSlot, hash_tag, key_slot, slot_tag};
 use crate::message::Version;

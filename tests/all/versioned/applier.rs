@@ -67,7 +67,11 @@ async fn a_late_delete_of_an_aggregate_keeps_what_was_written_after_it() {
     // A delete newer than everything removes everything and leaves a tombstone.
     apply(&applier, 40, &[del(&set)]).await;
     assert!(keys.members(&set).await.is_empty());
-    assert_eq!(keys.hkeys(&version_key(&set)).await, [""]);
+    // The tombstone is the key's version alone, as a string.
+    assert_eq!(
+        keys.get(&version_key(&set)).await.as_deref(),
+        Some("00000000000000000040:00000000000000000000")
+    );
     assert!(keys.pttl(&version_key(&set)).await > 3_000_000);
 }
 
@@ -203,4 +207,114 @@ async fn a_message_rebuilding_a_key_applies_every_operation() {
     assert_eq!(keys.members(&set).await, ["a", "b"]);
     assert_eq!(apply(&applier, 15, &[sadd(&set, "c")]).await, 1);
     assert_eq!(keys.members(&set).await, ["a", "b"]);
+}
+
+fn set_op(key: &str, value: &str) -> Op {
+    Op::Set {
+        key: key.to_owned(),
+        value: value.as_bytes().to_vec(),
+        ttl_ms: None,
+    }
+}
+
+/// The version string the script stores for `(lsn, 0)`.
+fn stored(lsn: u64) -> String {
+    format!("{lsn:020}:{:020}", 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn versions_kept_in_a_hash_by_an_older_keepwarm_are_honoured_and_rewritten() {
+    let (applier, keys) = applier(&redis_url()).await;
+    let (row, gone) = (unique("v4-row"), unique("v4-gone"));
+    // What contract v4 left: a value at version 20, and a tombstone at 20.
+    let () = keys.query(redis::cmd("SET").arg(&row).arg("at 20")).await;
+    for key in [&row, &gone] {
+        let () = keys
+            .query(
+                redis::cmd("HSET")
+                    .arg(version_key(key))
+                    .arg("")
+                    .arg(stored(20)),
+            )
+            .await;
+    }
+    let () = keys
+        .query(redis::cmd("PEXPIRE").arg(version_key(&gone)).arg(3_600_000))
+        .await;
+    // Older writes are stale against them, as they were.
+    assert_eq!(apply(&applier, 10, &[set_op(&row, "at 10")]).await, 1);
+    assert_eq!(apply(&applier, 10, &[set_op(&gone, "at 10")]).await, 1);
+    assert_eq!(apply(&applier, 0, &[set_op(&gone, "read")]).await, 1);
+    assert_eq!(keys.get(&row).await.as_deref(), Some("at 20"));
+    assert_eq!(keys.get(&gone).await, None);
+    // A newer write applies and leaves the version as a string, without a time to live.
+    assert_eq!(apply(&applier, 30, &[set_op(&row, "at 30")]).await, 0);
+    assert_eq!(apply(&applier, 30, &[set_op(&gone, "at 30")]).await, 0);
+    for key in [&row, &gone] {
+        assert_eq!(keys.get(key).await.as_deref(), Some("at 30"));
+        assert_eq!(keys.get(&version_key(key)).await, Some(stored(30)));
+        assert_eq!(keys.pttl(&version_key(key)).await, -1);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_written_whole_then_by_member_keeps_its_version_in_a_hash() {
+    let (applier, keys) = applier(&redis_url()).await;
+    let set = unique("whole-then-members");
+    let companion = version_key(&set);
+    // Deleted at 10: a string tombstone.
+    assert_eq!(apply(&applier, 10, &[del(&set)]).await, 0);
+    assert_eq!(keys.get(&companion).await, Some(stored(10)));
+    let tombstone_ttl = keys.pttl(&companion).await;
+    assert!(tombstone_ttl > 3_000_000, "{tombstone_ttl}");
+    // A member older than the delete is stale; a newer one is written, and the key's version
+    // moves into a hash beside the member's.
+    assert_eq!(apply(&applier, 5, &[sadd(&set, "old")]).await, 1);
+    assert_eq!(apply(&applier, 20, &[sadd(&set, "new")]).await, 0);
+    assert_eq!(keys.members(&set).await, ["new"]);
+    let versions = keys.hgetall(&companion).await;
+    assert_eq!(versions.get(""), Some(&stored(10)));
+    assert_eq!(versions.get("m:new"), Some(&stored(20)));
+    assert_eq!(keys.pttl(&companion).await, -1);
+    // The delete at 10 still holds for the other members.
+    assert_eq!(apply(&applier, 8, &[sadd(&set, "older")]).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_of_one_key_in_one_call_keep_their_order() {
+    let (applier, keys) = applier(&redis_url()).await;
+    let (a, b, c) = (unique("order-a"), unique("order-b"), unique("order-c"));
+    fn message(lsn: u64, ops: &[Op]) -> MessageWrites<'_> {
+        MessageWrites {
+            version: Some(Version { lsn, idx: 0 }),
+            plain: Vec::new(),
+            versioned: ops.iter().collect(),
+        }
+    }
+    let (m1, m2, m3) = (
+        [set_op(&a, "a30"), set_op(&b, "b30"), del(&c)],
+        [set_op(&a, "a20"), del(&b), set_op(&c, "c20")],
+        [del(&a), set_op(&a, "a50")],
+    );
+    // One batch, one call: a newer write then an older one; a set then a delete of the same key
+    // by one message; a delete then a set.
+    let outcomes = applier
+        .apply(&[message(30, &m1), message(20, &m2), message(50, &m3)], &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        outcomes,
+        [
+            MessageOutcome::Applied { stale: 0 },
+            MessageOutcome::Applied { stale: 3 },
+            MessageOutcome::Applied { stale: 0 },
+        ]
+    );
+    assert_eq!(keys.get(&a).await.as_deref(), Some("a50"));
+    assert_eq!(keys.get(&b).await.as_deref(), Some("b30"));
+    assert_eq!(keys.get(&c).await, None);
+    let order = [set_op(&c, "c60"), del(&c)];
+    assert_eq!(apply(&applier, 60, &order).await, 0);
+    assert_eq!(keys.get(&c).await, None);
+    assert_eq!(keys.get(&version_key(&c)).await, Some(stored(60)));
 }
