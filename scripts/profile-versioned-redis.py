@@ -18,6 +18,13 @@ not what keepwarm sends:
   place of the script would run, without the guard;
 - watch: the same, with the companions WATCHed first (what makes it safe against other writers).
 
+And what the applier sends since contract v5 (docs/bench.md, round 6):
+
+- watched: per batch, chunks of 64 companions: WATCH and MGET them, then MULTI, one MSET of the
+  newer values beside their versions (a delete: DEL and the tombstone), EXEC
+  (applier/watched.rs); the messages whose companion is not a string version (new keys) go in
+  one EVALSHA of versioned.lua after the transactions.
+
 `--script PATH` profiles another Lua script in place of versioned.lua (same keys and arguments).
 
 The stream's own commands (XREADGROUP, XACK) are left out: both modes pay them alike. Run two
@@ -112,9 +119,59 @@ def transaction(redis, changes, watch):
         redis.reply()
 
 
+def evalsha(redis, sha, changes):
+    """The changes in one call of the versioned script."""
+    keys, argv = [], [86_400_000]
+    for key, vkey, version, value in changes:
+        keys += [key, vkey]
+        argv += [version] + (["DEL"] if value is None else ["SET", value, ""])
+    redis.send(command("EVALSHA", sha, len(keys), *keys, *argv))
+    redis.reply()
+
+
+def watched(redis, sha, changes, chunk=64):
+    """The changes the way the applier sends them: transactions, the script for the rest."""
+    rest = []
+    for first in range(0, len(changes), chunk):
+        part = changes[first:first + chunk]
+        companions = list(dict.fromkeys(vkey for _, vkey, _, _ in part))
+        redis.send(command("WATCH", *companions) + command("MGET", *companions))
+        redis.reply()
+        held = dict(zip(companions, redis.reply()))
+        writes, mset = [], []
+        for key, vkey, version, value in part:
+            stored = held[vkey]
+            if stored is None or len(stored) != 41:
+                rest.append((key, vkey, version, value))
+                continue
+            if stored.decode() > version:
+                continue
+            held[vkey] = version.encode()
+            if value is None:
+                if mset:
+                    writes.append(command("MSET", *mset))
+                    mset = []
+                writes += [command("DEL", key),
+                           command("SET", vkey, version, "PX", 86_400_000)]
+            else:
+                mset += [key, value, vkey, version]
+        if mset:
+            writes.append(command("MSET", *mset))
+        if not writes:
+            redis.send(command("UNWATCH"))
+            redis.reply()
+            continue
+        pipeline = [command("MULTI")] + writes + [command("EXEC")]
+        redis.send(b"".join(pipeline))
+        for _ in pipeline:
+            redis.reply()
+    if rest:
+        evalsha(redis, sha, rest)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", choices=["plain", "versioned", "multi", "watch"])
+    parser.add_argument("mode", choices=["plain", "versioned", "multi", "watch", "watched"])
     parser.add_argument("messages", type=int)
     parser.add_argument("--batch", type=int, default=256, help="messages per pipeline or call")
     parser.add_argument("--script", default=SCRIPT, help="the Lua script of the versioned mode")
@@ -139,7 +196,7 @@ def main():
             time.sleep(0.1)
     else:
         sys.exit("redis-server did not start")
-    if args.mode == "versioned":
+    if args.mode in ("versioned", "watched"):
         redis.send(command("SCRIPT", "LOAD", open(args.script).read()))
         sha = redis.reply()
 
@@ -149,7 +206,7 @@ def main():
     while sent < args.messages:
         batch = min(args.batch, args.messages - sent)
         sent += batch
-        keys, argv, pipeline, changes = [], [86_400_000], [], []
+        pipeline, changes = [], []
         for _ in range(batch):
             lsn += 1
             row = rng.randrange(1, 10_001)
@@ -158,20 +215,18 @@ def main():
             value = None if delete else record(rng, row, lsn)
             if args.mode == "plain":
                 pipeline.append(command("DEL", key) if delete else command("SET", key, value))
-            elif args.mode in ("multi", "watch"):
-                changes.append((key, "kw:v:{" + key + "}", f"{lsn:020}:{0:020}", value))
             else:
-                keys += [key, "kw:v:{" + key + "}"]
-                argv += [f"{lsn:020}:{0:020}"] + (["DEL"] if delete else ["SET", value, ""])
+                changes.append((key, "kw:v:{" + key + "}", f"{lsn:020}:{0:020}", value))
         if args.mode == "plain":
             redis.send(b"".join(pipeline))
             for _ in range(batch):
                 redis.reply()
         elif args.mode in ("multi", "watch"):
             transaction(redis, changes, args.mode == "watch")
+        elif args.mode == "watched":
+            watched(redis, sha, changes)
         else:
-            redis.send(command("EVALSHA", sha, len(keys), *keys, *argv))
-            redis.reply()
+            evalsha(redis, sha, changes)
     redis.send(command("SHUTDOWN", "NOSAVE"))
     try:
         redis.reply()

@@ -2,6 +2,7 @@
 
 mod applier;
 mod batch;
+mod watched;
 
 use crate::util::*;
 

@@ -2,7 +2,9 @@
 //!
 //! A lane's batch becomes one pipeline: its messages' plain commands, then its versioned writes
 //! (one `EVALSHA` of the versioned script for the whole batch, or per hash slot on a cluster,
-//! which answers for each message), then the batch's dead letters. Every reply is checked, and
+//! which answers for each message), then the batch's dead letters. On a single Redis, the
+//! versioned messages that only write whole keys go first, in `WATCH`ed transactions
+//! ([`watched`]), and the script takes the others. Every reply is checked, and
 //! every message's element of a script's reply. A reply error that retrying can cure (connection lost,
 //! `LOADING`, `OOM`, `NOSCRIPT`, …) fails the whole batch with an [`ApplyError`], and the lane
 //! retries it; the operations are idempotent, so re-applying what did go through is harmless.
@@ -11,6 +13,8 @@
 //!
 //! - [`plain`]: an operation as its Redis command.
 //! - [`versioned`]: the versioned script and the companion keys that hold versions.
+//! - [`watched`]: on a single Redis, versioned writes of whole keys as `WATCH`ed transactions,
+//!   before the pipeline; the script takes every message they do not.
 //! - [`cluster`]: Redis Cluster hash slots.
 //! - [`connection`]: one Redis or a cluster, and a batch's pipelines over it.
 //! - [`dead_letter`]: the dead-letter entry.
@@ -25,6 +29,7 @@ pub mod dead_letter;
 pub mod memcached;
 pub(crate) mod plain;
 pub(crate) mod versioned;
+mod watched;
 
 use crate::config::Config;
 use crate::config::RedisConfig;
@@ -174,6 +179,8 @@ pub struct Applier {
     /// Whether the server enforces hash slots (a Redis Cluster, even one node reached by one
     /// URL), so that a versioned script call may only name keys of one slot.
     slotted: bool,
+    /// Transactions for versioned writes of whole keys (a single Redis as the cache).
+    watched: Option<watched::Watched>,
 }
 
 /// Where plugin operations and dead letters go.
@@ -258,12 +265,31 @@ impl Applier {
             Some(conn) => conn.is_cluster() || cluster_enabled(conn).await,
             None => false,
         };
+        let tombstone_ms = config.versioning.tombstone_ttl_seconds.saturating_mul(1000);
+        let watched = match (&target, &config.redis) {
+            (Target::Redis(Connection::Single(_)), Some(redis)) if !slotted => {
+                let client = redis
+                    .client()
+                    .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
+                let connection = redis::AsyncConnectionConfig::new()
+                    .set_response_timeout(Some(redis.response_timeout()))
+                    .set_connection_timeout(Some(CONNECT_TIMEOUT));
+                Some(watched::Watched::new(
+                    client,
+                    connection,
+                    &config.versioning.key_prefix,
+                    tombstone_ms,
+                ))
+            }
+            _ => None,
+        };
         let applier = Applier {
             target,
             dead_letter_stream: config.dead_letter.stream.clone(),
             version_prefix: config.versioning.key_prefix.clone(),
-            tombstone_ms: config.versioning.tombstone_ttl_seconds.saturating_mul(1000),
+            tombstone_ms,
             slotted,
+            watched,
         };
         if let Some(conn) = &redis {
             load_script(conn).await.map_err(ConnectError::Script)?;
@@ -335,7 +361,12 @@ impl Applier {
         bookkeeping: Option<(redis::Cmd, String)>,
     ) -> Result<Vec<MessageOutcome>, ApplyError> {
         let mut outcomes = vec![MessageOutcome::Applied { stale: 0 }; messages.len()];
-        let (mut commands, mut settles) = self.commands(conn, messages, dead_letters);
+        // The messages whose versioned writes a transaction applied.
+        let mut done = vec![false; messages.len()];
+        if let Some(watched) = &self.watched {
+            watched.apply(messages, &mut outcomes, &mut done).await?;
+        }
+        let (mut commands, mut settles) = self.commands(conn, messages, dead_letters, &done);
         if let Some((cmd, key)) = bookkeeping {
             commands.push((cmd, key_slot(&key)));
             settles.push(ReplyFor::Bookkeeping);
@@ -409,12 +440,14 @@ impl Applier {
         Ok(())
     }
 
-    /// Every command of the batch with the hash slot of its keys, and what each reply settles.
+    /// Every command of the batch with the hash slot of its keys, and what each reply settles;
+    /// without the versioned writes of the messages `done` marks.
     fn commands(
         &self,
         conn: &Connection,
         messages: &[MessageWrites<'_>],
         dead_letters: &[DeadLetter],
+        done: &[bool],
     ) -> (Vec<(redis::Cmd, cluster::HashSlot)>, Vec<ReplyFor>) {
         let cluster = conn.is_cluster();
         // The hash slot of a key, which only a cluster needs.
@@ -428,7 +461,9 @@ impl Applier {
                 commands.push((plain::command(op), slot(op.key())));
                 settles.push(ReplyFor::Message(index));
             }
-            calls.add(index, &writes.versioned, writes.version);
+            if !done[index] {
+                calls.add(index, &writes.versioned, writes.version);
+            }
         }
         for call in calls.finish() {
             commands.push((call.cmd, call.slot));
@@ -464,6 +499,9 @@ impl Applier {
     }
 }
 
+/// How long connecting to the cache Redis may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A connection to the cache Redis (or cluster) of `[redis]`.
 async fn connect_redis(config: &RedisConfig) -> Result<Connection, ConnectError> {
     let url = &config.url;
@@ -490,7 +528,7 @@ async fn connect_redis(config: &RedisConfig) -> Result<Connection, ConnectError>
             .map_err(|error| ConnectError::Config(format!("{error:#}")))?;
         let manager_config = ConnectionManagerConfig::new()
             .set_response_timeout(Some(config.response_timeout()))
-            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_max_delay(Duration::from_secs(2));
         Connection::Single(
             client
@@ -580,7 +618,7 @@ async fn load_script(conn: &Connection) -> Result<(), ApplyError> {
 }
 
 /// Whether a reply error passes, so that retrying cures it.
-fn passes(error: &ServerError) -> bool {
+pub(super) fn passes(error: &ServerError) -> bool {
     use ServerErrorKind as Kind;
     match error.kind() {
         Some(

@@ -1,0 +1,415 @@
+//! Versioned writes of whole keys as Redis transactions, without the script.
+//!
+//! Most versioned messages write rows as values: `SET` without a time to live, or `DEL`, on keys
+//! whose companion is a string version (see [`super::versioned`]). For those, on a single Redis,
+//! the applier reads the companions under `WATCH` with one `MGET`, decides here which writes
+//! are newer than what Redis holds, and sends them in `MULTI` … `EXEC`: the values in one `MSET`
+//! beside their new versions, each delete as `DEL` and a tombstone. If another writer touches a
+//! watched companion in between, Redis refuses the `EXEC` and those messages go to the script
+//! like every other message; so do messages with any other operation, a backfill read, or a key
+//! whose companion is not a string version (a new key, a hash of member versions).
+//!
+//! Why: the script interns every argument as a Lua string, and Redis's Lua hashes each byte of
+//! it, so a value costs Redis about 11 instructions per byte there (docs/bench.md, round 6);
+//! `MSET` copies it once.
+//!
+//! A transaction needs a connection of its own (`WATCH` and `MULTI` hold for the connection, and
+//! the shared connection multiplexes every lane's commands), so this module keeps a pool of
+//! them, one per lane applying at the same time. A Redis that refuses `WATCH` (a proxy) turns
+//! the transactions off for the life of the process, with a warning.
+
+use super::ApplyError;
+use super::MessageOutcome;
+use super::MessageWrites;
+use super::passes;
+use super::versioned::{version_arg, version_key};
+use crate::ops::Op;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Client, Value};
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The most companions one transaction watches. Redis 7.0's `WATCH` looks each key up in the
+/// connection's list of watched keys, so its cost grows with the square of their number:
+/// 32–64 keys cost least per message (docs/bench.md, round 5).
+const WATCH_KEYS: usize = 64;
+
+/// Transactions for the versioned writes of whole keys (see the module documentation).
+pub(super) struct Watched {
+    client: Client,
+    config: AsyncConnectionConfig,
+    /// Connections not in use.
+    idle: Mutex<Vec<MultiplexedConnection>>,
+    /// Cleared when Redis refuses `WATCH`.
+    enabled: AtomicBool,
+    prefix: String,
+    tombstone_ms: String,
+}
+
+/// A map keyed by companion, with the fast hasher of the pipeline's maps.
+type ByCompanion<'a, V> = HashMap<&'a str, V, foldhash::fast::RandomState>;
+
+/// How one transaction ended.
+enum Ended {
+    /// Applied: the messages it carried, each with its writes skipped as stale.
+    Applied(Vec<(usize, u64)>),
+    /// A watched companion changed before `EXEC`: the script takes these messages.
+    Aborted,
+    /// Redis answered a command with an error: the script takes these messages and the rest of
+    /// the batch, and the connection is dropped.
+    Refused,
+}
+
+/// A message a transaction may carry: its index in the batch, its version as stored, and its
+/// operations (each a `SET` without a time to live or a `DEL`) with their companions.
+struct Candidate<'a> {
+    index: usize,
+    version: String,
+    ops: Vec<(&'a Op, String)>,
+}
+
+impl Watched {
+    pub(super) fn new(
+        client: Client,
+        config: AsyncConnectionConfig,
+        prefix: &str,
+        tombstone_ms: u64,
+    ) -> Watched {
+        Watched {
+            client,
+            config,
+            idle: Mutex::new(Vec::new()),
+            enabled: AtomicBool::new(true),
+            prefix: prefix.to_owned(),
+            tombstone_ms: tombstone_ms.to_string(),
+        }
+    }
+
+    /// Applies what it can of the batch's versioned writes in transactions. Sets the outcome of
+    /// each message it applied and marks it in `done`; the rest are left to the script.
+    ///
+    /// # Errors
+    ///
+    /// The connection failed: the batch is retried (what was applied is applied again, at the
+    /// same version, which the script and these transactions both take as not stale).
+    pub(super) async fn apply(
+        &self,
+        messages: &[MessageWrites<'_>],
+        outcomes: &mut [MessageOutcome],
+        done: &mut [bool],
+    ) -> Result<(), ApplyError> {
+        if !self.enabled.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let candidates = self.candidates(messages);
+        if candidates.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.take().await?;
+        let mut first = 0;
+        while first < candidates.len() {
+            let upto = chunk_end(&candidates, first);
+            let chunk = &candidates[first..upto];
+            first = upto;
+            let ended = match self.transaction(&mut conn, chunk).await {
+                Ok(ended) => ended,
+                Err(error) => {
+                    // This connection is dropped (it may still watch keys, or be in `MULTI`),
+                    // and the idle ones too: after a Redis restart they are all dead, and each
+                    // would cost the lane a retry.
+                    self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                    return Err(error);
+                }
+            };
+            match ended {
+                Ended::Applied(applied) => {
+                    for (index, stale) in applied {
+                        outcomes[index] = MessageOutcome::Applied { stale };
+                        done[index] = true;
+                    }
+                }
+                Ended::Aborted => {}
+                Ended::Refused => return Ok(()),
+            }
+        }
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(conn);
+        Ok(())
+    }
+
+    /// The messages whose versioned writes are all whole-key `SET`s without a time to live and
+    /// `DEL`s, at a version.
+    fn candidates<'a>(&self, messages: &[MessageWrites<'a>]) -> Vec<Candidate<'a>> {
+        messages
+            .iter()
+            .enumerate()
+            .filter_map(|(index, writes)| {
+                let version = writes.version?;
+                if writes.versioned.is_empty() {
+                    return None;
+                }
+                let ops = writes
+                    .versioned
+                    .iter()
+                    .map(|&op| match op {
+                        Op::Set { ttl_ms: None, .. } | Op::Del { .. } => {
+                            Some((op, version_key(&self.prefix, op.key())))
+                        }
+                        _ => None,
+                    })
+                    .collect::<Option<Vec<_>>>()?;
+                Some(Candidate {
+                    index,
+                    version: version_arg(Some(version)),
+                    ops,
+                })
+            })
+            .collect()
+    }
+
+    /// One transaction: `WATCH` and `MGET` the chunk's companions, then `MULTI`, the writes that
+    /// are newer, `EXEC`.
+    async fn transaction(
+        &self,
+        conn: &mut MultiplexedConnection,
+        chunk: &[Candidate<'_>],
+    ) -> Result<Ended, ApplyError> {
+        let mut companions: Vec<&str> = Vec::new();
+        let mut seen: ByCompanion<'_, ()> = HashMap::default();
+        for candidate in chunk {
+            for (_, vkey) in &candidate.ops {
+                seen.entry(vkey.as_str()).or_insert_with(|| {
+                    companions.push(vkey.as_str());
+                });
+            }
+        }
+        let mut read = redis::pipe();
+        read.cmd("WATCH").arg(&companions).ignore();
+        read.cmd("MGET").arg(&companions);
+        let (stored,): (Vec<Option<Vec<u8>>>,) = match read.query_async(conn).await {
+            Ok(stored) => stored,
+            Err(error) if is_refusal(&error) => {
+                self.refused(error);
+                return Ok(Ended::Refused);
+            }
+            Err(error) => return Err(error.into()),
+        };
+        // What each companion holds as the transaction goes: a version, or nothing the
+        // transaction can use.
+        let mut held: ByCompanion<'_, Option<String>> = companions
+            .iter()
+            .zip(stored)
+            .map(|(&vkey, value)| (vkey, value.and_then(string_version)))
+            .collect();
+        let mut writes = Writes::default();
+        let mut applied = Vec::new();
+        for candidate in chunk {
+            if candidate
+                .ops
+                .iter()
+                .any(|(_, vkey)| held[vkey.as_str()].is_none())
+            {
+                continue;
+            }
+            let mut stale = 0;
+            for (op, vkey) in &candidate.ops {
+                let slot = held
+                    .get_mut(vkey.as_str())
+                    .expect("every companion is read");
+                if slot
+                    .as_deref()
+                    .is_some_and(|stored| *stored > *candidate.version)
+                {
+                    stale += 1;
+                    continue;
+                }
+                *slot = Some(candidate.version.clone());
+                match op {
+                    Op::Set { key, value, .. } => writes.set(key, value, vkey, &candidate.version),
+                    _ => writes.delete(op.key(), vkey, &candidate.version, &self.tombstone_ms),
+                }
+            }
+            applied.push((candidate.index, stale));
+        }
+        let mut pipe = writes.finish();
+        if pipe.cmd_iter().next().is_none() {
+            redis::cmd("UNWATCH").exec_async(conn).await?;
+            return Ok(Ended::Applied(applied));
+        }
+        match pipe.atomic().query_async::<Value>(conn).await {
+            Ok(Value::Array(_)) => Ok(Ended::Applied(applied)),
+            Ok(_) => {
+                tracing::debug!(
+                    messages = chunk.len(),
+                    "a watched version changed; the script applies these messages"
+                );
+                Ok(Ended::Aborted)
+            }
+            Err(error) if is_refusal(&error) => Ok(Ended::Refused),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// A connection for one batch: an idle one, or a new one.
+    async fn take(&self) -> Result<MultiplexedConnection, ApplyError> {
+        if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
+            return Ok(conn);
+        }
+        Ok(self
+            .client
+            .get_multiplexed_async_connection_with_config(&self.config)
+            .await?)
+    }
+
+    /// Redis refused `WATCH` or `MGET`. For good (an unknown command behind a proxy, an ACL):
+    /// no more transactions, the script does everything. For now (`LOADING`, `OOM`, …): the
+    /// script meets the same answer, and the lane retries the batch.
+    fn refused(&self, error: redis::RedisError) {
+        let text = error.to_string();
+        let for_good = error
+            .into_server_errors()
+            .is_some_and(|errors| errors.iter().any(|(_, error)| !passes(error)));
+        if for_good && self.enabled.swap(false, Ordering::Relaxed) {
+            tracing::warn!(
+                error = text,
+                "redis refuses WATCH or MGET; versioned writes all go through the script"
+            );
+        }
+    }
+}
+
+/// The end of the chunk that starts at `first`: at most [`WATCH_KEYS`] companions, and at least
+/// one message.
+fn chunk_end(candidates: &[Candidate<'_>], first: usize) -> usize {
+    let mut keys = 0;
+    let mut end = first;
+    while end < candidates.len() {
+        keys += candidates[end].ops.len();
+        if keys > WATCH_KEYS && end > first {
+            break;
+        }
+        end += 1;
+    }
+    end
+}
+
+/// A companion's value as a version this module can compare, or `None`.
+fn string_version(value: Vec<u8>) -> Option<String> {
+    let text = String::from_utf8(value).ok()?;
+    (text.len() == 41 && text.as_bytes()[20] == b':').then_some(text)
+}
+
+/// Whether Redis answered with an error (rather than the connection failing).
+fn is_refusal(error: &redis::RedisError) -> bool {
+    !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped())
+}
+
+/// The writes of one transaction, in order: consecutive `SET`s gathered in one `MSET`.
+#[derive(Default)]
+struct Writes {
+    pipe: redis::Pipeline,
+    mset: Option<redis::Cmd>,
+}
+
+impl Writes {
+    fn set(&mut self, key: &str, value: &[u8], vkey: &str, version: &str) {
+        let mset = self.mset.get_or_insert_with(|| redis::cmd("MSET"));
+        mset.arg(key).arg(value).arg(vkey).arg(version);
+    }
+
+    fn delete(&mut self, key: &str, vkey: &str, version: &str, tombstone_ms: &str) {
+        self.flush();
+        self.pipe.cmd("DEL").arg(key);
+        // A tombstone: older writes arriving late must not resurrect the key.
+        self.pipe
+            .cmd("SET")
+            .arg(vkey)
+            .arg(version)
+            .arg("PX")
+            .arg(tombstone_ms);
+    }
+
+    fn flush(&mut self) {
+        if let Some(mset) = self.mset.take() {
+            self.pipe.add_command(mset);
+        }
+    }
+
+    fn finish(mut self) -> redis::Pipeline {
+        self.flush();
+        self.pipe
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(index: usize, keys: usize) -> Candidate<'static> {
+        static OP: std::sync::LazyLock<Op> = std::sync::LazyLock::new(|| Op::Del {
+            key: "k".to_owned(),
+        });
+        Candidate {
+            index,
+            version: String::new(),
+            ops: (0..keys).map(|_| (&*OP, "kw:v:{k}".to_owned())).collect(),
+        }
+    }
+
+    #[test]
+    fn a_chunk_watches_at_most_its_share_of_keys_and_always_takes_a_message() {
+        let candidates: Vec<_> = (0..100).map(|i| candidate(i, 1)).collect();
+        assert_eq!(chunk_end(&candidates, 0), WATCH_KEYS);
+        assert_eq!(chunk_end(&candidates, WATCH_KEYS), 100);
+        // A message with more keys than a chunk watches goes alone.
+        let big = [candidate(0, WATCH_KEYS + 5), candidate(1, 1)];
+        assert_eq!(chunk_end(&big, 0), 1);
+        assert_eq!(chunk_end(&big, 1), 2);
+    }
+
+    #[test]
+    fn only_a_stored_version_is_read_as_one() {
+        let version = version_arg(Some(crate::message::Version { lsn: 7, idx: 1 }));
+        assert_eq!(
+            string_version(version.clone().into_bytes()),
+            Some(version.clone())
+        );
+        assert_eq!(string_version(b"not a version".to_vec()), None);
+        assert_eq!(string_version(version.replace(':', "-").into_bytes()), None);
+        assert_eq!(string_version(vec![0xff; 41]), None);
+    }
+
+    #[test]
+    fn writes_keep_their_order_with_sets_gathered_between_deletes() {
+        let mut writes = Writes::default();
+        writes.set("a", b"1", "va", "v1");
+        writes.set("b", b"2", "vb", "v1");
+        writes.delete("a", "va", "v2", "60000");
+        writes.set("a", b"3", "va", "v3");
+        let commands: Vec<String> = writes
+            .finish()
+            .cmd_iter()
+            .map(|cmd| {
+                cmd.args_iter()
+                    .map(|arg| match arg {
+                        redis::Arg::Simple(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+                        _ => "<other>".to_owned(),
+                    })
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            })
+            .collect();
+        assert_eq!(
+            commands,
+            [
+                "MSET a 1 va v1 b 2 vb v1",
+                "DEL a",
+                "SET va v2 PX 60000",
+                "MSET a 3 va v3",
+            ]
+        );
+    }
+}
