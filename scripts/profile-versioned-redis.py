@@ -22,8 +22,8 @@ And what the applier sends since contract v5 (docs/bench.md, round 6):
 
 - watched: per batch, chunks of 64 companions: WATCH and MGET them, then MULTI, one MSET of the
   newer values beside their versions (a delete: DEL and the tombstone), EXEC
-  (applier/watched.rs); the messages whose companion is not a string version (new keys) go in
-  one EVALSHA of versioned.lua after the transactions.
+  (applier/watched.rs), a new key's companion told from a hash by TYPE; the messages whose
+  companion is a hash go in one EVALSHA of versioned.lua after the transactions.
 
 `--script PATH` profiles another Lua script in place of versioned.lua (same keys and arguments).
 
@@ -138,13 +138,19 @@ def watched(redis, sha, changes, chunk=64):
         redis.send(command("WATCH", *companions) + command("MGET", *companions))
         redis.reply()
         held = dict(zip(companions, redis.reply()))
+        # A new key (no companion) is told from a hash by TYPE.
+        unread = [vkey for vkey in companions if held[vkey] is None]
+        if unread:
+            redis.send(b"".join(command("TYPE", vkey) for vkey in unread))
+            for vkey in unread:
+                held[vkey] = b"" if redis.reply() == b"none" else None
         writes, mset = [], []
         for key, vkey, version, value in part:
             stored = held[vkey]
-            if stored is None or len(stored) != 41:
+            if stored is None or (stored and len(stored) != 41):
                 rest.append((key, vkey, version, value))
                 continue
-            if stored.decode() > version:
+            if stored and stored.decode() > version:
                 continue
             held[vkey] = version.encode()
             if value is None:

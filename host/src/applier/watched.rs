@@ -7,7 +7,8 @@
 //! beside their new versions, each delete as `DEL` and a tombstone. If another writer touches a
 //! watched companion in between, Redis refuses the `EXEC` and those messages go to the script
 //! like every other message; so do messages with any other operation, a backfill read, or a key
-//! whose companion is not a string version (a new key, a hash of member versions).
+//! whose companion is a hash (member versions, or contract v4's layout). A key without a
+//! companion (a new key) is told from one with a hash by `TYPE`, under the same `WATCH`.
 //!
 //! Why: the script interns every argument as a Lua string, and Redis's Lua hashes each byte of
 //! it, so a value costs Redis about 11 instructions per byte there (docs/bench.md, round 6);
@@ -49,6 +50,18 @@ pub(super) struct Watched {
 
 /// A map keyed by companion, with the fast hasher of the pipeline's maps.
 type ByCompanion<'a, V> = HashMap<&'a str, V, foldhash::fast::RandomState>;
+
+/// What a companion holds, as a transaction reads it.
+#[derive(Debug, PartialEq)]
+enum Held {
+    /// The key's version.
+    Version(String),
+    /// Nothing: no change has written the key.
+    Nothing,
+    /// Something a transaction leaves to the script: a hash of member versions (or contract
+    /// v4's version-only hash), or a string that is not a version (the script refuses it).
+    Other,
+}
 
 /// How one transaction ended.
 enum Ended {
@@ -197,20 +210,48 @@ impl Watched {
             }
             Err(error) => return Err(error.into()),
         };
-        // What each companion holds as the transaction goes: a version, or nothing the
-        // transaction can use.
-        let mut held: ByCompanion<'_, Option<String>> = companions
+        // What each companion holds as the transaction goes.
+        let mut held: ByCompanion<'_, Held> = companions
             .iter()
             .zip(stored)
-            .map(|(&vkey, value)| (vkey, value.and_then(string_version)))
+            .map(|(&vkey, value)| {
+                let held = match value {
+                    None => Held::Nothing,
+                    Some(value) => string_version(value).map_or(Held::Other, Held::Version),
+                };
+                (vkey, held)
+            })
             .collect();
+        // `MGET` answers nothing for a missing key and for a hash alike: `TYPE` tells them
+        // apart (a new key is the usual case; the companions are watched already).
+        let unread: Vec<&str> = companions
+            .iter()
+            .copied()
+            .filter(|vkey| held[vkey] == Held::Nothing)
+            .collect();
+        if !unread.is_empty() {
+            let mut types = redis::pipe();
+            for vkey in &unread {
+                types.cmd("TYPE").arg(*vkey);
+            }
+            let kinds: Vec<String> = match types.query_async(conn).await {
+                Ok(kinds) => kinds,
+                Err(error) if is_refusal(&error) => return Ok(Ended::Refused),
+                Err(error) => return Err(error.into()),
+            };
+            for (vkey, kind) in unread.into_iter().zip(kinds) {
+                if kind != "none" {
+                    held.insert(vkey, Held::Other);
+                }
+            }
+        }
         let mut writes = Writes::default();
         let mut applied = Vec::new();
         for candidate in chunk {
             if candidate
                 .ops
                 .iter()
-                .any(|(_, vkey)| held[vkey.as_str()].is_none())
+                .any(|(_, vkey)| held[vkey.as_str()] == Held::Other)
             {
                 continue;
             }
@@ -219,14 +260,11 @@ impl Watched {
                 let slot = held
                     .get_mut(vkey.as_str())
                     .expect("every companion is read");
-                if slot
-                    .as_deref()
-                    .is_some_and(|stored| *stored > *candidate.version)
-                {
+                if matches!(slot, Held::Version(stored) if *stored > candidate.version) {
                     stale += 1;
                     continue;
                 }
-                *slot = Some(candidate.version.clone());
+                *slot = Held::Version(candidate.version.clone());
                 match op {
                     Op::Set { key, value, .. } => writes.set(key, value, vkey, &candidate.version),
                     _ => writes.delete(op.key(), vkey, &candidate.version, &self.tombstone_ms),

@@ -70,8 +70,24 @@ async fn each_message_of_a_batch_is_answered_on_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_bigger_than_one_call_is_answered_in_order() {
+    // Whole-key writes without a TTL: transactions of 64 companions each.
+    big_batch(None).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_bigger_than_one_script_call_is_answered_in_order() {
+    // With a TTL: script calls of at most 256 messages or about 1 MiB.
+    big_batch(Some(3_600_000)).await;
+}
+
+async fn big_batch(ttl_ms: Option<u64>) {
     let (applier, keys) = applier(&redis_url()).await;
     let key = |n: u64| unique(&format!("big-batch-{n}"));
+    let set = |key: &str, value: &str| Op::Set {
+        key: key.to_owned(),
+        value: value.as_bytes().to_vec(),
+        ttl_ms,
+    };
     let names: Vec<String> = (0..700).map(key).collect();
     // Every third message is older than what its key already holds; some values are large, so
     // that the batch is split by size as well as by count.
@@ -131,7 +147,8 @@ async fn a_lost_script_is_loaded_again_and_the_batch_retried() {
     let server = RedisServer::start_volatile().await;
     let (applier, keys) = applier(&server.url()).await;
     let () = keys.query(redis::cmd("SCRIPT").arg("FLUSH")).await;
-    let messages = [(3, vec![set("a", "1")])];
+    // A member write goes through the script (a whole-key write would go in a transaction).
+    let messages = [(3, vec![sadd("a", "1")])];
     let failed = applier.apply(&batch(&messages), &[]).await;
     assert!(
         matches!(failed, Err(ApplyError::ScriptMissing)),
@@ -139,7 +156,7 @@ async fn a_lost_script_is_loaded_again_and_the_batch_retried() {
     );
     let outcomes = applier.apply(&batch(&messages), &[]).await.unwrap();
     assert_eq!(outcomes, [applied(0)]);
-    assert_eq!(keys.get("a").await.as_deref(), Some("1"));
+    assert_eq!(keys.members("a").await, ["1"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

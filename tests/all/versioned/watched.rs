@@ -78,8 +78,7 @@ async fn a_write_between_a_transactions_read_and_its_exec_is_not_overwritten() {
     let hook: Arc<Mutex<Option<Hook>>> = Arc::new(Mutex::new(None));
     let proxied = intercepting_proxy(host_port(&url), Arc::clone(&hook)).await;
     let (applier, keys) = applier(&proxied).await;
-    // Written at 10 by the script: the key now has a string version, so the next write goes in
-    // a transaction.
+    // Written at 10 (a new key: a transaction too); the key now has a string version.
     assert_eq!(apply(&applier, 10, &[set(&key, "at 10")]).await, 0);
     assert_eq!(keys.get(&version_key(&key)).await, Some(stored(10)));
     // Another writer (another keepwarm) writes the change at 30 after the transaction has read
@@ -115,6 +114,25 @@ async fn a_write_between_a_transactions_read_and_its_exec_is_not_overwritten() {
     assert_eq!(keys.get(&key).await.as_deref(), Some("at 40"));
     assert_eq!(apply(&applier, 35, &[set(&key, "at 35")]).await, 1);
     assert_eq!(keys.get(&key).await.as_deref(), Some("at 40"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_key_write_over_member_versions_keeps_them() {
+    let (applier, keys) = applier(&redis_url()).await;
+    let key = unique("watched-members");
+    let sadd = Op::SetAdd {
+        key: key.clone(),
+        members: vec!["a".to_owned()],
+    };
+    assert_eq!(apply(&applier, 30, &[sadd]).await, 0);
+    // A string over the aggregate, by an older change and a newer one: the member's version
+    // stays beside the key's (a transaction would have replaced the hash with a string).
+    assert_eq!(apply(&applier, 20, &[set(&key, "at 20")]).await, 0);
+    assert_eq!(apply(&applier, 40, &[set(&key, "at 40")]).await, 0);
+    assert_eq!(keys.get(&key).await.as_deref(), Some("at 40"));
+    let versions = keys.hgetall(&version_key(&key)).await;
+    assert_eq!(versions.get(""), Some(&stored(40)));
+    assert_eq!(versions.get("m:a"), Some(&stored(30)));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
