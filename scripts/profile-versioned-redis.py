@@ -20,8 +20,8 @@ not what keepwarm sends:
 
 And what the applier sends since contract v5 (docs/bench.md, round 6):
 
-- watched: per batch, chunks of 64 companions: WATCH and MGET them, then MULTI, one MSET of the
-  newer values beside their versions (a delete: DEL and the tombstone), EXEC
+- watched: per batch, chunks of 32 companions: WATCH and MGET them, then MULTI, one MSET of the
+  newer values beside their versions, one DEL of the deleted keys and their tombstones, EXEC
   (applier/watched.rs), a new key's companion told from a hash by TYPE; the messages whose
   companion is a hash go in one EVALSHA of versioned.lua after the transactions.
 
@@ -129,7 +129,7 @@ def evalsha(redis, sha, changes):
     redis.reply()
 
 
-def watched(redis, sha, changes, chunk=64):
+def watched(redis, sha, changes, chunk=32):
     """The changes the way the applier sends them: transactions, the script for the rest."""
     rest = []
     for first in range(0, len(changes), chunk):
@@ -144,7 +144,8 @@ def watched(redis, sha, changes, chunk=64):
             redis.send(b"".join(command("TYPE", vkey) for vkey in unread))
             for vkey in unread:
                 held[vkey] = b"" if redis.reply() == b"none" else None
-        writes, mset = [], []
+        # Each key's last write only.
+        last = {}
         for key, vkey, version, value in part:
             stored = held[vkey]
             if stored is None or (stored and len(stored) != 41):
@@ -153,20 +154,17 @@ def watched(redis, sha, changes, chunk=64):
             if stored and stored.decode() > version:
                 continue
             held[vkey] = version.encode()
-            if value is None:
-                if mset:
-                    writes.append(command("MSET", *mset))
-                    mset = []
-                writes += [command("DEL", key),
-                           command("SET", vkey, version, "PX", 86_400_000)]
-            else:
-                mset += [key, value, vkey, version]
-        if mset:
-            writes.append(command("MSET", *mset))
-        if not writes:
+            last[key] = (vkey, version, value)
+        if not last:
             redis.send(command("UNWATCH"))
             redis.reply()
             continue
+        mset = [arg for key, (vkey, version, value) in last.items() if value is not None
+                for arg in (key, value, vkey, version)]
+        deleted = [key for key, (_, _, value) in last.items() if value is None]
+        writes = ([command("MSET", *mset)] if mset else []) + \
+            ([command("DEL", *deleted)] if deleted else []) + \
+            [command("SET", last[key][0], last[key][1], "PX", 86_400_000) for key in deleted]
         pipeline = [command("MULTI")] + writes + [command("EXEC")]
         redis.send(b"".join(pipeline))
         for _ in pipeline:

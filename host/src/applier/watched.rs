@@ -1,14 +1,15 @@
 //! Versioned writes of whole keys as Redis transactions, without the script.
 //!
 //! Most versioned messages write rows as values: `SET` without a time to live, or `DEL`, on keys
-//! whose companion is a string version (see [`super::versioned`]). For those, on a single Redis,
-//! the applier reads the companions under `WATCH` with one `MGET`, decides here which writes
-//! are newer than what Redis holds, and sends them in `MULTI` … `EXEC`: the values in one `MSET`
-//! beside their new versions, each delete as `DEL` and a tombstone. If another writer touches a
+//! whose companion is a string version or missing (see [`super::versioned`]). For those, on a
+//! single Redis, the applier reads the companions under `WATCH` with one `MGET` (and `TYPE` for
+//! the ones `MGET` did not answer, to tell a missing companion from a hash), decides here which
+//! writes are newer than what Redis holds (a backfill read: which keys hold no version), and
+//! sends each key's last write in `MULTI` … `EXEC`: the values in one `MSET` beside their new
+//! versions, the deleted keys in one `DEL`, each with a tombstone. If another writer touches a
 //! watched companion in between, Redis refuses the `EXEC` and those messages go to the script
-//! like every other message; so do messages with any other operation, a backfill read, or a key
-//! whose companion is a hash (member versions, or contract v4's layout). A key without a
-//! companion (a new key) is told from one with a hash by `TYPE`, under the same `WATCH`.
+//! like every other message; so do messages with any other operation, or writing a key whose
+//! companion is a hash (member versions, or contract v4's layout).
 //!
 //! Why: the script interns every argument as a Lua string, and Redis's Lua hashes each byte of
 //! it, so a value costs Redis about 11 instructions per byte there (docs/bench.md, round 6);
@@ -32,9 +33,9 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The most companions one transaction watches. Redis 7.0's `WATCH` looks each key up in the
-/// connection's list of watched keys, so its cost grows with the square of their number:
-/// 32–64 keys cost least per message (docs/bench.md, round 5).
-const WATCH_KEYS: usize = 64;
+/// connection's list of watched keys, so its cost grows with the square of their number: 32
+/// keys cost least per message (docs/bench.md, rounds 5 and 6).
+const WATCH_KEYS: usize = 32;
 
 /// Transactions for the versioned writes of whole keys (see the module documentation).
 pub(super) struct Watched {
@@ -78,7 +79,8 @@ enum Ended {
 /// operations (each a `SET` without a time to live or a `DEL`) with their companions.
 struct Candidate<'a> {
     index: usize,
-    version: String,
+    /// `None`: a backfill read, which only fills keys that hold no version.
+    version: Option<String>,
     ops: Vec<(&'a Op, String)>,
 }
 
@@ -160,7 +162,6 @@ impl Watched {
             .iter()
             .enumerate()
             .filter_map(|(index, writes)| {
-                let version = writes.version?;
                 if writes.versioned.is_empty() {
                     return None;
                 }
@@ -176,7 +177,7 @@ impl Watched {
                     .collect::<Option<Vec<_>>>()?;
                 Some(Candidate {
                     index,
-                    version: version_arg(Some(version)),
+                    version: writes.version.map(|version| version_arg(Some(version))),
                     ops,
                 })
             })
@@ -260,19 +261,27 @@ impl Watched {
                 let slot = held
                     .get_mut(vkey.as_str())
                     .expect("every companion is read");
-                if matches!(slot, Held::Version(stored) if *stored > candidate.version) {
+                let fresh = match (&*slot, &candidate.version) {
+                    (Held::Version(stored), Some(version)) => stored <= version,
+                    (Held::Version(_), None) => false,
+                    (_, _) => true,
+                };
+                if !fresh {
                     stale += 1;
                     continue;
                 }
-                *slot = Held::Version(candidate.version.clone());
+                let version = candidate.version.as_deref().map(|version| {
+                    *slot = Held::Version(version.to_owned());
+                    (vkey.as_str(), version)
+                });
                 match op {
-                    Op::Set { key, value, .. } => writes.set(key, value, vkey, &candidate.version),
-                    _ => writes.delete(op.key(), vkey, &candidate.version, &self.tombstone_ms),
+                    Op::Set { key, value, .. } => writes.set(key, value, version),
+                    _ => writes.delete(op.key(), version),
                 }
             }
             applied.push((candidate.index, stale));
         }
-        let mut pipe = writes.finish();
+        let mut pipe = writes.finish(&self.tombstone_ms);
         if pipe.cmd_iter().next().is_none() {
             redis::cmd("UNWATCH").exec_async(conn).await?;
             return Ok(Ended::Applied(applied));
@@ -345,40 +354,82 @@ fn is_refusal(error: &redis::RedisError) -> bool {
     !(error.is_io_error() || error.is_timeout() || error.is_connection_dropped())
 }
 
-/// The writes of one transaction, in order: consecutive `SET`s gathered in one `MSET`.
+/// The writes of one transaction: each key's last, since only that one shows once `EXEC` has
+/// run. Values go in one `MSET` beside their versions, deleted keys in one `DEL`, each with its
+/// tombstone.
 #[derive(Default)]
-struct Writes {
-    pipe: redis::Pipeline,
-    mset: Option<redis::Cmd>,
+struct Writes<'a> {
+    /// Per key, in the order first written, its last write.
+    last: Vec<Write<'a>>,
+    at: HashMap<&'a str, usize, foldhash::fast::RandomState>,
 }
 
-impl Writes {
-    fn set(&mut self, key: &str, value: &[u8], vkey: &str, version: &str) {
-        let mset = self.mset.get_or_insert_with(|| redis::cmd("MSET"));
-        mset.arg(key).arg(value).arg(vkey).arg(version);
+/// A key, its value (`None`: deleted), and its companion and the version to record there
+/// (`None`: a backfill read records none).
+type Write<'a> = (&'a str, Option<&'a [u8]>, Stamp<'a>);
+
+/// A companion and the version to record in it.
+type Stamp<'a> = Option<(&'a str, &'a str)>;
+
+impl<'a> Writes<'a> {
+    fn set(&mut self, key: &'a str, value: &'a [u8], version: Stamp<'a>) {
+        self.put(key, Some(value), version);
     }
 
-    fn delete(&mut self, key: &str, vkey: &str, version: &str, tombstone_ms: &str) {
-        self.flush();
-        self.pipe.cmd("DEL").arg(key);
-        // A tombstone: older writes arriving late must not resurrect the key.
-        self.pipe
-            .cmd("SET")
-            .arg(vkey)
-            .arg(version)
-            .arg("PX")
-            .arg(tombstone_ms);
+    fn delete(&mut self, key: &'a str, version: Stamp<'a>) {
+        self.put(key, None, version);
     }
 
-    fn flush(&mut self) {
-        if let Some(mset) = self.mset.take() {
-            self.pipe.add_command(mset);
+    fn put(&mut self, key: &'a str, value: Option<&'a [u8]>, version: Stamp<'a>) {
+        let write = (key, value, version);
+        match self.at.get(key) {
+            // A backfill read after a versioned write of the key is stale before it gets here;
+            // a versioned write after a read replaces it, version and all.
+            Some(&at) => self.last[at] = write,
+            None => {
+                self.at.insert(key, self.last.len());
+                self.last.push(write);
+            }
         }
     }
 
-    fn finish(mut self) -> redis::Pipeline {
-        self.flush();
-        self.pipe
+    fn finish(self, tombstone_ms: &str) -> redis::Pipeline {
+        let mut pipe = redis::pipe();
+        let mut mset = redis::cmd("MSET");
+        let mut del = redis::cmd("DEL");
+        let (mut sets, mut deletes) = (0, 0);
+        for (key, value, version) in &self.last {
+            match value {
+                Some(value) => {
+                    mset.arg(*key).arg(*value);
+                    if let Some((vkey, version)) = version {
+                        mset.arg(*vkey).arg(*version);
+                    }
+                    sets += 1;
+                }
+                None => {
+                    del.arg(*key);
+                    deletes += 1;
+                }
+            }
+        }
+        if sets > 0 {
+            pipe.add_command(mset);
+        }
+        if deletes > 0 {
+            pipe.add_command(del);
+        }
+        for (_, value, version) in &self.last {
+            if let (None, Some((vkey, version))) = (value, version) {
+                // A tombstone: older writes arriving late must not resurrect the key.
+                pipe.cmd("SET")
+                    .arg(*vkey)
+                    .arg(*version)
+                    .arg("PX")
+                    .arg(tombstone_ms);
+            }
+        }
+        pipe
     }
 }
 
@@ -392,7 +443,7 @@ mod tests {
         });
         Candidate {
             index,
-            version: String::new(),
+            version: None,
             ops: (0..keys).map(|_| (&*OP, "kw:v:{k}".to_owned())).collect(),
         }
     }
@@ -401,7 +452,7 @@ mod tests {
     fn a_chunk_watches_at_most_its_share_of_keys_and_always_takes_a_message() {
         let candidates: Vec<_> = (0..100).map(|i| candidate(i, 1)).collect();
         assert_eq!(chunk_end(&candidates, 0), WATCH_KEYS);
-        assert_eq!(chunk_end(&candidates, WATCH_KEYS), 100);
+        assert_eq!(chunk_end(&candidates, 100 - WATCH_KEYS / 2), 100);
         // A message with more keys than a chunk watches goes alone.
         let big = [candidate(0, WATCH_KEYS + 5), candidate(1, 1)];
         assert_eq!(chunk_end(&big, 0), 1);
@@ -421,14 +472,17 @@ mod tests {
     }
 
     #[test]
-    fn writes_keep_their_order_with_sets_gathered_between_deletes() {
+    fn a_transaction_writes_each_keys_last_write_only() {
         let mut writes = Writes::default();
-        writes.set("a", b"1", "va", "v1");
-        writes.set("b", b"2", "vb", "v1");
-        writes.delete("a", "va", "v2", "60000");
-        writes.set("a", b"3", "va", "v3");
+        writes.set("a", b"1", Some(("va", "v1")));
+        writes.set("b", b"2", Some(("vb", "v1")));
+        writes.delete("a", Some(("va", "v2")));
+        writes.set("c", b"read", None);
+        writes.delete("d", Some(("vd", "v2")));
+        writes.set("d", b"4", Some(("vd", "v3")));
+        writes.delete("e", None);
         let commands: Vec<String> = writes
-            .finish()
+            .finish("60000")
             .cmd_iter()
             .map(|cmd| {
                 cmd.args_iter()
@@ -443,10 +497,9 @@ mod tests {
         assert_eq!(
             commands,
             [
-                "MSET a 1 va v1 b 2 vb v1",
-                "DEL a",
+                "MSET b 2 vb v1 c read d 4 vd v3",
+                "DEL a e",
                 "SET va v2 PX 60000",
-                "MSET a 3 va v3",
             ]
         );
     }
