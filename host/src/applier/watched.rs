@@ -37,6 +37,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// keys cost least per message (docs/bench.md, rounds 5 and 6).
 const WATCH_KEYS: usize = 32;
 
+/// The most transactions of one batch at once.
+const AT_ONCE: usize = 4;
+
 /// Transactions for the versioned writes of whole keys (see the module documentation).
 pub(super) struct Watched {
     client: Client,
@@ -121,38 +124,51 @@ impl Watched {
         if candidates.is_empty() {
             return Ok(());
         }
-        let mut conn = self.take().await?;
-        let mut first = 0;
-        while first < candidates.len() {
-            let upto = chunk_end(&candidates, first);
-            let chunk = &candidates[first..upto];
-            first = upto;
-            let ended = match self.transaction(&mut conn, chunk).await {
-                Ok(ended) => ended,
-                Err(error) => {
-                    // This connection is dropped (it may still watch keys, or be in `MULTI`),
-                    // and the idle ones too: after a Redis restart they are all dead, and each
-                    // would cost the lane a retry.
-                    self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
-                    return Err(error);
-                }
-            };
-            match ended {
-                Ended::Applied(applied) => {
-                    for (index, stale) in applied {
-                        outcomes[index] = MessageOutcome::Applied { stale };
-                        done[index] = true;
+        let chunks = chunks(&candidates);
+        // The chunks of a batch go at once, each on its own connection: a transaction waits for
+        // two or three round trips.
+        let mut failed = None;
+        for wave in chunks.chunks(AT_ONCE) {
+            let mut runs = Vec::with_capacity(wave.len());
+            for chunk in wave {
+                runs.push(self.run(chunk));
+            }
+            for ended in futures_util::future::join_all(runs).await {
+                match ended {
+                    Ok(Ended::Applied(applied)) => {
+                        for (index, stale) in applied {
+                            outcomes[index] = MessageOutcome::Applied { stale };
+                            done[index] = true;
+                        }
                     }
+                    Ok(Ended::Aborted | Ended::Refused) => {}
+                    Err(error) => failed = Some(error),
                 }
-                Ended::Aborted => {}
-                Ended::Refused => return Ok(()),
             }
         }
-        self.idle
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(conn);
-        Ok(())
+        match failed {
+            // The idle connections are dropped too: after a Redis restart they are all dead,
+            // and each would cost the lane a retry.
+            Some(error) => {
+                self.idle.lock().unwrap_or_else(|e| e.into_inner()).clear();
+                Err(error)
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// One chunk's transaction on a connection of its own, given back when it ended cleanly
+    /// (a failed or refused one may still watch keys, or be in `MULTI`).
+    async fn run(&self, chunk: &[&Candidate<'_>]) -> Result<Ended, ApplyError> {
+        let mut conn = self.take().await?;
+        let ended = self.transaction(&mut conn, chunk).await?;
+        if !matches!(ended, Ended::Refused) {
+            self.idle
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(conn);
+        }
+        Ok(ended)
     }
 
     /// The messages whose versioned writes are all whole-key `SET`s without a time to live and
@@ -189,7 +205,7 @@ impl Watched {
     async fn transaction(
         &self,
         conn: &mut MultiplexedConnection,
-        chunk: &[Candidate<'_>],
+        chunk: &[&Candidate<'_>],
     ) -> Result<Ended, ApplyError> {
         let mut companions: Vec<&str> = Vec::new();
         let mut seen: ByCompanion<'_, ()> = HashMap::default();
@@ -328,19 +344,36 @@ impl Watched {
     }
 }
 
-/// The end of the chunk that starts at `first`: at most [`WATCH_KEYS`] companions, and at least
-/// one message.
-fn chunk_end(candidates: &[Candidate<'_>], first: usize) -> usize {
-    let mut keys = 0;
-    let mut end = first;
-    while end < candidates.len() {
-        keys += candidates[end].ops.len();
-        if keys > WATCH_KEYS && end > first {
-            break;
+/// The candidates in chunks of about [`WATCH_KEYS`] companions, each message in the chunk that
+/// already holds one of its companions (two transactions at once watching one key would refuse
+/// each other), otherwise in the chunk being filled.
+fn chunks<'c, 'a>(candidates: &'c [Candidate<'a>]) -> Vec<Vec<&'c Candidate<'a>>> {
+    let mut chunks: Vec<(Vec<&Candidate<'a>>, usize)> = Vec::new();
+    let mut owner: ByCompanion<'c, usize> = HashMap::default();
+    for candidate in candidates {
+        let home = candidate
+            .ops
+            .iter()
+            .find_map(|(_, vkey)| owner.get(vkey.as_str()).copied());
+        let at = match home {
+            Some(at) => at,
+            None => match chunks.last() {
+                Some((_, keys)) if *keys < WATCH_KEYS => chunks.len() - 1,
+                _ => {
+                    chunks.push((Vec::new(), 0));
+                    chunks.len() - 1
+                }
+            },
+        };
+        chunks[at].0.push(candidate);
+        for (_, vkey) in &candidate.ops {
+            if let std::collections::hash_map::Entry::Vacant(entry) = owner.entry(vkey.as_str()) {
+                entry.insert(at);
+                chunks[at].1 += 1;
+            }
         }
-        end += 1;
     }
-    end
+    chunks.into_iter().map(|(chunk, _)| chunk).collect()
 }
 
 /// A companion's value as a version this module can compare, or `None`.
@@ -437,26 +470,50 @@ impl<'a> Writes<'a> {
 mod tests {
     use super::*;
 
-    fn candidate(index: usize, keys: usize) -> Candidate<'static> {
+    fn keyed(index: usize, keys: &[&str]) -> Candidate<'static> {
         static OP: std::sync::LazyLock<Op> = std::sync::LazyLock::new(|| Op::Del {
             key: "k".to_owned(),
         });
         Candidate {
             index,
             version: None,
-            ops: (0..keys).map(|_| (&*OP, "kw:v:{k}".to_owned())).collect(),
+            ops: keys.iter().map(|key| (&*OP, (*key).to_owned())).collect(),
         }
     }
 
+    fn indexes(chunks: &[Vec<&Candidate<'_>>]) -> Vec<Vec<usize>> {
+        chunks
+            .iter()
+            .map(|chunk| chunk.iter().map(|c| c.index).collect())
+            .collect()
+    }
+
     #[test]
-    fn a_chunk_watches_at_most_its_share_of_keys_and_always_takes_a_message() {
-        let candidates: Vec<_> = (0..100).map(|i| candidate(i, 1)).collect();
-        assert_eq!(chunk_end(&candidates, 0), WATCH_KEYS);
-        assert_eq!(chunk_end(&candidates, 100 - WATCH_KEYS / 2), 100);
-        // A message with more keys than a chunk watches goes alone.
-        let big = [candidate(0, WATCH_KEYS + 5), candidate(1, 1)];
-        assert_eq!(chunk_end(&big, 0), 1);
-        assert_eq!(chunk_end(&big, 1), 2);
+    fn chunks_watch_their_share_of_keys_and_keep_a_key_in_one_chunk() {
+        let names: Vec<String> = (0..70).map(|n| format!("k{n}")).collect();
+        let candidates: Vec<_> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| keyed(i, &[name.as_str()]))
+            .collect();
+        let sizes: Vec<usize> = chunks(&candidates).iter().map(Vec::len).collect();
+        assert_eq!(sizes, [WATCH_KEYS, WATCH_KEYS, 70 - 2 * WATCH_KEYS]);
+        // A key seen again goes back to its chunk, even a full one; a new key fills the last.
+        let again = [
+            keyed(0, &["a"]),
+            keyed(1, &["b"]),
+            keyed(2, &["a"]),
+            keyed(3, &["c", "b"]),
+        ];
+        assert_eq!(indexes(&chunks(&again)), [vec![0, 1, 2, 3]]);
+        let full: Vec<_> = (0..WATCH_KEYS + 1)
+            .map(|i| keyed(i, &[names[i].as_str()]))
+            .chain([keyed(99, &[names[0].as_str()])])
+            .collect();
+        let chunked = indexes(&chunks(&full));
+        assert_eq!(chunked[0].len(), WATCH_KEYS + 1);
+        assert_eq!(chunked[0].last(), Some(&99));
+        assert_eq!(chunked[1], [WATCH_KEYS]);
     }
 
     #[test]
