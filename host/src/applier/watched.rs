@@ -27,7 +27,7 @@ use super::passes;
 use super::versioned::{version_arg, version_key};
 use crate::ops::Op;
 use redis::aio::MultiplexedConnection;
-use redis::{AsyncConnectionConfig, Client, Value};
+use redis::{AsyncConnectionConfig, Client, ServerError, Value};
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -160,7 +160,9 @@ impl Watched {
     /// One chunk's transaction on a connection of its own, given back when it ended cleanly
     /// (a failed or refused one may still watch keys, or be in `MULTI`).
     async fn run(&self, chunk: &[&Candidate<'_>]) -> Result<Ended, ApplyError> {
-        let mut conn = self.take().await?;
+        let Some(mut conn) = self.take().await? else {
+            return Ok(Ended::Refused);
+        };
         let ended = self.transaction(&mut conn, chunk).await?;
         if !matches!(ended, Ended::Refused) {
             self.idle
@@ -222,7 +224,7 @@ impl Watched {
         let (stored,): (Vec<Option<Vec<u8>>>,) = match read.query_async(conn).await {
             Ok(stored) => stored,
             Err(error) if is_refusal(&error) => {
-                self.refused(error);
+                self.refused_read(error);
                 return Ok(Ended::Refused);
             }
             Err(error) => return Err(error.into()),
@@ -253,7 +255,10 @@ impl Watched {
             }
             let kinds: Vec<String> = match types.query_async(conn).await {
                 Ok(kinds) => kinds,
-                Err(error) if is_refusal(&error) => return Ok(Ended::Refused),
+                Err(error) if is_refusal(&error) => {
+                    self.refused_read(error);
+                    return Ok(Ended::Refused);
+                }
                 Err(error) => return Err(error.into()),
             };
             for (vkey, kind) in unread.into_iter().zip(kinds) {
@@ -297,49 +302,81 @@ impl Watched {
             }
             applied.push((candidate.index, stale));
         }
-        let mut pipe = writes.finish(&self.tombstone_ms);
-        if pipe.cmd_iter().next().is_none() {
+        if writes.last.is_empty() {
             redis::cmd("UNWATCH").exec_async(conn).await?;
             return Ok(Ended::Applied(applied));
         }
-        match pipe.atomic().query_async::<Value>(conn).await {
-            Ok(Value::Array(_)) => Ok(Ended::Applied(applied)),
-            Ok(_) => {
+        // MULTI … EXEC as a plain pipeline, every reply read here: redis-rs's atomic pipelines
+        // miscount the replies when Redis refuses a command of the transaction.
+        let mut transaction = redis::pipe();
+        transaction.ignore_errors().cmd("MULTI");
+        writes.finish(&mut transaction, &self.tombstone_ms);
+        transaction.cmd("EXEC");
+        let replies: Vec<Value> = transaction.query_async(conn).await?;
+        match replies.last() {
+            Some(Value::Array(_)) => Ok(Ended::Applied(applied)),
+            Some(Value::Nil) => {
                 tracing::debug!(
                     messages = chunk.len(),
                     "a watched version changed; the script applies these messages"
                 );
                 Ok(Ended::Aborted)
             }
-            Err(error) if is_refusal(&error) => Ok(Ended::Refused),
-            Err(error) => Err(error.into()),
+            _ => {
+                for reply in &replies {
+                    if let Value::ServerError(error) = reply {
+                        self.refused(error);
+                    }
+                }
+                Ok(Ended::Refused)
+            }
         }
     }
 
-    /// A connection for one batch: an idle one, or a new one.
-    async fn take(&self) -> Result<MultiplexedConnection, ApplyError> {
+    /// A connection for one batch: an idle one, or a new one, which must take `MULTI` (a Redis
+    /// that refuses it would run a transaction's writes one by one, unguarded). `None` when it
+    /// does not.
+    async fn take(&self) -> Result<Option<MultiplexedConnection>, ApplyError> {
         if let Some(conn) = self.idle.lock().unwrap_or_else(|e| e.into_inner()).pop() {
-            return Ok(conn);
+            return Ok(Some(conn));
         }
-        Ok(self
+        let mut conn = self
             .client
             .get_multiplexed_async_connection_with_config(&self.config)
-            .await?)
+            .await?;
+        let mut probe = redis::pipe();
+        probe.ignore_errors().cmd("MULTI").cmd("DISCARD");
+        let replies: Vec<Value> = probe.query_async(&mut conn).await?;
+        for reply in &replies {
+            if let Value::ServerError(error) = reply {
+                self.refused(error);
+                return Ok(None);
+            }
+        }
+        Ok(Some(conn))
     }
 
-    /// Redis refused `WATCH` or `MGET`. For good (an unknown command behind a proxy, an ACL):
-    /// no more transactions, the script does everything. For now (`LOADING`, `OOM`, …): the
-    /// script meets the same answer, and the lane retries the batch.
-    fn refused(&self, error: redis::RedisError) {
-        let text = error.to_string();
-        let for_good = error
-            .into_server_errors()
-            .is_some_and(|errors| errors.iter().any(|(_, error)| !passes(error)));
-        if for_good && self.enabled.swap(false, Ordering::Relaxed) {
+    /// Redis refused a command of a transaction. For good (an unknown command behind a proxy,
+    /// an ACL without `WATCH` or `MULTI`): no more transactions, the script does everything.
+    /// For now (`LOADING`, `OOM`, …): the script meets the same answer, and the lane retries
+    /// the batch.
+    fn refused(&self, error: &ServerError) {
+        if !passes(error) && self.enabled.swap(false, Ordering::Relaxed) {
             tracing::warn!(
-                error = text,
-                "redis refuses WATCH or MGET; versioned writes all go through the script"
+                error = %error,
+                "redis refuses a transaction's command; versioned writes all go through the script"
             );
+        }
+    }
+
+    /// [`Watched::refused`] for each error Redis answered in a failed read.
+    fn refused_read(&self, error: redis::RedisError) {
+        for (_, error) in error
+            .into_server_errors()
+            .iter()
+            .flat_map(|errors| errors.iter())
+        {
+            self.refused(error);
         }
     }
 }
@@ -426,8 +463,8 @@ impl<'a> Writes<'a> {
         }
     }
 
-    fn finish(self, tombstone_ms: &str) -> redis::Pipeline {
-        let mut pipe = redis::pipe();
+    /// Adds the writes to `pipe`.
+    fn finish(self, pipe: &mut redis::Pipeline, tombstone_ms: &str) {
         let mut mset = redis::cmd("MSET");
         let mut del = redis::cmd("DEL");
         let (mut sets, mut deletes) = (0, 0);
@@ -462,7 +499,6 @@ impl<'a> Writes<'a> {
                     .arg(tombstone_ms);
             }
         }
-        pipe
     }
 }
 
@@ -538,8 +574,9 @@ mod tests {
         writes.delete("d", Some(("vd", "v2")));
         writes.set("d", b"4", Some(("vd", "v3")));
         writes.delete("e", None);
-        let commands: Vec<String> = writes
-            .finish("60000")
+        let mut pipe = redis::pipe();
+        writes.finish(&mut pipe, "60000");
+        let commands: Vec<String> = pipe
             .cmd_iter()
             .map(|cmd| {
                 cmd.args_iter()

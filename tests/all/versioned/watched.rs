@@ -137,9 +137,20 @@ async fn a_whole_key_write_over_member_versions_keeps_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_that_refuses_watch_gets_every_write_through_the_script() {
+    refused_for_good("-watch").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_multi_gets_every_write_through_the_script() {
+    refused_for_good("-multi").await;
+}
+
+/// An ACL user without one of a transaction's commands: the writes still apply, through the
+/// script.
+async fn refused_for_good(rule: &str) {
     let url = redis_url();
     let keys = Keys::connect(&url).await;
-    let user = unique("kw-nowatch");
+    let user = unique("kw-notx");
     let () = keys
         .query(
             redis::cmd("ACL")
@@ -150,13 +161,12 @@ async fn a_redis_that_refuses_watch_gets_every_write_through_the_script() {
                 .arg("~*")
                 .arg("&*")
                 .arg("+@all")
-                .arg("-watch"),
+                .arg(rule),
         )
         .await;
     let (applier, _) = applier(&format!("redis://{user}:secret@{}", host_port(&url))).await;
-    let key = unique("nowatch");
+    let key = unique("notx");
     assert_eq!(apply(&applier, 10, &[set(&key, "at 10")]).await, 0);
-    // A transaction would be tried here; WATCH is refused (NOPERM), and the script applies.
     assert_eq!(apply(&applier, 20, &[set(&key, "at 20")]).await, 0);
     assert_eq!(apply(&applier, 15, &[set(&key, "at 15")]).await, 1);
     assert_eq!(keys.get(&key).await.as_deref(), Some("at 20"));
