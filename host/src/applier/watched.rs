@@ -46,7 +46,7 @@ pub(super) struct Watched {
     config: AsyncConnectionConfig,
     /// Connections not in use.
     idle: Mutex<Vec<MultiplexedConnection>>,
-    /// Cleared when Redis refuses `WATCH`.
+    /// Cleared when Redis refuses a transaction's command for good.
     enabled: AtomicBool,
     prefix: String,
     tombstone_ms: String,
@@ -73,8 +73,8 @@ enum Ended {
     Applied(Vec<(usize, u64)>),
     /// A watched companion changed before `EXEC`: the script takes these messages.
     Aborted,
-    /// Redis answered a command with an error: the script takes these messages and the rest of
-    /// the batch, and the connection is dropped.
+    /// Redis answered a command with an error: the script takes these messages, and the
+    /// connection is dropped.
     Refused,
 }
 
@@ -144,6 +144,9 @@ impl Watched {
                     Ok(Ended::Aborted | Ended::Refused) => {}
                     Err(error) => failed = Some(error),
                 }
+            }
+            if failed.is_some() {
+                break;
             }
         }
         match failed {
