@@ -5,11 +5,16 @@ use redis::aio::MultiplexedConnection;
 use redis::streams::{StreamId, StreamRangeReply};
 use std::collections::HashMap;
 
-/// A connection to the Redis at `url`.
+/// A connection to the Redis at `url`. Its timeouts are generous (redis-rs's defaults are 1 s
+/// to connect and 500 ms per reply): on two cores running the suite's tests side by side, a
+/// test's own reads must not fail before the daemon it checks does.
 pub async fn connect(url: &str) -> MultiplexedConnection {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(std::time::Duration::from_secs(10)))
+        .set_response_timeout(Some(std::time::Duration::from_secs(10)));
     redis::Client::open(url)
         .unwrap()
-        .get_multiplexed_async_connection()
+        .get_multiplexed_async_connection_with_config(&config)
         .await
         .unwrap()
 }
