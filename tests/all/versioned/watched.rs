@@ -31,7 +31,8 @@ fn stored(lsn: u64) -> String {
 type Hook = Box<dyn FnOnce() -> tokio::task::JoinHandle<()> + Send>;
 
 /// A proxy to `upstream` that runs `hook` (and waits for it) before it forwards the first
-/// `MULTI` a client sends: another writer, between a transaction's read and its writes.
+/// `MULTI` a client sends after a `WATCH`: another writer, between a transaction's read and
+/// its writes.
 async fn intercepting_proxy(upstream: String, hook: Arc<Mutex<Option<Hook>>>) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
@@ -47,6 +48,9 @@ async fn intercepting_proxy(upstream: String, hook: Arc<Mutex<Option<Hook>>>) ->
                     let _ = tokio::io::copy(&mut server_read, &mut client_write).await;
                 });
                 let mut buf = vec![0u8; 64 * 1024];
+                // Only a MULTI after this connection's WATCH is a transaction's (a new
+                // connection's probe sends MULTI and DISCARD first).
+                let mut watching = false;
                 loop {
                     let Ok(n) = client_read.read(&mut buf).await else {
                         return;
@@ -55,7 +59,8 @@ async fn intercepting_proxy(upstream: String, hook: Arc<Mutex<Option<Hook>>>) ->
                         return;
                     }
                     let chunk = &buf[..n];
-                    if chunk.windows(9).any(|w| w == b"\r\nMULTI\r\n") {
+                    watching |= chunk.windows(9).any(|w| w == b"\r\nWATCH\r\n");
+                    if watching && chunk.windows(9).any(|w| w == b"\r\nMULTI\r\n") {
                         let run = hook.lock().unwrap().take();
                         if let Some(run) = run {
                             run().await.unwrap();
