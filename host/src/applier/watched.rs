@@ -29,6 +29,7 @@ use crate::ops::Op;
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, ServerError, Value};
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -212,13 +213,15 @@ impl Watched {
         conn: &mut MultiplexedConnection,
         chunk: &[&Candidate<'_>],
     ) -> Result<Ended, ApplyError> {
+        // What each companion holds as the transaction goes, and the companions in order.
+        let mut held: ByCompanion<'_, Held> = HashMap::default();
         let mut companions: Vec<&str> = Vec::new();
-        let mut seen: ByCompanion<'_, ()> = HashMap::default();
         for candidate in chunk {
             for (_, vkey) in &candidate.ops {
-                seen.entry(vkey.as_str()).or_insert_with(|| {
+                if let Entry::Vacant(entry) = held.entry(vkey.as_str()) {
+                    entry.insert(Held::Nothing);
                     companions.push(vkey.as_str());
-                });
+                }
             }
         }
         let mut read = redis::pipe();
@@ -232,18 +235,18 @@ impl Watched {
             }
             Err(error) => return Err(error.into()),
         };
-        // What each companion holds as the transaction goes.
-        let mut held: ByCompanion<'_, Held> = companions
-            .iter()
-            .zip(stored)
-            .map(|(&vkey, value)| {
-                let held = match value {
-                    None => Held::Nothing,
-                    Some(value) => string_version(value).map_or(Held::Other, Held::Version),
-                };
-                (vkey, held)
-            })
-            .collect();
+        // Not one value per key (a misbehaving proxy): nothing here can be trusted.
+        if stored.len() != companions.len() {
+            return Ok(Ended::Refused);
+        }
+        for (&vkey, value) in companions.iter().zip(stored) {
+            if let Some(value) = value {
+                held.insert(
+                    vkey,
+                    string_version(value).map_or(Held::Other, Held::Version),
+                );
+            }
+        }
         // `MGET` answers nothing for a missing key and for a hash alike: `TYPE` tells them
         // apart (a new key is the usual case; the companions are watched already).
         let unread: Vec<&str> = companions
@@ -264,6 +267,9 @@ impl Watched {
                 }
                 Err(error) => return Err(error.into()),
             };
+            if kinds.len() != unread.len() {
+                return Ok(Ended::Refused);
+            }
             for (vkey, kind) in unread.into_iter().zip(kinds) {
                 if kind != "none" {
                     held.insert(vkey, Held::Other);
@@ -407,7 +413,7 @@ fn chunks<'c, 'a>(candidates: &'c [Candidate<'a>]) -> Vec<Vec<&'c Candidate<'a>>
         };
         chunks[at].0.push(candidate);
         for (_, vkey) in &candidate.ops {
-            if let std::collections::hash_map::Entry::Vacant(entry) = owner.entry(vkey.as_str()) {
+            if let Entry::Vacant(entry) = owner.entry(vkey.as_str()) {
                 entry.insert(at);
                 chunks[at].1 += 1;
             }
