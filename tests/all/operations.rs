@@ -148,14 +148,18 @@ async fn sqs_queue_depth_and_counts_reach_metrics() {
         "keepwarm_sqs_messages_in_flight",
     ];
     let text = wait_gauges_zero(&daemon.admin_url("/metrics"), src, &gauges).await;
-    assert_eq!(
-        metric(
-            &text,
-            "keepwarm_messages_received_total",
-            &[("source", src)]
-        ),
-        Some(lines.len() as f64),
-        "{text}"
+    // At least every message sent: SQS delivers at least once, and the emulator under load
+    // can hand a message out again (a receive whose reply the SDK retried leaves its messages
+    // in flight until their visibility times out), which the counter rightly counts twice.
+    let received = metric(
+        &text,
+        "keepwarm_messages_received_total",
+        &[("source", src)],
+    );
+    assert!(
+        received.is_some_and(|n| n >= lines.len() as f64),
+        "received {received:?} of {} sent\n{text}",
+        lines.len()
     );
     assert_eq!(
         metric(&text, "keepwarm_source_up", &[("source", src)]),
