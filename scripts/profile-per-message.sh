@@ -11,8 +11,9 @@
 #   callgrind_annotate /tmp/kw22k.cg | head -40
 #
 # KEEPWARM (default: $CARGO_TARGET_DIR/release/keepwarm) and PLUGINS (default:
-# $CARGO_TARGET_DIR/plugins) choose the builds; MODE=plain runs without valgrind and prints the
-# process's CPU seconds and peak RSS instead.
+# $CARGO_TARGET_DIR/plugins) choose the builds; CONSISTENCY=versioned writes versioned (default
+# plain); MODE=plain runs without valgrind and prints the process's CPU seconds and peak RSS
+# instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 n=$1
@@ -21,6 +22,7 @@ target="${CARGO_TARGET_DIR:-$(pwd)/target}"
 keepwarm="${KEEPWARM:-$target/release/keepwarm}"
 plugins="${PLUGINS:-$target/plugins}"
 mode="${MODE:-callgrind}"
+consistency="${CONSISTENCY:-plain}"
 
 . scripts/lib/redis.sh
 start_redis
@@ -28,7 +30,7 @@ work=$(mktemp -d -t keepwarm-profile.XXXXXX)
 trap 'stop_redis; rm -rf "$work"' EXIT
 mkdir -p "$work/plugins" "$target/profile-cache"
 cp "$plugins/row-cache.wasm" "$work/plugins/"
-printf 'consistency = "plain"\n' >"$work/plugins/row-cache.toml"
+printf 'consistency = "%s"\n' "$consistency" >"$work/plugins/row-cache.toml"
 cat >"$work/keepwarm.toml" <<CONFIG
 [redis]
 url = "$REDIS_URL"
