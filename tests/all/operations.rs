@@ -148,9 +148,8 @@ async fn sqs_queue_depth_and_counts_reach_metrics() {
         "keepwarm_sqs_messages_in_flight",
     ];
     let text = wait_gauges_zero(&daemon.admin_url("/metrics"), src, &gauges).await;
-    // At least every message sent: SQS delivers at least once, and the emulator under load
-    // can hand a message out again (a receive whose reply the SDK retried leaves its messages
-    // in flight until their visibility times out), which the counter rightly counts twice.
+    // At least every message sent: SQS delivers at least once, the emulator under load has
+    // handed messages out twice, and the counter rightly counts every delivery.
     let received = metric(
         &text,
         "keepwarm_messages_received_total",
