@@ -227,13 +227,8 @@ impl Watched {
         let mut read = redis::pipe();
         read.cmd("WATCH").arg(&companions).ignore();
         read.cmd("MGET").arg(&companions);
-        let (stored,): (Vec<Option<Vec<u8>>>,) = match read.query_async(conn).await {
-            Ok(stored) => stored,
-            Err(error) if is_refusal(&error) => {
-                self.refused_read(error);
-                return Ok(Ended::Refused);
-            }
-            Err(error) => return Err(error.into()),
+        let Some((stored,)) = self.read::<(Vec<Option<Vec<u8>>>,)>(conn, &read).await? else {
+            return Ok(Ended::Refused);
         };
         // Not one value per key (a misbehaving proxy): nothing here can be trusted.
         if stored.len() != companions.len() {
@@ -259,13 +254,8 @@ impl Watched {
             for vkey in &unread {
                 types.cmd("TYPE").arg(*vkey);
             }
-            let kinds: Vec<String> = match types.query_async(conn).await {
-                Ok(kinds) => kinds,
-                Err(error) if is_refusal(&error) => {
-                    self.refused_read(error);
-                    return Ok(Ended::Refused);
-                }
-                Err(error) => return Err(error.into()),
+            let Some(kinds) = self.read::<Vec<String>>(conn, &types).await? else {
+                return Ok(Ended::Refused);
             };
             if kinds.len() != unread.len() {
                 return Ok(Ended::Refused);
@@ -378,14 +368,30 @@ impl Watched {
         }
     }
 
-    /// [`Watched::refused`] for each error Redis answered in a failed read.
-    fn refused_read(&self, error: redis::RedisError) {
-        for (_, error) in error
-            .into_server_errors()
-            .iter()
-            .flat_map(|errors| errors.iter())
-        {
-            self.refused(error);
+    /// Sends a transaction's read. `None` when Redis answered a command with an error, each
+    /// error then passed to [`Watched::refused`].
+    ///
+    /// # Errors
+    ///
+    /// The connection failed.
+    async fn read<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut MultiplexedConnection,
+        pipe: &redis::Pipeline,
+    ) -> Result<Option<T>, ApplyError> {
+        match pipe.query_async(conn).await {
+            Ok(reply) => Ok(Some(reply)),
+            Err(error) if is_refusal(&error) => {
+                for (_, error) in error
+                    .into_server_errors()
+                    .iter()
+                    .flat_map(|errors| errors.iter())
+                {
+                    self.refused(error);
+                }
+                Ok(None)
+            }
+            Err(error) => Err(error.into()),
         }
     }
 }
