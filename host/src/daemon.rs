@@ -375,7 +375,7 @@ pub fn check(config: &Config, out: &mut impl std::io::Write) -> anyhow::Result<b
     }
     for files in &files {
         let loaded = runtime::loader::read_files(files)
-            .and_then(|source| runtime::loader::load_source(&runtime, source));
+            .and_then(|source| runtime::loader::load_source(&runtime, source, &[]));
         match loaded {
             Ok(loaded) => writeln!(
                 out,

@@ -29,6 +29,11 @@ impl Reloading {
     /// Starts the daemon, its artifact cache in the plugins directory, and waits until tagger
     /// serves `tag`.
     async fn start(&mut self, tag: &str) {
+        self.start_with(tag, "").await;
+    }
+
+    /// [`Reloading::start`], with more lines for the `[plugins]` table.
+    async fn start_with(&mut self, tag: &str, plugins: &str) {
         let cache_dir = self.env.plugins_dir().join(".cache");
         let config = self
             .env
@@ -36,7 +41,7 @@ impl Reloading {
             .admin()
             .set(
                 "plugins",
-                &format!("cache_dir = \"{}\"", cache_dir.display()),
+                &format!("cache_dir = \"{}\"\n{plugins}", cache_dir.display()),
             )
             .source_lines("block_ms = 100\nclaim_idle_ms = 30000");
         self.daemon = Some(config.run());
@@ -285,6 +290,41 @@ async fn a_broken_new_version_never_serves_and_the_old_one_keeps_serving() {
     r.daemon.unwrap().stop().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_deployed_into_a_full_instance_pool_loads_by_making_room() {
+    // Room for one instance, which tagger's warm instance takes once it has loaded: the new
+    // plugin's load finds the pool full. It must make room from tagger's idle instance (a
+    // version that failed to load is not tried again until its files change), and both
+    // plugins then share the one instance.
+    let mut r = Reloading::new("pool-reload", "first");
+    r.start_with("first", "instances = 1").await;
+    let second = format!(
+        "[config]\nprefix = \"{}:second:\"\ntag = \"second\"\n",
+        r.env.prefix
+    );
+    r.deploy("second.toml", second.as_bytes());
+    r.deploy("second.wasm", &r.tagger);
+    r.wait_serving("second", Some(&content_hash(&r.tagger, second.as_bytes())))
+        .await;
+    r.wait_serving("tagger", Some(&r.version("first"))).await;
+    let lines: Vec<String> = (0..20).map(|row| change(row, 1_000 + row)).collect();
+    r.env.xadd(&lines).await;
+    r.env.wait_drained(lines.len() as u64).await;
+    let keys = r.env.keys().await;
+    for row in 0..20 {
+        assert_eq!(
+            keys.get(&format!("row:{row}")).await.as_deref(),
+            Some("first")
+        );
+        assert_eq!(
+            keys.get(&format!("second:row:{row}")).await.as_deref(),
+            Some("second")
+        );
+    }
+    assert!(r.env.dead_letters().await.is_empty());
+    r.daemon.unwrap().stop().await;
+}
+
 #[test]
 fn a_restart_with_a_warm_artifact_cache_skips_compilation() {
     let cache = TempDir::new("kw-cache");
@@ -297,7 +337,7 @@ fn a_restart_with_a_warm_artifact_cache_skips_compilation() {
     for expected in [Compiled::Cold, Compiled::Cached] {
         // A new runtime each time, as after a restart.
         let runtime = Runtime::new(Some(cache.path().to_owned())).unwrap();
-        let loaded = load_source(&runtime, read_files(&files).unwrap()).unwrap();
+        let loaded = load_source(&runtime, read_files(&files).unwrap(), &[]).unwrap();
         assert_eq!(loaded.compiled, expected);
         times.push(loaded.elapsed);
     }

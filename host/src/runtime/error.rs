@@ -243,6 +243,23 @@ pub enum SelfTestError {
     },
 }
 
+impl LoadError {
+    /// Whether the load failed only because the engine's instance pool was full: a condition of
+    /// the host, not of the plugin, so the version is tried again rather than remembered as
+    /// failed.
+    pub fn is_pool_full(&self) -> bool {
+        match self {
+            LoadError::Instantiate(PluginError::PoolFull(_))
+            | LoadError::SelfTest(SelfTestError::Failed {
+                error: PluginError::PoolFull(_),
+                ..
+            }) => true,
+            LoadError::Plugin { error, .. } => error.is_pool_full(),
+            _ => false,
+        }
+    }
+}
+
 /// Why the engine could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -6,7 +6,7 @@
 
 use super::bindings::PluginPre;
 use super::cache::Compiled;
-use super::error::LoadError;
+use super::error::{LoadError, PluginError};
 use super::state::PluginIdent;
 use super::{Plugin, Runtime};
 use crate::manifest::Manifest;
@@ -155,7 +155,7 @@ pub fn load_dir(runtime: &Runtime, dir: &Path) -> Result<PluginSet, LoadError> {
     let mut plugins = Vec::new();
     for files in list_dir(dir)? {
         let loaded = read_files(&files)
-            .and_then(|source| load_source(runtime, source))
+            .and_then(|source| load_source(runtime, source, &plugins))
             .map_err(|error| LoadError::Plugin {
                 name: files.name.clone(),
                 error: Box::new(error),
@@ -195,16 +195,22 @@ pub(super) fn register(runtime: &Runtime, loaded: Loaded, previous: Option<&str>
 ///
 /// As [`load_source`], and files that cannot be read.
 pub fn load_plugin(runtime: &Runtime, files: &PluginFiles) -> Result<Plugin, LoadError> {
-    Ok(load_source(runtime, read_files(files)?)?.plugin)
+    Ok(load_source(runtime, read_files(files)?, &[])?.plugin)
 }
 
 /// Parses the manifest, compiles (or takes from the cache), links, instantiates and self-tests.
+/// When the engine's instance pool is full, the idle instances of `others` (the plugins loaded
+/// or serving beside it) are dropped to make room (see [`instantiate_making_room`]).
 ///
 /// # Errors
 ///
 /// The manifest is invalid, the component does not compile or does not export this contract's
 /// `transform`, it fails to instantiate, or a self-test fails.
-pub fn load_source(runtime: &Runtime, source: PluginSource) -> Result<Loaded, LoadError> {
+pub fn load_source(
+    runtime: &Runtime,
+    source: PluginSource,
+    others: &[Arc<Plugin>],
+) -> Result<Loaded, LoadError> {
     let start = Instant::now();
     let manifest = match &source.files.manifest {
         Some(path) => {
@@ -230,7 +236,7 @@ pub fn load_source(runtime: &Runtime, source: PluginSource) -> Result<Loaded, Lo
         version: source.version.clone(),
         config_json: manifest.config_json(),
     });
-    let (plugin, compiled, timings) = load_bytes(runtime, &source.wasm, ident, manifest)?;
+    let (plugin, compiled, timings) = load_bytes(runtime, &source.wasm, ident, manifest, others)?;
     Ok(Loaded {
         plugin,
         compiled,
@@ -245,6 +251,7 @@ fn load_bytes(
     wasm: &[u8],
     ident: Arc<PluginIdent>,
     manifest: Manifest,
+    others: &[Arc<Plugin>],
 ) -> Result<(Plugin, Compiled, LoadTimings), LoadError> {
     if !wasm.starts_with(b"\0asm") {
         return Err(LoadError::NotWasm);
@@ -267,7 +274,7 @@ fn load_bytes(
         manifest,
         super::EPOCH_TICK,
     );
-    plugin.check_instantiate().map_err(LoadError::Instantiate)?;
+    instantiate_making_room(&plugin, others).map_err(LoadError::Instantiate)?;
     let instantiated = start.elapsed();
     super::selftest::run(&plugin)?;
     let timings = LoadTimings {
@@ -276,6 +283,33 @@ fn load_bytes(
         self_test: start.elapsed() - instantiated,
     };
     Ok((plugin, compiled, timings))
+}
+
+/// How many times a load drops the other plugins' idle instances and tries again when the
+/// engine's instance pool is full: waits of 10 ms doubling, 1.27 s in all.
+const ROOM_TRIES: u32 = 8;
+
+/// Instantiates `plugin` once, as [`Plugin::check_instantiate`]. The pool's room is shared by
+/// every plugin, and each keeps the instances its lanes left warm: when there is none left, the
+/// idle instances of `others` are dropped and the instantiation is tried again, waiting for
+/// lanes to give theirs back. A pool still full after that is [`PluginError::PoolFull`], which
+/// a reload takes as a reason to try again later, not as a broken plugin.
+fn instantiate_making_room(plugin: &Plugin, others: &[Arc<Plugin>]) -> Result<(), PluginError> {
+    let mut tries = 0;
+    loop {
+        match plugin.check_instantiate() {
+            Err(PluginError::PoolFull(_)) if tries < ROOM_TRIES => {
+                for other in others {
+                    other.drop_idle();
+                }
+                if tries > 0 {
+                    std::thread::sleep(Duration::from_millis(10 << (tries - 1)));
+                }
+                tries += 1;
+            }
+            result => return result,
+        }
+    }
 }
 
 /// The version of a plugin: a short SHA-256 of its component and manifest.

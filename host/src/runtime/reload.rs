@@ -9,12 +9,15 @@
 //! - A new version that fails any of that never serves: the previous version keeps serving and
 //!   the failure is logged and shown in `keepwarm plugins`. A half-written file is simply a
 //!   version that fails to load until its write completes and the next event rescans it.
+//! - A load that finds the engine's instance pool full first drops the other plugins' idle
+//!   instances to make room; if there is still none, the version is not counted as broken and
+//!   the next rescan tries it again.
 //! - The swap replaces the whole `PluginSet` in one `ArcSwap` store: a lane batch holds the set
 //!   it started with until it is done, so batches in flight finish on the old version and the
 //!   next batch uses the new one. A removed `.wasm` drops out of the set the same way.
 
-use super::Runtime;
 use super::loader::{PluginSet, list_dir, load_source, read_files, register};
+use super::{Plugin, Runtime};
 use crate::telemetry::{Counters, Metrics};
 use arc_swap::ArcSwap;
 use notify::event::{AccessKind, AccessMode};
@@ -131,12 +134,29 @@ fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: &Met
             continue;
         }
         let version = source.version.clone();
-        match load_source(runtime, source) {
+        // Room in the engine's pool may be made from the idle instances of what serves and of
+        // what this rescan loaded already.
+        let others: Vec<Arc<Plugin>> = current.plugins.iter().chain(&next).cloned().collect();
+        match load_source(runtime, source, &others) {
             Ok(loaded) => {
                 let previous = serving.map(|p| p.version().to_owned());
                 next.push(Arc::new(register(runtime, loaded, previous.as_deref())));
                 metrics.reload(&files.name, "loaded");
                 changed = true;
+            }
+            Err(error) if error.is_pool_full() => {
+                // Not the plugin's fault: this version is tried again at the next rescan.
+                let reason = error.to_string();
+                tracing::warn!(
+                    plugin = %files.name,
+                    version = %version,
+                    serving = serving.map(|p| p.version()),
+                    error = %reason,
+                    "no room in the instance pool to load the plugin; trying again at the next rescan"
+                );
+                registry.failed(&files.name, None, &reason);
+                metrics.reload(&files.name, "failed");
+                next.extend(serving.cloned());
             }
             Err(error) => {
                 let reason = error.to_string();
