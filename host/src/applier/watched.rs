@@ -34,9 +34,12 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The most companions one transaction watches. Redis 7.0's `WATCH` looks each key up in the
-/// connection's list of watched keys, so its cost grows with the square of their number: 32
-/// keys cost least per message (docs/bench.md, rounds 5 and 6).
-const WATCH_KEYS: usize = 32;
+/// connection's list of watched keys, so its own cost grows with the square of their number,
+/// and 32 keys cost Redis the fewest instructions per message (docs/bench.md, round 5). But
+/// each transaction is two or three round trips, whose system calls and wake-ups weigh more,
+/// on both sides: with 128, Redis and keepwarm both spent less CPU per message in every
+/// alternated bench run (round 8), while 256 gained nothing more.
+const WATCH_KEYS: usize = 128;
 
 /// The most transactions of one batch at once.
 const AT_ONCE: usize = 4;
@@ -480,7 +483,20 @@ impl<'a> Writes<'a> {
 
     /// Adds the writes to `pipe`.
     fn finish(self, pipe: &mut redis::Pipeline, tombstone_ms: &str) {
-        let mut mset = redis::cmd("MSET");
+        // Sized once: the values are most of it, and growing the buffer copied them again.
+        let (mut args, mut bytes) = (1, 4);
+        for (key, value, version) in &self.last {
+            if let Some(value) = value {
+                args += 2;
+                bytes += key.len() + value.len();
+                if let Some((vkey, version)) = version {
+                    args += 2;
+                    bytes += vkey.len() + version.len();
+                }
+            }
+        }
+        let mut mset = redis::Cmd::with_capacity(args, bytes);
+        mset.arg("MSET");
         let mut del = redis::cmd("DEL");
         let (mut sets, mut deletes) = (0, 0);
         for (key, value, version) in &self.last {
@@ -541,14 +557,15 @@ mod tests {
 
     #[test]
     fn chunks_watch_their_share_of_keys_and_keep_a_key_in_one_chunk() {
-        let names: Vec<String> = (0..70).map(|n| format!("k{n}")).collect();
+        let total = 2 * WATCH_KEYS + 6;
+        let names: Vec<String> = (0..total).map(|n| format!("k{n}")).collect();
         let candidates: Vec<_> = names
             .iter()
             .enumerate()
             .map(|(i, name)| keyed(i, &[name.as_str()]))
             .collect();
         let sizes: Vec<usize> = chunks(&candidates).iter().map(Vec::len).collect();
-        assert_eq!(sizes, [WATCH_KEYS, WATCH_KEYS, 70 - 2 * WATCH_KEYS]);
+        assert_eq!(sizes, [WATCH_KEYS, WATCH_KEYS, 6]);
         // A key seen again goes back to its chunk, even a full one; a new key fills the last.
         let again = [
             keyed(0, &["a"]),

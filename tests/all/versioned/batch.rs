@@ -70,7 +70,7 @@ async fn each_message_of_a_batch_is_answered_on_its_own() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_bigger_than_one_call_is_answered_in_order() {
-    // Whole-key writes without a TTL: transactions of 32 companions each.
+    // Whole-key writes without a TTL: transactions of 128 companions each.
     big_batch(None).await;
 }
 
