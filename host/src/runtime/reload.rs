@@ -144,30 +144,30 @@ fn rescan(runtime: &Runtime, dir: &Path, set: &ArcSwap<PluginSet>, metrics: &Met
                 metrics.reload(&files.name, "loaded");
                 changed = true;
             }
-            Err(error) if error.is_pool_full() => {
-                // Not the plugin's fault: this version is tried again at the next rescan.
-                let reason = error.to_string();
-                tracing::warn!(
-                    plugin = %files.name,
-                    version = %version,
-                    serving = serving.map(|p| p.version()),
-                    error = %reason,
-                    "no room in the instance pool to load the plugin; trying again at the next rescan"
-                );
-                registry.failed(&files.name, None, &reason);
-                metrics.reload(&files.name, "failed");
-                next.extend(serving.cloned());
-            }
             Err(error) => {
                 let reason = error.to_string();
-                tracing::error!(
-                    plugin = %files.name,
-                    version = %version,
-                    serving = serving.map(|p| p.version()),
-                    error = %reason,
-                    "plugin failed to load; the previous version keeps serving"
-                );
-                registry.failed(&files.name, Some(&version), &reason);
+                let serving_version = serving.map(|p| p.version());
+                // A full instance pool is not the plugin's fault: that version is not remembered
+                // as failed, and the next rescan tries it again.
+                let broken = !error.is_pool_full();
+                if broken {
+                    tracing::error!(
+                        plugin = %files.name,
+                        version = %version,
+                        serving = serving_version,
+                        error = %reason,
+                        "plugin failed to load; the previous version keeps serving"
+                    );
+                } else {
+                    tracing::warn!(
+                        plugin = %files.name,
+                        version = %version,
+                        serving = serving_version,
+                        error = %reason,
+                        "no room in the instance pool to load the plugin; trying again at the next rescan"
+                    );
+                }
+                registry.failed(&files.name, broken.then_some(version.as_str()), &reason);
                 metrics.reload(&files.name, "failed");
                 next.extend(serving.cloned());
             }
