@@ -1,7 +1,7 @@
 //! Operating keepwarm: `/metrics`, health endpoints, `keepwarm check`, the Redis password.
 
 use crate::sqs::Queue;
-use crate::stream_source::fixture_lines;
+use crate::stream_source::{assert_fixtures_cached, fixture_lines};
 use crate::util::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -160,6 +160,10 @@ async fn sqs_queue_depth_and_counts_reach_metrics() {
         "received {received:?} of {} sent\n{text}",
         lines.len()
     );
+    // And every one was applied, none dead-lettered: a count of deliveries alone would not
+    // show a message lost.
+    assert_fixtures_cached(&env.keys().await, false).await;
+    assert!(env.dead_letters().await.is_empty());
     assert_eq!(
         metric(&text, "keepwarm_source_up", &[("source", src)]),
         Some(1.0)
