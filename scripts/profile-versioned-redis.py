@@ -20,10 +20,12 @@ not what keepwarm sends:
 
 And what the applier sends since contract v5 (docs/bench.md, round 6):
 
-- watched: per batch, chunks of 32 companions: WATCH and MGET them, then MULTI, one MSET of the
-  newer values beside their versions, one DEL of the deleted keys and their tombstones, EXEC
-  (applier/watched.rs), a new key's companion told from a hash by TYPE; the messages whose
-  companion is a hash go in one EVALSHA of versioned.lua after the transactions.
+- watched: per batch, chunks of 128 companions (`--chunk`): WATCH, EXISTS and MGET them, then
+  MULTI, one MSET of the newer values beside their versions, one DEL of the deleted keys and
+  their tombstones, EXEC (applier/watched.rs), a companion MGET did not answer told from a hash
+  by TYPE only when EXISTS counts more keys than MGET answered (`--by-type`: TYPE for every
+  one, without EXISTS, as before round 9); the messages whose companion is a hash go in one
+  EVALSHA of versioned.lua after the transactions.
 
 `--script PATH` profiles another Lua script in place of versioned.lua (same keys and arguments).
 
@@ -129,17 +131,28 @@ def evalsha(redis, sha, changes):
     redis.reply()
 
 
-def watched(redis, sha, changes, chunk=32):
+def watched(redis, sha, changes, chunk=128, by_type=False):
     """The changes the way the applier sends them: transactions, the script for the rest."""
     rest = []
     for first in range(0, len(changes), chunk):
         part = changes[first:first + chunk]
         companions = list(dict.fromkeys(vkey for _, vkey, _, _ in part))
-        redis.send(command("WATCH", *companions) + command("MGET", *companions))
-        redis.reply()
+        if by_type:
+            redis.send(command("WATCH", *companions) + command("MGET", *companions))
+            redis.reply()
+            existing = None
+        else:
+            redis.send(command("WATCH", *companions) + command("EXISTS", *companions)
+                       + command("MGET", *companions))
+            redis.reply()
+            existing = int(redis.reply())
         held = dict(zip(companions, redis.reply()))
-        # A new key (no companion) is told from a hash by TYPE.
+        # A new key (no companion) is told from a hash by TYPE, when EXISTS counts more keys
+        # than MGET answered (or always, with --by-type: the applier before round 9).
         unread = [vkey for vkey in companions if held[vkey] is None]
+        if existing is not None and existing <= len(companions) - len(unread):
+            held.update((vkey, b"") for vkey in unread)
+            unread = []
         if unread:
             redis.send(b"".join(command("TYPE", vkey) for vkey in unread))
             for vkey in unread:
@@ -180,6 +193,9 @@ def main():
     parser.add_argument("--batch", type=int, default=256, help="messages per pipeline or call")
     parser.add_argument("--script", default=SCRIPT, help="the Lua script of the versioned mode")
     parser.add_argument("--keep", action="store_true", help="keep and name the callgrind file")
+    parser.add_argument("--chunk", type=int, default=128, help="companions per transaction")
+    parser.add_argument("--by-type", action="store_true",
+                        help="watched: TYPE for each companion MGET did not answer, no EXISTS")
     args = parser.parse_args()
 
     with socket.socket() as probe:
@@ -228,7 +244,7 @@ def main():
         elif args.mode in ("multi", "watch"):
             transaction(redis, changes, args.mode == "watch")
         elif args.mode == "watched":
-            watched(redis, sha, changes)
+            watched(redis, sha, changes, args.chunk, args.by_type)
         else:
             evalsha(redis, sha, changes)
     redis.send(command("SHUTDOWN", "NOSAVE"))

@@ -2,8 +2,8 @@
 //!
 //! Most versioned messages write rows as values: `SET` without a time to live, or `DEL`, on keys
 //! whose companion is a string version or missing (see [`super::versioned`]). For those, on a
-//! single Redis, the applier reads the companions under `WATCH` with one `MGET` (and `TYPE` for
-//! the ones `MGET` did not answer, to tell a missing companion from a hash), decides here which
+//! single Redis, the applier reads the companions under `WATCH` with one `MGET` (and `EXISTS`,
+//! to tell a missing companion from a hash, which `MGET` answers alike), decides here which
 //! writes are newer than what Redis holds (a backfill read: which keys hold no version), and
 //! sends each key's last write in `MULTI` … `EXEC`: the values in one `MSET` beside their new
 //! versions, the deleted keys in one `DEL`, each with a tombstone. If another writer touches a
@@ -227,31 +227,47 @@ impl Watched {
                 }
             }
         }
+        // `MGET` answers nothing for a missing key and for a hash alike; `EXISTS` counts both.
+        // When it counts no more keys than `MGET` answered, every unanswered companion is
+        // missing (a new key, the usual case), without a round trip of `TYPE`s. `EXISTS` goes
+        // first, so that a key that expires in between can only make the count larger (and
+        // send the transaction the slow way); one that another writer creates or changes after
+        // `WATCH` aborts the `EXEC`.
         let mut read = redis::pipe();
         read.cmd("WATCH").arg(&companions).ignore();
+        read.cmd("EXISTS").arg(&companions);
         read.cmd("MGET").arg(&companions);
-        let Some((stored,)) = self.read::<(Vec<Option<Vec<u8>>>,)>(conn, &read).await? else {
+        let Some((existing, stored)) = self
+            .read::<(usize, Vec<Option<Vec<u8>>>)>(conn, &read)
+            .await?
+        else {
             return Ok(Ended::Refused);
         };
         // Not one value per key (a misbehaving proxy): nothing here can be trusted.
         if stored.len() != companions.len() {
             return Ok(Ended::Refused);
         }
+        let mut answered = 0;
         for (&vkey, value) in companions.iter().zip(stored) {
             if let Some(value) = value {
+                answered += 1;
                 held.insert(
                     vkey,
                     string_version(value).map_or(Held::Other, Held::Version),
                 );
             }
         }
-        // `MGET` answers nothing for a missing key and for a hash alike: `TYPE` tells them
-        // apart (a new key is the usual case; the companions are watched already).
-        let unread: Vec<&str> = companions
-            .iter()
-            .copied()
-            .filter(|vkey| held[vkey] == Held::Nothing)
-            .collect();
+        // Some unanswered companion exists: `TYPE` tells which (the companions are watched
+        // already).
+        let unread: Vec<&str> = if existing > answered {
+            companions
+                .iter()
+                .copied()
+                .filter(|vkey| held[vkey] == Held::Nothing)
+                .collect()
+        } else {
+            Vec::new()
+        };
         if !unread.is_empty() {
             let mut types = redis::pipe();
             for vkey in &unread {

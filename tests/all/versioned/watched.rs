@@ -1,9 +1,12 @@
 //! Versioned writes of whole keys as `WATCH`ed transactions (applier/watched.rs): a write that
-//! lands between the transaction's read and its `EXEC` wins, and a Redis that refuses `WATCH`
-//! leaves everything to the script.
+//! lands between the transaction's read and its `EXEC` wins, a companion holding member versions
+//! is left to the script beside new keys, and a Redis that refuses `WATCH` leaves everything to
+//! the script.
 
-use super::applier::{applier, apply};
+use super::applier::{applier, apply, sadd};
 use crate::util::*;
+use keepwarm::applier::{MessageOutcome, MessageWrites};
+use keepwarm::message::Version;
 use keepwarm::ops::Op;
 use std::sync::{Arc, Mutex};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -137,6 +140,50 @@ async fn a_whole_key_write_over_member_versions_keeps_them() {
     assert_eq!(keys.get(&key).await.as_deref(), Some("at 40"));
     let versions = keys.hgetall(&version_key(&key)).await;
     assert_eq!(versions.get(""), Some(&stored(40)));
+    assert_eq!(versions.get("m:a"), Some(&stored(30)));
+}
+
+/// A new key, a key with a string version and a key with member versions in one batch: one
+/// transaction reads all three companions, and only the hash is left to the script (`MGET`
+/// answers nothing for it, as for the new key; `EXISTS` tells them apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_transaction_tells_a_new_key_from_member_versions() {
+    let (applier, keys) = applier(&redis_url()).await;
+    let [fresh, string, members] =
+        ["fresh", "string", "members"].map(|k| unique(&format!("watched-{k}")));
+    assert_eq!(apply(&applier, 10, &[set(&string, "at 10")]).await, 0);
+    assert_eq!(apply(&applier, 30, &[sadd(&members, "a")]).await, 0);
+    let messages = [
+        (set(&fresh, "at 20"), 20),
+        (set(&string, "at 20"), 20),
+        (set(&members, "at 20"), 20),
+        (set(&string, "at 5"), 5),
+    ];
+    let writes: Vec<MessageWrites<'_>> = messages
+        .iter()
+        .map(|(op, lsn)| MessageWrites {
+            version: Some(Version { lsn: *lsn, idx: 0 }),
+            plain: Vec::new(),
+            versioned: vec![op],
+        })
+        .collect();
+    let outcomes = applier.apply(&writes, &[]).await.unwrap();
+    let stale: Vec<u64> = outcomes
+        .iter()
+        .map(|outcome| match outcome {
+            MessageOutcome::Applied { stale } => *stale,
+            MessageOutcome::Refused(reason) => panic!("refused: {reason}"),
+        })
+        .collect();
+    assert_eq!(stale, [0, 0, 0, 1]);
+    for key in [&fresh, &string, &members] {
+        assert_eq!(keys.get(key).await.as_deref(), Some("at 20"), "{key}");
+    }
+    assert_eq!(keys.get(&version_key(&fresh)).await, Some(stored(20)));
+    assert_eq!(keys.get(&version_key(&string)).await, Some(stored(20)));
+    // Written over by a transaction's `MSET`, this would be a string.
+    let versions = keys.hgetall(&version_key(&members)).await;
+    assert_eq!(versions.get(""), Some(&stored(20)));
     assert_eq!(versions.get("m:a"), Some(&stored(30)));
 }
 
