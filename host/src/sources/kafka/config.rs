@@ -93,10 +93,28 @@ const OWNED: &[&str] = &[
 /// How often librdkafka reports its statistics (lag, broker states).
 pub(super) const STATISTICS_INTERVAL_MS: u64 = 1_000;
 
+/// librdkafka properties keepwarm changes from librdkafka's defaults; `[librdkafka]` overrides
+/// them.
+///
+/// - `queued.max.messages.kbytes`: the prefetched messages held in memory, 64 MiB by default.
+///   16 MiB is a quarter of a second of a busy topic at the bench's 100,000 msg/s, and cut
+///   the daemon's peak memory there by a third (docs/bench.md, round 9).
+/// - `fetch.queue.backoff.ms`: how long librdkafka waits before fetching again once that much
+///   is held, 1 s by default. A consumer that drains the queue faster than that sits idle:
+///   with 8 MiB held, the bench's throughput fell to a seventh. 10 ms refills it as it drains.
+const TUNED: &[(&str, &str)] = &[
+    ("queued.max.messages.kbytes", "16384"),
+    ("fetch.queue.backoff.ms", "10"),
+];
+
 impl KafkaSourceConfig {
-    /// The client configuration: the pass-through properties, then keepwarm's own.
+    /// The client configuration: keepwarm's tuning, the pass-through properties, then the
+    /// properties keepwarm owns.
     pub(super) fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
+        for (key, value) in TUNED {
+            config.set(*key, *value);
+        }
         for (key, value) in &self.librdkafka {
             config.set(key, value);
         }
@@ -186,6 +204,18 @@ mod tests {
         assert_eq!(client.get("enable.auto.commit"), Some("false"));
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(client.get("auto.offset.reset"), Some("earliest"));
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("16384"));
+        assert_eq!(client.get("fetch.queue.backoff.ms"), Some("10"));
+    }
+
+    #[test]
+    fn the_tuned_properties_give_way_to_the_librdkafka_table() {
+        let config =
+            parse("topics = [\"t\"]\n[librdkafka]\n\"queued.max.messages.kbytes\" = \"65536\"")
+                .unwrap();
+        let client = config.client_config();
+        assert_eq!(client.get("queued.max.messages.kbytes"), Some("65536"));
+        assert_eq!(client.get("fetch.queue.backoff.ms"), Some("10"));
     }
 
     #[test]
