@@ -2,10 +2,11 @@
 //! change message as JSON, the row's key, three partitions), the group's progress, and
 //! BASELINE (c): a native rdkafka consumer with row-cache's transform compiled in.
 //!
-//! The baseline reads with one `BaseConsumer` (automatic commit off), turns each batch of up
-//! to 500 messages into one Redis pipeline of `SET`/`DEL`, and commits the batch's offsets once
-//! Redis confirmed the writes; polling the next batch overlaps applying the current one. No
-//! plugin sandbox, no lanes, no dead letters: the physical limit of the design.
+//! The baseline reads with one `BaseConsumer` (automatic commit off, keepwarm's fetch tuning),
+//! turns each batch of up to 500 messages into one Redis pipeline of `SET`/`DEL`, and commits
+//! the batch's offsets once Redis confirmed the writes; polling the next batch overlaps
+//! applying the current one. No plugin sandbox, no lanes, no dead letters: the physical limit
+//! of the design.
 
 use crate::native::{Op, transform};
 use crate::workload::Workload;
@@ -172,6 +173,10 @@ pub(crate) async fn run(brokers: &str, topic: &str, group: &str, url: &str) -> a
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
+        // The fetch tuning keepwarm's Kafka source sets by default (sources/kafka/config.rs),
+        // so that the two read alike.
+        .set("queued.max.messages.kbytes", "16384")
+        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     consumer.subscribe(&[topic])?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);
