@@ -270,3 +270,38 @@ pub enum EngineError {
     #[error("cannot start the epoch ticker thread: {0}")]
     EpochThread(std::io::Error),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full() -> PluginError {
+        PluginError::PoolFull("no room".to_owned())
+    }
+
+    #[test]
+    fn only_a_full_pool_is_a_load_failure_tried_again() {
+        let in_self_test = LoadError::SelfTest(SelfTestError::Failed {
+            name: "case".to_owned(),
+            error: full(),
+        });
+        let named = LoadError::Plugin {
+            name: "p".to_owned(),
+            error: Box::new(LoadError::Instantiate(full())),
+        };
+        for error in [LoadError::Instantiate(full()), in_self_test, named] {
+            assert!(error.is_pool_full(), "{error}");
+        }
+        let broken = [
+            LoadError::NotWasm,
+            LoadError::Instantiate(PluginError::Unattempted),
+            LoadError::Plugin {
+                name: "p".to_owned(),
+                error: Box::new(LoadError::NotWasm),
+            },
+        ];
+        for error in broken {
+            assert!(!error.is_pool_full(), "{error}");
+        }
+    }
+}
