@@ -151,9 +151,10 @@ impl SourceContext {
     }
 
     /// Decodes a JSON message body (SQS, HTTP, Kafka, NATS, AMQP, a JSONL line, a dead
-    /// letter): the size limit, UTF-8, then the Sequin message. The body is kept whole for the
-    /// dead letter when it is rejected.
-    pub fn decode_json(&self, body: Vec<u8>) -> Payload {
+    /// letter): the size limit, UTF-8, then the Sequin message. The body is borrowed: a decoded
+    /// message copies only its parts (a source holding librdkafka's or the network's buffer
+    /// copies nothing first), and a rejected body is copied whole for its dead letter.
+    pub fn decode_json(&self, body: &[u8]) -> Payload {
         decode_json(body, self.max_message_bytes)
     }
 
@@ -216,14 +217,14 @@ impl Sampler {
 }
 
 /// See [`SourceContext::decode_json`].
-pub(crate) fn decode_json(body: Vec<u8>, max_bytes: usize) -> Payload {
+pub(crate) fn decode_json(body: &[u8], max_bytes: usize) -> Payload {
     let decoded = if body.len() > max_bytes {
         Err(DecodeError::TooLarge {
             size: body.len(),
             limit: max_bytes,
         })
     } else {
-        std::str::from_utf8(&body)
+        std::str::from_utf8(body)
             .map_err(|error| DecodeError::NotUtf8 {
                 part: "message".to_owned(),
                 error,
@@ -233,7 +234,7 @@ pub(crate) fn decode_json(body: Vec<u8>, max_bytes: usize) -> Payload {
     match decoded {
         Ok(message) => Payload::Decoded(message),
         Err(reason) => Payload::Malformed {
-            raw: RawPayload::Body(body),
+            raw: RawPayload::Body(body.to_vec()),
             reason,
         },
     }
@@ -265,7 +266,7 @@ mod tests {
     use super::*;
 
     fn reason(body: &[u8], max: usize) -> String {
-        match decode_json(body.to_vec(), max) {
+        match decode_json(body, max) {
             Payload::Malformed { reason, .. } => reason.to_string(),
             Payload::Decoded(message) => panic!("decoded {}", message.row_id()),
         }
@@ -286,11 +287,11 @@ mod tests {
             .lines()
             .next()
             .unwrap();
-        match decode_json(line.as_bytes().to_vec(), 1 << 20) {
+        match decode_json(line.as_bytes(), 1 << 20) {
             Payload::Decoded(message) => assert_eq!(message.row_id(), "public.orders:1001"),
             Payload::Malformed { reason, .. } => panic!("{reason}"),
         }
-        match decode_json(line.as_bytes().to_vec(), 10) {
+        match decode_json(line.as_bytes(), 10) {
             Payload::Malformed {
                 raw: RawPayload::Body(raw),
                 reason: DecodeError::TooLarge { .. },

@@ -42,7 +42,7 @@ impl Entry {
     /// original body, or the original stream entry's fields (`entry.<name>`).
     pub fn payload(&self, max_bytes: usize) -> Payload {
         if let Some(body) = self.fields.get("payload") {
-            return decode_json(body.clone(), max_bytes);
+            return decode_json(body, max_bytes);
         }
         let fields: Vec<(String, Vec<u8>)> = self
             .fields

@@ -108,7 +108,7 @@ pub async fn run(input: Input, ctx: SourceContext) -> Result<ReplaySummary, Sour
                     limit,
                 },
             },
-            None => ctx.decode_json(text.to_vec()),
+            None => ctx.decode_json(text),
         };
         ctx.deliver(permit, payload, format!("line {line_no}"), &settle);
         progress.update(read_bytes, messages, tally.counts().finished());

@@ -337,7 +337,7 @@ impl Puller {
             let (message, acker) = message.split();
             // Held before delivery: the pipeline may settle it at once.
             self.inflight.hold(&id, acker);
-            let payload = ctx.decode_json(Vec::from(message.payload));
+            let payload = ctx.decode_json(&message.payload);
             ctx.deliver(permit, payload, id, &self.settle);
         }
         if stopping {

@@ -294,7 +294,7 @@ pub async fn run(
             rows_read += 1;
             ctx.deliver(
                 permit,
-                ctx.decode_json(json.into_bytes()),
+                ctx.decode_json(json.as_bytes()),
                 format!("{}:{}", request.table, pks.join(":")),
                 &settle,
             );

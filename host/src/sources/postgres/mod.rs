@@ -495,7 +495,7 @@ impl Reader<'_> {
                     relation.table
                 )),
             },
-            None => self.ctx.decode_json(json.into_bytes()),
+            None => self.ctx.decode_json(json.as_bytes()),
         };
         Ok(self.deliver(lsn, idx, payload).await)
     }

@@ -263,7 +263,7 @@ async fn consume(
         let id = format!("{generation}.{}", delivery.delivery_tag);
         // Held before delivery: the pipeline may settle it at once.
         inflight.hold(&id, delivery.acker);
-        let payload = ctx.decode_json(delivery.data);
+        let payload = ctx.decode_json(&delivery.data);
         ctx.deliver(permit, payload, id, settle);
     }
 }

@@ -168,9 +168,8 @@ impl Receiver {
                 let id = message.message_id.unwrap_or_else(|| receipt.clone());
                 // Held before delivery: the pipeline may settle it at once.
                 self.inflight.hold(&id, receipt, asked + self.visibility);
-                let body = message.body.map(String::into_bytes);
-                let payload = match body {
-                    Some(body) => ctx.decode_json(body),
+                let payload = match message.body {
+                    Some(body) => ctx.decode_json(body.as_bytes()),
                     None => Payload::Malformed {
                         raw: RawPayload::Body(Vec::new()),
                         reason: DecodeError::NoBody { source_kind: "sqs" },

@@ -221,7 +221,7 @@ async fn handle(State(webhook): State<Arc<Webhook>>, request: Request) -> Respon
     if body.trim_ascii().is_empty() {
         return reply(StatusCode::BAD_REQUEST, "empty body".into());
     }
-    let payloads = split(body, |body| webhook.ctx.decode_json(body));
+    let payloads = split(&body, |body| webhook.ctx.decode_json(body));
     let total = payloads.len();
     let undecodable = payloads
         .iter()
@@ -317,15 +317,15 @@ struct Batch<'a> {
 
 /// Splits a body into its messages, each decoded on its own: a batch, or one bare message.
 /// What is neither (invalid JSON, a JSON string, not UTF-8) is one malformed message.
-fn split(body: Vec<u8>, decode: impl Fn(Vec<u8>) -> Payload) -> Vec<Payload> {
-    let batch = std::str::from_utf8(&body)
+fn split(body: &[u8], decode: impl Fn(&[u8]) -> Payload) -> Vec<Payload> {
+    let batch = std::str::from_utf8(body)
         .ok()
         .and_then(|text| serde_json::from_str::<Batch<'_>>(text).ok());
     match batch {
         Some(batch) => batch
             .data
             .iter()
-            .map(|raw| decode(raw.get().as_bytes().to_vec()))
+            .map(|raw| decode(raw.get().as_bytes()))
             .collect(),
         None => vec![decode(body)],
     }
@@ -336,7 +336,7 @@ mod tests {
     use super::*;
     use crate::delivery::RawPayload;
 
-    fn decode(body: Vec<u8>) -> Payload {
+    fn decode(body: &[u8]) -> Payload {
         crate::sources::decode_json(body, 1 << 20)
     }
 
@@ -347,7 +347,7 @@ mod tests {
     }
 
     fn shapes(body: &str) -> Vec<Result<String, String>> {
-        split(body.as_bytes().to_vec(), decode)
+        split(body.as_bytes(), decode)
             .into_iter()
             .map(|p| match p {
                 Payload::Decoded(m) => Ok(m.row_id()),
@@ -398,7 +398,7 @@ mod tests {
     fn a_batch_element_keeps_its_exact_bytes() {
         let element = r#"{"weird" : "spacing","n":1.50}"#;
         let body = format!(r#"{{"data":[ {element} ]}}"#);
-        match &split(body.into_bytes(), decode)[0] {
+        match &split(body.as_bytes(), decode)[0] {
             Payload::Malformed {
                 raw: RawPayload::Body(raw),
                 ..
