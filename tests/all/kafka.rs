@@ -228,6 +228,62 @@ async fn the_commit_never_passes_a_message_not_yet_applied() {
     assert!(env.dead_letters().await.is_empty());
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spent_in_flight_budget_pauses_the_partition_and_loses_nothing() {
+    // A budget of two, both taken by changes that stall for two seconds: the poll thread finds
+    // no permit, pauses the partition (librdkafka drops what it had prefetched) and holds
+    // whatever a poll still returns; when the permits come back it delivers what it held, then
+    // resumes, and librdkafka fetches again from the last message returned. Nothing is lost,
+    // and every row's changes are applied in order (plain writes: the last one applied is what
+    // stays cached).
+    let env = TestEnv::new("kafka-held");
+    let manifest = format!(
+        "[limits]\ndeadline_ms = 30000\n[grants]\nclock = true\n[config]\nprefix = \"{}:\"\n\
+         mode = \"stall\"\nvictims = [\"0\", \"1\"]\n",
+        env.prefix
+    );
+    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+    let topic = Topic::create("kw-held", 1).await;
+    let daemon = topic
+        .config(&env, "")
+        .pipeline("max_in_flight = 2\nbatch_size = 1")
+        .run();
+    // One change first, so that the group is joined before the stall's clock starts.
+    topic.produce(vec![change(10, 0, 1)]).await;
+    topic.wait_committed(&[1]).await;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let mut records: Vec<Record> = (0..2)
+        .map(|row| {
+            let stall = format!(r#""id":{row},"stall_until_ms":{}"#, now_ms + 2_000);
+            let line = order_line(row, 0).replace(&format!(r#""id":{row}"#), &stall);
+            Record::change(row, &line, 1)
+        })
+        .collect();
+    let (rows, versions) = (2..10, 6);
+    for version in 0..versions {
+        records.extend(rows.clone().map(|row| change(row, version, 1)));
+    }
+    let total = 1 + records.len() as i64;
+    topic.produce(records).await;
+
+    let keys = env.keys().await;
+    let expected: Vec<Option<String>> = rows
+        .clone()
+        .map(|row| Some(record_text(&order_line(row, versions - 1))))
+        .collect();
+    wait_for("every row at its last change", PATIENCE, || async {
+        keys.get_all(rows.clone().map(|row| row.to_string())).await == expected
+    })
+    .await;
+    topic.wait_committed(&[total]).await;
+    assert!(keys.get("0").await.is_some() && keys.get("1").await.is_some());
+    daemon.stop().await;
+    assert!(env.dead_letters().await.is_empty());
+}
+
 /// A worker's config file and process.
 fn worker(env: &TestEnv, topic: &Topic, dir: &TempDir, name: &str) -> KeepwarmProcess {
     let config = topic.config(env, "").write(dir, &format!("{name}.toml"));

@@ -39,7 +39,7 @@ pub use config::KafkaSourceConfig;
 use offsets::{KafkaSettle, Offsets, Tp, message_id};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::error::KafkaError;
-use rdkafka::message::Message as _;
+use rdkafka::message::{BorrowedMessage, Message as _};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
@@ -64,12 +64,54 @@ impl Source for KafkaSource {
     }
 }
 
-/// A message taken from the consumer, owned.
+/// A message taken from the consumer and held until a permit is free, owned.
 struct Fetched {
     topic: String,
     partition: i32,
     offset: i64,
     value: Option<Vec<u8>>,
+}
+
+impl Fetched {
+    fn owned(message: &BorrowedMessage<'_>) -> Fetched {
+        Fetched {
+            topic: message.topic().to_owned(),
+            partition: message.partition(),
+            offset: message.offset(),
+            value: message.payload().map(<[u8]>::to_vec),
+        }
+    }
+}
+
+/// A message to deliver, borrowed: from librdkafka's buffer as polled (nothing is copied
+/// before the decode), or from a held [`Fetched`].
+struct Incoming<'a> {
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    value: Option<&'a [u8]>,
+}
+
+impl<'a> From<&'a BorrowedMessage<'_>> for Incoming<'a> {
+    fn from(message: &'a BorrowedMessage<'_>) -> Incoming<'a> {
+        Incoming {
+            topic: message.topic(),
+            partition: message.partition(),
+            offset: message.offset(),
+            value: message.payload(),
+        }
+    }
+}
+
+impl<'a> From<&'a Fetched> for Incoming<'a> {
+    fn from(message: &'a Fetched) -> Incoming<'a> {
+        Incoming {
+            topic: &message.topic,
+            partition: message.partition,
+            offset: message.offset,
+            value: message.value.as_deref(),
+        }
+    }
 }
 
 /// What the rebalance, statistics and error callbacks share with the poll loop.
@@ -158,8 +200,10 @@ impl ConsumerContext for KafkaContext {
             Rebalance::Revoke(list) => {
                 let tps = partitions(list);
                 // Not yet delivered: the new owner reads them from the last commit.
-                self.held()
-                    .retain(|m| !tps.contains(&(m.topic.clone(), m.partition)));
+                self.held().retain(|m| {
+                    !tps.iter()
+                        .any(|(topic, partition)| *topic == m.topic && *partition == m.partition)
+                });
                 if !self.offsets.wait_idle(&tps, self.revoke_timeout) {
                     tracing::warn!(
                         source = %self.ctx.name,
@@ -317,25 +361,28 @@ impl Poller {
             };
             self.resume();
             // What was held first, in order.
-            let next = self.consumer.context().held().pop_front();
-            let message = match next {
-                Some(message) => message,
-                None => match self.poll(ctx, POLL) {
-                    Ok(Some(message)) => message,
-                    Err(error) => {
-                        fatal = Some(error);
-                        break;
+            let held = self.consumer.context().held().pop_front();
+            if let Some(message) = held {
+                if let Some(permit) = free.take() {
+                    self.deliver(ctx, Incoming::from(&message), permit);
+                }
+                continue;
+            }
+            match self.poll(ctx, POLL) {
+                Ok(Some(message)) => {
+                    if let Some(permit) = free.take() {
+                        self.deliver(ctx, Incoming::from(&message), permit);
                     }
-                    Ok(None) => {
-                        // Quiet: the permits go back to the shared budget, which other
-                        // sources may be waiting on, and are reserved again when messages come.
-                        permits = None;
-                        continue;
-                    }
-                },
-            };
-            if let Some(permit) = free.take() {
-                self.deliver(ctx, message, permit);
+                }
+                Err(error) => {
+                    fatal = Some(error);
+                    break;
+                }
+                Ok(None) => {
+                    // Quiet: the permits go back to the shared budget, which other sources
+                    // may be waiting on, and are reserved again when messages come.
+                    permits = None;
+                }
             }
         }
         self.stop(ctx);
@@ -353,19 +400,18 @@ impl Poller {
 
     /// One poll; a message, or `None` (nothing came, or an error was logged); `Err` only when
     /// the consumer failed for good.
-    fn poll(&self, ctx: &SourceContext, timeout: Duration) -> Result<Option<Fetched>, KafkaError> {
+    fn poll(
+        &self,
+        ctx: &SourceContext,
+        timeout: Duration,
+    ) -> Result<Option<BorrowedMessage<'_>>, KafkaError> {
         let Some(polled) = self.consumer.poll(timeout) else {
             return Ok(None);
         };
         Ok(match polled {
             Ok(message) => {
                 ctx.set_up(true);
-                Some(Fetched {
-                    topic: message.topic().to_owned(),
-                    partition: message.partition(),
-                    offset: message.offset(),
-                    value: message.payload().map(<[u8]>::to_vec),
-                })
+                Some(message)
             }
             Err(KafkaError::PartitionEOF(_)) => None,
             Err(error @ KafkaError::MessageConsumptionFatal(_)) => {
@@ -386,7 +432,10 @@ impl Poller {
 
     fn poll_into_held(&self, ctx: &SourceContext, timeout: Duration) -> Result<(), KafkaError> {
         if let Some(message) = self.poll(ctx, timeout)? {
-            self.consumer.context().held().push_back(message);
+            let owned = Fetched::owned(&message);
+            let mut held = self.consumer.context().held();
+            held.push_back(owned);
+            tracing::debug!(source = %ctx.name, held = held.len(), "no in-flight permit free: message held");
         }
         Ok(())
     }
@@ -394,17 +443,17 @@ impl Poller {
     fn deliver(
         &self,
         ctx: &SourceContext,
-        message: Fetched,
+        message: Incoming<'_>,
         permit: tokio::sync::OwnedSemaphorePermit,
     ) {
-        let Fetched {
+        let Incoming {
             topic,
             partition,
             offset,
             value,
         } = message;
         // Recorded before delivery: the pipeline may settle it at once.
-        if !self.offsets().delivered(&topic, partition, offset) {
+        if !self.offsets().delivered(topic, partition, offset) {
             return;
         }
         let payload = match value {
@@ -419,7 +468,7 @@ impl Poller {
         ctx.deliver(
             permit,
             payload,
-            message_id(&topic, partition, offset),
+            message_id(topic, partition, offset),
             &self.settle,
         );
     }
@@ -430,6 +479,9 @@ impl Poller {
         if let Ok(assignment) = self.consumer.assignment()
             && self.consumer.pause(&assignment).is_ok()
         {
+            if !self.paused {
+                tracing::debug!(source = %self.consumer.context().ctx.name, "no in-flight permit free: partitions paused");
+            }
             self.paused = true;
         }
     }

@@ -41,6 +41,12 @@ impl Partition {
         self.marks.keys().next().copied().or(self.next)
     }
 
+    /// The ready offset, when it is past the last commit.
+    fn to_commit(&self) -> Option<i64> {
+        let ready = self.ready()?;
+        self.committed.is_none_or(|c| ready > c).then_some(ready)
+    }
+
     fn in_flight(&self) -> usize {
         self.marks
             .values()
@@ -49,10 +55,14 @@ impl Partition {
     }
 }
 
+/// The assigned partitions, by topic, then partition: a message's partition is found from its
+/// borrowed topic name, without building a key.
+type Assigned = HashMap<String, HashMap<i32, Partition>>;
+
 /// The assigned partitions' offsets.
 #[derive(Default)]
 pub(super) struct Offsets {
-    partitions: Mutex<HashMap<Tp, Partition>>,
+    partitions: Mutex<Assigned>,
     settled: Condvar,
     /// Threads in [`Offsets::wait_idle`]; changed and read only under the `partitions` lock, so
     /// that a settlement wakes (a system call) only when someone waits.
@@ -60,15 +70,19 @@ pub(super) struct Offsets {
 }
 
 impl Offsets {
-    fn lock(&self) -> MutexGuard<'_, HashMap<Tp, Partition>> {
+    fn lock(&self) -> MutexGuard<'_, Assigned> {
         self.partitions.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Partitions given to this member.
     pub(super) fn assign(&self, tps: impl IntoIterator<Item = Tp>) {
         let mut partitions = self.lock();
-        for tp in tps {
-            partitions.entry(tp).or_default();
+        for (topic, partition) in tps {
+            partitions
+                .entry(topic)
+                .or_default()
+                .entry(partition)
+                .or_default();
         }
     }
 
@@ -76,7 +90,7 @@ impl Offsets {
     /// not assigned (a message fetched before a revoke).
     pub(super) fn delivered(&self, topic: &str, partition: i32, offset: i64) -> bool {
         let mut partitions = self.lock();
-        let Some(state) = partitions.get_mut(&(topic.to_owned(), partition)) else {
+        let Some(state) = get_mut(&mut partitions, topic, partition) else {
             return false;
         };
         state.marks.insert(offset, Mark::InFlight);
@@ -88,7 +102,7 @@ impl Offsets {
     /// the new owner reads from the last commit.
     pub(super) fn settle(&self, topic: &str, partition: i32, offset: i64, settled: Settled) {
         let mut partitions = self.lock();
-        if let Some(state) = partitions.get_mut(&(topic.to_owned(), partition)) {
+        if let Some(state) = get_mut(&mut partitions, topic, partition) {
             match settled {
                 Settled::Done => {
                     state.marks.remove(&offset);
@@ -112,12 +126,12 @@ impl Offsets {
     pub(super) fn in_flight(&self, tps: Option<&[Tp]>) -> usize {
         let partitions = self.lock();
         match tps {
-            None => partitions.values().map(Partition::in_flight).sum(),
-            Some(tps) => tps
-                .iter()
-                .filter_map(|tp| partitions.get(tp))
+            None => partitions
+                .values()
+                .flat_map(HashMap::values)
                 .map(Partition::in_flight)
                 .sum(),
+            Some(tps) => busy(&partitions, tps),
         }
     }
 
@@ -127,11 +141,7 @@ impl Offsets {
         let mut partitions = self.lock();
         self.waiters.fetch_add(1, Ordering::Relaxed);
         let idle = loop {
-            let busy: usize = tps
-                .iter()
-                .filter_map(|tp| partitions.get(tp))
-                .map(Partition::in_flight)
-                .sum();
+            let busy = busy(&partitions, tps);
             let left = deadline.saturating_duration_since(Instant::now());
             if busy == 0 {
                 break true;
@@ -154,16 +164,18 @@ impl Offsets {
     pub(super) fn to_commit(&self) -> Vec<(Tp, i64)> {
         self.lock()
             .iter()
-            .filter_map(|(tp, state)| {
-                let ready = state.ready()?;
-                (state.committed.is_none_or(|c| ready > c)).then(|| (tp.clone(), ready))
+            .flat_map(|(topic, of_topic)| {
+                of_topic.iter().filter_map(|(partition, state)| {
+                    let ready = state.to_commit()?;
+                    Some(((topic.clone(), *partition), ready))
+                })
             })
             .collect()
     }
 
     /// A commit of `offset` for `tp` succeeded.
     pub(super) fn committed(&self, tp: &Tp, offset: i64) {
-        if let Some(state) = self.lock().get_mut(tp) {
+        if let Some(state) = get_mut(&mut self.lock(), &tp.0, tp.1) {
             state.committed = Some(state.committed.map_or(offset, |c| c.max(offset)));
         }
     }
@@ -172,7 +184,7 @@ impl Offsets {
     /// whichever is further). `None` when `tp` is not assigned or nothing is known yet.
     pub(super) fn lag(&self, tp: &Tp, high: Option<i64>) -> Option<i64> {
         let partitions = self.lock();
-        let state = partitions.get(tp)?;
+        let state = partitions.get(&tp.0)?.get(&tp.1)?;
         let end = match (high, state.next) {
             (Some(high), Some(next)) => high.max(next),
             (Some(high), None) => high,
@@ -186,14 +198,32 @@ impl Offsets {
     /// Lets `tps` go; returns the offsets to commit for them (what is applied).
     pub(super) fn revoke(&self, tps: &[Tp]) -> Vec<(Tp, i64)> {
         let mut partitions = self.lock();
-        tps.iter()
+        let revoked = tps
+            .iter()
             .filter_map(|tp| {
-                let state = partitions.remove(tp)?;
-                let ready = state.ready()?;
-                (state.committed.is_none_or(|c| ready > c)).then(|| (tp.clone(), ready))
+                let state = partitions.get_mut(&tp.0)?.remove(&tp.1)?;
+                Some((tp.clone(), state.to_commit()?))
             })
-            .collect()
+            .collect();
+        partitions.retain(|_, of_topic| !of_topic.is_empty());
+        revoked
     }
+}
+
+fn get_mut<'a>(
+    partitions: &'a mut Assigned,
+    topic: &str,
+    partition: i32,
+) -> Option<&'a mut Partition> {
+    partitions.get_mut(topic)?.get_mut(&partition)
+}
+
+/// Messages in flight in `tps`.
+fn busy(partitions: &Assigned, tps: &[Tp]) -> usize {
+    tps.iter()
+        .filter_map(|(topic, partition)| partitions.get(topic)?.get(partition))
+        .map(Partition::in_flight)
+        .sum()
 }
 
 /// A delivery's id: `topic/partition/offset` (Kafka topic names have no `/`).
@@ -243,7 +273,7 @@ mod tests {
         assert_eq!(offsets.to_commit(), [(tp(0), 10)]);
         assert_eq!(offsets.in_flight(None), 1);
         // What was applied behind the waiting message is not kept.
-        assert_eq!(offsets.lock()[&tp(0)].marks.len(), 1);
+        assert_eq!(offsets.lock()["t"][&0].marks.len(), 1);
         offsets.settle("t", 0, 10, Settled::Done);
         assert_eq!(offsets.to_commit(), [(tp(0), 15)]);
         offsets.committed(&tp(0), 15);
@@ -255,7 +285,7 @@ mod tests {
         offsets.settle("t", 0, 16, Settled::Done);
         // A late abandon of an applied message changes nothing.
         offsets.settle("t", 0, 16, Settled::Abandoned);
-        assert_eq!(offsets.lock()[&tp(0)].marks.len(), 1);
+        assert_eq!(offsets.lock()["t"][&0].marks.len(), 1);
         assert!(offsets.to_commit().is_empty());
         assert_eq!(offsets.lag(&tp(0), Some(20)), Some(5));
     }
