@@ -3,6 +3,7 @@
 //! a Kafka broker is given. See `docs/bench.md`.
 
 mod brokers;
+mod goals;
 mod kafka;
 mod native;
 mod pace;
@@ -69,6 +70,10 @@ struct RunArgs {
     /// Change messages per throughput run.
     #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
+    /// Run the throughput scenarios this many times, one round after another; the ratios are
+    /// taken within each round and reported with their median over the rounds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
     /// Distinct rows.
     #[arg(long, default_value_t = 100_000)]
     rows: u64,
@@ -245,6 +250,8 @@ const SCENARIOS: [Scenario; 9] = [
 #[derive(serde::Serialize, Clone)]
 struct Throughput {
     name: String,
+    /// Which round of `--rounds` measured it, from 1.
+    round: u32,
     messages: u64,
     seconds: f64,
     messages_per_second: f64,
@@ -460,8 +467,10 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| scratch.join("results.json"));
+    let (ratios, ratios_by_round) = goals::json(&throughput);
     let json = serde_json::json!({
         "messages": args.messages,
+        "rounds": args.rounds,
         "rows": args.rows,
         "seed": args.seed,
         "quick": args.quick,
@@ -471,7 +480,8 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         "plugin_calls": plugin_calls,
         "postgres": pg,
         "plugin_load": plugin_loads,
-        "ratios": ratios(&throughput),
+        "ratios": ratios,
+        "ratios_by_round": ratios_by_round,
     });
     std::fs::write(&out, serde_json::to_string_pretty(&json)?)?;
     println!("results: {}", out.display());
@@ -483,13 +493,57 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.contains(&name));
     let mut conn = connect(&env.url).await?;
     let mut throughput = Vec::new();
+    for round in 1..=args.rounds {
+        if args.rounds > 1 {
+            eprintln!("== round {round} of {}", args.rounds);
+        }
+        let results = throughput_round(env, args, &mut conn, &wanted).await?;
+        throughput.extend(results.into_iter().map(|t| Throughput { round, ..t }));
+    }
+    let mut latency = Vec::new();
+    for (name, kind) in [
+        ("keepwarm-plain", SCENARIOS[0].kind),
+        ("native-rust", Kind::Native),
+    ] {
+        if !wanted(&format!("latency:{name}")) && only.is_some() {
+            continue;
+        }
+        let rates: Vec<f64> = throughput
+            .iter()
+            .filter(|t| t.name == name)
+            .map(|t| t.messages_per_second)
+            .collect();
+        if rates.is_empty() {
+            continue;
+        }
+        let rate = args
+            .latency_rate
+            .unwrap_or((goals::median(&rates) / 2.0).max(100.0));
+        eprintln!(
+            "== latency {name}: {rate:.0} msg/s for {} s",
+            args.latency_seconds
+        );
+        flush(&mut conn).await?;
+        latency.push(paced(env, &mut conn, name, kind, rate, args.latency_seconds).await?);
+    }
+    Ok((throughput, latency))
+}
+
+/// Every wanted throughput scenario, once.
+async fn throughput_round(
+    env: &Env,
+    args: &RunArgs,
+    conn: &mut MultiplexedConnection,
+    wanted: &impl Fn(&str) -> bool,
+) -> anyhow::Result<Vec<Throughput>> {
+    let mut throughput = Vec::new();
     for scenario in &SCENARIOS {
         if !wanted(scenario.name) || (scenario.kind == Kind::Python && args.no_python) {
             continue;
         }
         if scenario.kind.is_kafka() {
             let Some(brokers) = &env.kafka else { continue };
-            let result = measure_kafka(env, &mut conn, scenario, brokers, args.messages).await?;
+            let result = measure_kafka(env, conn, scenario, brokers, args.messages).await?;
             eprintln!(
                 "   {:.0} msg/s, {:.2} CPU s/M, {:.1} MiB",
                 result.messages_per_second, result.cpu_seconds_per_million, result.peak_rss_mib
@@ -514,10 +568,10 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
             "== {}: preloading {} messages",
             scenario.name, args.messages
         );
-        flush(&mut conn).await?;
-        preload(&mut conn, &env.workload, args.messages).await?;
+        flush(conn).await?;
+        preload(conn, &env.workload, args.messages).await?;
         eprintln!("== {}: consuming", scenario.name);
-        let result = measure(env, &mut conn, scenario, args.messages).await?;
+        let result = measure(env, conn, scenario, args.messages).await?;
         eprintln!(
             "   {:.0} msg/s, {:.2} CPU s/M, {:.1} MiB",
             result.messages_per_second, result.cpu_seconds_per_million, result.peak_rss_mib
@@ -542,10 +596,10 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
             continue;
         };
         eprintln!("== {name}: preloading {} messages", args.messages);
-        flush(&mut conn).await?;
+        flush(conn).await?;
         brokers::preload(broker, url, &env.workload, args.messages).await?;
         eprintln!("== {name}: consuming");
-        let result = measure_broker(env, &mut conn, name, broker, url, args.messages).await;
+        let result = measure_broker(env, conn, name, broker, url, args.messages).await;
         brokers::clean_up(broker, url).await;
         let result = result?;
         eprintln!(
@@ -554,28 +608,7 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
         );
         throughput.push(result);
     }
-    let mut latency = Vec::new();
-    for (name, kind) in [
-        ("keepwarm-plain", SCENARIOS[0].kind),
-        ("native-rust", Kind::Native),
-    ] {
-        if !wanted(&format!("latency:{name}")) && only.is_some() {
-            continue;
-        }
-        let Some(max) = throughput.iter().find(|t| t.name == name) else {
-            continue;
-        };
-        let rate = args
-            .latency_rate
-            .unwrap_or((max.messages_per_second / 2.0).max(100.0));
-        eprintln!(
-            "== latency {name}: {rate:.0} msg/s for {} s",
-            args.latency_seconds
-        );
-        flush(&mut conn).await?;
-        latency.push(paced(env, &mut conn, name, kind, rate, args.latency_seconds).await?);
-    }
-    Ok((throughput, latency))
+    Ok(throughput)
 }
 
 /// The `[pipeline]` table for keepwarm's configuration, empty for the defaults.
@@ -954,6 +987,7 @@ impl Mark {
         };
         Ok(Throughput {
             name: name.to_owned(),
+            round: 1,
             messages: n,
             seconds,
             messages_per_second: n_f64 / seconds,
@@ -1235,39 +1269,19 @@ async fn paced(
     })
 }
 
-fn ratios(t: &[Throughput]) -> serde_json::Value {
-    let get = |name: &str| {
-        t.iter()
-            .find(|x| x.name == name)
-            .map(|x| x.messages_per_second)
-    };
-    let cpu = |name: &str| {
-        t.iter()
-            .find(|x| x.name == name)
-            .map(|x| x.cpu_seconds_per_million)
-    };
-    let kw = get("keepwarm-plain");
-    serde_json::json!({
-        "keepwarm_plain_vs_native": kw.zip(get("native-rust")).map(|(a, b)| a / b),
-        "keepwarm_plain_vs_python": kw.zip(get("python-redis-py")).map(|(a, b)| a / b),
-        "keepwarm_versioned_vs_native": get("keepwarm-versioned").zip(get("native-rust")).map(|(a, b)| a / b),
-        "keepwarm_kafka_vs_native_kafka": get("keepwarm-kafka").zip(get("native-kafka")).map(|(a, b)| a / b),
-        "keepwarm_kafka_vs_native_kafka_cpu_per_message": cpu("keepwarm-kafka").zip(cpu("native-kafka")).map(|(a, b)| a / b),
-    })
-}
-
 fn print_table(t: &[Throughput], l: &[Latency]) {
     if !t.is_empty() {
         println!();
         println!(
-            "| scenario | messages | seconds | msg/s | CPU s / M msgs | of which system | cache CPU s / M msgs | peak RSS MiB | dead letters |"
+            "| scenario | round | messages | seconds | msg/s | CPU s / M msgs | of which system | cache CPU s / M msgs | peak RSS MiB | dead letters |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
     }
     for r in t {
         println!(
-            "| {} | {} | {:.2} | {:.0} | {:.2} | {:.0}% | {} | {:.1} | {} |",
+            "| {} | {} | {} | {:.2} | {:.0} | {:.2} | {:.0}% | {} | {:.1} | {} |",
             r.name,
+            r.round,
             r.messages,
             r.seconds,
             r.messages_per_second,
@@ -1279,13 +1293,8 @@ fn print_table(t: &[Throughput], l: &[Latency]) {
             r.dead_letters
         );
     }
-    let r = ratios(t);
     println!();
-    for (k, v) in r.as_object().into_iter().flatten() {
-        if let Some(v) = v.as_f64() {
-            println!("{k}: {v:.2}x");
-        }
-    }
+    goals::print(t);
     if !l.is_empty() {
         println!();
         println!(
