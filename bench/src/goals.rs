@@ -1,11 +1,12 @@
-//! The ratios the issues set goals on, from one bench run: per round (each scenario measured
+//! The figures the issues set goals on, from one bench run: per round (each scenario measured
 //! once per round, rounds back to back), and their median over the rounds.
 //!
 //! A ratio is taken within a round, between runs a few minutes apart, and only then reduced
 //! over rounds: on a shared machine whose speed drifts, pairing the runs first keeps the drift
-//! out of the ratio, and the median keeps one disturbed round from deciding it.
+//! out of the ratio, and the median keeps one disturbed round from deciding it. Besides the
+//! throughput ratios: keepwarm-plain's peak RSS, and its paced p99 over the native worker's.
 
-use crate::Throughput;
+use crate::{Latency, Throughput};
 
 /// Which figure of a throughput result a ratio reads.
 #[derive(Clone, Copy)]
@@ -78,26 +79,48 @@ const RATIOS: [Ratio; 7] = [
     },
 ];
 
-/// Each ratio's value in every round that measured both its scenarios, rounds in order.
-fn by_round(t: &[Throughput]) -> Vec<(&'static str, Vec<f64>)> {
-    let rounds = t.iter().map(|x| x.round).max().unwrap_or(0);
-    RATIOS
+/// Each figure's value in every round that measured it, rounds in order: the ratios, then
+/// keepwarm-plain's peak RSS in MiB, then its paced p99 over the native worker's.
+fn by_round(t: &[Throughput], l: &[Latency]) -> Vec<(&'static str, Vec<f64>)> {
+    let rounds = t
+        .iter()
+        .map(|x| x.round)
+        .chain(l.iter().map(|x| x.round))
+        .max()
+        .unwrap_or(0);
+    let throughput = |round: u32, name: &str| t.iter().find(|x| x.round == round && x.name == name);
+    let p99 = |round: u32, name: &str| {
+        l.iter()
+            .find(|x| x.round == round && x.name == name)
+            .map(|x| x.p99_ms)
+    };
+    let mut figures: Vec<(&'static str, Vec<f64>)> = RATIOS
         .iter()
         .map(|ratio| {
             let values = (1..=rounds)
                 .filter_map(|round| {
-                    let figure = |name: &str| {
-                        t.iter()
-                            .find(|x| x.round == round && x.name == name)
-                            .and_then(|x| ratio.figure.of(x))
-                    };
+                    let figure =
+                        |name: &str| throughput(round, name).and_then(|x| ratio.figure.of(x));
                     Some(figure(ratio.of)? / figure(ratio.to)?)
                 })
                 .collect();
             (ratio.key, values)
         })
-        .filter(|(_, values): &(_, Vec<f64>)| !values.is_empty())
-        .collect()
+        .collect();
+    figures.push((
+        "keepwarm_plain_peak_rss_mib",
+        (1..=rounds)
+            .filter_map(|round| Some(throughput(round, "keepwarm-plain")?.peak_rss_mib))
+            .collect(),
+    ));
+    figures.push((
+        "keepwarm_plain_paced_p99_vs_native",
+        (1..=rounds)
+            .filter_map(|round| Some(p99(round, "keepwarm-plain")? / p99(round, "native-rust")?))
+            .collect(),
+    ));
+    figures.retain(|(_, values)| !values.is_empty());
+    figures
 }
 
 /// The median of a list that is not empty.
@@ -112,9 +135,9 @@ pub(crate) fn median(values: &[f64]) -> f64 {
     }
 }
 
-/// `(median of each ratio, each ratio per round)`, for the results file.
-pub(crate) fn json(t: &[Throughput]) -> (serde_json::Value, serde_json::Value) {
-    let ratios = by_round(t);
+/// `(median of each figure, each figure per round)`, for the results file.
+pub(crate) fn json(t: &[Throughput], l: &[Latency]) -> (serde_json::Value, serde_json::Value) {
+    let ratios = by_round(t, l);
     let medians = ratios
         .iter()
         .map(|(key, values)| ((*key).to_owned(), median(values).into()))
@@ -129,15 +152,16 @@ pub(crate) fn json(t: &[Throughput]) -> (serde_json::Value, serde_json::Value) {
     )
 }
 
-/// One line per ratio: the median, and each round's value when there were several.
-pub(crate) fn print(t: &[Throughput]) {
-    for (key, values) in by_round(t) {
+/// One line per figure: the median, and each round's value when there were several.
+pub(crate) fn print(t: &[Throughput], l: &[Latency]) {
+    for (key, values) in by_round(t, l) {
+        let unit = if key.ends_with("_mib") { " MiB" } else { "x" };
         if values.len() == 1 {
-            println!("{key}: {:.2}x", values[0]);
+            println!("{key}: {:.2}{unit}", values[0]);
         } else {
             let each: Vec<String> = values.iter().map(|v| format!("{v:.2}")).collect();
             println!(
-                "{key}: {:.2}x (median of {} rounds: {})",
+                "{key}: {:.2}{unit} (median of {} rounds: {})",
                 median(&values),
                 values.len(),
                 each.join(", ")
@@ -160,9 +184,23 @@ mod tests {
             cpu_seconds_per_million: cpu,
             system_cpu_percent: 0.0,
             redis_cpu_seconds_per_million: Some(cache),
-            peak_rss_mib: 1.0,
+            peak_rss_mib: f64::from(round),
             dead_letters: 0,
             keys: 1,
+        }
+    }
+
+    fn paced(round: u32, name: &str, p99_ms: f64) -> Latency {
+        Latency {
+            name: name.to_owned(),
+            round,
+            rate_per_second: 1.0,
+            sent: 1,
+            observed: 1,
+            p50_ms: 1.0,
+            p99_ms,
+            p999_ms: 1.0,
+            max_ms: 1.0,
         }
     }
 
@@ -179,7 +217,13 @@ mod tests {
             result(1, "keepwarm-versioned", 80.0, 15.0, 8.0),
             result(2, "keepwarm-versioned", 30.0, 40.0, 9.0),
         ];
-        let (medians, rounds) = json(&t);
+        let latency = [
+            paced(1, "keepwarm-plain", 3.0),
+            paced(1, "native-rust", 4.0),
+            paced(2, "keepwarm-plain", 9.0),
+            paced(2, "native-rust", 3.0),
+        ];
+        let (medians, rounds) = json(&t, &latency);
         assert_eq!(rounds["keepwarm_plain_cpu_per_message_vs_native"][1], 1.5);
         assert_eq!(medians["keepwarm_plain_cpu_per_message_vs_native"], 1.2);
         assert_eq!(medians["keepwarm_plain_vs_native"], 1.0);
@@ -189,6 +233,9 @@ mod tests {
             .unwrap();
         assert!((versioned - 1.7).abs() < 1e-9, "{versioned}");
         assert!(medians.get("keepwarm_kafka_vs_native_kafka").is_none());
+        assert_eq!(rounds["keepwarm_plain_paced_p99_vs_native"][0], 0.75);
+        assert_eq!(medians["keepwarm_plain_paced_p99_vs_native"], 1.875);
+        assert_eq!(medians["keepwarm_plain_peak_rss_mib"], 2.0);
     }
 
     #[test]

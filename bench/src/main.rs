@@ -269,6 +269,8 @@ struct Throughput {
 #[derive(serde::Serialize)]
 struct Latency {
     name: String,
+    /// Which round of `--rounds` measured it, from 1.
+    round: u32,
     rate_per_second: f64,
     /// Messages added to the stream at the pace.
     sent: u64,
@@ -467,7 +469,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| scratch.join("results.json"));
-    let (ratios, ratios_by_round) = goals::json(&throughput);
+    let (ratios, ratios_by_round) = goals::json(&throughput, &latency);
     let json = serde_json::json!({
         "messages": args.messages,
         "rounds": args.rounds,
@@ -492,39 +494,34 @@ async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, 
     let only: Option<Vec<&str>> = args.only.as_deref().map(|s| s.split(',').collect());
     let wanted = |name: &str| only.as_ref().is_none_or(|o| o.contains(&name));
     let mut conn = connect(&env.url).await?;
-    let mut throughput = Vec::new();
+    let (mut throughput, mut latency) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         if args.rounds > 1 {
             eprintln!("== round {round} of {}", args.rounds);
         }
         let results = throughput_round(env, args, &mut conn, &wanted).await?;
+        for (name, kind) in [
+            ("keepwarm-plain", SCENARIOS[0].kind),
+            ("native-rust", Kind::Native),
+        ] {
+            if !wanted(&format!("latency:{name}")) && only.is_some() {
+                continue;
+            }
+            let Some(max) = results.iter().find(|t| t.name == name) else {
+                continue;
+            };
+            let rate = args
+                .latency_rate
+                .unwrap_or((max.messages_per_second / 2.0).max(100.0));
+            eprintln!(
+                "== latency {name}: {rate:.0} msg/s for {} s",
+                args.latency_seconds
+            );
+            flush(&mut conn).await?;
+            let paced = paced(env, &mut conn, name, kind, rate, args.latency_seconds).await?;
+            latency.push(Latency { round, ..paced });
+        }
         throughput.extend(results.into_iter().map(|t| Throughput { round, ..t }));
-    }
-    let mut latency = Vec::new();
-    for (name, kind) in [
-        ("keepwarm-plain", SCENARIOS[0].kind),
-        ("native-rust", Kind::Native),
-    ] {
-        if !wanted(&format!("latency:{name}")) && only.is_some() {
-            continue;
-        }
-        let rates: Vec<f64> = throughput
-            .iter()
-            .filter(|t| t.name == name)
-            .map(|t| t.messages_per_second)
-            .collect();
-        if rates.is_empty() {
-            continue;
-        }
-        let rate = args
-            .latency_rate
-            .unwrap_or((goals::median(&rates) / 2.0).max(100.0));
-        eprintln!(
-            "== latency {name}: {rate:.0} msg/s for {} s",
-            args.latency_seconds
-        );
-        flush(&mut conn).await?;
-        latency.push(paced(env, &mut conn, name, kind, rate, args.latency_seconds).await?);
     }
     Ok((throughput, latency))
 }
@@ -1259,6 +1256,7 @@ async fn paced(
     let pct = |p: f64| pace::percentile(&samples, p);
     Ok(Latency {
         name: name.to_owned(),
+        round: 1,
         rate_per_second: rate,
         sent,
         observed: samples.len() as u64,
@@ -1293,18 +1291,17 @@ fn print_table(t: &[Throughput], l: &[Latency]) {
             r.dead_letters
         );
     }
-    println!();
-    goals::print(t);
     if !l.is_empty() {
         println!();
         println!(
-            "| paced latency (XADD to applied) | rate msg/s | sent | sampled | p50 ms | p99 ms | p99.9 ms | max ms |"
+            "| paced latency (XADD to applied) | round | rate msg/s | sent | sampled | p50 ms | p99 ms | p99.9 ms | max ms |"
         );
-        println!("|---|---:|---:|---:|---:|---:|---:|---:|");
+        println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
         for x in l {
             println!(
-                "| {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
+                "| {} | {} | {:.0} | {} | {} | {:.2} | {:.2} | {:.2} | {:.2} |",
                 x.name,
+                x.round,
                 x.rate_per_second,
                 x.sent,
                 x.observed,
@@ -1315,6 +1312,8 @@ fn print_table(t: &[Throughput], l: &[Latency]) {
             );
         }
     }
+    println!();
+    goals::print(t, l);
 }
 
 fn git_commit() -> Option<String> {
