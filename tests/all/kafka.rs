@@ -165,17 +165,33 @@ async fn a_restart_resumes_from_the_commit() {
     );
 }
 
+/// Adds the hostile plugin in `stall` mode: a change of a row in `victims` busy-waits in its
+/// plugin call until its record's `stall_until_ms` (see [`stalled`]).
+fn add_stalling_plugin(env: &TestEnv, victims: &[&str]) {
+    let manifest = format!(
+        "[limits]\ndeadline_ms = 30000\n[grants]\nclock = true\n[config]\nprefix = \"{}:\"\n\
+         mode = \"stall\"\nvictims = {victims:?}\n",
+        env.prefix
+    );
+    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+}
+
+/// `line`, a change of row `row`, made to stall for `ms` milliseconds from now.
+fn stalled(line: &str, row: u64, ms: u64) -> String {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let id = format!(r#""id":{row}"#);
+    line.replace(&id, &format!(r#"{id},"stall_until_ms":{}"#, now_ms + ms))
+}
+
 /// Row 2's change stalls in its plugin call while the changes after it in the partition are
 /// applied: the group's commit must stay at row 2's offset until it is applied.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_commit_never_passes_a_message_not_yet_applied() {
     let env = TestEnv::new("kafka-early");
-    let manifest = format!(
-        "[limits]\ndeadline_ms = 30000\n[grants]\nclock = true\n[config]\nprefix = \"{}:\"\n\
-         mode = \"stall\"\nvictims = [\"2\"]\n",
-        env.prefix
-    );
-    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+    add_stalling_plugin(&env, &["2"]);
     let topic = Topic::create("kw-early", 1).await;
     let daemon = topic
         .config(&env, "")
@@ -191,13 +207,7 @@ async fn the_commit_never_passes_a_message_not_yet_applied() {
         )
         .await;
     topic.wait_committed(&[2]).await;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
-    let stall = format!(r#""id":2,"stall_until_ms":{}"#, now_ms + 8_000);
-    let stalled = order(2).replace(r#""id":2"#, &stall);
-    let mut records = vec![Record::change(2, &stalled, 1)];
+    let mut records = vec![Record::change(2, &stalled(&order(2), 2, 8_000), 1)];
     records.extend((3..10).map(|row| Record::change(row, &order(row), 1)));
     topic.produce(records).await;
 
@@ -237,12 +247,7 @@ async fn a_spent_in_flight_budget_pauses_the_partition_and_loses_nothing() {
     // and every row's changes are applied in order (plain writes: the last one applied is what
     // stays cached).
     let env = TestEnv::new("kafka-held");
-    let manifest = format!(
-        "[limits]\ndeadline_ms = 30000\n[grants]\nclock = true\n[config]\nprefix = \"{}:\"\n\
-         mode = \"stall\"\nvictims = [\"0\", \"1\"]\n",
-        env.prefix
-    );
-    env.add_plugin("hostile", &test_plugin_wasm("hostile"), &manifest);
+    add_stalling_plugin(&env, &["0", "1"]);
     let topic = Topic::create("kw-held", 1).await;
     let daemon = topic
         .config(&env, "")
@@ -251,16 +256,8 @@ async fn a_spent_in_flight_budget_pauses_the_partition_and_loses_nothing() {
     // One change first, so that the group is joined before the stall's clock starts.
     topic.produce(vec![change(10, 0, 1)]).await;
     topic.wait_committed(&[1]).await;
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     let mut records: Vec<Record> = (0..2)
-        .map(|row| {
-            let stall = format!(r#""id":{row},"stall_until_ms":{}"#, now_ms + 2_000);
-            let line = order_line(row, 0).replace(&format!(r#""id":{row}"#), &stall);
-            Record::change(row, &line, 1)
-        })
+        .map(|row| Record::change(row, &stalled(&order_line(row, 0), row, 2_000), 1))
         .collect();
     let (rows, versions) = (2..10, 6);
     for version in 0..versions {
