@@ -70,8 +70,9 @@ struct RunArgs {
     /// Change messages per throughput run.
     #[arg(long, default_value_t = 1_000_000)]
     messages: u64,
-    /// Run the throughput scenarios this many times, one round after another; the ratios are
-    /// taken within each round and reported with their median over the rounds.
+    /// Run the throughput scenarios, each round followed by its paced latency pair, this many
+    /// times; the goal figures are taken within each round and reported with their median over
+    /// the rounds.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
     rounds: u32,
     /// Distinct rows.
