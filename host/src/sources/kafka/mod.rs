@@ -26,7 +26,7 @@
 //! - Bursts: the poll thread decodes what librdkafka already holds (polls that do not wait), up
 //!   to [`BURST`] messages, and hands them to the pipeline together. Handed over one at a time
 //!   from this thread, each message woke a lane for a batch of one or two; in bursts, lanes take
-//!   batches, and keepwarm-kafka spent about a sixth less CPU per message (docs/bench.md, round
+//!   batches, and keepwarm-kafka spent about a tenth less CPU per message (docs/bench.md, round
 //!   10). A burst is delivered before the thread waits for anything: a poll that may block,
 //!   permits, a revoke's wait for what is in flight, shutdown.
 //! - Shutdown: stop delivering, wait until what was delivered is settled, commit, leave the
@@ -413,9 +413,6 @@ impl Poller {
                     if let Some(permit) = free.take() {
                         self.deliver(ctx, Incoming::from(&message), permit);
                     }
-                    if self.context().burst().len() >= BURST {
-                        self.context().flush();
-                    }
                 }
                 Ok(None) if gathering => self.context().flush(),
                 Err(error) => {
@@ -511,7 +508,14 @@ impl Poller {
             },
         };
         let id = message_id(topic, partition, offset);
-        self.context().burst().push((permit, payload, id));
+        let full = {
+            let mut burst = self.context().burst();
+            burst.push((permit, payload, id));
+            burst.len() >= BURST
+        };
+        if full {
+            self.context().flush();
+        }
     }
 
     /// Pauses every assigned partition; again on each call while starved, since a rebalance
