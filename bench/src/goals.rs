@@ -124,7 +124,7 @@ fn by_round(t: &[Throughput], l: &[Latency]) -> Vec<(&'static str, Vec<f64>)> {
 }
 
 /// The median of a list that is not empty.
-pub(crate) fn median(values: &[f64]) -> f64 {
+fn median(values: &[f64]) -> f64 {
     let mut sorted = values.to_vec();
     sorted.sort_by(f64::total_cmp);
     let middle = sorted.len() / 2;

@@ -167,16 +167,17 @@ struct Batch {
 pub(crate) async fn run(brokers: &str, topic: &str, group: &str, url: &str) -> anyhow::Result<()> {
     let client = redis::Client::open(url)?;
     let mut writer = client.get_multiplexed_async_connection().await?;
-    let consumer: BaseConsumer = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    // The fetch tuning keepwarm's Kafka source sets by default, so that the two read alike.
+    for (key, value) in keepwarm::sources::kafka::config::TUNED {
+        config.set(*key, *value);
+    }
+    let consumer: BaseConsumer = config
         .set("bootstrap.servers", brokers)
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
         .set("session.timeout.ms", "6000")
-        // The fetch tuning keepwarm's Kafka source sets by default (sources/kafka/config.rs),
-        // so that the two read alike.
-        .set("queued.max.messages.kbytes", "16384")
-        .set("fetch.queue.backoff.ms", "10")
         .create()?;
     consumer.subscribe(&[topic])?;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<Batch>(4);

@@ -94,7 +94,7 @@ const OWNED: &[&str] = &[
 pub(super) const STATISTICS_INTERVAL_MS: u64 = 1_000;
 
 /// librdkafka properties keepwarm changes from librdkafka's defaults; `[librdkafka]` overrides
-/// them.
+/// them. Public for the bench's native consumer, which reads with the same tuning.
 ///
 /// - `queued.max.messages.kbytes`: the prefetched messages held in memory, 64 MiB by default.
 ///   16 MiB is a quarter of a second of a busy topic at the bench's 100,000 msg/s, and cut
@@ -102,7 +102,7 @@ pub(super) const STATISTICS_INTERVAL_MS: u64 = 1_000;
 /// - `fetch.queue.backoff.ms`: how long librdkafka waits before fetching again once that much
 ///   is held, 1 s by default. A consumer that drains the queue faster than that sits idle:
 ///   with 8 MiB held, the bench's throughput fell to a seventh. 10 ms refills it as it drains.
-const TUNED: &[(&str, &str)] = &[
+pub const TUNED: &[(&str, &str)] = &[
     ("queued.max.messages.kbytes", "16384"),
     ("fetch.queue.backoff.ms", "10"),
 ];

@@ -398,7 +398,7 @@ impl Poller {
             };
             self.resume();
             // What was held first, in order.
-            let held = self.consumer.context().held().pop_front();
+            let held = self.context().held().pop_front();
             if let Some(message) = held {
                 if let Some(permit) = free.take() {
                     self.deliver(ctx, Incoming::from(&message), permit);
@@ -475,7 +475,7 @@ impl Poller {
     fn poll_into_held(&self, ctx: &SourceContext, timeout: Duration) -> Result<(), KafkaError> {
         if let Some(message) = self.poll(ctx, timeout)? {
             let owned = Fetched::owned(&message);
-            let mut held = self.consumer.context().held();
+            let mut held = self.context().held();
             held.push_back(owned);
             tracing::debug!(source = %ctx.name, held = held.len(), "no in-flight permit free: message held");
         }
@@ -525,14 +525,14 @@ impl Poller {
             && self.consumer.pause(&assignment).is_ok()
         {
             if !self.paused {
-                tracing::debug!(source = %self.consumer.context().ctx.name, "no in-flight permit free: partitions paused");
+                tracing::debug!(source = %self.context().ctx.name, "no in-flight permit free: partitions paused");
             }
             self.paused = true;
         }
     }
 
     fn resume(&mut self) {
-        if !self.paused || !self.consumer.context().held().is_empty() {
+        if !self.paused || !self.context().held().is_empty() {
             return;
         }
         if let Ok(assignment) = self.consumer.assignment() {
@@ -556,7 +556,7 @@ impl Poller {
             }
             Ok(()) => {}
             Err(error) => {
-                tracing::warn!(source = %self.consumer.context().ctx.name, error = %error, "kafka commit failed; retrying at the next interval");
+                tracing::warn!(source = %self.context().ctx.name, error = %error, "kafka commit failed; retrying at the next interval");
             }
         }
     }
@@ -565,7 +565,7 @@ impl Poller {
     /// (serving the group meanwhile), commits, and leaves the group.
     fn stop(mut self, ctx: &SourceContext) {
         self.pause();
-        self.consumer.context().held().clear();
+        self.context().held().clear();
         let mut last_commit = Instant::now();
         while self.offsets().in_flight(None) > 0 {
             // Messages that still come are not delivered: they stay after the commit. A
