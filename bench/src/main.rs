@@ -111,6 +111,9 @@ struct RunArgs {
     /// keepwarm's `[pipeline] batch_size` (default: keepwarm's default).
     #[arg(long)]
     batch_size: Option<usize>,
+    /// keepwarm's `[pipeline] max_in_flight` (default: keepwarm's default).
+    #[arg(long)]
+    max_in_flight: Option<usize>,
     /// Use this Redis (it is FLUSHALLed!) instead of starting a private redis-server.
     #[arg(long)]
     redis_url: Option<String>,
@@ -617,6 +620,9 @@ fn pipeline_table(args: &RunArgs) -> String {
     }
     if let Some(batch) = args.batch_size {
         table.push_str(&format!("batch_size = {batch}\n"));
+    }
+    if let Some(max) = args.max_in_flight {
+        table.push_str(&format!("max_in_flight = {max}\n"));
     }
     if table.is_empty() {
         table
