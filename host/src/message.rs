@@ -14,6 +14,7 @@ use metadata::MetadataWire;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use std::fmt;
+use std::ops::Range;
 use std::str::Utf8Error;
 
 /// What happened to the row.
@@ -194,6 +195,9 @@ struct Parts<'a> {
     changes: Option<&'a str>,
     action: Option<&'a str>,
     metadata: Option<&'a str>,
+    /// The fields of `metadata` keepwarm reads, when the pass that found the parts could read
+    /// them too (as `metadata::scanned` would have); `None`: `metadata` is read on its own.
+    fields: Option<MetadataWire>,
 }
 
 impl<'a> From<MessageWire<'a>> for Parts<'a> {
@@ -203,43 +207,61 @@ impl<'a> From<MessageWire<'a>> for Parts<'a> {
             changes: wire.changes.map(RawValue::get),
             action: wire.action,
             metadata: wire.metadata.map(RawValue::get),
+            fields: None,
         }
     }
 }
 
 impl<'a> Parts<'a> {
     /// The parts in one pass of [`json_scan`], which also vouches that the whole object is valid
-    /// JSON at most [`MAX_DEPTH`] deep, so that each part is too. `None` for anything it cannot
-    /// read exactly as serde_json would (invalid or deeper JSON, a key written with escapes or
-    /// given twice, an `action` that is not a plain string or `null`): [`MessageWire`] then reads
-    /// the message and words the error.
+    /// JSON at most [`MAX_DEPTH`] deep, so that each part is too, and gathers the fields of
+    /// `metadata` on the way. `None` for anything it cannot read exactly as serde_json would
+    /// (invalid or deeper JSON, a key written with escapes or given twice, an `action` that is
+    /// not a plain string or `null`): [`MessageWire`] then reads the message and words the
+    /// error.
     fn scanned(text: &'a str) -> Option<Parts<'a>> {
         let mut parts = Parts {
             record: None,
             changes: None,
             action: None,
             metadata: None,
+            fields: None,
         };
         let (mut seen, mut exact) = ([false; 4], true);
-        let vouched = json_scan::scan_object(text.as_bytes(), |key, value| {
-            let (key, value) = (&text[key], &text[value]);
-            if key.contains('\\') {
-                exact = false;
-                return;
+        let mut gather = metadata::Gather::default();
+        let metadata_field = |parent: &Range<usize>, key, value| {
+            if &text.as_bytes()[parent.clone()] == b"metadata" {
+                gather.field(text, key, value);
             }
-            let (slot, part) = match key {
-                "record" => (0, &mut parts.record),
-                "changes" => (1, &mut parts.changes),
-                "action" => (2, &mut parts.action),
-                "metadata" => (3, &mut parts.metadata),
-                _ => return,
-            };
-            // serde_json refuses a field given twice.
-            exact &= !std::mem::replace(&mut seen[slot], true);
-            *part = (value != "null").then_some(value);
-        });
+        };
+        let vouched = json_scan::scan_object_nested(
+            text.as_bytes(),
+            |key, value| {
+                let (key, value) = (&text[key], &text[value]);
+                if key.contains('\\') {
+                    exact = false;
+                    return;
+                }
+                let (slot, part) = match key {
+                    "record" => (0, &mut parts.record),
+                    "changes" => (1, &mut parts.changes),
+                    "action" => (2, &mut parts.action),
+                    "metadata" => (3, &mut parts.metadata),
+                    _ => return,
+                };
+                // serde_json refuses a field given twice.
+                exact &= !std::mem::replace(&mut seen[slot], true);
+                *part = (value != "null").then_some(value);
+            },
+            metadata_field,
+        );
         if !vouched || !exact {
             return None;
+        }
+        // Gathered from the one `metadata` object there is (a `metadata` that is not an object
+        // gathers nothing, and `check` refuses it).
+        if parts.metadata.is_some_and(|m| m.starts_with('{')) {
+            parts.fields = gather.finish(text);
         }
         // serde_json borrows `action` only when it has no escape, and refuses any other type.
         if let Some(action) = parts.action {
@@ -315,7 +337,7 @@ impl ChangeMessage {
             .metadata
             .ok_or(DecodeError::MissingField("metadata"))?;
         let changes = parts.changes;
-        let checked = check(action, record, changes, metadata, syntax)?;
+        let checked = check(action, record, changes, metadata, parts.fields, syntax)?;
         Ok(Self::build(
             checked,
             record.to_owned(),
@@ -468,16 +490,18 @@ fn check_stream_fields<'a>(
     let record = text(record)?.ok_or(DecodeError::MissingField("record"))?;
     let metadata = text(metadata)?.ok_or(DecodeError::MissingField("metadata"))?;
     let changes = text(changes)?;
-    let checked = check(action, record, changes, metadata, Syntax::Unchecked)?;
+    let checked = check(action, record, changes, metadata, None, Syntax::Unchecked)?;
     Ok((checked, [Some(record), changes, Some(metadata)]))
 }
 
-/// Checks every part of a message; `metadata` is parsed once, for its syntax and its fields.
+/// Checks every part of a message; `metadata` is parsed once, for its syntax and its fields,
+/// unless `fields` already holds them (read in the pass that vouched for the message).
 fn check(
     action: &str,
     record: &str,
     changes: Option<&str>,
     metadata: &str,
+    fields: Option<MetadataWire>,
     syntax: Syntax,
 ) -> Result<Checked, DecodeError> {
     let action = Action::parse(action).ok_or_else(|| {
@@ -503,7 +527,11 @@ fn check(
             },
         );
     }
-    let meta = match metadata::read(metadata) {
+    let read = match fields {
+        Some(fields) => Ok(metadata::Read::Scanned(fields)),
+        None => metadata::read(metadata),
+    };
+    let meta = match read {
         Ok(metadata::Read::Scanned(meta)) => meta,
         Ok(metadata::Read::Parsed(meta)) => {
             check_depth("metadata", metadata)?;

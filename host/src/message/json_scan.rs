@@ -21,9 +21,20 @@ pub(super) fn is_shallow_object(text: &[u8]) -> bool {
 /// quotes, as written: escapes are not undone) and of its value (the value's whole text), in
 /// order.
 pub(super) fn scan_object(text: &[u8], field: impl FnMut(Range<usize>, Range<usize>)) -> bool {
+    scan_object_nested(text, field, |_, _, _| {})
+}
+
+/// As [`scan_object`], also calling `inner` for each field of a top-level field's value that is
+/// an object: with the range of that top-level field's key, then the inner field's key and
+/// value, in order. One pass then reads a message and its `metadata`.
+pub(super) fn scan_object_nested(
+    text: &[u8],
+    field: impl FnMut(Range<usize>, Range<usize>),
+    inner: impl FnMut(&Range<usize>, Range<usize>, Range<usize>),
+) -> bool {
     let mut scan = Scan { text, at: 0 };
     scan.skip_whitespace();
-    scan.peek() == Some(b'{') && scan.value(field) && {
+    scan.peek() == Some(b'{') && scan.value(field, inner) && {
         scan.skip_whitespace();
         scan.at == text.len()
     }
@@ -73,17 +84,25 @@ impl Scan<'_> {
     }
 
     /// Reads one value and everything nested in it, without recursion, reporting the fields of
-    /// the outermost object.
-    fn value(&mut self, mut field: impl FnMut(Range<usize>, Range<usize>)) -> bool {
+    /// the outermost object (`field`) and those of the objects that are its fields' values
+    /// (`inner`).
+    fn value(
+        &mut self,
+        mut field: impl FnMut(Range<usize>, Range<usize>),
+        mut inner: impl FnMut(&Range<usize>, Range<usize>, Range<usize>),
+    ) -> bool {
         let mut open = Open::default();
-        // The key of the top-level field being read, and where its value starts.
-        let mut key = 0..0;
-        let mut start = 0;
+        // The key of the top-level field being read, and where its value starts; the same for
+        // the field of that value being read, when the value is an object.
+        let (mut key, mut start) = (0..0, 0);
+        let (mut inner_key, mut inner_start) = (0..0, 0);
         loop {
             // A value starts here.
             self.skip_whitespace();
-            if open.depth == 1 {
-                start = self.at;
+            match open.depth {
+                1 => start = self.at,
+                2 => inner_start = self.at,
+                _ => {}
             }
             let Some(first) = self.peek() else {
                 return false;
@@ -102,7 +121,7 @@ impl Scan<'_> {
                         self.at += 1;
                         open.depth -= 1;
                     } else {
-                        if object && !self.field_key(open.depth, &mut key) {
+                        if object && !self.field_key(open.depth, &mut key, &mut inner_key) {
                             return false;
                         }
                         continue;
@@ -138,17 +157,20 @@ impl Scan<'_> {
             }
             // A value ended: a comma leads to the next one, a bracket closes its container.
             loop {
+                if open.depth == 0 {
+                    return true;
+                }
+                let in_object = open.in_object();
                 match open.depth {
-                    0 => return true,
                     1 => field(key.clone(), start..self.at),
+                    2 if in_object => inner(&key, inner_key.clone(), inner_start..self.at),
                     _ => {}
                 }
                 self.skip_whitespace();
-                let in_object = open.in_object();
                 match self.peek() {
                     Some(b',') => {
                         self.at += 1;
-                        if in_object && !self.field_key(open.depth, &mut key) {
+                        if in_object && !self.field_key(open.depth, &mut key, &mut inner_key) {
                             return false;
                         }
                         break;
@@ -165,13 +187,20 @@ impl Scan<'_> {
     }
 
     /// Reads the key of the next field of the object at `depth`, keeping its range in `key` when
-    /// that is the outermost object.
-    fn field_key(&mut self, depth: usize, key: &mut Range<usize>) -> bool {
+    /// that is the outermost object, in `inner` when it is the value of one of its fields.
+    fn field_key(
+        &mut self,
+        depth: usize,
+        key: &mut Range<usize>,
+        inner: &mut Range<usize>,
+    ) -> bool {
         let Some(read) = self.key() else {
             return false;
         };
-        if depth == 1 {
-            *key = read;
+        match depth {
+            1 => *key = read,
+            2 => *inner = read,
+            _ => {}
         }
         true
     }

@@ -56,35 +56,57 @@ const NAMES: [&str; 7] = [
 /// read differently: invalid or too deep, a key written with escapes, a field given twice, an
 /// escape in a value, a number that is not a plain `u64`, a missing field.
 pub(super) fn scanned(text: &str) -> Option<MetadataWire> {
-    let bytes = text.as_bytes();
-    let mut values: [Option<Range<usize>>; 7] = Default::default();
-    let mut unusual = false;
-    let valid = json_scan::scan_object(bytes, |key, value| {
-        let key = &bytes[key];
-        if key.contains(&b'\\') {
-            unusual = true;
-        } else if let Some(slot) = NAMES.iter().position(|name| name.as_bytes() == key) {
-            unusual |= values[slot].replace(value).is_some();
-        }
+    let mut gather = Gather::default();
+    let valid = json_scan::scan_object(text.as_bytes(), |key, value| {
+        gather.field(text, key, value);
     });
-    if !valid || unusual {
+    if !valid {
         return None;
     }
-    let [schema, table, timestamp, lsn, idx, key, pks] = values;
-    let string = |range: Option<Range<usize>>| plain_string(text.get(range?)?);
-    let number = |range: Option<Range<usize>>| match range {
-        None => Some(None),
-        Some(range) => plain_u64(text.get(range)?),
-    };
-    Some(MetadataWire {
-        table_schema: string(schema)?,
-        table_name: string(table)?,
-        commit_timestamp: string(timestamp)?,
-        commit_lsn: number(lsn)?,
-        commit_idx: number(idx)?,
-        idempotency_key: string(key)?,
-        record_pks: plain_strings(text.get(pks?)?)?,
-    })
+    gather.finish(text)
+}
+
+/// The fields' values, gathered field by field while some scan vouches for the object they are
+/// in (the metadata on its own, or the message around it).
+#[derive(Default)]
+pub(super) struct Gather {
+    values: [Option<Range<usize>>; 7],
+    unusual: bool,
+}
+
+impl Gather {
+    /// One field of the object, by the ranges of its key and value in `text`.
+    pub(super) fn field(&mut self, text: &str, key: Range<usize>, value: Range<usize>) {
+        let key = &text.as_bytes()[key];
+        if key.contains(&b'\\') {
+            self.unusual = true;
+        } else if let Some(slot) = NAMES.iter().position(|name| name.as_bytes() == key) {
+            self.unusual |= self.values[slot].replace(value).is_some();
+        }
+    }
+
+    /// The fields, read from `text` (where the ranges are), once a scan has vouched for the
+    /// whole object; `None` as for [`scanned`].
+    pub(super) fn finish(self, text: &str) -> Option<MetadataWire> {
+        if self.unusual {
+            return None;
+        }
+        let [schema, table, timestamp, lsn, idx, key, pks] = self.values;
+        let string = |range: Option<Range<usize>>| plain_string(text.get(range?)?);
+        let number = |range: Option<Range<usize>>| match range {
+            None => Some(None),
+            Some(range) => plain_u64(text.get(range)?),
+        };
+        Some(MetadataWire {
+            table_schema: string(schema)?,
+            table_name: string(table)?,
+            commit_timestamp: string(timestamp)?,
+            commit_lsn: number(lsn)?,
+            commit_idx: number(idx)?,
+            idempotency_key: string(key)?,
+            record_pks: plain_strings(text.get(pks?)?)?,
+        })
+    }
 }
 
 /// The contents of a JSON string without escapes (the scan has checked the rest).
