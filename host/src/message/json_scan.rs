@@ -426,6 +426,30 @@ mod tests {
     }
 
     #[test]
+    fn nested_fields_are_those_of_top_level_object_values() {
+        let text = r#"{"a":{"x":1,"y":[{"no":2}],"z":{"deeper":3}},"b":[{"no":4}],"c":5,"d":{}}"#;
+        let (mut top, mut inner) = (Vec::new(), Vec::new());
+        let vouched = scan_object_nested(
+            text.as_bytes(),
+            |key, value| top.push((&text[key], &text[value])),
+            |parent, key, value| inner.push((&text[parent.clone()], &text[key], &text[value])),
+        );
+        assert!(vouched);
+        assert_eq!(
+            top.iter().map(|(k, _)| *k).collect::<Vec<_>>(),
+            ["a", "b", "c", "d"]
+        );
+        assert_eq!(
+            inner,
+            [
+                ("a", "x", "1"),
+                ("a", "y", r#"[{"no":2}]"#),
+                ("a", "z", r#"{"deeper":3}"#),
+            ]
+        );
+    }
+
+    #[test]
     fn depth_is_counted_to_the_limit() {
         let nested = |depth: usize| format!("{}1{}", "{\"a\":".repeat(depth), "}".repeat(depth));
         check(&nested(MAX_DEPTH), true);
