@@ -21,7 +21,7 @@ pub(super) fn is_shallow_object(text: &[u8]) -> bool {
 /// quotes, as written: escapes are not undone) and of its value (the value's whole text), in
 /// order.
 pub(super) fn scan_object(text: &[u8], field: impl FnMut(Range<usize>, Range<usize>)) -> bool {
-    scan_object_nested(text, field, |_, _, _| {})
+    scan::<false>(text, field, |_, _, _| {})
 }
 
 /// As [`scan_object`], also calling `inner` for each field of a top-level field's value that is
@@ -32,9 +32,19 @@ pub(super) fn scan_object_nested(
     field: impl FnMut(Range<usize>, Range<usize>),
     inner: impl FnMut(&Range<usize>, Range<usize>, Range<usize>),
 ) -> bool {
+    scan::<true>(text, field, inner)
+}
+
+/// [`scan_object`] (`NESTED` false: the inner fields are not tracked at all, which the scans of
+/// stream entries' fields would pay for in vain) or [`scan_object_nested`].
+fn scan<const NESTED: bool>(
+    text: &[u8],
+    field: impl FnMut(Range<usize>, Range<usize>),
+    inner: impl FnMut(&Range<usize>, Range<usize>, Range<usize>),
+) -> bool {
     let mut scan = Scan { text, at: 0 };
     scan.skip_whitespace();
-    scan.peek() == Some(b'{') && scan.value(field, inner) && {
+    scan.peek() == Some(b'{') && scan.value::<NESTED>(field, inner) && {
         scan.skip_whitespace();
         scan.at == text.len()
     }
@@ -86,7 +96,7 @@ impl Scan<'_> {
     /// Reads one value and everything nested in it, without recursion, reporting the fields of
     /// the outermost object (`field`) and those of the objects that are its fields' values
     /// (`inner`).
-    fn value(
+    fn value<const NESTED: bool>(
         &mut self,
         mut field: impl FnMut(Range<usize>, Range<usize>),
         mut inner: impl FnMut(&Range<usize>, Range<usize>, Range<usize>),
@@ -101,7 +111,7 @@ impl Scan<'_> {
             self.skip_whitespace();
             match open.depth {
                 1 => start = self.at,
-                2 => inner_start = self.at,
+                2 if NESTED => inner_start = self.at,
                 _ => {}
             }
             let Some(first) = self.peek() else {
@@ -121,7 +131,8 @@ impl Scan<'_> {
                         self.at += 1;
                         open.depth -= 1;
                     } else {
-                        if object && !self.field_key(open.depth, &mut key, &mut inner_key) {
+                        if object && !self.field_key::<NESTED>(open.depth, &mut key, &mut inner_key)
+                        {
                             return false;
                         }
                         continue;
@@ -157,20 +168,22 @@ impl Scan<'_> {
             }
             // A value ended: a comma leads to the next one, a bracket closes its container.
             loop {
-                if open.depth == 0 {
-                    return true;
-                }
-                let in_object = open.in_object();
                 match open.depth {
+                    0 => return true,
                     1 => field(key.clone(), start..self.at),
-                    2 if in_object => inner(&key, inner_key.clone(), inner_start..self.at),
+                    2 if NESTED && open.in_object() => {
+                        inner(&key, inner_key.clone(), inner_start..self.at);
+                    }
                     _ => {}
                 }
                 self.skip_whitespace();
+                let in_object = open.in_object();
                 match self.peek() {
                     Some(b',') => {
                         self.at += 1;
-                        if in_object && !self.field_key(open.depth, &mut key, &mut inner_key) {
+                        if in_object
+                            && !self.field_key::<NESTED>(open.depth, &mut key, &mut inner_key)
+                        {
                             return false;
                         }
                         break;
@@ -188,7 +201,7 @@ impl Scan<'_> {
 
     /// Reads the key of the next field of the object at `depth`, keeping its range in `key` when
     /// that is the outermost object, in `inner` when it is the value of one of its fields.
-    fn field_key(
+    fn field_key<const NESTED: bool>(
         &mut self,
         depth: usize,
         key: &mut Range<usize>,
@@ -199,7 +212,7 @@ impl Scan<'_> {
         };
         match depth {
             1 => *key = read,
-            2 => *inner = read,
+            2 if NESTED => *inner = read,
             _ => {}
         }
         true
