@@ -4,7 +4,7 @@
 //! The brokers are the machine's own (`--nats-url`, `--amqp-url`, or `NATS_URL` / `AMQP_URL`);
 //! a scenario whose broker is not given is skipped.
 
-use crate::workload::{Entry, Workload};
+use crate::workload::Workload;
 use anyhow::Context as _;
 use futures_util::StreamExt as _;
 use std::io::{Read as _, Write as _};
@@ -22,15 +22,6 @@ pub(crate) enum Broker {
 const NATS_STREAM: &str = "KEEPWARM_BENCH";
 /// The RabbitMQ queue of the benchmark (deleted and declared again before each run).
 const AMQP_QUEUE: &str = "keepwarm-bench";
-
-/// The Sequin message of an entry, as the brokers' sinks send it.
-pub(crate) fn body(entry: &Entry) -> String {
-    let [record, changes, action, metadata] = &entry.fields;
-    format!(
-        r#"{{"record":{},"changes":{},"action":"{}","metadata":{}}}"#,
-        record.1, changes.1, action.1, metadata.1
-    )
-}
 
 /// The `[[source]]` table of keepwarm for `broker` at `url`.
 pub(crate) fn source_table(broker: Broker, url: &str) -> String {
@@ -78,7 +69,7 @@ async fn preload_nats(url: &str, workload: &Workload, n: u64) -> anyhow::Result<
         let mut headers = async_nats::HeaderMap::new();
         headers.insert("Nats-Msg-Id", format!("bench-{i}").as_str());
         client
-            .publish_with_headers(subject, headers, body(&entry).into())
+            .publish_with_headers(subject, headers, entry.to_json().into())
             .await?;
     }
     client.flush().await?;
@@ -134,7 +125,7 @@ async fn preload_rabbitmq(url: &str, workload: &Workload, n: u64) -> anyhow::Res
                         "".into(),
                         AMQP_QUEUE.into(),
                         BasicPublishOptions::default(),
-                        body(&entry).as_bytes(),
+                        entry.to_json().as_bytes(),
                         properties,
                     )
                     .await?,

@@ -29,11 +29,7 @@ pub(crate) const PARTITIONS: i32 = 3;
 /// Entry `i` of the workload as Sequin's Kafka sink writes it: `(key, value, partition)`.
 fn record(w: &Workload, i: u64) -> (String, String, i32) {
     let entry = w.entry(i);
-    let [record, changes, action, metadata] = &entry.fields;
-    let value = format!(
-        r#"{{"record":{},"changes":{},"action":"{}","metadata":{}}}"#,
-        record.1, changes.1, action.1, metadata.1
-    );
+    let value = entry.to_json();
     #[allow(
         clippy::cast_possible_truncation,
         reason = "the remainder is below PARTITIONS"

@@ -3,6 +3,7 @@
 //! a Kafka broker is given. See `docs/bench.md`.
 
 mod brokers;
+mod decode_cost;
 mod goals;
 mod kafka;
 mod native;
@@ -447,6 +448,21 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
+    let decode = if args
+        .only
+        .as_deref()
+        .is_none_or(|o| o.split(',').any(|n| n == "decode"))
+    {
+        eprintln!("== decode: the workload's messages, in process");
+        let workload = Workload {
+            seed: args.seed,
+            rows: args.rows,
+        };
+        let messages = if args.quick { 2_000 } else { 200_000 };
+        tokio::task::spawn_blocking(move || decode_cost::measure(&workload, messages)).await??
+    } else {
+        Vec::new()
+    };
     let plugin_loads = if args
         .only
         .as_deref()
@@ -467,6 +483,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     };
     print_table(&throughput, &latency);
     plugin_cost::print(&plugin_calls);
+    decode_cost::print(&decode);
     postgres::print(pg.as_ref());
     plugin_load::print(&plugin_loads);
     let out = args
@@ -484,6 +501,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
         "throughput": throughput,
         "latency": latency,
         "plugin_calls": plugin_calls,
+        "decode": decode,
         "postgres": pg,
         "plugin_load": plugin_loads,
         "ratios": ratios,

@@ -15,6 +15,17 @@ pub(crate) struct Entry {
     pub(crate) fields: [(&'static str, String); 4],
 }
 
+impl Entry {
+    /// The Sequin message as one JSON object, as the Kafka, NATS and RabbitMQ sinks send it.
+    pub(crate) fn to_json(&self) -> String {
+        let [record, changes, action, metadata] = &self.fields;
+        format!(
+            r#"{{"record":{},"changes":{},"action":"{}","metadata":{}}}"#,
+            record.1, changes.1, action.1, metadata.1
+        )
+    }
+}
+
 /// A seeded generator: entry `i` is the same on every run with the same seed.
 pub(crate) struct Workload {
     /// The seed.
