@@ -1,6 +1,7 @@
 //! One pass over a field's text that vouches for it: one JSON object, valid as serde_json reads
 //! it, nested at most [`MAX_DEPTH`] deep; on the way it hands out where each top-level field's
-//! key and value are.
+//! key and value are, and, when asked, those of the fields of each top-level value that is an
+//! object (a message's `metadata`, read in the message's pass).
 //!
 //! It only ever says "surely fine". Whatever it cannot vouch for (invalid JSON, another value,
 //! deeper nesting) goes to the exact checks in `message.rs`, which decide and word the error, so

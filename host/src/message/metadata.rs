@@ -1,9 +1,11 @@
 //! The fields of `metadata` that keepwarm reads.
 //!
 //! Sequin's metadata is about 500 bytes of which keepwarm needs seven plain fields. The usual
-//! metadata (no escapes in those fields, each once) is read in the one pass of [`json_scan`]
-//! that also checks its syntax and depth; anything else is read by serde_json, which decides
-//! and words the error. Both give the same fields for the same text (`metadata_fields_*` tests).
+//! metadata (no escapes in those fields, each once) is read in one pass of [`json_scan`] that
+//! also checks its syntax and depth: its own ([`scanned`], a stream entry's field), or that of
+//! the message object around it ([`Gather`], fed by the message's pass). Anything else is read
+//! by serde_json, which decides and words the error. Both give the same fields for the same text
+//! (`metadata_fields_*` tests, and the decoder's property tests).
 
 use super::json_scan;
 use serde::Deserialize;
