@@ -30,15 +30,7 @@ pub(crate) struct DecodeCost {
 pub(crate) fn measure(workload: &Workload, messages: u64) -> anyhow::Result<Vec<DecodeCost>> {
     let entries: Vec<Entry> = (0..messages).map(|i| workload.entry(i)).collect();
     let objects: Vec<String> = entries.iter().map(Entry::to_json).collect();
-    let stream = |entry: &Entry| {
-        ChangeMessage::from_stream_fields(|name| {
-            entry
-                .fields
-                .iter()
-                .find(|(k, _)| *k == name)
-                .map(|(_, v)| v.as_bytes())
-        })
-    };
+    let stream = |entry: &Entry| ChangeMessage::from_stream_fields(|name| entry.field(name));
     let field_bytes = |e: &Entry| e.fields.iter().map(|(k, v)| k.len() + v.len()).sum();
     Ok(vec![
         best_of_three("stream fields", &entries, field_bytes, stream)?,

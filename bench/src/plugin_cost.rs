@@ -112,13 +112,7 @@ fn message(workload: &Workload, table: Table, i: u64) -> anyhow::Result<ChangeMe
     let decoded = match table {
         Table::Orders => {
             let entry = workload.entry(i);
-            ChangeMessage::from_stream_fields(|name| {
-                entry
-                    .fields
-                    .iter()
-                    .find(|(k, _)| *k == name)
-                    .map(|(_, v)| v.as_bytes())
-            })
+            ChangeMessage::from_stream_fields(|name| entry.field(name))
         }
         Table::Products => ChangeMessage::from_json(&product(workload, i)),
     };

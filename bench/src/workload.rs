@@ -16,6 +16,14 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
+    /// The value of the field `name`, as `ChangeMessage::from_stream_fields` asks for it.
+    pub(crate) fn field(&self, name: &str) -> Option<&[u8]> {
+        self.fields
+            .iter()
+            .find(|(k, _)| *k == name)
+            .map(|(_, v)| v.as_bytes())
+    }
+
     /// The Sequin message as one JSON object, as the Kafka, NATS and RabbitMQ sinks send it.
     pub(crate) fn to_json(&self) -> String {
         let [record, changes, action, metadata] = &self.fields;
