@@ -373,10 +373,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
                 memcached: true,
                 ..
             }
-        ) && args
-            .only
-            .as_deref()
-            .is_none_or(|o| o.split(',').any(|n| n == s.name))
+        ) && args.wants(s.name)
     }) {
         match start_memcached() {
             Ok(started) => memcached = Some(started),
@@ -429,11 +426,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     }
     let (throughput, latency) = result?;
     let pg = pg?;
-    let plugin_calls = if args
-        .only
-        .as_deref()
-        .is_none_or(|o| o.split(',').any(|n| n == "plugin-calls"))
-    {
+    let plugin_calls = if args.wants("plugin-calls") {
         eprintln!("== plugin calls: the example plugins, in process");
         let (plugins, cache) = (env.plugins.clone(), scratch.join("plugin-cache"));
         let workload = Workload {
@@ -448,11 +441,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let decode = if args
-        .only
-        .as_deref()
-        .is_none_or(|o| o.split(',').any(|n| n == "decode"))
-    {
+    let decode = if args.wants("decode") {
         eprintln!("== decode: the workload's messages, in process");
         let workload = Workload {
             seed: args.seed,
@@ -463,11 +452,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
     } else {
         Vec::new()
     };
-    let plugin_loads = if args
-        .only
-        .as_deref()
-        .is_none_or(|o| o.split(',').any(|n| n == "plugin-load"))
-    {
+    let plugin_loads = if args.wants("plugin-load") {
         let (keepwarm, plugins, scratch) = (
             env.keepwarm.clone(),
             env.plugins.clone(),
@@ -513,20 +498,18 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
 }
 
 async fn run_all(env: &Env, args: &RunArgs) -> anyhow::Result<(Vec<Throughput>, Vec<Latency>)> {
-    let only: Option<Vec<&str>> = args.only.as_deref().map(|s| s.split(',').collect());
-    let wanted = |name: &str| only.as_ref().is_none_or(|o| o.contains(&name));
     let mut conn = connect(&env.url).await?;
     let (mut throughput, mut latency) = (Vec::new(), Vec::new());
     for round in 1..=args.rounds {
         if args.rounds > 1 {
             eprintln!("== round {round} of {}", args.rounds);
         }
-        let results = throughput_round(env, args, &mut conn, &wanted).await?;
+        let results = throughput_round(env, args, &mut conn).await?;
         for (name, kind) in [
             ("keepwarm-plain", SCENARIOS[0].kind),
             ("native-rust", Kind::Native),
         ] {
-            if !wanted(&format!("latency:{name}")) && only.is_some() {
+            if !args.wants(&format!("latency:{name}")) {
                 continue;
             }
             let Some(max) = results.iter().find(|t| t.name == name) else {
@@ -553,11 +536,10 @@ async fn throughput_round(
     env: &Env,
     args: &RunArgs,
     conn: &mut MultiplexedConnection,
-    wanted: &impl Fn(&str) -> bool,
 ) -> anyhow::Result<Vec<Throughput>> {
     let mut throughput = Vec::new();
     for scenario in &SCENARIOS {
-        if !wanted(scenario.name) || (scenario.kind == Kind::Python && args.no_python) {
+        if !args.wants(scenario.name) || (scenario.kind == Kind::Python && args.no_python) {
             continue;
         }
         if scenario.kind.is_kafka() {
@@ -605,7 +587,7 @@ async fn throughput_round(
             &env.amqp_url,
         ),
     ] {
-        if !wanted(name) {
+        if !args.wants(name) {
             continue;
         }
         let Some(url) = url else {
@@ -628,6 +610,15 @@ async fn throughput_round(
         throughput.push(result);
     }
     Ok(throughput)
+}
+
+impl RunArgs {
+    /// Whether `--only` selects the scenario `name` (every scenario without it).
+    fn wants(&self, name: &str) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|n| n == name))
+    }
 }
 
 /// The `[pipeline]` table for keepwarm's configuration, empty for the defaults.

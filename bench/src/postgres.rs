@@ -77,12 +77,10 @@ const SLOT: &str = "keepwarm_bench";
 
 /// Runs the scenarios `--only` selects (both by default); `None` when it selects neither.
 pub(crate) async fn run(env: &Env, args: &RunArgs) -> anyhow::Result<Option<Report>> {
-    let wanted = |name: &str| {
-        args.only
-            .as_deref()
-            .is_none_or(|o| o.split(',').any(|n| n == name))
-    };
-    let (streaming, backfilling) = (wanted("keepwarm-postgres"), wanted("postgres-backfill"));
+    let (streaming, backfilling) = (
+        args.wants("keepwarm-postgres"),
+        args.wants("postgres-backfill"),
+    );
     if !streaming && !backfilling {
         return Ok(None);
     }
