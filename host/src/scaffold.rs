@@ -74,6 +74,7 @@ const COMMON: &[Template] = &[
 
 const RUST: &[Template] = &[
     template!("Cargo.toml", "rust/Cargo.toml.tmpl"),
+    template!(".cargo/config.toml", "rust/cargo-config.toml.tmpl"),
     template!("src/lib.rs", "rust/src/lib.rs.tmpl"),
     template!("build.sh", "rust/build.sh.tmpl", true),
     template!("README.md", "rust/README.md.tmpl"),
