@@ -322,4 +322,26 @@ mod tests {
         assert!(error.ends_with("exists and is not empty"), "{error}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn a_rust_project_is_set_up_for_a_fast_component() {
+        let dir = std::env::temp_dir().join(format!("kw-scaffold-rust-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let new = NewPlugin {
+            lang: Lang::Rust,
+            name: "row-keeper".to_owned(),
+            dir: dir.clone(),
+            sdk: default_sdk().expect("built from a keepwarm tree"),
+            keepwarm: PathBuf::from("/usr/local/bin/keepwarm"),
+        };
+        create(&new).unwrap();
+        let cargo = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
+        assert!(cargo.contains("opt-level = 3"), "{cargo}");
+        let config = std::fs::read_to_string(dir.join(".cargo/config.toml")).unwrap();
+        assert!(
+            config.contains("[target.wasm32-wasip2]") && config.contains("+simd128"),
+            "{config}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

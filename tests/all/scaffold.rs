@@ -4,9 +4,10 @@
 use crate::util::*;
 use std::process::Command;
 
-/// Creates a project with `keepwarm new` and runs its `test.sh` (build, then `keepwarm test`
-/// over the sample fixtures against the expected answer).
-fn new_project_passes_its_sample_test(lang: &str) {
+/// Creates a project with `keepwarm new`, checks that it wrote `files` (beside the manifest and
+/// `test.sh`), and runs its `test.sh` (build, then `keepwarm test` over the sample fixtures
+/// against the expected answer).
+fn new_project_passes_its_sample_test(lang: &str, files: &[&str]) {
     let _heavy = heavy_test();
     let dir = TempDir::new("kw-new");
     let project = dir.path().join("sample-cache");
@@ -25,6 +26,9 @@ fn new_project_passes_its_sample_test(lang: &str) {
         out.contains("manifest.toml") && out.contains("test.sh"),
         "{out}"
     );
+    for file in files {
+        assert!(out.contains(file), "{file} not written: {out}");
+    }
     let output = Command::new(project.join("test.sh"))
         // A Rust project compiles its dependencies for wasm32 once; later runs reuse them.
         .env("CARGO_TARGET_DIR", target_dir().join("scaffold-rust"))
@@ -46,17 +50,18 @@ fn new_project_passes_its_sample_test(lang: &str) {
 
 #[test]
 fn a_new_rust_plugin_builds_and_passes_its_sample_test() {
-    new_project_passes_its_sample_test("rust");
+    // The build settings that make a fast component: opt-level 3 and WebAssembly SIMD.
+    new_project_passes_its_sample_test("rust", &["Cargo.toml", ".cargo/config.toml"]);
 }
 
 #[test]
 fn a_new_javascript_plugin_builds_and_passes_its_sample_test() {
-    new_project_passes_its_sample_test("js");
+    new_project_passes_its_sample_test("js", &["package.json"]);
 }
 
 #[test]
 fn a_new_python_plugin_builds_and_passes_its_sample_test() {
-    new_project_passes_its_sample_test("python");
+    new_project_passes_its_sample_test("python", &["pyproject.toml"]);
 }
 
 #[test]
