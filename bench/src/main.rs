@@ -134,6 +134,11 @@ struct RunArgs {
     /// `keepwarm-bench` is replaced.
     #[arg(long)]
     amqp_url: Option<String>,
+    /// Stop each consumer with SIGTERM and wait for it to exit (not SIGKILL), so that a
+    /// profiler wrapped around it (`valgrind --tool=callgrind --trace-children=yes`) writes its
+    /// output (docs/bench.md, round 13).
+    #[arg(long)]
+    graceful_stop: bool,
     #[command(flatten)]
     pg: postgres::PgArgs,
 }
@@ -304,6 +309,8 @@ struct Env {
     workload: Workload,
     /// Kafka brokers, for the Kafka scenarios.
     kafka: Option<String>,
+    /// `--graceful-stop`.
+    graceful_stop: bool,
 }
 
 async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
@@ -408,6 +415,7 @@ async fn bench(mut args: RunArgs) -> anyhow::Result<()> {
             .kafka_brokers
             .clone()
             .or_else(|| std::env::var("KAFKA_BROKERS").ok()),
+        graceful_stop: args.graceful_stop,
     };
     if env.kafka.is_none() {
         eprintln!(
@@ -946,7 +954,7 @@ async fn measure_broker(
         }
     }
     .await;
-    stop(child);
+    stop(env, child);
     result
 }
 
@@ -1026,7 +1034,17 @@ fn python_worker() -> PathBuf {
     ))
 }
 
-fn stop(mut child: Child) {
+/// Stops a consumer: SIGKILL, or with `--graceful-stop` SIGTERM and a wait for it to exit.
+fn stop(env: &Env, mut child: Child) {
+    if env.graceful_stop {
+        let terminated = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        if terminated.is_ok_and(|status| status.success()) {
+            let _ = child.wait();
+            return;
+        }
+    }
     let _ = child.kill();
     let _ = child.wait();
 }
@@ -1082,7 +1100,7 @@ async fn measure(
         }
     }
     .await;
-    stop(child);
+    stop(env, child);
     result
 }
 
@@ -1139,7 +1157,7 @@ async fn measure_kafka(
         }
     }
     .await;
-    stop(child);
+    stop(env, child);
     progress.forget();
     result
 }
@@ -1260,7 +1278,7 @@ async fn paced(
         anyhow::Ok(sent)
     }
     .await;
-    stop(child);
+    stop(env, child);
     stop_flag.store(true, std::sync::atomic::Ordering::Relaxed);
     listener
         .join()

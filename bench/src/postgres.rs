@@ -211,7 +211,7 @@ async fn stream_steps(
         anyhow::Ok(())
     }
     .await;
-    stop(child);
+    stop(env, child);
     listener.stop()?;
     result
 }
