@@ -134,9 +134,9 @@ struct RunArgs {
     /// `keepwarm-bench` is replaced.
     #[arg(long)]
     amqp_url: Option<String>,
-    /// Stop each consumer with SIGTERM and wait for it to exit (not SIGKILL), so that a
-    /// profiler wrapped around it (`valgrind --tool=callgrind --trace-children=yes`) writes its
-    /// output (docs/bench.md, round 13).
+    /// Stop each consumer with SIGTERM and wait (up to ten minutes) for it to exit, not with
+    /// SIGKILL, so that a profiler wrapped around it (`valgrind --tool=callgrind
+    /// --trace-children=yes`) writes its output (docs/bench.md, round 13).
     #[arg(long)]
     graceful_stop: bool,
     #[command(flatten)]
@@ -1027,6 +1027,10 @@ impl Mark {
     }
 }
 
+/// How long `--graceful-stop` waits for a consumer to exit: long enough for one under callgrind
+/// to finish its shutdown and write its counts.
+const GRACE: Duration = Duration::from_secs(600);
+
 fn python_worker() -> PathBuf {
     PathBuf::from(concat!(
         env!("CARGO_MANIFEST_DIR"),
@@ -1034,15 +1038,22 @@ fn python_worker() -> PathBuf {
     ))
 }
 
-/// Stops a consumer: SIGKILL, or with `--graceful-stop` SIGTERM and a wait for it to exit.
+/// Stops a consumer: SIGKILL, or with `--graceful-stop` SIGTERM and up to [`GRACE`] for it to
+/// exit (then SIGKILL).
 fn stop(env: &Env, mut child: Child) {
     if env.graceful_stop {
         let terminated = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
         if terminated.is_ok_and(|status| status.success()) {
-            let _ = child.wait();
-            return;
+            let deadline = Instant::now() + GRACE;
+            while Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            eprintln!("note: a consumer did not exit within {GRACE:?} of SIGTERM; killed");
         }
     }
     let _ = child.kill();

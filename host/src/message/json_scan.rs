@@ -395,8 +395,9 @@ impl Scan<'_> {
 }
 
 /// The bytes of `block` that end a run of plain string bytes (a quote, a backslash or a control
-/// character), as the bits of a mask: bit `i` for byte `i`. Half the instructions per byte of
-/// [`string_stops`] on long strings, and no more on short ones (docs/bench.md, round 13).
+/// character), as the bits of a mask: bit `i` for byte `i`. Under half the instructions per
+/// byte of [`string_stops`] on long strings, and no more on short ones (docs/bench.md,
+/// round 13).
 #[cfg(target_arch = "x86_64")]
 #[expect(
     unsafe_code,
