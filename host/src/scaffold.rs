@@ -297,18 +297,23 @@ mod tests {
         }
     }
 
+    /// A project named `name` in `lang`, to be written to an empty directory of its own.
+    fn new_plugin(lang: Lang, name: &str) -> NewPlugin {
+        let dir = std::env::temp_dir().join(format!("kw-scaffold-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        NewPlugin {
+            lang,
+            name: name.to_owned(),
+            dir,
+            sdk: default_sdk().expect("built from a keepwarm tree"),
+            keepwarm: PathBuf::from("/usr/local/bin/keepwarm"),
+        }
+    }
+
     #[test]
     fn a_project_is_written_with_its_values() {
-        let dir = std::env::temp_dir().join(format!("kw-scaffold-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let sdk = default_sdk().expect("built from a keepwarm tree");
-        let new = NewPlugin {
-            lang: Lang::Python,
-            name: "price-watch".to_owned(),
-            dir: dir.clone(),
-            sdk: sdk.clone(),
-            keepwarm: PathBuf::from("/usr/local/bin/keepwarm"),
-        };
+        let new = new_plugin(Lang::Python, "price-watch");
+        let (dir, sdk) = (&new.dir, &new.sdk);
         let written = create(&new).unwrap();
         assert!(written.contains(&PathBuf::from("price_watch.py")));
         let build = std::fs::read_to_string(dir.join("build.sh")).unwrap();
@@ -320,20 +325,13 @@ mod tests {
         assert!(test.contains("${KEEPWARM:-/usr/local/bin/keepwarm}"));
         let error = create(&new).unwrap_err().to_string();
         assert!(error.ends_with("exists and is not empty"), "{error}");
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_rust_project_is_set_up_for_a_fast_component() {
-        let dir = std::env::temp_dir().join(format!("kw-scaffold-rust-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let new = NewPlugin {
-            lang: Lang::Rust,
-            name: "row-keeper".to_owned(),
-            dir: dir.clone(),
-            sdk: default_sdk().expect("built from a keepwarm tree"),
-            keepwarm: PathBuf::from("/usr/local/bin/keepwarm"),
-        };
+        let new = new_plugin(Lang::Rust, "row-keeper");
+        let dir = &new.dir;
         create(&new).unwrap();
         let cargo = std::fs::read_to_string(dir.join("Cargo.toml")).unwrap();
         assert!(cargo.contains("opt-level = 3"), "{cargo}");
@@ -342,6 +340,6 @@ mod tests {
             config.contains("[target.wasm32-wasip2]") && config.contains("+simd128"),
             "{config}"
         );
-        std::fs::remove_dir_all(&dir).unwrap();
+        std::fs::remove_dir_all(dir).unwrap();
     }
 }
