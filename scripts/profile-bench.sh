@@ -13,6 +13,10 @@
 #   scripts/profile-bench.sh 22000 /tmp/k22k keepwarm-kafka,native-kafka
 #   callgrind_annotate --inclusive=yes /tmp/k22k/<pid>.cg | head -60
 #
+# With VALGRIND_OPTS=--separate-threads=yes each thread gets its own `<pid>.cg-NN` (which thread
+# does what: the poll thread, the plugin calls, the tokio workers, librdkafka's); the totals
+# printed are then the sums over a consumer's threads.
+#
 # BENCH (default: $CARGO_TARGET_DIR/release/keepwarm-bench) and PLUGINS (default:
 # $CARGO_TARGET_DIR/plugins) choose the builds; the bench runs the keepwarm beside it.
 set -euo pipefail
@@ -28,17 +32,21 @@ plugins="${PLUGINS:-$target/plugins}"
 . scripts/lib/kafka.sh
 start_kafka
 mkdir -p "$out"
-rm -f "$out"/*.cg
+# `*.cg-NN` are the per-thread files of `VALGRIND_OPTS=--separate-threads=yes`.
+rm -f "$out"/*.cg "$out"/*.cg-*
 valgrind --tool=callgrind --trace-children=yes \
     --trace-children-skip='*redis-server*,*redis-cli*,*python*,*memcached*,*/kill,*/git' \
     "--callgrind-out-file=$out/%p.cg" \
     "$bench" --plugins "$plugins" --kafka-brokers "$KAFKA_BROKERS" --messages "$n" --no-python \
     --graceful-stop --only "$only" >"$out/bench.log" 2>&1
-for file in "$out"/*.cg; do
-    command=$(sed -n 's/^cmd: *//p' "$file" | head -n 1)
+# One line per consumer; with --separate-threads=yes, the sum of its threads' files.
+for file in $(ls "$out" | sed -n 's/^\([0-9]*\)\.cg.*/\1/p' | sort -u); do
+    file="$out/$file.cg"
+    command=$(cat "$file"* | sed -n 's/^cmd: *//p' | head -n 1)
     case "$command" in
     *" run --config "* | *native-*worker*) ;;
     *) continue ;;
     esac
-    printf '%s  %s  %s\n' "$(sed -n 's/^summary: //p' "$file")" "$file" "${command:0:100}"
+    total=$(cat "$file"* | sed -n 's/^summary: //p' | awk '{ s += $1 } END { print s }')
+    printf '%s  %s  %s\n' "$total" "$file" "${command:0:100}"
 done
