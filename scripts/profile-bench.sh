@@ -40,8 +40,8 @@ valgrind --tool=callgrind --trace-children=yes \
     "$bench" --plugins "$plugins" --kafka-brokers "$KAFKA_BROKERS" --messages "$n" --no-python \
     --graceful-stop --only "$only" >"$out/bench.log" 2>&1
 # One line per consumer; with --separate-threads=yes, the sum of its threads' files.
-for file in $(ls "$out" | sed -n 's/^\([0-9]*\)\.cg.*/\1/p' | sort -u); do
-    file="$out/$file.cg"
+for pid in $(ls "$out" | sed -n 's/^\([0-9]*\)\.cg.*/\1/p' | sort -u); do
+    file="$out/$pid.cg"
     command=$(cat "$file"* | sed -n 's/^cmd: *//p' | head -n 1)
     case "$command" in
     *" run --config "* | *native-*worker*) ;;
