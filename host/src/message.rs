@@ -117,11 +117,14 @@ impl JsonObject {
     /// Wraps text that [`check_object`] accepted, moving it rather than copying when it has no
     /// surrounding whitespace (the usual case).
     fn checked(text: String) -> JsonObject {
-        let trimmed = text.trim();
-        if trimmed.len() == text.len() {
-            JsonObject(text.into_boxed_str())
+        // Only JSON's whitespace can surround a valid object, and it is ASCII: a look at the
+        // first and last bytes does what `str::trim` does there while decoding characters.
+        let space = |b: &u8| matches!(b, b' ' | b'\n' | b'\t' | b'\r');
+        let bytes = text.as_bytes();
+        if bytes.first().is_some_and(space) || bytes.last().is_some_and(space) {
+            JsonObject(text.trim_matches([' ', '\n', '\t', '\r']).into())
         } else {
-            JsonObject(trimmed.into())
+            JsonObject(text.into_boxed_str())
         }
     }
 }
