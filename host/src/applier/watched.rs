@@ -59,6 +59,13 @@ pub(super) struct Watched {
 /// A map keyed by companion, with the fast hasher of the pipeline's maps.
 type ByCompanion<'a, V> = HashMap<&'a str, V, foldhash::fast::RandomState>;
 
+/// A map sized for `n` companions. Grown from empty, the maps of a batch rehashed each key
+/// about twice (hashing its companion's name again each time): about 400 instructions per
+/// message (docs/bench.md, round 15).
+fn sized<'a, V>(n: usize) -> ByCompanion<'a, V> {
+    HashMap::with_capacity_and_hasher(n, foldhash::fast::RandomState::default())
+}
+
 /// What a companion holds, as a transaction reads it.
 #[derive(Debug, PartialEq)]
 enum Held {
@@ -216,9 +223,10 @@ impl Watched {
         conn: &mut MultiplexedConnection,
         chunk: &[&Candidate<'_>],
     ) -> Result<Ended, ApplyError> {
-        // What each companion holds as the transaction goes, and the companions in order.
-        let mut held: ByCompanion<'_, Held> = HashMap::default();
-        let mut companions: Vec<&str> = Vec::new();
+        // What each companion holds as the transaction goes, and the companions in order. Sized
+        // for a companion per message, the usual case (see `sized`).
+        let mut held: ByCompanion<'_, Held> = sized(chunk.len());
+        let mut companions: Vec<&str> = Vec::with_capacity(chunk.len());
         for candidate in chunk {
             for (_, vkey) in &candidate.ops {
                 if let Entry::Vacant(entry) = held.entry(vkey.as_str()) {
@@ -285,8 +293,8 @@ impl Watched {
                 }
             }
         }
-        let mut writes = Writes::default();
-        let mut applied = Vec::new();
+        let mut writes = Writes::with_capacity(chunk.len());
+        let mut applied = Vec::with_capacity(chunk.len());
         for candidate in chunk {
             if candidate
                 .ops
@@ -420,7 +428,7 @@ impl Watched {
 /// each other), otherwise in the chunk being filled.
 fn chunks<'c, 'a>(candidates: &'c [Candidate<'a>]) -> Vec<Vec<&'c Candidate<'a>>> {
     let mut chunks: Vec<(Vec<&Candidate<'a>>, usize)> = Vec::new();
-    let mut owner: ByCompanion<'c, usize> = HashMap::default();
+    let mut owner: ByCompanion<'c, usize> = sized(candidates.len());
     for candidate in candidates {
         let home = candidate
             .ops
@@ -476,6 +484,14 @@ type Write<'a> = (&'a str, Option<&'a [u8]>, Stamp<'a>);
 type Stamp<'a> = Option<(&'a str, &'a str)>;
 
 impl<'a> Writes<'a> {
+    /// Room for `n` keys' writes.
+    fn with_capacity(n: usize) -> Writes<'a> {
+        Writes {
+            last: Vec::with_capacity(n),
+            at: sized(n),
+        }
+    }
+
     fn set(&mut self, key: &'a str, value: &'a [u8], version: Stamp<'a>) {
         self.put(key, Some(value), version);
     }
