@@ -241,16 +241,17 @@ impl<'a> Parts<'a> {
             text.as_bytes(),
             |key, value| {
                 let (key, value) = (&text[key], &text[value]);
-                if key.contains('\\') {
-                    exact = false;
-                    return;
-                }
                 let (slot, part) = match key {
                     "record" => (0, &mut parts.record),
                     "changes" => (1, &mut parts.changes),
                     "action" => (2, &mut parts.action),
                     "metadata" => (3, &mut parts.metadata),
-                    _ => return,
+                    // A key written with escapes may spell one of these; only with `\uXXXX`
+                    // escapes, so in at least eleven bytes (see `metadata::Gather::field`).
+                    _ => {
+                        exact &= key.len() < 6 + 5 || !key.as_bytes().contains(&b'\\');
+                        return;
+                    }
                 };
                 // serde_json refuses a field given twice.
                 exact &= !std::mem::replace(&mut seen[slot], true);

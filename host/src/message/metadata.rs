@@ -57,6 +57,10 @@ pub(super) fn scanned(text: &str) -> Option<MetadataWire> {
     gather.finish(text)
 }
 
+/// The fewest bytes a key spelling one of the fields' names with escapes takes: the shortest
+/// name (ten letters) with one of them as `\uXXXX`.
+const SHORTEST_ESCAPED_NAME: usize = 10 + 5;
+
 /// The fields' values, gathered field by field while some scan vouches for the object they are
 /// in (the metadata on its own, or the message around it).
 #[derive(Default)]
@@ -81,9 +85,14 @@ impl Gather {
             12 if key == b"table_schema" => 0,
             15 if key == b"idempotency_key" => 5,
             16 if key == b"commit_timestamp" => 2,
-            // A key written with escapes may spell one of the names.
+            // A key written with escapes may spell one of the names, but only with `\uXXXX`
+            // escapes (the others stand for characters no name has): at least five bytes
+            // longer than the shortest name. A shorter key is none of them, escaped or not,
+            // and serde_json skips it too.
             _ => {
-                self.unusual |= key.contains(&b'\\');
+                if key.len() >= SHORTEST_ESCAPED_NAME {
+                    self.unusual |= key.contains(&b'\\');
+                }
                 return;
             }
         };
@@ -206,6 +215,17 @@ mod tests {
         assert_eq!(fields.record_pks, ["ams-1", "SKU,42"]);
         let max = SEQUIN.replace("1243361160", &u64::MAX.to_string());
         assert_eq!(scan(&max).unwrap().commit_lsn, Some(u64::MAX));
+        // Keys too short to spell a name with escapes are skipped, escaped or not; longer
+        // ones with escapes are left to serde_json.
+        for (to, deferred) in [
+            (r"db\n", false),
+            (r"c\u006fnsumer", false),
+            (r"ab\u005fcdefgh", false),
+            (r"abc\u005fcdefgh", true),
+        ] {
+            let text = SEQUIN.replace("database_name", to);
+            assert_eq!(scan(&text).is_none(), deferred, "{text}");
+        }
         assert_eq!(
             scan(&SEQUIN.replace(r#"["1001"]"#, "[]"))
                 .unwrap()

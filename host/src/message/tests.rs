@@ -342,6 +342,11 @@ fn the_one_pass_read_of_a_message_agrees_with_serde_json_at_its_edges() {
             r#""action":"insert","action":"update""#,
         ),
         line.replace(r#""action":"insert""#, r#""act\u0069on":"insert""#),
+        line.replace(
+            r#""action":"insert""#,
+            r#""action":"insert","rec\u006frd":{}"#,
+        ),
+        line.replace(r#""action":"insert""#, r#""a\nb":1,"action":"insert""#),
         line.replace(r#""action":"insert""#, r#""action":"ins\u0065rt""#),
         line.replace(r#""action":"insert""#, r#""action":7"#),
         line.replace(r#""action":"insert""#, r#""action":null"#),
@@ -362,6 +367,9 @@ fn the_one_pass_read_of_a_message_agrees_with_serde_json_at_its_edges() {
             "{text}"
         );
     }
+    // A key too short to spell a part's name with escapes does not stop the one pass.
+    let short = line.replace(r#""action":"insert""#, r#""a\nb":1,"action":"insert""#);
+    assert!(Parts::scanned(&short).is_some());
     // Both verdicts occur: the edges are where they change.
     assert!(cases.iter().any(|t| ChangeMessage::from_json(t).is_ok()));
     assert!(cases.iter().any(|t| ChangeMessage::from_json(t).is_err()));
