@@ -119,10 +119,13 @@ impl JsonObject {
     fn checked(text: String) -> JsonObject {
         // Only JSON's whitespace can surround a valid object, and it is ASCII: a look at the
         // first and last bytes does what `str::trim` does there while decoding characters.
-        let space = |b: &u8| matches!(b, b' ' | b'\n' | b'\t' | b'\r');
+        let space = |b: &u8| json_scan::is_whitespace(*b);
         let bytes = text.as_bytes();
         if bytes.first().is_some_and(space) || bytes.last().is_some_and(space) {
-            JsonObject(text.trim_matches([' ', '\n', '\t', '\r']).into())
+            JsonObject(
+                text.trim_matches(|c: char| c.is_ascii() && json_scan::is_whitespace(c as u8))
+                    .into(),
+            )
         } else {
             JsonObject(text.into_boxed_str())
         }
@@ -246,10 +249,9 @@ impl<'a> Parts<'a> {
                     "changes" => (1, &mut parts.changes),
                     "action" => (2, &mut parts.action),
                     "metadata" => (3, &mut parts.metadata),
-                    // A key written with escapes may spell one of these; only with `\uXXXX`
-                    // escapes, so in at least eleven bytes (see `metadata::Gather::field`).
+                    // A key written with escapes may spell one of these (six letters at least).
                     _ => {
-                        exact &= key.len() < 6 + 5 || !key.as_bytes().contains(&b'\\');
+                        exact &= !json_scan::may_spell_a_name(key.as_bytes(), 6);
                         return;
                     }
                 };

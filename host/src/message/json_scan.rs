@@ -12,6 +12,22 @@
 use super::MAX_DEPTH;
 use std::ops::Range;
 
+/// Whether `byte` is JSON whitespace (all of it ASCII).
+#[inline]
+pub(super) fn is_whitespace(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\n' | b'\t' | b'\r')
+}
+
+/// Whether `key` (an object key's raw text, between its quotes) may be, with its escapes
+/// undone, a name of at least `shortest` letters, digits or `_`. Only a `\uXXXX` escape stands
+/// for one of those (the others stand for quotes, slashes and control characters), and it
+/// takes five bytes more than the character: a shorter key is the name it spells only when it
+/// has no escape, which comparing its bytes tells. So callers compare keys as they are and ask
+/// this only of keys that are none of their names.
+pub(super) fn may_spell_a_name(key: &[u8], shortest: usize) -> bool {
+    key.len() >= shortest + 5 && key.contains(&b'\\')
+}
+
 /// Whether `text` is one JSON object, at most [`MAX_DEPTH`] deep, with nothing but JSON
 /// whitespace around it. False means "not vouched for", not "invalid".
 pub(super) fn is_shallow_object(text: &[u8]) -> bool {
@@ -99,7 +115,7 @@ impl Scan<'_> {
     }
 
     fn skip_whitespace(&mut self) {
-        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+        while self.peek().is_some_and(is_whitespace) {
             self.at += 1;
         }
     }
@@ -545,6 +561,15 @@ mod tests {
                 ("a", "z", r#"{"deeper":3}"#),
             ]
         );
+    }
+
+    #[test]
+    fn only_keys_long_enough_with_an_escape_may_spell_a_name() {
+        // `name` is four letters: an escaped spelling takes at least nine bytes.
+        assert!(may_spell_a_name(br"n\u0061me", 4));
+        assert!(!may_spell_a_name(br"n\u0061m", 4));
+        assert!(!may_spell_a_name(br"a\nbcdefgh", 10));
+        assert!(!may_spell_a_name(b"table_names_are_long", 10));
     }
 
     #[test]

@@ -57,10 +57,6 @@ pub(super) fn scanned(text: &str) -> Option<MetadataWire> {
     gather.finish(text)
 }
 
-/// The fewest bytes a key spelling one of the fields' names with escapes takes: the shortest
-/// name (ten letters) with one of them as `\uXXXX`.
-const SHORTEST_ESCAPED_NAME: usize = 10 + 5;
-
 /// The fields' values, gathered field by field while some scan vouches for the object they are
 /// in (the metadata on its own, or the message around it).
 #[derive(Default)]
@@ -85,14 +81,10 @@ impl Gather {
             12 if key == b"table_schema" => 0,
             15 if key == b"idempotency_key" => 5,
             16 if key == b"commit_timestamp" => 2,
-            // A key written with escapes may spell one of the names, but only with `\uXXXX`
-            // escapes (the others stand for characters no name has): at least five bytes
-            // longer than the shortest name. A shorter key is none of them, escaped or not,
-            // and serde_json skips it too.
+            // A key written with escapes may spell one of the names (ten letters at least);
+            // any other key serde_json skips too.
             _ => {
-                if key.len() >= SHORTEST_ESCAPED_NAME {
-                    self.unusual |= key.contains(&b'\\');
-                }
+                self.unusual |= json_scan::may_spell_a_name(key, 10);
                 return;
             }
         };
@@ -146,10 +138,7 @@ fn plain_strings(value: &str) -> Option<Vec<String>> {
     let inner = value.strip_prefix('[')?.strip_suffix(']')?;
     let bytes = inner.as_bytes();
     let skip_whitespace = |mut at: usize| {
-        while bytes
-            .get(at)
-            .is_some_and(|b| matches!(b, b' ' | b'\n' | b'\t' | b'\r'))
-        {
+        while bytes.get(at).is_some_and(|&b| json_scan::is_whitespace(b)) {
             at += 1;
         }
         at
