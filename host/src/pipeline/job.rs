@@ -2,7 +2,7 @@
 //! settled once each part is finished: as done when every part is done, as abandoned
 //! (redeliver) when any part was abandoned or dropped unfinished.
 
-use crate::delivery::{AckToken, Delivery, Origin, Payload};
+use crate::delivery::{AckToken, Delivery, Graveyard, Origin, Payload};
 use crate::message::ChangeMessage;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -16,6 +16,8 @@ pub(crate) struct Job {
     ack: Mutex<Option<AckToken>>,
     remaining: AtomicUsize,
     abandoned: AtomicBool,
+    /// Where it is freed once finished (`Delivery::home`).
+    home: Option<Arc<Graveyard>>,
 }
 
 impl Job {
@@ -27,6 +29,7 @@ impl Job {
             ack: Mutex::new(Some(delivery.ack)),
             remaining: AtomicUsize::new(parts),
             abandoned: AtomicBool::new(false),
+            home: delivery.home,
         })
     }
 
@@ -53,5 +56,92 @@ impl Job {
             }
             // An abandoned token is dropped unsettled: the source redelivers the message.
         }
+    }
+}
+
+/// Lets go of a lane's finished jobs: those whose source frees its own messages are left in its
+/// graveyard (one lock per run of jobs with the same home), the others are dropped here.
+pub(crate) fn bury(jobs: Vec<Arc<Job>>) {
+    let mut run: Vec<Arc<dyn Send + Sync>> = Vec::new();
+    let mut home: Option<Arc<Graveyard>> = None;
+    for job in jobs {
+        let Some(its) = &job.home else { continue };
+        if !home.as_ref().is_some_and(|h| Arc::ptr_eq(h, its))
+            && let Some(h) = home.replace(Arc::clone(its))
+        {
+            h.bury(run.drain(..));
+        }
+        run.push(job);
+    }
+    if let Some(h) = home {
+        h.bury(run);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::delivery::{RawPayload, Settle, Settled};
+    use crate::message::DecodeError;
+
+    /// Counts the messages settled as done.
+    #[derive(Default)]
+    struct Tally(AtomicUsize);
+
+    impl Settle for Tally {
+        fn settle(&self, _id: &str, settled: Settled) {
+            if settled == Settled::Done {
+                self.0.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+    }
+
+    fn job(id: &str, settle: &Arc<Tally>, home: Option<&Arc<Graveyard>>) -> Arc<Job> {
+        let settle: Arc<dyn Settle> = settle.clone();
+        let delivery = Delivery {
+            payload: Payload::Malformed {
+                raw: RawPayload::Body(b"{}".to_vec()),
+                reason: DecodeError::MissingField("action"),
+            },
+            origin: Origin {
+                source: Arc::from("test"),
+                id: id.to_owned(),
+            },
+            ack: AckToken::new(settle, id.to_owned(), None),
+            only: None,
+            home: home.cloned(),
+        };
+        Job::new(delivery, 1)
+    }
+
+    #[test]
+    fn finished_jobs_are_settled_then_left_at_their_sources_home() {
+        let tally = Arc::new(Tally::default());
+        let (kafka, other) = (
+            Arc::new(Graveyard::default()),
+            Arc::new(Graveyard::default()),
+        );
+        let jobs = vec![
+            job("a", &tally, Some(&kafka)),
+            job("b", &tally, None),
+            job("c", &tally, Some(&kafka)),
+            job("d", &tally, Some(&other)),
+            job("e", &tally, Some(&kafka)),
+        ];
+        let watch: Vec<_> = jobs.iter().map(Arc::downgrade).collect();
+        for job in &jobs {
+            job.finish(true);
+        }
+        assert_eq!(tally.0.load(Ordering::SeqCst), 5, "settled before buried");
+        bury(jobs);
+        let alive: Vec<bool> = watch.iter().map(|w| w.upgrade().is_some()).collect();
+        assert_eq!(
+            alive,
+            [true, false, true, true, true],
+            "only b is freed by the lane"
+        );
+        assert_eq!(kafka.clear(), 3);
+        assert_eq!(other.clear(), 1);
+        assert!(watch.iter().all(|w| w.upgrade().is_none()));
     }
 }

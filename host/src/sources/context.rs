@@ -2,7 +2,9 @@
 //! decode, backoff, metrics and shutdown. A new source uses these and re-writes none of them.
 
 use crate::backoff::Backoff;
-use crate::delivery::{AckToken, Delivery, Dispatch, Origin, Payload, RawPayload, Settle};
+use crate::delivery::{
+    AckToken, Delivery, Dispatch, Graveyard, Origin, Payload, RawPayload, Settle,
+};
 use crate::message::{ChangeMessage, DecodeError, StreamFields};
 use crate::telemetry::{self, Counters, Metrics, SourceLabel};
 use prometheus_client::metrics::counter::Counter;
@@ -27,6 +29,9 @@ pub struct SourceContext {
     /// What [`SourceContext::set_up`] last recorded (`None`: nothing yet), so that a source
     /// that says "up" with every message (Kafka, NATS) records only the changes.
     up: Arc<Mutex<Option<bool>>>,
+    /// Where finished messages wait for this source's thread to free them, when it asked to
+    /// ([`SourceContext::free_at_home`]).
+    home: Option<Arc<Graveyard>>,
 }
 
 /// In-flight permits reserved by [`SourceContext::reserve`]; those not taken go back to the
@@ -76,7 +81,16 @@ impl SourceContext {
             labels,
             received,
             up: Arc::default(),
+            home: None,
         }
+    }
+
+    /// Has the messages this context delivers from now on freed by the source's own thread:
+    /// once finished, each is left in the returned [`Graveyard`], which the source clears
+    /// whenever it polls and closes when it stops. For a source that decodes on one thread of
+    /// its own, where the messages' memory is allocated.
+    pub fn free_at_home(&mut self) -> Arc<Graveyard> {
+        Arc::clone(self.home.get_or_insert_with(Arc::default))
     }
 
     /// Waits until at least one more message may be in flight, then reserves as many permits
@@ -142,6 +156,7 @@ impl SourceContext {
             origin,
             ack,
             only,
+            home: self.home.clone(),
         });
     }
 

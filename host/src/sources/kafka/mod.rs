@@ -31,6 +31,10 @@
 //!   permits, a revoke's wait for what is in flight, shutdown.
 //! - Shutdown: stop delivering, wait until what was delivered is settled, commit, leave the
 //!   group.
+//! - Memory: every part of a message is allocated on the poll thread, so finished messages
+//!   are freed there too, when the next burst is handed over ([`Graveyard`]): freed on the
+//!   pipeline's threads, they went back through the allocator's cross-thread path and came
+//!   back cold (docs/bench.md, "Round 16").
 //!
 //! - [`config`]: the `[[source]]` table. `offsets`: the committable offsets per partition.
 
@@ -38,7 +42,7 @@ pub mod config;
 mod offsets;
 
 use super::{BoxFuture, Permits, Source, SourceContext, SourceError};
-use crate::delivery::{Payload, RawPayload, Settle};
+use crate::delivery::{Graveyard, Payload, RawPayload, Settle};
 use crate::message::DecodeError;
 use crate::telemetry::PartitionLabels;
 pub use config::KafkaSourceConfig;
@@ -136,6 +140,8 @@ struct KafkaContext {
     held: Mutex<VecDeque<Fetched>>,
     /// Decoded and counted in flight, handed to the pipeline together (see [`Poller::run`]).
     burst: Mutex<Vec<Decoded>>,
+    /// Finished messages, freed by the poll thread that decoded them (see [`Graveyard`]).
+    graveyard: Arc<Graveyard>,
     revoke_timeout: Duration,
 }
 
@@ -148,8 +154,10 @@ impl KafkaContext {
         self.burst.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Hands the burst to the pipeline, in order.
+    /// Frees the messages finished since the last flush, then hands the burst to the pipeline,
+    /// in order.
     fn flush(&self) {
+        self.graveyard.clear();
         let mut burst = self.burst();
         for (permit, payload, id) in burst.drain(..) {
             self.ctx.deliver(permit, payload, id, &self.settle);
@@ -302,14 +310,16 @@ fn offset_list(offsets: &[(Tp, i64)]) -> TopicPartitionList {
 }
 
 /// Creates the consumer, subscribes, and polls on a thread of its own until shutdown.
-async fn run(config: KafkaSourceConfig, ctx: SourceContext) -> Result<(), SourceError> {
+async fn run(config: KafkaSourceConfig, mut ctx: SourceContext) -> Result<(), SourceError> {
     let offsets = Arc::new(Offsets::default());
+    let graveyard = ctx.free_at_home();
     let context = KafkaContext {
         ctx: ctx.clone(),
         offsets: Arc::clone(&offsets),
         settle: Arc::new(KafkaSettle(offsets)),
         held: Mutex::new(VecDeque::new()),
         burst: Mutex::new(Vec::with_capacity(BURST)),
+        graveyard,
         revoke_timeout: Duration::from_millis(config.revoke_timeout_ms.get()),
     };
     let client_error = |what: String| {
@@ -578,6 +588,8 @@ impl Poller {
                 last_commit = Instant::now();
             }
         }
+        // Nothing is in flight: no poll will clear the graveyard again.
+        self.context().graveyard.close();
         self.commit(CommitMode::Sync);
         tracing::info!(source = %ctx.name, "kafka offsets committed; leaving the group");
         self.consumer.unsubscribe();
