@@ -200,8 +200,8 @@ impl Manifest {
     pub fn subscribes(&self, message: &ChangeMessage) -> bool {
         let table_ok = self.tables.as_ref().is_none_or(|tables| {
             tables.iter().any(|t| match t.split_once('.') {
-                Some((schema, table)) => schema == message.schema && table == message.table,
-                None => *t == message.table,
+                Some((schema, table)) => schema == message.schema() && table == message.table(),
+                None => *t == message.table(),
             })
         });
         let action_ok = self

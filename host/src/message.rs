@@ -16,6 +16,8 @@ use serde_json::value::RawValue;
 use std::fmt;
 use std::ops::Range;
 use std::str::Utf8Error;
+pub use texts::Pks;
+use texts::Texts;
 
 /// What happened to the row.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -77,58 +79,88 @@ impl fmt::Display for Version {
     }
 }
 
-/// One decoded change message.
-#[derive(Clone, Debug)]
+/// One decoded change message. Its texts (`record`, `changes` and `metadata` exactly as
+/// received, and the fields read from `metadata`) are held in one buffer (`texts.rs`); only
+/// this module makes one, so `record`, `changes` and `metadata` are always checked JSON objects
+/// (valid, at most [`MAX_DEPTH`] deep, without surrounding whitespace).
+#[derive(Clone)]
 pub struct ChangeMessage {
     /// What happened to the row.
     pub action: Action,
-    /// Postgres schema of the table.
-    pub schema: String,
-    /// Table name.
-    pub table: String,
-    /// The row as JSON object text, exactly as delivered.
-    pub record: JsonObject,
-    /// Old values of changed columns (JSON object text), when the message has them.
-    pub changes: Option<JsonObject>,
-    /// Primary-key values as strings, in key-column order.
-    pub pks: Vec<String>,
     /// Commit version; `None` exactly for backfill reads.
     pub version: Option<Version>,
-    /// Commit timestamp (RFC 3339).
-    pub commit_timestamp: String,
-    /// Sequin's idempotency key.
-    pub idempotency_key: String,
-    /// The whole `metadata` object, exactly as delivered.
-    pub metadata: JsonObject,
+    texts: Texts,
 }
 
-/// The text of a JSON object, checked when its message was decoded (valid JSON, an object, at
-/// most [`MAX_DEPTH`] deep) and kept byte for byte, without surrounding whitespace. Only this
-/// module makes one.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct JsonObject(Box<str>);
-
-impl JsonObject {
-    /// The JSON text.
-    pub fn get(&self) -> &str {
-        &self.0
+impl ChangeMessage {
+    /// Postgres schema of the table.
+    pub fn schema(&self) -> &str {
+        self.texts.schema()
     }
 
-    /// Wraps text that [`check_object`] accepted, moving it rather than copying when it has no
-    /// surrounding whitespace (the usual case).
-    fn checked(text: String) -> JsonObject {
-        // Only JSON's whitespace can surround a valid object, and it is ASCII: a look at the
-        // first and last bytes does what `str::trim` does there while decoding characters.
-        let space = |b: &u8| json_scan::is_whitespace(*b);
-        let bytes = text.as_bytes();
-        if bytes.first().is_some_and(space) || bytes.last().is_some_and(space) {
-            JsonObject(
-                text.trim_matches(|c: char| c.is_ascii() && json_scan::is_whitespace(c as u8))
-                    .into(),
-            )
-        } else {
-            JsonObject(text.into_boxed_str())
-        }
+    /// Table name.
+    pub fn table(&self) -> &str {
+        self.texts.table()
+    }
+
+    /// The row as JSON object text, exactly as delivered.
+    pub fn record(&self) -> &str {
+        self.texts.record()
+    }
+
+    /// Old values of changed columns (JSON object text), when the message has them.
+    pub fn changes(&self) -> Option<&str> {
+        self.texts.changes()
+    }
+
+    /// Primary-key values as strings, in key-column order.
+    pub fn pks(&self) -> Pks<'_> {
+        self.texts.pks()
+    }
+
+    /// Commit timestamp (RFC 3339).
+    pub fn commit_timestamp(&self) -> &str {
+        self.texts.commit_timestamp()
+    }
+
+    /// Sequin's idempotency key.
+    pub fn idempotency_key(&self) -> &str {
+        self.texts.idempotency_key()
+    }
+
+    /// The whole `metadata` object, exactly as delivered.
+    pub fn metadata(&self) -> &str {
+        self.texts.metadata()
+    }
+}
+
+impl fmt::Debug for ChangeMessage {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ChangeMessage")
+            .field("action", &self.action)
+            .field("schema", &self.schema())
+            .field("table", &self.table())
+            .field("record", &self.record())
+            .field("changes", &self.changes())
+            .field("pks", &self.pks())
+            .field("version", &self.version)
+            .field("commit_timestamp", &self.commit_timestamp())
+            .field("idempotency_key", &self.idempotency_key())
+            .field("metadata", &self.metadata())
+            .finish()
+    }
+}
+
+/// A checked JSON object's text without the whitespace around it. Only JSON's whitespace can
+/// surround a valid object, and it is ASCII: a look at the first and last bytes does what
+/// `str::trim` does there while decoding characters.
+fn trim_object(text: &str) -> &str {
+    let space = |b: &u8| json_scan::is_whitespace(*b);
+    let bytes = text.as_bytes();
+    if bytes.first().is_some_and(space) || bytes.last().is_some_and(space) {
+        text.trim_matches(|c: char| c.is_ascii() && json_scan::is_whitespace(c as u8))
+    } else {
+        text
     }
 }
 
@@ -203,7 +235,7 @@ struct Parts<'a> {
     metadata: Option<&'a str>,
     /// The fields of `metadata` keepwarm reads, when the pass that found the parts could read
     /// them too (as `metadata::scanned` would have); `None`: `metadata` is read on its own.
-    fields: Option<MetadataWire>,
+    fields: Option<MetadataWire<'a>>,
 }
 
 impl<'a> From<MessageWire<'a>> for Parts<'a> {
@@ -285,9 +317,9 @@ impl<'a> Parts<'a> {
 pub type StreamFields = Vec<(String, Vec<u8>)>;
 
 /// What checking the parts of a message found, before the message takes its texts.
-struct Checked {
+struct Checked<'a> {
     action: Action,
-    meta: MetadataWire,
+    meta: MetadataWire<'a>,
     version: Option<Version>,
     has_changes: bool,
 }
@@ -344,12 +376,7 @@ impl ChangeMessage {
             .ok_or(DecodeError::MissingField("metadata"))?;
         let changes = parts.changes;
         let checked = check(action, record, changes, metadata, parts.fields, syntax)?;
-        Ok(Self::build(
-            checked,
-            record.to_owned(),
-            changes.map(str::to_owned),
-            metadata.to_owned(),
-        ))
+        Ok(Self::build(checked, record, changes, metadata))
     }
 
     /// Decodes a change message from the four fields of a Sequin Redis Stream entry.
@@ -366,72 +393,37 @@ impl ChangeMessage {
             check_stream_fields(&|name: &str| field(name).map(std::str::from_utf8))?;
         Ok(Self::build(
             checked,
-            record.unwrap_or_default().to_owned(),
-            changes.map(str::to_owned),
-            metadata.unwrap_or_default().to_owned(),
-        ))
-    }
-
-    /// As [`ChangeMessage::from_stream_fields`], taking the entry's fields by value so that the
-    /// message keeps their texts without copying them. A rejected entry's fields come back with
-    /// the error, untouched, for its dead letter.
-    ///
-    /// # Errors
-    ///
-    /// As [`ChangeMessage::from_stream_fields`].
-    pub fn from_stream_entry(
-        mut fields: StreamFields,
-    ) -> Result<ChangeMessage, (DecodeError, StreamFields)> {
-        // The four fields become text in place (moved, and checked for UTF-8 once); whatever
-        // goes wrong, their bytes go back where they were.
-        let mut texts: [Option<(usize, Result<String, Utf8Error>)>; 4] = Default::default();
-        for (at, (name, value)) in fields.iter_mut().enumerate() {
-            let Some(slot) = STREAM_FIELDS.iter().position(|f| f == name) else {
-                continue;
-            };
-            if texts[slot].is_none() {
-                let text = String::from_utf8(std::mem::take(value)).map_err(|error| {
-                    let reason = error.utf8_error();
-                    *value = error.into_bytes();
-                    reason
-                });
-                texts[slot] = Some((at, text));
-            }
-        }
-        let lookup = |name: &str| {
-            let slot = STREAM_FIELDS.iter().position(|f| *f == name)?;
-            let (_, text) = texts[slot].as_ref()?;
-            Some(text.as_deref().map_err(|error| *error))
-        };
-        let checked = check_stream_fields(&lookup).map(|(checked, _)| checked);
-        let owned = texts.map(|text| match text {
-            Some((at, Ok(text))) => Some((at, text)),
-            _ => None,
-        });
-        let checked = match checked {
-            Ok(checked) => checked,
-            Err(error) => {
-                for (at, text) in owned.into_iter().flatten() {
-                    fields[at].1 = text.into_bytes();
-                }
-                return Err((error, fields));
-            }
-        };
-        let [_, record, metadata, changes] = owned.map(|text| text.map(|(_, text)| text));
-        Ok(Self::build(
-            checked,
             record.unwrap_or_default(),
             changes,
             metadata.unwrap_or_default(),
         ))
     }
 
-    /// The message, from checked parts and their texts.
+    /// As [`ChangeMessage::from_stream_fields`], taking the entry's fields by value: a
+    /// rejected entry's fields come back with the error, untouched, for its dead letter.
+    ///
+    /// # Errors
+    ///
+    /// As [`ChangeMessage::from_stream_fields`].
+    pub fn from_stream_entry(
+        fields: StreamFields,
+    ) -> Result<ChangeMessage, (DecodeError, StreamFields)> {
+        let decoded = Self::from_stream_fields(|name| {
+            // The first field of a name counts, as a stream entry is read.
+            fields
+                .iter()
+                .find(|(field, _)| field == name)
+                .map(|(_, value)| value.as_slice())
+        });
+        decoded.map_err(|error| (error, fields))
+    }
+
+    /// The message, from checked parts and their texts (copied into one buffer).
     fn build(
-        checked: Checked,
-        record: String,
-        changes: Option<String>,
-        metadata: String,
+        checked: Checked<'_>,
+        record: &str,
+        changes: Option<&str>,
+        metadata: &str,
     ) -> ChangeMessage {
         let Checked {
             action,
@@ -439,35 +431,38 @@ impl ChangeMessage {
             version,
             has_changes,
         } = checked;
+        let texts = Texts::new(&texts::Parts {
+            schema: &meta.table_schema,
+            table: &meta.table_name,
+            record: trim_object(record),
+            changes: changes.filter(|_| has_changes).map(trim_object),
+            commit_timestamp: &meta.commit_timestamp,
+            idempotency_key: &meta.idempotency_key,
+            metadata: trim_object(metadata),
+            pks: meta.record_pks.iter().map(|pk| &**pk),
+        });
         ChangeMessage {
             action,
-            schema: meta.table_schema,
-            table: meta.table_name,
-            record: JsonObject::checked(record),
-            changes: changes.filter(|_| has_changes).map(JsonObject::checked),
-            pks: meta.record_pks,
             version,
-            commit_timestamp: meta.commit_timestamp,
-            idempotency_key: meta.idempotency_key,
-            metadata: JsonObject::checked(metadata),
+            texts,
         }
     }
 
     /// The message as Sequin's JSON object, for dead letters and replays.
     pub fn to_sequin_json(&self) -> String {
-        let changes = self.changes.as_ref().map_or("null", JsonObject::get);
         format!(
             r#"{{"record":{},"changes":{},"action":"{}","metadata":{}}}"#,
-            self.record.get(),
-            changes,
+            self.record(),
+            self.changes().unwrap_or("null"),
             self.action,
-            self.metadata.get()
+            self.metadata()
         )
     }
 
     /// The row's identity, `schema.table:pk1:pk2…`, used for lanes and logs.
     pub fn row_id(&self) -> String {
-        format!("{}.{}:{}", self.schema, self.table, self.pks.join(":"))
+        let pks: Vec<&str> = self.pks().collect();
+        format!("{}.{}:{}", self.schema(), self.table(), pks.join(":"))
     }
 }
 
@@ -476,7 +471,7 @@ impl ChangeMessage {
 const STREAM_FIELDS: [&str; 4] = ["action", "record", "metadata", "changes"];
 
 /// The checks of a stream entry's fields, and the texts of `record`, `changes`, `metadata`.
-type StreamTexts<'a> = (Checked, [Option<&'a str>; 3]);
+type StreamTexts<'a> = (Checked<'a>, [Option<&'a str>; 3]);
 
 /// Checks a stream entry given the text of each field by name (`None` when absent, an error
 /// when not UTF-8).
@@ -502,14 +497,14 @@ fn check_stream_fields<'a>(
 
 /// Checks every part of a message; `metadata` is parsed once, for its syntax and its fields,
 /// unless `fields` already holds them (read in the pass that vouched for the message).
-fn check(
+fn check<'a>(
     action: &str,
     record: &str,
     changes: Option<&str>,
-    metadata: &str,
-    fields: Option<MetadataWire>,
+    metadata: &'a str,
+    fields: Option<MetadataWire<'a>>,
     syntax: Syntax,
-) -> Result<Checked, DecodeError> {
+) -> Result<Checked<'a>, DecodeError> {
     let action = Action::parse(action).ok_or_else(|| {
         bad(format!(
             "unknown action {action:?} (expected insert, update, delete or read)"
@@ -634,6 +629,7 @@ fn nesting_depth(text: &str) -> usize {
 
 mod json_scan;
 mod metadata;
+mod texts;
 
 #[cfg(test)]
 mod fuzz;

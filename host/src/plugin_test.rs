@@ -71,7 +71,7 @@ pub fn run(
             Err(error) => json!({"line": number, "error": error}),
             Ok(message) if !plugin.manifest.subscribes(&message) => json!({
                 "line": number,
-                "skipped": format!("the manifest does not subscribe to {}.{} {}", message.schema, message.table, message.action),
+                "skipped": format!("the manifest does not subscribe to {}.{} {}", message.schema(), message.table(), message.action),
             }),
             Ok(message) => match plugin.call_batch(&[&message]).pop() {
                 Some(Ok(ops)) => {

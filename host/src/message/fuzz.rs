@@ -153,7 +153,7 @@ proptest! {
             Ok(message) => {
                 let again = ChangeMessage::from_json(&message.to_sequin_json()).unwrap();
                 prop_assert_eq!(again.to_sequin_json(), message.to_sequin_json());
-                prop_assert!(nesting_depth(message.record.get()) <= MAX_DEPTH);
+                prop_assert!(nesting_depth(message.record()) <= MAX_DEPTH);
             }
             Err(reason) => prop_assert!(!reason.is_empty()),
         }

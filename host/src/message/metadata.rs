@@ -9,26 +9,33 @@
 
 use super::json_scan;
 use serde::Deserialize;
+use std::borrow::Cow;
 use std::ops::Range;
 
-/// The fields of `metadata` that keepwarm reads; the rest is passed through as text.
+/// The fields of `metadata` that keepwarm reads; the rest is passed through as text. The texts
+/// are borrowed from the metadata unless serde_json had to unescape them.
 #[derive(Deserialize, Debug, PartialEq)]
-pub(super) struct MetadataWire {
-    pub(super) table_schema: String,
-    pub(super) table_name: String,
-    pub(super) commit_timestamp: String,
+pub(super) struct MetadataWire<'a> {
+    #[serde(borrow)]
+    pub(super) table_schema: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) table_name: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) commit_timestamp: Cow<'a, str>,
     pub(super) commit_lsn: Option<u64>,
     pub(super) commit_idx: Option<u64>,
-    pub(super) idempotency_key: String,
-    pub(super) record_pks: Vec<String>,
+    #[serde(borrow)]
+    pub(super) idempotency_key: Cow<'a, str>,
+    #[serde(borrow)]
+    pub(super) record_pks: Vec<Cow<'a, str>>,
 }
 
 /// How `metadata` was read.
-pub(super) enum Read {
+pub(super) enum Read<'a> {
     /// In one pass, which also vouched for its syntax and depth.
-    Scanned(MetadataWire),
+    Scanned(MetadataWire<'a>),
     /// By serde_json; its depth is still to be checked.
-    Parsed(MetadataWire),
+    Parsed(MetadataWire<'a>),
 }
 
 /// Reads the fields from `text`, which starts with `{`.
@@ -36,7 +43,7 @@ pub(super) enum Read {
 /// # Errors
 ///
 /// serde_json's error: invalid JSON, a missing field, a field of the wrong type.
-pub(super) fn read(text: &str) -> Result<Read, serde_json::Error> {
+pub(super) fn read(text: &str) -> Result<Read<'_>, serde_json::Error> {
     match scanned(text) {
         Some(fields) => Ok(Read::Scanned(fields)),
         None => serde_json::from_str(text).map(Read::Parsed),
@@ -46,7 +53,7 @@ pub(super) fn read(text: &str) -> Result<Read, serde_json::Error> {
 /// The fields from one scan, or `None` when the text is unusual in any way that serde_json may
 /// read differently: invalid or too deep, a key written with escapes, a field given twice, an
 /// escape in a value, a number that is not a plain `u64`, a missing field.
-pub(super) fn scanned(text: &str) -> Option<MetadataWire> {
+pub(super) fn scanned(text: &str) -> Option<MetadataWire<'_>> {
     let mut gather = Gather::default();
     let valid = json_scan::scan_object(text.as_bytes(), |key, value| {
         gather.field(text, key, value);
@@ -93,12 +100,13 @@ impl Gather {
 
     /// The fields, read from `text` (where the ranges are), once a scan has vouched for the
     /// whole object; `None` as for [`scanned`].
-    pub(super) fn finish(self, text: &str) -> Option<MetadataWire> {
+    pub(super) fn finish(self, text: &str) -> Option<MetadataWire<'_>> {
         if self.unusual {
             return None;
         }
         let [schema, table, timestamp, lsn, idx, key, pks] = self.values;
-        let string = |range: Option<Range<usize>>| plain_string(text.get(range?)?);
+        let string =
+            |range: Option<Range<usize>>| plain_string(text.get(range?)?).map(Cow::Borrowed);
         let number = |range: Option<Range<usize>>| match range {
             None => Some(None),
             Some(range) => plain_u64(text.get(range)?),
@@ -116,9 +124,9 @@ impl Gather {
 }
 
 /// The contents of a JSON string without escapes (the scan has checked the rest).
-fn plain_string(value: &str) -> Option<String> {
+fn plain_string(value: &str) -> Option<&str> {
     let inner = value.strip_prefix('"')?.strip_suffix('"')?;
-    (!inner.as_bytes().contains(&b'\\')).then(|| inner.to_owned())
+    (!inner.as_bytes().contains(&b'\\')).then_some(inner)
 }
 
 /// `null`, or digits that fit a `u64` (the scan has ruled out leading zeros).
@@ -134,7 +142,7 @@ fn plain_u64(value: &str) -> Option<Option<u64>> {
 
 /// An array of strings without escapes, e.g. `["1", "a,b"]`. Read byte by byte: `str`'s
 /// patterns decode characters and set up searchers, several times the cost for keys this short.
-fn plain_strings(value: &str) -> Option<Vec<String>> {
+fn plain_strings(value: &str) -> Option<Vec<Cow<'_, str>>> {
     let inner = value.strip_prefix('[')?.strip_suffix(']')?;
     let bytes = inner.as_bytes();
     let skip_whitespace = |mut at: usize| {
@@ -158,7 +166,7 @@ fn plain_strings(value: &str) -> Option<Vec<String>> {
         if bytes[end] != b'"' {
             return None;
         }
-        strings.push(inner[start..end].to_owned());
+        strings.push(Cow::Borrowed(&inner[start..end]));
         at = skip_whitespace(end + 1);
         if at < bytes.len() {
             if bytes[at] != b',' {
@@ -177,7 +185,7 @@ mod tests {
     const SEQUIN: &str = r#"{"table_schema":"public","table_name":"orders","commit_timestamp":"2025-03-14T09:26:53.601022Z","commit_lsn":1243361160,"commit_idx":0,"database_name":"shop","transaction_annotations":null,"idempotency_key":"MTI0MzM2MTE2MDow","record_pks":["1001"],"consumer":{"id":"0b7e","name":"shop-cdc","annotations":{}}}"#;
 
     /// The scan's fields, checked against serde_json's, or `None` when it defers.
-    fn scan(text: &str) -> Option<MetadataWire> {
+    fn scan(text: &str) -> Option<MetadataWire<'_>> {
         let fields = scanned(text)?;
         let exact: MetadataWire = serde_json::from_str(text).unwrap();
         assert_eq!(fields, exact, "{text}");
@@ -233,7 +241,11 @@ mod tests {
             r#"["ünï", "日本"]"#,
         ] {
             let exact: Vec<String> = serde_json::from_str(text).unwrap();
-            assert_eq!(plain_strings(text), Some(exact), "{text}");
+            assert_eq!(
+                plain_strings(text),
+                Some(exact.into_iter().map(Cow::Owned).collect()),
+                "{text}"
+            );
         }
         // Escapes, other values and nesting are serde_json's to read (or refuse).
         for text in [

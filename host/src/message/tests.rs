@@ -44,7 +44,10 @@ fn every_fixture_decodes_the_same_from_both_shapes() {
         let json = ChangeMessage::from_json(line).unwrap();
         let stream = from_fields(&stream_fields(line)).unwrap();
         assert_eq!(json.to_sequin_json(), stream.to_sequin_json());
-        assert_eq!(json.pks, stream.pks);
+        assert_eq!(
+            json.pks().collect::<Vec<_>>(),
+            stream.pks().collect::<Vec<_>>()
+        );
         assert_eq!(json.version, stream.version);
     }
 }
@@ -53,8 +56,8 @@ fn every_fixture_decodes_the_same_from_both_shapes() {
 fn insert_carries_version_and_pks() {
     let m = fixture(0);
     assert_eq!(m.action, Action::Insert);
-    assert_eq!((m.schema.as_str(), m.table.as_str()), ("public", "orders"));
-    assert_eq!(m.pks, ["1001"]);
+    assert_eq!((m.schema(), m.table()), ("public", "orders"));
+    assert_eq!(m.pks().collect::<Vec<_>>(), ["1001"]);
     assert_eq!(
         m.version,
         Some(Version {
@@ -62,39 +65,34 @@ fn insert_carries_version_and_pks() {
             idx: 0
         })
     );
-    assert_eq!(m.commit_timestamp, "2025-03-14T09:26:53.601022Z");
-    assert_eq!(m.idempotency_key, "MTI0MzM2MTE2MDow");
-    assert!(m.changes.is_none());
+    assert_eq!(m.commit_timestamp(), "2025-03-14T09:26:53.601022Z");
+    assert_eq!(m.idempotency_key(), "MTI0MzM2MTE2MDow");
+    assert!(m.changes().is_none());
 }
 
 #[test]
 fn numeric_strings_stay_strings_in_the_record_text() {
     let m = fixture(0);
-    assert!(m.record.get().contains(r#""total_amount":"149.90""#));
+    assert!(m.record().contains(r#""total_amount":"149.90""#));
     let invoice = fixture(5);
-    assert!(
-        invoice
-            .record
-            .get()
-            .contains(r#""rounding_residual":"1E-7""#)
-    );
-    assert!(invoice.record.get().contains(r#""pdf_sha256":"\\x9f86"#));
+    assert!(invoice.record().contains(r#""rounding_residual":"1E-7""#));
+    assert!(invoice.record().contains(r#""pdf_sha256":"\\x9f86"#));
 }
 
 #[test]
 fn composite_keys_keep_key_order() {
     let item = fixture(1);
-    assert_eq!(item.pks, ["1001", "1"]);
+    assert_eq!(item.pks().collect::<Vec<_>>(), ["1001", "1"]);
     let stock = fixture(4);
-    assert_eq!(stock.pks, ["ams-1", "SKU-00042"]);
+    assert_eq!(stock.pks().collect::<Vec<_>>(), ["ams-1", "SKU-00042"]);
     assert_eq!(stock.row_id(), "inventory.stock_levels:ams-1:SKU-00042");
 }
 
 #[test]
 fn non_public_schemas_are_kept() {
-    assert_eq!(fixture(4).schema, "inventory");
-    assert_eq!(fixture(5).schema, "billing");
-    assert_eq!(fixture(11).schema, "analytics");
+    assert_eq!(fixture(4).schema(), "inventory");
+    assert_eq!(fixture(5).schema(), "billing");
+    assert_eq!(fixture(11).schema(), "analytics");
 }
 
 #[test]
@@ -102,10 +100,10 @@ fn update_keeps_old_values_and_annotations() {
     let m = fixture(2);
     assert_eq!(m.action, Action::Update);
     assert_eq!(
-        m.changes.as_ref().unwrap().get(),
+        m.changes().unwrap(),
         r#"{"status":"pending","updated_at":"2025-03-14T09:26:53.589793Z"}"#
     );
-    assert!(m.metadata.get().contains("fulfillment-worker"));
+    assert!(m.metadata().contains("fulfillment-worker"));
     assert_eq!(
         m.version,
         Some(Version {
@@ -119,8 +117,8 @@ fn update_keeps_old_values_and_annotations() {
 fn delete_record_holds_nulls_beside_the_key() {
     let m = fixture(3);
     assert_eq!(m.action, Action::Delete);
-    assert!(m.record.get().contains(r#""id":998"#));
-    assert!(m.record.get().contains(r#""status":null"#));
+    assert!(m.record().contains(r#""id":998"#));
+    assert!(m.record().contains(r#""status":null"#));
 }
 
 #[test]
@@ -135,26 +133,26 @@ fn backfill_reads_have_no_version() {
 #[test]
 fn big_integers_and_nested_json_stay_exact() {
     let views = fixture(11);
-    assert!(views.record.get().contains(r#""view_id":9007199254740993"#));
-    assert_eq!(views.pks, ["2025-03-13", "9007199254740993"]);
+    assert!(views.record().contains(r#""view_id":9007199254740993"#));
+    assert_eq!(
+        views.pks().collect::<Vec<_>>(),
+        ["2025-03-13", "9007199254740993"]
+    );
     assert!(
         views
-            .record
-            .get()
+            .record()
             .contains(r#""utm":{"campaign":"spring_sale","source":"newsletter"}"#)
     );
     let profile = fixture(6);
     assert!(
         profile
-            .record
-            .get()
+            .record()
             .contains(r#""digest":{"enabled":true,"hour_utc":7}"#)
     );
     let article = fixture(7);
     assert!(
         article
-            .record
-            .get()
+            .record()
             .contains(r#""rating_grid":[[5,4],[3,null]]"#)
     );
 }
@@ -162,15 +160,15 @@ fn big_integers_and_nested_json_stay_exact() {
 #[test]
 fn unicode_stays_as_it_is() {
     let product = fixture(9);
-    assert!(product.record.get().contains("Café Crème ☕ 東京ブレンド"));
-    assert!(product.record.get().contains("🍫"));
+    assert!(product.record().contains("Café Crème ☕ 東京ブレンド"));
+    assert!(product.record().contains("🍫"));
 }
 
 #[test]
 fn toast_placeholder_and_empty_changes_are_kept() {
     let doc = fixture(10);
-    assert!(doc.record.get().contains(r#""body":"unchanged_toast""#));
-    assert_eq!(doc.changes.as_ref().unwrap().get(), "{}");
+    assert!(doc.record().contains(r#""body":"unchanged_toast""#));
+    assert_eq!(doc.changes().unwrap(), "{}");
 }
 
 #[test]
@@ -255,7 +253,10 @@ fn entries_taken_by_value_decode_like_borrowed_ones() {
         let borrowed = from_fields(&fields).unwrap();
         let owned = ChangeMessage::from_stream_entry(fields).unwrap();
         assert_eq!(owned.to_sequin_json(), borrowed.to_sequin_json());
-        assert_eq!(owned.pks, borrowed.pks);
+        assert_eq!(
+            owned.pks().collect::<Vec<_>>(),
+            borrowed.pks().collect::<Vec<_>>()
+        );
         assert_eq!(owned.version, borrowed.version);
     }
 }
@@ -273,8 +274,8 @@ fn a_rejected_entry_gives_its_fields_back_untouched() {
     );
     assert_eq!(after, before);
 
-    // Not UTF-8 in one field, valid text in the others (already turned into text): all of it
-    // comes back as it arrived, and the reason names the field, as for a borrowed entry.
+    // Not UTF-8 in one field, valid text in the others: all of it comes back as it arrived,
+    // and the reason names the field, as for a borrowed entry.
     let mut fields = stream_fields(fixtures()[0]);
     let metadata = fields.iter_mut().find(|(k, _)| k == "metadata").unwrap();
     metadata.1.push(0xff);
@@ -301,8 +302,8 @@ fn whitespace_around_a_field_is_not_kept() {
             }
         }
         let message = ChangeMessage::from_stream_entry(fields).unwrap();
-        assert_eq!(message.record, plain.record, "{before:?} {after:?}");
-        assert_eq!(message.metadata, plain.metadata, "{before:?} {after:?}");
+        assert_eq!(message.record(), plain.record(), "{before:?} {after:?}");
+        assert_eq!(message.metadata(), plain.metadata(), "{before:?} {after:?}");
     }
 }
 
@@ -385,5 +386,31 @@ fn the_one_pass_read_takes_every_fixture() {
         assert_eq!(Some(fields), metadata::scanned(metadata), "{line}");
         let wire: MessageWire<'_> = serde_json::from_str(line).unwrap();
         assert_eq!(parts, Parts::from(wire), "{line}");
+    }
+}
+
+#[test]
+fn escaped_metadata_texts_are_read_unescaped_into_the_message() {
+    // Escapes send the metadata to serde_json, which unescapes each text into a copy of its
+    // own; the message holds those texts, not the escaped ones.
+    let line = fixtures()[0]
+        .replace(r#""table_name":"orders""#, r#""table_name":"ord\u0065rs""#)
+        .replace(
+            r#""record_pks":["1001"]"#,
+            r#""record_pks":["10\"01","a\\b"]"#,
+        )
+        .replace(
+            r#""idempotency_key":"MTI0MzM2MTE2MDow""#,
+            r#""idempotency_key":"MTI0\/MzM2""#,
+        );
+    for message in [
+        ChangeMessage::from_json(&line).unwrap(),
+        from_fields(&stream_fields(&line)).unwrap(),
+    ] {
+        assert_eq!(message.table(), "orders");
+        assert_eq!(message.pks().collect::<Vec<_>>(), ["10\"01", "a\\b"]);
+        assert_eq!(message.idempotency_key(), "MTI0/MzM2");
+        assert_eq!(message.schema(), "public");
+        assert!(message.metadata().contains(r#""table_name":"ord\u0065rs""#));
     }
 }

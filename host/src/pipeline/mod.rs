@@ -95,9 +95,11 @@ impl Dispatch for Dispatcher {
                 return;
             }
         };
-        message.schema.hash(&mut hasher);
-        message.table.hash(&mut hasher);
-        message.pks.hash(&mut hasher);
+        message.schema().hash(&mut hasher);
+        message.table().hash(&mut hasher);
+        for pk in message.pks() {
+            pk.hash(&mut hasher);
+        }
         let plugins = inner.shared.plugins.load();
         // The lanes are picked while the message is borrowed: no plugin name is copied per
         // message.

@@ -2,21 +2,18 @@
 //! the record text) and the WIT `op` to [`Op`].
 
 use super::bindings::keepwarm::plugin::types as wit;
-use crate::message::{Action, ChangeMessage, JsonObject};
+use crate::message::{Action, ChangeMessage};
 use crate::ops::Op;
 
 /// The primary keys as the WIT call borrows them.
 pub fn pk_refs(message: &ChangeMessage) -> Vec<&str> {
-    message.pks.iter().map(String::as_str).collect()
+    message.pks().collect()
 }
 
 /// The primary keys of a whole batch in one list, for [`change_params`] (one allocation per
 /// batch rather than one per change).
 pub fn batch_pk_refs<'a>(changes: &[&'a ChangeMessage]) -> Vec<&'a str> {
-    changes
-        .iter()
-        .flat_map(|c| c.pks.iter().map(String::as_str))
-        .collect()
+    changes.iter().flat_map(|c| c.pks()).collect()
 }
 
 /// The WIT view of a batch, borrowing from the messages and their [`batch_pk_refs`].
@@ -28,7 +25,7 @@ pub fn change_params<'a>(
     changes
         .iter()
         .map(|c| {
-            let (own, others) = rest.split_at(c.pks.len().min(rest.len()));
+            let (own, others) = rest.split_at(c.pks().len().min(rest.len()));
             rest = others;
             change_param(c, own)
         })
@@ -44,16 +41,16 @@ pub fn change_param<'a>(message: &'a ChangeMessage, pks: &'a [&'a str]) -> wit::
             Action::Delete => wit::Action::Delete,
             Action::Read => wit::Action::Read,
         },
-        schema: &message.schema,
-        table: &message.table,
-        record: message.record.get(),
-        changes: message.changes.as_ref().map(JsonObject::get),
+        schema: message.schema(),
+        table: message.table(),
+        record: message.record(),
+        changes: message.changes(),
         pks,
         commit_lsn: message.version.map(|v| v.lsn),
         commit_idx: message.version.map(|v| v.idx),
-        commit_timestamp: &message.commit_timestamp,
-        idempotency_key: &message.idempotency_key,
-        metadata: message.metadata.get(),
+        commit_timestamp: message.commit_timestamp(),
+        idempotency_key: message.idempotency_key(),
+        metadata: message.metadata(),
     }
 }
 

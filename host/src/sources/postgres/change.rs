@@ -299,7 +299,7 @@ mod tests {
         let json = message(&relation(false), &txn(), 0, &Row::Insert(&new), &fixed);
         let message = crate::message::ChangeMessage::from_json(&json).unwrap();
         assert_eq!(message.row_id(), "public.orders:1001");
-        assert_eq!(message.idempotency_key, "MTI0MzM2MTE2MDow");
+        assert_eq!(message.idempotency_key(), "MTI0MzM2MTE2MDow");
         let v = parse(&json);
         assert_eq!(
             v["record"],

@@ -1,0 +1,212 @@
+//! A message's texts in one buffer.
+//!
+//! A change message carries about ten texts (schema, table, record, changes, each primary key,
+//! commit timestamp, idempotency key, metadata). Held as a `String` each, they were ten
+//! allocations on the thread that decoded the message, read on others and freed on a third:
+//! the allocator's share of keepwarm-kafka's time was larger than their instruction count
+//! said (docs/bench.md, rounds 16 and 17). Here they are copied, once each as before, into one
+//! buffer of exactly their total size, and each is a span of it.
+
+use smallvec::SmallVec;
+use std::fmt;
+
+/// Where one text lies in [`Texts::buf`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Span {
+    start: usize,
+    end: usize,
+}
+
+/// The texts of one change message, in one buffer.
+#[derive(Clone)]
+pub(super) struct Texts {
+    buf: Box<str>,
+    schema: Span,
+    table: Span,
+    record: Span,
+    changes: Option<Span>,
+    commit_timestamp: Span,
+    idempotency_key: Span,
+    metadata: Span,
+    /// Most tables have a key of one or two columns.
+    pks: SmallVec<[Span; 2]>,
+}
+
+/// The texts a message is built from, borrowed from what was decoded.
+pub(super) struct Parts<'a, P> {
+    pub(super) schema: &'a str,
+    pub(super) table: &'a str,
+    pub(super) record: &'a str,
+    pub(super) changes: Option<&'a str>,
+    pub(super) commit_timestamp: &'a str,
+    pub(super) idempotency_key: &'a str,
+    pub(super) metadata: &'a str,
+    pub(super) pks: P,
+}
+
+impl Texts {
+    /// Copies the parts into one buffer, allocated once at its final size.
+    pub(super) fn new<'a, P>(parts: &Parts<'a, P>) -> Texts
+    where
+        P: Iterator<Item = &'a str> + Clone,
+    {
+        let singles = [
+            parts.schema,
+            parts.table,
+            parts.record,
+            parts.changes.unwrap_or_default(),
+            parts.commit_timestamp,
+            parts.idempotency_key,
+            parts.metadata,
+        ];
+        let size = singles.iter().map(|t| t.len()).sum::<usize>()
+            + parts.pks.clone().map(str::len).sum::<usize>();
+        let mut buf = String::with_capacity(size);
+        let mut push = |text: &str| {
+            let start = buf.len();
+            buf.push_str(text);
+            Span {
+                start,
+                end: buf.len(),
+            }
+        };
+        let [
+            schema,
+            table,
+            record,
+            changes,
+            commit_timestamp,
+            idempotency_key,
+            metadata,
+        ] = singles.map(&mut push);
+        let pks = parts.pks.clone().map(push).collect();
+        debug_assert_eq!(buf.len(), buf.capacity());
+        Texts {
+            // The capacity is the length: no reallocation.
+            buf: buf.into_boxed_str(),
+            schema,
+            table,
+            record,
+            changes: parts.changes.map(|_| changes),
+            commit_timestamp,
+            idempotency_key,
+            metadata,
+            pks,
+        }
+    }
+
+    fn get(&self, span: Span) -> &str {
+        &self.buf[span.start..span.end]
+    }
+
+    pub(super) fn schema(&self) -> &str {
+        self.get(self.schema)
+    }
+
+    pub(super) fn table(&self) -> &str {
+        self.get(self.table)
+    }
+
+    pub(super) fn record(&self) -> &str {
+        self.get(self.record)
+    }
+
+    pub(super) fn changes(&self) -> Option<&str> {
+        self.changes.map(|span| self.get(span))
+    }
+
+    pub(super) fn commit_timestamp(&self) -> &str {
+        self.get(self.commit_timestamp)
+    }
+
+    pub(super) fn idempotency_key(&self) -> &str {
+        self.get(self.idempotency_key)
+    }
+
+    pub(super) fn metadata(&self) -> &str {
+        self.get(self.metadata)
+    }
+
+    pub(super) fn pks(&self) -> Pks<'_> {
+        Pks {
+            texts: self,
+            spans: self.pks.iter(),
+        }
+    }
+}
+
+/// The primary-key values of a message, in key-column order.
+#[derive(Clone)]
+pub struct Pks<'a> {
+    texts: &'a Texts,
+    spans: std::slice::Iter<'a, Span>,
+}
+
+impl<'a> Iterator for Pks<'a> {
+    type Item = &'a str;
+
+    fn next(&mut self) -> Option<&'a str> {
+        let span = self.spans.next()?;
+        Some(self.texts.get(*span))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.spans.size_hint()
+    }
+}
+
+impl ExactSizeIterator for Pks<'_> {}
+
+impl fmt::Debug for Pks<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.clone()).finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_text_reads_back_from_one_buffer_of_their_total_size() {
+        let parts = Parts {
+            schema: "public",
+            table: "orders",
+            record: r#"{"id":1,"note":"héllo"}"#,
+            changes: Some("{}"),
+            commit_timestamp: "2025-03-14T09:26:53Z",
+            idempotency_key: "a2V5",
+            metadata: r#"{"x":1}"#,
+            pks: ["1", "", "b:c"].into_iter(),
+        };
+        let texts = Texts::new(&parts);
+        assert_eq!(texts.schema(), "public");
+        assert_eq!(texts.table(), "orders");
+        assert_eq!(texts.record(), parts.record);
+        assert_eq!(texts.changes(), Some("{}"));
+        assert_eq!(texts.commit_timestamp(), "2025-03-14T09:26:53Z");
+        assert_eq!(texts.idempotency_key(), "a2V5");
+        assert_eq!(texts.metadata(), r#"{"x":1}"#);
+        assert_eq!(texts.pks().collect::<Vec<_>>(), ["1", "", "b:c"]);
+        assert_eq!(texts.pks().len(), 3);
+        let total = 6 + 6 + parts.record.len() + 2 + 20 + 4 + 7 + 1 + 3;
+        assert_eq!(texts.buf.len(), total);
+    }
+
+    #[test]
+    fn absent_changes_stay_absent_and_an_empty_one_stays_empty() {
+        let mut parts = Parts {
+            schema: "s",
+            table: "t",
+            record: "{}",
+            changes: None,
+            commit_timestamp: "",
+            idempotency_key: "",
+            metadata: "{}",
+            pks: std::iter::once("1"),
+        };
+        assert_eq!(Texts::new(&parts).changes(), None);
+        parts.changes = Some("");
+        assert_eq!(Texts::new(&parts).changes(), Some(""));
+    }
+}
