@@ -136,6 +136,15 @@ pub trait Settle: Send + Sync + 'static {
     fn unrouted(&self, id: &str) {
         self.settle(id, Settled::Done);
     }
+
+    /// [`Settle::settle`] as done for several messages at once, in order: the messages of one
+    /// lane's batch that the lane finished. A source that takes a lock for each settlement
+    /// overrides this to take it once.
+    fn settle_done(&self, ids: &mut dyn Iterator<Item = &str>) {
+        for id in ids {
+            self.settle(id, Settled::Done);
+        }
+    }
 }
 
 /// The acknowledgement of one message. Settling it as done, or dropping it (abandoned), tells
@@ -174,6 +183,26 @@ impl AckToken {
         self.settled = true;
         self.settle.unrouted(&self.id);
     }
+
+    /// [`AckToken::ack`] for several tokens, in order: each run of tokens of one source goes to
+    /// it in one [`Settle::settle_done`] call. Their permits return when they are dropped, here.
+    pub fn ack_all(mut tokens: Vec<AckToken>) {
+        let mut rest = tokens.as_mut_slice();
+        while let Some(first) = rest.first() {
+            let run = rest
+                .iter()
+                .take_while(|t| Arc::ptr_eq(&t.settle, &first.settle))
+                .count();
+            let (same, others) = rest.split_at_mut(run);
+            same[0]
+                .settle
+                .settle_done(&mut same.iter().map(|t| t.id.as_str()));
+            for token in same {
+                token.settled = true;
+            }
+            rest = others;
+        }
+    }
 }
 
 impl Drop for AckToken {
@@ -207,6 +236,54 @@ mod tests {
         (0..n)
             .map(|_| Arc::new(Counted(Arc::clone(drops))) as Arc<dyn Send + Sync>)
             .collect()
+    }
+
+    /// Records each call it gets: `settle` one id at a time, `settle_done` a run.
+    #[derive(Default)]
+    struct Calls(Mutex<Vec<(Settled, Vec<String>)>>);
+
+    impl Settle for Calls {
+        fn settle(&self, id: &str, settled: Settled) {
+            self.0.lock().unwrap().push((settled, vec![id.to_owned()]));
+        }
+
+        fn settle_done(&self, ids: &mut dyn Iterator<Item = &str>) {
+            let ids = ids.map(str::to_owned).collect();
+            self.0.lock().unwrap().push((Settled::Done, ids));
+        }
+    }
+
+    impl Calls {
+        fn taken(&self) -> Vec<(Settled, Vec<String>)> {
+            std::mem::take(&mut *self.0.lock().unwrap())
+        }
+    }
+
+    #[test]
+    fn tokens_acknowledged_together_reach_each_source_in_runs_in_order_and_return_permits() {
+        let (one, two) = (Arc::new(Calls::default()), Arc::new(Calls::default()));
+        let budget = Arc::new(tokio::sync::Semaphore::new(5));
+        let token = |settle: &Arc<Calls>, id: &str| {
+            let permit = Arc::clone(&budget).try_acquire_owned().unwrap();
+            AckToken::new(settle.clone(), id.to_owned(), Some(permit))
+        };
+        let tokens = vec![
+            token(&one, "a"),
+            token(&one, "b"),
+            token(&two, "c"),
+            token(&one, "d"),
+            token(&one, "e"),
+        ];
+        assert_eq!(budget.available_permits(), 0);
+        AckToken::ack_all(tokens);
+        let ids = |ids: &[&str]| (Settled::Done, ids.iter().map(|i| i.to_string()).collect());
+        assert_eq!(one.taken(), [ids(&["a", "b"]), ids(&["d", "e"])]);
+        assert_eq!(two.taken(), [ids(&["c"])]);
+        assert_eq!(budget.available_permits(), 5);
+        // None was dropped unsettled (which would report it abandoned).
+        AckToken::ack_all(Vec::new());
+        drop(token(&one, "f"));
+        assert_eq!(one.taken(), [(Settled::Abandoned, vec!["f".to_owned()])]);
     }
 
     #[test]

@@ -42,21 +42,26 @@ impl Job {
     }
 
     /// Finishes one part: `done` when it was applied or dead-lettered, false when it was
-    /// abandoned. The last part settles the acknowledgement.
-    pub(crate) fn finish(&self, done: bool) {
+    /// abandoned. The last part returns the acknowledgement to settle, unless a part was
+    /// abandoned: that token is dropped unsettled here, and the source redelivers the message.
+    #[must_use = "a token dropped unsettled abandons its message"]
+    fn finish(&self, done: bool) -> Option<AckToken> {
         if !done {
             self.abandoned.store(true, Ordering::Release);
         }
-        if self.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-            let token = self.ack.lock().unwrap_or_else(|p| p.into_inner()).take();
-            if let Some(token) = token
-                && !self.abandoned.load(Ordering::Acquire)
-            {
-                token.ack();
-            }
-            // An abandoned token is dropped unsettled: the source redelivers the message.
+        if self.remaining.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return None;
         }
+        let token = self.ack.lock().unwrap_or_else(|p| p.into_inner()).take();
+        token.filter(|_| !self.abandoned.load(Ordering::Acquire))
     }
+}
+
+/// Finishes a lane's part of each job (see [`Job::finish`]) and settles, in one call per
+/// source, the messages whose every part is now done.
+pub(crate) fn finish_all(jobs: &[Arc<Job>], done: bool) {
+    let tokens: Vec<AckToken> = jobs.iter().filter_map(|job| job.finish(done)).collect();
+    AckToken::ack_all(tokens);
 }
 
 /// Lets go of a lane's finished jobs: those whose source frees its own messages are left in its
@@ -85,18 +90,29 @@ mod tests {
     use crate::message::DecodeError;
 
     /// Counts the messages settled as done.
+    /// Counts the messages settled as done, and the abandoned ones.
     #[derive(Default)]
-    struct Tally(AtomicUsize);
+    struct Tally(AtomicUsize, AtomicUsize);
 
     impl Settle for Tally {
         fn settle(&self, _id: &str, settled: Settled) {
-            if settled == Settled::Done {
-                self.0.fetch_add(1, Ordering::SeqCst);
-            }
+            match settled {
+                Settled::Done => self.0.fetch_add(1, Ordering::SeqCst),
+                Settled::Abandoned => self.1.fetch_add(1, Ordering::SeqCst),
+            };
         }
     }
 
     fn job(id: &str, settle: &Arc<Tally>, home: Option<&Arc<Graveyard>>) -> Arc<Job> {
+        job_of(id, settle, home, 1)
+    }
+
+    fn job_of(
+        id: &str,
+        settle: &Arc<Tally>,
+        home: Option<&Arc<Graveyard>>,
+        parts: usize,
+    ) -> Arc<Job> {
         let settle: Arc<dyn Settle> = settle.clone();
         let delivery = Delivery {
             payload: Payload::Malformed {
@@ -111,7 +127,26 @@ mod tests {
             only: None,
             home: home.cloned(),
         };
-        Job::new(delivery, 1)
+        Job::new(delivery, parts)
+    }
+
+    #[test]
+    fn a_message_is_settled_once_its_last_part_is_done_and_never_when_one_was_abandoned() {
+        let tally = Arc::new(Tally::default());
+        // Two plugins each: the first lane's batch settles nothing.
+        let (kept, dropped) = (job_of("a", &tally, None, 2), job_of("b", &tally, None, 2));
+        let both = [Arc::clone(&kept), Arc::clone(&dropped)];
+        finish_all(&both, true);
+        assert_eq!(tally.0.load(Ordering::SeqCst), 0);
+        // The second lane: a done, b abandoned by it (shutdown while Redis was down).
+        finish_all(&[kept], true);
+        finish_all(&[dropped], false);
+        assert_eq!(tally.0.load(Ordering::SeqCst), 1, "a is done");
+        assert_eq!(
+            tally.1.load(Ordering::SeqCst),
+            1,
+            "b is left for redelivery"
+        );
     }
 
     #[test]
@@ -129,9 +164,7 @@ mod tests {
             job("e", &tally, Some(&kafka)),
         ];
         let watch: Vec<_> = jobs.iter().map(Arc::downgrade).collect();
-        for job in &jobs {
-            job.finish(true);
-        }
+        finish_all(&jobs, true);
         assert_eq!(tally.0.load(Ordering::SeqCst), 5, "settled before buried");
         bury(jobs);
         let alive: Vec<bool> = watch.iter().map(|w| w.upgrade().is_some()).collect();

@@ -44,9 +44,7 @@ pub(super) async fn run(
             Some(name) => process(name, index, &shared, &jobs).await,
             None => dead_letter_malformed(&shared, &jobs).await,
         };
-        for job in &jobs {
-            job.finish(done);
-        }
+        super::job::finish_all(&jobs, done);
         super::job::bury(jobs);
     }
 }

@@ -105,8 +105,16 @@ impl Offsets {
     /// Records how a message ended. Settlements of partitions no longer assigned are ignored:
     /// the new owner reads from the last commit.
     pub(super) fn settle(&self, topic: &str, partition: i32, offset: i64, settled: Settled) {
+        self.settle_all(std::iter::once(((topic, partition, offset), settled)));
+    }
+
+    /// [`Offsets::settle`] for several messages under one lock.
+    fn settle_all<'a>(&self, settlements: impl Iterator<Item = ((&'a str, i32, i64), Settled)>) {
         let mut partitions = self.lock();
-        if let Some(state) = get_mut(&mut partitions, topic, partition) {
+        for ((topic, partition, offset), settled) in settlements {
+            let Some(state) = get_mut(&mut partitions, topic, partition) else {
+                continue;
+            };
             match settled {
                 Settled::Done => {
                     state.marks.remove(&offset);
@@ -265,6 +273,13 @@ impl Settle for KafkaSettle {
             self.0.settle(topic, partition, offset, settled);
         }
     }
+
+    /// A lane's batch under one lock of the offsets, which the poll thread takes for every
+    /// message it delivers.
+    fn settle_done(&self, ids: &mut dyn Iterator<Item = &str>) {
+        self.0
+            .settle_all(ids.filter_map(parse_id).map(|at| (at, Settled::Done)));
+    }
 }
 
 #[cfg(test)]
@@ -305,6 +320,30 @@ mod tests {
         assert_eq!(offsets.lock()["t"][&0].marks.len(), 1);
         assert!(offsets.to_commit().is_empty());
         assert_eq!(offsets.lag(&tp(0), Some(20)), Some(5));
+    }
+
+    #[test]
+    fn a_batch_settled_at_once_moves_the_commit_as_one_by_one() {
+        let offsets = std::sync::Arc::new(Offsets::default());
+        offsets.assign([tp(0), ("u".to_owned(), 1)]);
+        for offset in 0..6 {
+            offsets.delivered("t", 0, offset);
+        }
+        offsets.delivered("u", 1, 7);
+        let settle = KafkaSettle(std::sync::Arc::clone(&offsets));
+        // 0 is still in flight; an id that is not Kafka's, or of a partition not assigned,
+        // changes nothing.
+        let ids = ["t/0/1", "t/0/2", "u/1/7", "not-an-id", "t/2/3", "t/0/4"];
+        settle.settle_done(&mut ids.into_iter());
+        assert_eq!(offsets.in_flight(None), 3, "0, 3 and 5");
+        let mut commit = offsets.to_commit();
+        commit.sort();
+        assert_eq!(commit, [(tp(0), 0), (("u".to_owned(), 1), 8)]);
+        settle.settle_done(&mut ["t/0/0", "t/0/3", "t/0/5"].into_iter());
+        assert_eq!(offsets.in_flight(None), 0);
+        commit = offsets.to_commit();
+        commit.sort();
+        assert_eq!(commit, [(tp(0), 6), (("u".to_owned(), 1), 8)]);
     }
 
     #[test]
