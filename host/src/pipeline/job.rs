@@ -89,7 +89,6 @@ mod tests {
     use crate::delivery::{RawPayload, Settle, Settled};
     use crate::message::DecodeError;
 
-    /// Counts the messages settled as done.
     /// Counts the messages settled as done, and the abandoned ones.
     #[derive(Default)]
     struct Tally(AtomicUsize, AtomicUsize);
