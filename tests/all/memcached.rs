@@ -398,8 +398,8 @@ async fn a_message_writing_a_key_twice_applies_both_writes() {
     let apply = async |lsn: u64, ops: &[Op]| {
         let writes = MessageWrites {
             version: Some(Version { lsn, idx: 0 }),
-            plain: Vec::new(),
-            versioned: ops.iter().collect(),
+            plain: &[],
+            versioned: ops,
         };
         match applier.apply(&[writes], &[]).await.unwrap().remove(0) {
             MessageOutcome::Applied { stale } => stale,

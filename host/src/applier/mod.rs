@@ -52,10 +52,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 pub struct MessageWrites<'a> {
     /// The change's version; `None` for a backfill read.
     pub version: Option<Version>,
-    /// Operations applied last-write-wins.
-    pub plain: Vec<&'a Op>,
-    /// Operations applied through the versioned script.
-    pub versioned: Vec<&'a Op>,
+    /// Operations applied last-write-wins, borrowed from the plugin's answer.
+    pub plain: &'a [Op],
+    /// Operations applied through the versioned script, borrowed from the plugin's answer.
+    pub versioned: &'a [Op],
 }
 
 /// What happened to one message's writes.
@@ -457,12 +457,12 @@ impl Applier {
         let mut calls =
             versioned::Calls::new(&self.version_prefix, self.tombstone_ms, self.slotted);
         for (index, writes) in messages.iter().enumerate() {
-            for op in &writes.plain {
+            for op in writes.plain {
                 commands.push((plain::command(op), slot(op.key())));
                 settles.push(ReplyFor::Message(index));
             }
             if !done[index] {
-                calls.add(index, &writes.versioned, writes.version);
+                calls.add(index, writes.versioned, writes.version);
             }
         }
         for call in calls.finish() {

@@ -159,13 +159,13 @@ impl<'a> Calls<'a> {
     }
 
     /// Adds the versioned operations of the batch's message `index`, written at `version`.
-    pub(crate) fn add(&mut self, index: usize, ops: &[&'a Op], version: Option<Version>) {
+    pub(crate) fn add(&mut self, index: usize, ops: &'a [Op], version: Option<Version>) {
         if ops.is_empty() {
             return;
         }
         let version = version_arg(version).into_bytes();
         if !self.by_slot {
-            self.push(0, index, version, ops.iter().copied());
+            self.push(0, index, version, ops.iter());
             return;
         }
         for (slot, ops) in by_slot(ops) {
@@ -304,11 +304,11 @@ impl<'a> Builder<'a> {
 /// A message's operations grouped by the hash slot of their keys, in the order of each slot's
 /// first operation. A publish joins the group of the keyed operation before it (or of the first
 /// one after it); publishes alone make a group of their channel's slot.
-fn by_slot<'a>(ops: &[&'a Op]) -> Vec<(HashSlot, Vec<&'a Op>)> {
-    let mut groups: Vec<(HashSlot, Vec<&'a Op>)> = Vec::new();
-    let mut pending_publishes: Vec<&'a Op> = Vec::new();
+fn by_slot(ops: &[Op]) -> Vec<(HashSlot, Vec<&Op>)> {
+    let mut groups: Vec<(HashSlot, Vec<&Op>)> = Vec::new();
+    let mut pending_publishes: Vec<&Op> = Vec::new();
     let mut current: Option<usize> = None;
-    for &op in ops {
+    for op in ops {
         if matches!(op, Op::Publish { .. }) {
             match current {
                 Some(index) => groups[index].1.push(op),
@@ -474,8 +474,13 @@ mod tests {
     }
 
     fn calls(messages: &[Vec<&Op>], by_slot: bool) -> Vec<Call> {
+        // Each message's answer, as a plugin returns it.
+        let answers: Vec<Vec<Op>> = messages
+            .iter()
+            .map(|ops| ops.iter().map(|&op| op.clone()).collect())
+            .collect();
         let mut calls = Calls::new("kw:v:", 1000, by_slot);
-        for (index, ops) in messages.iter().enumerate() {
+        for (index, ops) in answers.iter().enumerate() {
             calls.add(index, ops, Some(Version { lsn: 1, idx: 0 }));
         }
         calls.finish()
@@ -484,9 +489,8 @@ mod tests {
     #[test]
     fn every_operation_is_written_as_the_script_reads_it() {
         let ops = every_op();
-        let refs: Vec<&Op> = ops.iter().collect();
         let mut calls = Calls::new("kw:v:", 1000, false);
-        calls.add(7, &refs, None);
+        calls.add(7, &ops, None);
         let calls = calls.finish();
         assert_eq!(calls.len(), 1);
         assert_eq!(calls[0].messages, [7]);

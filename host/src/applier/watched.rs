@@ -200,7 +200,7 @@ impl Watched {
                 let ops = writes
                     .versioned
                     .iter()
-                    .map(|&op| match op {
+                    .map(|op| match op {
                         Op::Set { ttl_ms: None, .. } | Op::Del { .. } => {
                             Some((op, version_key(&self.prefix, op.key())))
                         }

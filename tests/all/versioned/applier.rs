@@ -20,8 +20,8 @@ pub(super) async fn applier(url: &str) -> (Applier, Keys) {
 pub(super) async fn apply(applier: &Applier, lsn: u64, ops: &[Op]) -> u64 {
     let writes = MessageWrites {
         version: (lsn > 0).then_some(Version { lsn, idx: 0 }),
-        plain: Vec::new(),
-        versioned: ops.iter().collect(),
+        plain: &[],
+        versioned: ops,
     };
     match applier.apply(&[writes], &[]).await.unwrap().remove(0) {
         MessageOutcome::Applied { stale } => stale,
@@ -287,8 +287,8 @@ async fn writes_of_one_key_in_one_call_keep_their_order() {
     fn message(lsn: u64, ops: &[Op]) -> MessageWrites<'_> {
         MessageWrites {
             version: Some(Version { lsn, idx: 0 }),
-            plain: Vec::new(),
-            versioned: ops.iter().collect(),
+            plain: &[],
+            versioned: ops,
         }
     }
     let (m1, m2, m3) = (

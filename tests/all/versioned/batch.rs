@@ -21,8 +21,8 @@ fn batch(messages: &[(u64, Vec<Op>)]) -> Vec<MessageWrites<'_>> {
         .iter()
         .map(|(lsn, ops)| MessageWrites {
             version: (*lsn > 0).then_some(Version { lsn: *lsn, idx: 0 }),
-            plain: Vec::new(),
-            versioned: ops.iter().collect(),
+            plain: &[],
+            versioned: ops,
         })
         .collect()
 }

@@ -163,8 +163,8 @@ async fn one_transaction_tells_a_new_key_from_member_versions() {
         .iter()
         .map(|(op, lsn)| MessageWrites {
             version: Some(Version { lsn: *lsn, idx: 0 }),
-            plain: Vec::new(),
-            versioned: vec![op],
+            plain: &[],
+            versioned: std::slice::from_ref(op),
         })
         .collect();
     let outcomes = applier.apply(&writes, &[]).await.unwrap();

@@ -252,18 +252,18 @@ impl Memcached {
         &self,
         writes: &MessageWrites<'_>,
     ) -> Result<Result<u64, MemcachedRefusal>, ApplyError> {
-        for op in writes.plain.iter().chain(&writes.versioned) {
+        for op in writes.plain.iter().chain(writes.versioned) {
             if let Err(refusal) = self.check(op, !writes.versioned.is_empty()) {
                 return Ok(Err(refusal));
             }
         }
         let mut stale = 0;
-        for op in &writes.plain {
+        for op in writes.plain {
             if let Err(refusal) = self.write(op, None).await? {
                 return Ok(Err(refusal));
             }
         }
-        for op in &writes.versioned {
+        for op in writes.versioned {
             match self.write(op, Some(writes.version)).await? {
                 Ok(skipped) => stale += u64::from(skipped),
                 Err(refusal) => return Ok(Err(refusal)),

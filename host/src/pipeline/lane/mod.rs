@@ -154,8 +154,8 @@ fn plan<'a>(
         };
         match outcome {
             Ok(ops) => match plugin.manifest.consistency {
-                Consistency::Versioned => message_writes.versioned.extend(ops.iter()),
-                Consistency::Plain => message_writes.plain.extend(ops.iter()),
+                Consistency::Versioned => message_writes.versioned = ops,
+                Consistency::Plain => message_writes.plain = ops,
             },
             Err(error) => dead.push(letters::dead_letter(
                 job,
