@@ -95,22 +95,22 @@ pub struct ChangeMessage {
 impl ChangeMessage {
     /// Postgres schema of the table.
     pub fn schema(&self) -> &str {
-        self.texts.schema()
+        self.texts.get(self.texts.schema)
     }
 
     /// Table name.
     pub fn table(&self) -> &str {
-        self.texts.table()
+        self.texts.get(self.texts.table)
     }
 
     /// The row as JSON object text, exactly as delivered.
     pub fn record(&self) -> &str {
-        self.texts.record()
+        self.texts.get(self.texts.record)
     }
 
     /// Old values of changed columns (JSON object text), when the message has them.
     pub fn changes(&self) -> Option<&str> {
-        self.texts.changes()
+        self.texts.changes.map(|span| self.texts.get(span))
     }
 
     /// Primary-key values as strings, in key-column order.
@@ -120,17 +120,17 @@ impl ChangeMessage {
 
     /// Commit timestamp (RFC 3339).
     pub fn commit_timestamp(&self) -> &str {
-        self.texts.commit_timestamp()
+        self.texts.get(self.texts.commit_timestamp)
     }
 
     /// Sequin's idempotency key.
     pub fn idempotency_key(&self) -> &str {
-        self.texts.idempotency_key()
+        self.texts.get(self.texts.idempotency_key)
     }
 
     /// The whole `metadata` object, exactly as delivered.
     pub fn metadata(&self) -> &str {
-        self.texts.metadata()
+        self.texts.get(self.texts.metadata)
     }
 }
 

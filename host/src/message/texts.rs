@@ -12,7 +12,7 @@ use std::fmt;
 
 /// Where one text lies in [`Texts::buf`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-struct Span {
+pub(super) struct Span {
     start: usize,
     end: usize,
 }
@@ -21,13 +21,13 @@ struct Span {
 #[derive(Clone)]
 pub(super) struct Texts {
     buf: Box<str>,
-    schema: Span,
-    table: Span,
-    record: Span,
-    changes: Option<Span>,
-    commit_timestamp: Span,
-    idempotency_key: Span,
-    metadata: Span,
+    pub(super) schema: Span,
+    pub(super) table: Span,
+    pub(super) record: Span,
+    pub(super) changes: Option<Span>,
+    pub(super) commit_timestamp: Span,
+    pub(super) idempotency_key: Span,
+    pub(super) metadata: Span,
     /// Most tables have a key of one or two columns.
     pks: SmallVec<[Span; 2]>,
 }
@@ -95,36 +95,9 @@ impl Texts {
         }
     }
 
-    fn get(&self, span: Span) -> &str {
+    /// One text, by its span.
+    pub(super) fn get(&self, span: Span) -> &str {
         &self.buf[span.start..span.end]
-    }
-
-    pub(super) fn schema(&self) -> &str {
-        self.get(self.schema)
-    }
-
-    pub(super) fn table(&self) -> &str {
-        self.get(self.table)
-    }
-
-    pub(super) fn record(&self) -> &str {
-        self.get(self.record)
-    }
-
-    pub(super) fn changes(&self) -> Option<&str> {
-        self.changes.map(|span| self.get(span))
-    }
-
-    pub(super) fn commit_timestamp(&self) -> &str {
-        self.get(self.commit_timestamp)
-    }
-
-    pub(super) fn idempotency_key(&self) -> &str {
-        self.get(self.idempotency_key)
-    }
-
-    pub(super) fn metadata(&self) -> &str {
-        self.get(self.metadata)
     }
 
     pub(super) fn pks(&self) -> Pks<'_> {
@@ -180,13 +153,14 @@ mod tests {
             pks: ["1", "", "b:c"].into_iter(),
         };
         let texts = Texts::new(&parts);
-        assert_eq!(texts.schema(), "public");
-        assert_eq!(texts.table(), "orders");
-        assert_eq!(texts.record(), parts.record);
-        assert_eq!(texts.changes(), Some("{}"));
-        assert_eq!(texts.commit_timestamp(), "2025-03-14T09:26:53Z");
-        assert_eq!(texts.idempotency_key(), "a2V5");
-        assert_eq!(texts.metadata(), r#"{"x":1}"#);
+        let get = |span| texts.get(span);
+        assert_eq!(get(texts.schema), "public");
+        assert_eq!(get(texts.table), "orders");
+        assert_eq!(get(texts.record), parts.record);
+        assert_eq!(texts.changes.map(get), Some("{}"));
+        assert_eq!(get(texts.commit_timestamp), "2025-03-14T09:26:53Z");
+        assert_eq!(get(texts.idempotency_key), "a2V5");
+        assert_eq!(get(texts.metadata), r#"{"x":1}"#);
         assert_eq!(texts.pks().collect::<Vec<_>>(), ["1", "", "b:c"]);
         assert_eq!(texts.pks().len(), 3);
         let total = 6 + 6 + parts.record.len() + 2 + 20 + 4 + 7 + 1 + 3;
@@ -205,8 +179,9 @@ mod tests {
             metadata: "{}",
             pks: std::iter::once("1"),
         };
-        assert_eq!(Texts::new(&parts).changes(), None);
+        assert_eq!(Texts::new(&parts).changes, None);
         parts.changes = Some("");
-        assert_eq!(Texts::new(&parts).changes(), Some(""));
+        let texts = Texts::new(&parts);
+        assert_eq!(texts.changes.map(|span| texts.get(span)), Some(""));
     }
 }
