@@ -414,3 +414,24 @@ fn escaped_metadata_texts_are_read_unescaped_into_the_message() {
         assert!(message.metadata().contains(r#""table_name":"ord\u0065rs""#));
     }
 }
+
+#[test]
+fn utf8_accepts_what_std_accepts_and_fails_with_stds_error() {
+    let long_ascii = "a".repeat(100);
+    let texts: [&[u8]; 7] = [
+        b"",
+        b"{\"a\":\"caf\xc3\xa9\"}",
+        long_ascii.as_bytes(),
+        "\u{1F600} and \u{10FFFF}".as_bytes(),
+        b"caf\xc3",
+        b"\xff\xfe",
+        b"\xed\xa0\x80 (a surrogate)",
+    ];
+    for bytes in texts {
+        let mut with_tail = long_ascii.clone().into_bytes();
+        with_tail.extend_from_slice(bytes);
+        for bytes in [bytes, with_tail.as_slice()] {
+            assert_eq!(super::utf8(bytes), std::str::from_utf8(bytes), "{bytes:?}");
+        }
+    }
+}

@@ -239,7 +239,7 @@ pub(crate) fn decode_json(body: &[u8], max_bytes: usize) -> Payload {
             limit: max_bytes,
         })
     } else {
-        std::str::from_utf8(body)
+        crate::message::utf8(body)
             .map_err(|error| DecodeError::NotUtf8 {
                 part: "message".to_owned(),
                 error,
