@@ -76,8 +76,6 @@
 //! - [`key`]: key templates such as `{schema}.{table}:{pks}`.
 //! - [`config`]: [`Config`], the plugin's `[config]` table.
 //! - [`log`]: logging through the host.
-//! - [`arena`]: the plugin's allocator (feature `arena`, on by default; turn default features
-//!   off to keep Rust's, or to set your own `#[global_allocator]`).
 //! - [`export`]: the [`Plugin`] trait and the [`export_plugin!`] macro.
 
 #![deny(missing_docs)]
@@ -102,7 +100,6 @@ pub mod bindings {
     });
 }
 
-pub mod arena;
 pub mod config;
 pub mod export;
 pub mod key;
@@ -114,16 +111,6 @@ mod message;
 
 #[cfg(test)]
 mod fixtures;
-
-/// The plugin's allocator (feature `arena`, on by default): see [`arena`]. Only for wasm32
-/// without threads: the arena is not thread-safe, and components run on one thread.
-#[cfg(all(
-    feature = "arena",
-    target_arch = "wasm32",
-    not(target_feature = "atomics")
-))]
-#[global_allocator]
-static ALLOCATOR: arena::Arena = arena::Arena::new();
 
 /// The README's example plugin, compiled as a doctest so that it stays correct.
 #[cfg(doctest)]
