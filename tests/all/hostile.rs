@@ -167,6 +167,32 @@ async fn a_slow_leak_is_recycled_before_it_reaches_the_cap() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_a_plugin_keeps_across_calls_is_never_reused() {
+    // The Rust SDK's allocator reuses a call's memory in the next (and lowers the host's texts
+    // into it): records the plugin keeps pin that memory. The plugin checks on every change that
+    // none of the copies it kept was overwritten, in one instance across 125 calls.
+    let rows = 1000;
+    let outcome = run_lines("keep", "", "", "batch_size = 8\nlanes = 1", || {
+        (0..rows).map(order).collect()
+    })
+    .await;
+    assert!(outcome.dead.is_empty(), "{:?}", outcome.dead);
+    let mut most = 0;
+    for row in 0..rows {
+        let probe = outcome
+            .get(&format!("probe:{row}"))
+            .await
+            .unwrap_or_default();
+        let kept: u64 = probe
+            .strip_prefix("kept ")
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("row {row}: {probe:?}"));
+        most = most.max(kept);
+    }
+    assert!(most >= 500, "an instance kept {most} records at most");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_panic_is_contained_to_its_change() {
     let outcome = only_row_2_fails("panic", "", 5, "plugin trapped").await;
     assert!(outcome.get("4").await.is_some());

@@ -3,7 +3,9 @@
 //! where it does what `mode` says:
 //!
 //! - `loop`: never returns; `alloc`: allocates until it dies; `leak`: keeps `leak_kib` more
-//!   memory on every call and behaves; `panic`: panics;
+//!   memory on every call and behaves; `panic`: panics; `keep`: keeps a copy of every record it
+//!   sees, checks that none was overwritten since, and caches `kept <count>` as
+//!   `<prefix>probe:<pks>` (the SDK's allocator must not reuse memory a plugin still holds);
 //! - `outside`: writes `forbidden:<pks>`; `huge`: returns an 8 MiB value; `many-ops`: returns
 //!   10,000 operations; `log-flood`: logs 10,000 lines and behaves;
 //! - `stall`: busy-waits until the wall-clock time in the record's `stall_until_ms` (needs the
@@ -23,6 +25,8 @@ pub struct Hostile {
     victims: Option<Vec<String>>,
     leak_kib: usize,
     leaked: RefCell<Vec<Vec<u8>>>,
+    /// `keep`: each record seen, and its checksum when it was kept.
+    kept: RefCell<Vec<(String, u64)>>,
 }
 
 #[derive(serde::Deserialize)]
@@ -43,6 +47,7 @@ impl Plugin for Hostile {
             victims: s.victims,
             leak_kib: s.leak_kib,
             leaked: RefCell::new(Vec::new()),
+            kept: RefCell::new(Vec::new()),
         })
     }
 
@@ -79,6 +84,16 @@ impl Plugin for Hostile {
                     .borrow_mut()
                     .push(vec![1u8; self.leak_kib << 10]);
                 Ok(normal)
+            }
+            "keep" => {
+                let mut kept = self.kept.borrow_mut();
+                let text = change.record_json().to_owned();
+                let sum = checksum(&text);
+                kept.push((text, sum));
+                if kept.iter().any(|(text, sum)| checksum(text) != *sum) {
+                    return Err("a kept record was overwritten".to_owned());
+                }
+                probe(format!("kept {}", kept.len()))
             }
             "panic" => panic!("hostile plugin panics on {pks}"),
             "stall" => {
@@ -147,3 +162,10 @@ fn now_ms() -> u64 {
 }
 
 keepwarm_guest::export_plugin!(Hostile);
+
+/// FNV-1a of `text`.
+fn checksum(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |sum, byte| {
+        (sum ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
