@@ -110,17 +110,6 @@ pub mod __private {
         changes: Vec<WitChange>,
         config: impl FnOnce() -> String,
     ) -> Vec<ChangeResult> {
-        crate::arena::close_lowering_window();
-        let results = answer(plugin, changes, config);
-        crate::arena::open_lowering_window();
-        results
-    }
-
-    fn answer<P: Plugin>(
-        plugin: &OnceCell<Result<P, String>>,
-        changes: Vec<WitChange>,
-        config: impl FnOnce() -> String,
-    ) -> Vec<ChangeResult> {
         let plugin = plugin.get_or_init(|| {
             let config = Config::from_json(&config())?;
             P::new(&config)

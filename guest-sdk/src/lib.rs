@@ -76,8 +76,6 @@
 //! - [`key`]: key templates such as `{schema}.{table}:{pks}`.
 //! - [`config`]: [`Config`], the plugin's `[config]` table.
 //! - [`log`]: logging through the host.
-//! - [`arena`]: the plugin's allocator and `cabi_realloc` (feature `arena`, on by default; turn
-//!   default features off to keep wasi-libc's, or to set your own `#[global_allocator]`).
 //! - [`export`]: the [`Plugin`] trait and the [`export_plugin!`] macro.
 
 #![deny(missing_docs)]
@@ -102,7 +100,6 @@ pub mod bindings {
     });
 }
 
-pub mod arena;
 pub mod config;
 pub mod export;
 pub mod key;

@@ -168,9 +168,10 @@ async fn a_slow_leak_is_recycled_before_it_reaches_the_cap() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn memory_a_plugin_keeps_across_calls_is_never_reused() {
-    // The Rust SDK's allocator reuses a call's memory in the next (and lowers the host's texts
-    // into it): records the plugin keeps pin that memory. The plugin checks on every change that
-    // none of the copies it kept was overwritten, in one instance across 125 calls.
+    // Memory a plugin keeps across calls must not be handed out again, neither to the plugin
+    // nor to the host's texts of a later call (an allocator that reuses a call's memory in the
+    // next, as tried in docs/bench.md round 19, must respect it). The plugin checks on every
+    // change that none of the copies it kept was overwritten, in one instance across 125 calls.
     let rows = 1000;
     let outcome = run_lines("keep", "", "", "batch_size = 8\nlanes = 1", || {
         (0..rows).map(order).collect()

@@ -5,7 +5,7 @@
 //! - `loop`: never returns; `alloc`: allocates until it dies; `leak`: keeps `leak_kib` more
 //!   memory on every call and behaves; `panic`: panics; `keep`: keeps a copy of every record it
 //!   sees, checks that none was overwritten since, and caches `kept <count>` as
-//!   `<prefix>probe:<pks>` (the SDK's allocator must not reuse memory a plugin still holds);
+//!   `<prefix>probe:<pks>` (no allocator may reuse memory a plugin still holds);
 //! - `outside`: writes `forbidden:<pks>`; `huge`: returns an 8 MiB value; `many-ops`: returns
 //!   10,000 operations; `log-flood`: logs 10,000 lines and behaves;
 //! - `stall`: busy-waits until the wall-clock time in the record's `stall_until_ms` (needs the
