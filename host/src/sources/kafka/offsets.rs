@@ -1,7 +1,8 @@
 //! Which offsets may be committed: per assigned partition, the messages delivered and not yet
-//! settled (and, behind the first of them, those applied since, until it is). The offset committed is the lowest one not applied (or, when everything delivered
-//! is applied, the one after the last delivered), so a message applied early never carries
-//! the commit past an earlier one still in flight.
+//! settled (and, behind the first of them, those applied since, until it is). The offset
+//! committed is the lowest one not applied (or, when everything delivered is applied, the one
+//! after the last delivered), so a message applied early never carries the commit past an
+//! earlier one still in flight.
 //!
 //! Shared by the poll loop (deliveries, commits), the pipeline (settlements, through
 //! [`KafkaSettle`]) and the rebalance callback (assign, wait for in-flight, revoke).
