@@ -10,6 +10,7 @@
 //! budget) for good. A plugin that answers nothing at all keeps its batch waiting.
 
 use super::Shared;
+use super::thread::CallThread;
 use crate::pipeline::Job;
 use crate::runtime::plugin::ChangeOutcome;
 use crate::runtime::{Plugin, PluginError};
@@ -31,7 +32,12 @@ pub(super) enum Called {
 }
 
 /// Calls the plugin serving `name` on the batch, waiting while it is paused.
-pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Called {
+pub(super) async fn call(
+    name: &str,
+    shared: &Shared,
+    thread: &mut CallThread,
+    jobs: &[Arc<Job>],
+) -> Called {
     // The version this batch tripped, and how many changes it had answered by then.
     let mut tripped: Option<(Arc<Plugin>, u64)> = None;
     // Waits so far for room in the engine's instance pool.
@@ -54,7 +60,7 @@ pub(super) async fn call(name: &str, shared: &Shared, jobs: &[Arc<Job>]) -> Call
             }
         }
         let each = answers_at_trip.is_some();
-        let Some(outcomes) = call_blocking(name, shared, &plugin, jobs, each).await else {
+        let Some(outcomes) = call_blocking(name, shared, thread, &plugin, jobs, each).await else {
             return Called::Abandoned;
         };
         if paused_meanwhile(&plugin, &outcomes) {
@@ -143,17 +149,18 @@ async fn wait_for_pool(
     }
 }
 
-/// One batch call off the async executor (`each`: [`Plugin::call_batch_each`]); `None` when
+/// One batch call on the lane's thread (`each`: [`Plugin::call_batch_each`]); `None` when
 /// its task failed.
 async fn call_blocking(
     name: &str,
     shared: &Shared,
+    thread: &mut CallThread,
     plugin: &Arc<Plugin>,
     jobs: &[Arc<Job>],
     each: bool,
 ) -> Option<Vec<ChangeOutcome>> {
     let started = Instant::now();
-    let called = tokio::task::spawn_blocking({
+    let work = {
         let (plugin, jobs) = (Arc::clone(plugin), jobs.to_vec());
         move || {
             let messages: Vec<_> = jobs.iter().filter_map(|job| job.message()).collect();
@@ -163,8 +170,8 @@ async fn call_blocking(
                 plugin.call_batch(&messages)
             }
         }
-    })
-    .await;
+    };
+    let called = thread.run(name, work).await;
     match called {
         Ok(outcomes) => {
             shared.counters.metrics.plugin_call(name, started.elapsed());

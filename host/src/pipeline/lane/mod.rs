@@ -9,11 +9,13 @@
 //! - [`check`]: the manifest's limits and key prefixes on what the plugin returned.
 //! - [`apply`]: the applier call retried while Redis is unavailable, and the applied tally.
 //! - [`letters`]: dead letters, built, logged and counted in one place.
+//! - [`thread`]: the lane's own thread, where its plugin calls run.
 
 mod apply;
 mod call;
 mod check;
 mod letters;
+mod thread;
 
 use super::{Job, Shared};
 use crate::applier::dead_letter::DeadLetter;
@@ -27,6 +29,7 @@ use apply::AppliedTally;
 use call::Called;
 use letters::Cause;
 use std::sync::Arc;
+use thread::CallThread;
 use tokio::sync::mpsc;
 
 /// Runs a lane until its queue is closed and drained.
@@ -38,10 +41,11 @@ pub(super) async fn run(
 ) {
     let max = shared.config.batch_size;
     let mut batch = Vec::with_capacity(max);
+    let mut thread = CallThread::default();
     while queue.recv_many(&mut batch, max).await > 0 {
         let jobs = std::mem::take(&mut batch);
         let done = match &plugin {
-            Some(name) => process(name, index, &shared, &jobs).await,
+            Some(name) => process(name, index, &shared, &mut thread, &jobs).await,
             None => dead_letter_malformed(&shared, &jobs).await,
         };
         super::job::finish_all(&jobs, done);
@@ -73,8 +77,14 @@ async fn dead_letter_malformed(shared: &Shared, jobs: &[Arc<Job>]) -> bool {
 /// Calls the plugin on a batch and applies its answer. Returns whether the lane's part of every
 /// message is done (applied, dead-lettered, or the plugin is gone); false leaves the batch for
 /// redelivery.
-async fn process(name: &str, lane: usize, shared: &Shared, jobs: &[Arc<Job>]) -> bool {
-    match call::call(name, shared, jobs).await {
+async fn process(
+    name: &str,
+    lane: usize,
+    shared: &Shared,
+    thread: &mut CallThread,
+    jobs: &[Arc<Job>],
+) -> bool {
+    match call::call(name, shared, thread, jobs).await {
         Called::Answered { plugin, outcomes } => {
             let lane = format!("{name}#{lane}");
             apply_answers(&lane, shared, &plugin, jobs, outcomes).await
