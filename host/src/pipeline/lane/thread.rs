@@ -17,6 +17,11 @@ use tokio::sync::oneshot;
 
 type Work = Box<dyn FnOnce() + Send>;
 
+/// The stack of a lane's thread: tokio's blocking threads', where the calls ran before. Wasm
+/// runs on it (wasmtime stops a guest at 512 KiB of wasm stack); std's default would follow
+/// `RUST_MIN_STACK`, which could make it smaller than that.
+const STACK_BYTES: usize = 2 << 20;
+
 /// The calling end of a lane's thread.
 #[derive(Default)]
 pub(super) struct CallThread {
@@ -65,6 +70,7 @@ fn spawn(name: &str) -> std::io::Result<mpsc::Sender<Work>> {
         // A plugin's name comes from a file name, which cannot hold a NUL (a thread name must
         // not); Linux shows the first 15 bytes.
         .name(format!("call:{name}"))
+        .stack_size(STACK_BYTES)
         .spawn(move || {
             while let Ok(work) = rx.recv() {
                 work();
