@@ -11,7 +11,8 @@
 #    "keepwarm-guest"` resolves, as do relative imports and pure-JS packages in the plugin's own
 #    node_modules;
 # 2. runs the pinned `jco componentize --backend quickjs` (scripts/lib/toolchains.sh installs it
-#    on first use) against wit/keepwarm.wit, world `plugin`.
+#    on first use) against wit/v0.1.0/keepwarm.wit (the JavaScript helper speaks contract 0.1.0,
+#    which keepwarm still runs), world `plugin`.
 #
 # The QuickJS backend embeds the QuickJS-ng engine and snapshots the initialised module (Wizer),
 # so the component starts with the module already evaluated. The plugin world is synchronous, so
@@ -50,7 +51,7 @@ cp "$repo/guest-sdk/js/package.json" "$repo/guest-sdk/js/keepwarm.js" "$stage/no
 
 mkdir -p "$(dirname "$out")"
 if ! log="$("$KEEPWARM_JCO" componentize --backend quickjs --backend-qjs-disable-async --cwd "$stage" \
-    --wit "$repo/wit" --world-name plugin --out "$out.tmp" "$stage/$main" 2>&1)"; then
+    --wit "$repo/wit/v0.1.0" --world-name plugin --out "$out.tmp" "$stage/$main" 2>&1)"; then
     rm -f "$out.tmp"
     printf '%s\n' "$log" >&2
     fail "jco componentize failed for $dir"

@@ -6,8 +6,9 @@
 # PLUGIN_DIR holds a pyproject.toml; its module (`[tool.keepwarm] module`, by default the
 # `[project] name` with `-` turned into `_`) binds `Transform`, usually
 # `export_plugin(...)` from keepwarm_guest. The pinned componentize-py (scripts/lib/toolchains.sh
-# installs it on first use) generates the bindings of wit/keepwarm.wit, world `plugin`, and
-# bundles CPython, the module, what it imports from a copy of PLUGIN_DIR and guest-sdk/python
+# installs it on first use) generates the bindings of wit/v0.1.0/keepwarm.wit (the Python
+# helper speaks contract 0.1.0, which keepwarm still runs), world `plugin`, and bundles
+# CPython, the module, what it imports from a copy of PLUGIN_DIR and guest-sdk/python
 # (keepwarm_guest) into the component. Pure-Python dependencies can live in PLUGIN_DIR (e.g.
 # `pip install --target`).
 set -euo pipefail
@@ -53,7 +54,7 @@ mkdir -p "$(dirname "$out")"
 # -p: where the module and its imports are found. VIRTUAL_ENV is cleared so that componentize-py
 # does not add the toolchain's own site-packages to the plugin's path.
 if ! log="$(cd "$stage/app" && env -u VIRTUAL_ENV "$KEEPWARM_COMPONENTIZE_PY" --quiet \
-    --wit-path "$repo/wit" --world plugin componentize \
+    --wit-path "$repo/wit/v0.1.0" --world plugin componentize \
     --python-path "$stage/app" --python-path "$stage/sdk" \
     --output "$out.tmp" "$module" 2>&1)"; then
     rm -f "$out.tmp"

@@ -1,5 +1,6 @@
 // Types of keepwarm-guest (keepwarm.js), for editors and type checkers. The contract itself is
-// wit/keepwarm.wit; these are its JavaScript shapes as the QuickJS backend of jco maps them.
+// wit/v0.1.0/keepwarm.wit (this helper speaks contract 0.1.0, which keepwarm still runs);
+// these are its JavaScript shapes as the QuickJS backend of jco maps them.
 
 /** What happened to the row. `read` is a backfill row. */
 export type Action = "insert" | "update" | "delete" | "read";

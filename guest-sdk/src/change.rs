@@ -19,40 +19,115 @@
 //! ```
 
 use std::cell::OnceCell;
+use std::ops::Range;
 
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::{Action, WitChange};
+use crate::Action;
 
 /// The placeholder Sequin writes for an unchanged TOASTed column of an update.
 const UNCHANGED_TOAST: &str = "unchanged_toast";
 
+/// The parts of a change, each on its own: what [`Change::to_parts`] gives and
+/// [`Change::from`] takes, to build or alter a change in tests and native tools.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChangeParts {
+    /// What happened to the row.
+    pub action: Action,
+    /// The Postgres schema of the table.
+    pub schema: String,
+    /// The table name.
+    pub table: String,
+    /// The row as JSON object text.
+    pub record: String,
+    /// For updates, the old values as JSON object text.
+    pub changes: Option<String>,
+    /// The primary-key values, in primary-key column order.
+    pub pks: Vec<String>,
+    /// The commit LSN; the change has a version only with both it and `commit_idx`.
+    pub commit_lsn: Option<u64>,
+    /// The position of the change within its transaction.
+    pub commit_idx: Option<u64>,
+    /// The commit time (RFC 3339, UTC).
+    pub commit_timestamp: String,
+    /// Sequin's idempotency key.
+    pub idempotency_key: String,
+    /// The whole `metadata` object as JSON text.
+    pub metadata: String,
+}
+
+/// Where each text of a change lies in its `texts`, in the order of the contract's layout.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Spans {
+    pub(crate) schema: Range<usize>,
+    pub(crate) table: Range<usize>,
+    pub(crate) record: Range<usize>,
+    /// `None` when the change has no `changes`.
+    pub(crate) changes: Option<Range<usize>>,
+    pub(crate) commit_timestamp: Range<usize>,
+    pub(crate) idempotency_key: Range<usize>,
+    pub(crate) metadata: Range<usize>,
+}
+
 /// One change to one row, as the host delivered it.
 ///
-/// It wraps the WIT record ([`WitChange`]) and parses the record JSON at most once, on first use.
+/// Its texts arrive in one string (contract 0.2.0, `wit/keepwarm.wit`), and are handed out as
+/// slices of it; the record JSON is parsed at most once, on first use.
 #[derive(Clone, Debug)]
 pub struct Change {
-    /// The record as the host sent it.
-    wit: WitChange,
+    action: Action,
+    /// Every text of the change; `spans` says where each lies (checked on arrival).
+    texts: String,
+    spans: Spans,
+    pks: Vec<String>,
+    version: Option<(u64, u64)>,
     /// `record` parsed, filled on first use.
     record: OnceCell<Result<Value, String>>,
 }
 
 impl Change {
+    /// A change from its texts and where each lies, as [`crate::wire`] reads them off a batch.
+    /// The spans must lie in `texts` on character boundaries (the caller checked).
+    pub(crate) fn from_texts(
+        action: Action,
+        texts: String,
+        spans: Spans,
+        pks: Vec<String>,
+        version: Option<(u64, u64)>,
+    ) -> Change {
+        Change {
+            action,
+            texts,
+            spans,
+            pks,
+            version,
+            record: OnceCell::new(),
+        }
+    }
+
+    /// Its texts and where each lies, as [`crate::wire`] writes them into a batch.
+    pub(crate) fn texts(&self) -> (&str, &Spans) {
+        (&self.texts, &self.spans)
+    }
+
+    fn text(&self, span: &Range<usize>) -> &str {
+        &self.texts[span.clone()]
+    }
+
     /// What happened to the row.
     pub fn action(&self) -> Action {
-        self.wit.action
+        self.action
     }
 
     /// The Postgres schema of the table, e.g. `public`.
     pub fn schema(&self) -> &str {
-        &self.wit.schema
+        self.text(&self.spans.schema)
     }
 
     /// The table name (a partition reports its parent's name).
     pub fn table(&self) -> &str {
-        &self.wit.table
+        self.text(&self.spans.table)
     }
 
     /// The row as JSON object text, byte for byte as delivered.
@@ -60,7 +135,7 @@ impl Change {
     /// For a delete this is the old row; unless the table has `REPLICA IDENTITY FULL`, only its
     /// primary-key columns are set and the others are `null`.
     pub fn record_json(&self) -> &str {
-        &self.wit.record
+        self.text(&self.spans.record)
     }
 
     /// The row deserialized into `T`.
@@ -72,7 +147,7 @@ impl Change {
     ///
     /// When the record does not fit `T`; the message names the problem.
     pub fn record<T: DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_str(&self.wit.record).map_err(|error| format!("record: {error}"))
+        serde_json::from_str(self.record_json()).map_err(|error| format!("record: {error}"))
     }
 
     /// The row as a JSON value (an object), parsed once and kept.
@@ -86,7 +161,7 @@ impl Change {
     pub fn record_value(&self) -> Result<&Value, String> {
         self.record
             .get_or_init(|| {
-                serde_json::from_str(&self.wit.record).map_err(|error| format!("record: {error}"))
+                serde_json::from_str(self.record_json()).map_err(|error| format!("record: {error}"))
             })
             .as_ref()
             .map_err(Clone::clone)
@@ -95,7 +170,7 @@ impl Change {
     /// For updates, the old values of the changed columns as JSON object text, `{}` when the
     /// table's replica identity is not FULL. `None` for insert, delete and read.
     pub fn old_json(&self) -> Option<&str> {
-        self.wit.changes.as_deref()
+        self.spans.changes.as_ref().map(|span| self.text(span))
     }
 
     /// The old values of [`Change::old_json`], parsed.
@@ -111,28 +186,28 @@ impl Change {
 
     /// The primary-key values as strings, in primary-key column order.
     pub fn pks(&self) -> &[String] {
-        &self.wit.pks
+        &self.pks
     }
 
     /// The version of the change: `(commit LSN, position in the transaction)`. `None` for
     /// backfill reads, which have neither.
     pub fn version(&self) -> Option<(u64, u64)> {
-        Some((self.wit.commit_lsn?, self.wit.commit_idx?))
+        self.version
     }
 
     /// The commit time (RFC 3339, UTC); for reads, the time the row was read.
     pub fn commit_timestamp(&self) -> &str {
-        &self.wit.commit_timestamp
+        self.text(&self.spans.commit_timestamp)
     }
 
     /// Sequin's idempotency key for this change.
     pub fn idempotency_key(&self) -> &str {
-        &self.wit.idempotency_key
+        self.text(&self.spans.idempotency_key)
     }
 
     /// The whole `metadata` object of the message as JSON text.
     pub fn metadata_json(&self) -> &str {
-        &self.wit.metadata
+        self.text(&self.spans.metadata)
     }
 
     /// The `metadata` object deserialized into `T`, e.g. to read `transaction_annotations`.
@@ -141,7 +216,7 @@ impl Change {
     ///
     /// When the metadata does not fit `T`.
     pub fn metadata<T: DeserializeOwned>(&self) -> Result<T, String> {
-        serde_json::from_str(&self.wit.metadata).map_err(|error| format!("metadata: {error}"))
+        serde_json::from_str(self.metadata_json()).map_err(|error| format!("metadata: {error}"))
     }
 
     /// Whether a top-level column of the record holds the string `"unchanged_toast"`: Sequin's
@@ -158,14 +233,43 @@ impl Change {
         }
     }
 
-    /// The WIT record this change wraps.
-    pub fn as_wit(&self) -> &WitChange {
-        &self.wit
+    /// The change's parts, each on its own.
+    pub fn to_parts(&self) -> ChangeParts {
+        ChangeParts {
+            action: self.action,
+            schema: self.schema().to_owned(),
+            table: self.table().to_owned(),
+            record: self.record_json().to_owned(),
+            changes: self.old_json().map(str::to_owned),
+            pks: self.pks.clone(),
+            commit_lsn: self.version.map(|(lsn, _)| lsn),
+            commit_idx: self.version.map(|(_, idx)| idx),
+            commit_timestamp: self.commit_timestamp().to_owned(),
+            idempotency_key: self.idempotency_key().to_owned(),
+            metadata: self.metadata_json().to_owned(),
+        }
     }
+}
 
-    /// Unwraps the WIT record.
-    pub fn into_wit(self) -> WitChange {
-        self.wit
+impl From<ChangeParts> for Change {
+    fn from(parts: ChangeParts) -> Change {
+        let mut texts = String::new();
+        let mut push = |text: &str| {
+            let start = texts.len();
+            texts.push_str(text);
+            start..texts.len()
+        };
+        let spans = Spans {
+            schema: push(&parts.schema),
+            table: push(&parts.table),
+            record: push(&parts.record),
+            changes: parts.changes.as_deref().map(&mut push),
+            commit_timestamp: push(&parts.commit_timestamp),
+            idempotency_key: push(&parts.idempotency_key),
+            metadata: push(&parts.metadata),
+        };
+        let version = parts.commit_lsn.zip(parts.commit_idx);
+        Change::from_texts(parts.action, texts, spans, parts.pks, version)
     }
 }
 
@@ -185,22 +289,13 @@ fn may_hold_toast(json: &[u8]) -> bool {
     })
 }
 
-impl From<WitChange> for Change {
-    fn from(wit: WitChange) -> Change {
-        Change {
-            wit,
-            record: OnceCell::new(),
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::fixtures;
 
     fn change(record: &str, action: Action) -> Change {
-        Change::from(WitChange {
+        Change::from(ChangeParts {
             action,
             schema: "public".to_owned(),
             table: "t".to_owned(),
@@ -267,12 +362,12 @@ mod tests {
 
     #[test]
     fn version_needs_lsn_and_index() {
-        let mut wit = change("{}", Action::Read).into_wit();
-        assert_eq!(Change::from(wit.clone()).version(), None);
-        wit.commit_lsn = Some(7);
-        assert_eq!(Change::from(wit.clone()).version(), None);
-        wit.commit_idx = Some(2);
-        assert_eq!(Change::from(wit).version(), Some((7, 2)));
+        let mut parts = change("{}", Action::Read).to_parts();
+        assert_eq!(Change::from(parts.clone()).version(), None);
+        parts.commit_lsn = Some(7);
+        assert_eq!(Change::from(parts.clone()).version(), None);
+        parts.commit_idx = Some(2);
+        assert_eq!(Change::from(parts).version(), Some((7, 2)));
     }
 
     #[test]
@@ -305,14 +400,35 @@ mod tests {
 
     #[test]
     fn old_values_follow_changes() {
-        let mut wit = change("{}", Action::Update).into_wit();
-        assert_eq!(Change::from(wit.clone()).old_values(), Ok(None));
-        wit.changes = Some(r#"{"status":"pending"}"#.to_owned());
-        let change = Change::from(wit);
+        let mut parts = change("{}", Action::Update).to_parts();
+        assert_eq!(Change::from(parts.clone()).old_values(), Ok(None));
+        parts.changes = Some(r#"{"status":"pending"}"#.to_owned());
+        let change = Change::from(parts);
         assert_eq!(change.old_json(), Some(r#"{"status":"pending"}"#));
         assert_eq!(
             change.old_values(),
             Ok(Some(serde_json::json!({"status": "pending"})))
         );
+    }
+
+    #[test]
+    fn parts_read_back_unchanged() {
+        let parts = ChangeParts {
+            action: Action::Update,
+            schema: "público".to_owned(),
+            table: "t".to_owned(),
+            record: r#"{"id":1,"s":"é"}"#.to_owned(),
+            changes: Some(String::new()),
+            pks: vec!["1".to_owned(), String::new()],
+            commit_lsn: Some(9),
+            commit_idx: Some(0),
+            commit_timestamp: "ts".to_owned(),
+            idempotency_key: "k".to_owned(),
+            metadata: "{}".to_owned(),
+        };
+        let change = Change::from(parts.clone());
+        assert_eq!(change.old_json(), Some(""));
+        assert_eq!(change.schema(), "público");
+        assert_eq!(change.to_parts(), parts);
     }
 }

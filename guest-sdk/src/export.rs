@@ -34,7 +34,7 @@
 
 use std::cell::OnceCell;
 
-use crate::{Change, ChangeResult, Config, Op, WitChange};
+use crate::{Change, ChangeResult, Config, Op, WitBatch, wire};
 
 /// A keepwarm plugin: built once from its configuration, then asked for the cache operations of
 /// each change.
@@ -71,9 +71,7 @@ macro_rules! export_plugin {
             struct KeepwarmExport;
 
             impl $crate::bindings::exports::keepwarm::plugin::transform::Guest for KeepwarmExport {
-                fn handle_batch(
-                    changes: ::std::vec::Vec<$crate::WitChange>,
-                ) -> ::std::vec::Vec<$crate::ChangeResult> {
+                fn handle_batch(batch: $crate::WitBatch) -> ::std::vec::Vec<$crate::ChangeResult> {
                     ::std::thread_local! {
                         static PLUGIN: ::std::cell::OnceCell<
                             ::std::result::Result<$plugin, ::std::string::String>,
@@ -82,7 +80,7 @@ macro_rules! export_plugin {
                     PLUGIN.with(|plugin| {
                         $crate::export::__private::handle_batch(
                             plugin,
-                            changes,
+                            batch,
                             $crate::bindings::keepwarm::plugin::config::get,
                         )
                     })
@@ -104,25 +102,25 @@ pub mod __private {
     use super::*;
 
     /// Answers one batch: builds the plugin on first use from `config`, then one result per
-    /// change.
+    /// change. A batch that breaks the contract (a host's bug) fails every change, saying why.
     pub fn handle_batch<P: Plugin>(
         plugin: &OnceCell<Result<P, String>>,
-        changes: Vec<WitChange>,
+        batch: WitBatch,
         config: impl FnOnce() -> String,
     ) -> Vec<ChangeResult> {
+        let count = batch.actions.len();
         let plugin = plugin.get_or_init(|| {
             let config = Config::from_json(&config())?;
             P::new(&config)
         });
+        let fail_all = |error: String| vec![Err(error); count];
+        let changes: Vec<Change> = match wire::changes(batch) {
+            Ok(changes) => changes,
+            Err(reason) => return fail_all(format!("keepwarm-guest: {reason}")),
+        };
         match plugin {
-            Ok(plugin) => changes
-                .into_iter()
-                .map(|change| plugin.handle(&Change::from(change)))
-                .collect(),
-            Err(reason) => {
-                let error = format!("plugin configuration: {reason}");
-                changes.iter().map(|_| Err(error.clone())).collect()
-            }
+            Ok(plugin) => changes.iter().map(|change| plugin.handle(change)).collect(),
+            Err(reason) => fail_all(format!("plugin configuration: {reason}")),
         }
     }
 }
@@ -154,11 +152,12 @@ mod tests {
         }
     }
 
-    fn batch() -> Vec<WitChange> {
-        fixtures::all()
+    fn batch() -> WitBatch {
+        let changes: Vec<Change> = fixtures::all()
             .iter()
-            .map(|fixture| Change::from_message_json(&fixture.line).unwrap().into_wit())
-            .collect()
+            .map(|fixture| Change::from_message_json(&fixture.line).unwrap())
+            .collect();
+        wire::batch(&changes)
     }
 
     #[test]
@@ -173,8 +172,17 @@ mod tests {
             Ok(vec![ops::del("2025-03-13:9007199254740993")])
         );
         assert_eq!(
-            handle_batch::<Deleter>(&plugin, Vec::new(), || unreachable!()),
+            handle_batch::<Deleter>(&plugin, wire::batch(&[]), || unreachable!()),
             []
+        );
+        let mut broken = batch();
+        broken.layout.pop();
+        let results = handle_batch::<Deleter>(&plugin, broken, || unreachable!());
+        assert_eq!(results.len(), 12);
+        let error = results[3].clone().unwrap_err();
+        assert!(
+            error.starts_with("keepwarm-guest: malformed batch: 12 actions"),
+            "{error}"
         );
     }
 

@@ -288,7 +288,7 @@ mod tests {
             "idempotency_key":"k","record_pks":["1"]}}"#;
         let change = Change::from_message_json(line).unwrap();
         check("{x}|{n}|{b}|{s}", &change, Ok(r#"1.0e20|-0|true|a"bé"#));
-        let mut broken = change.into_wit();
+        let mut broken = change.to_parts();
         broken.record = "[1]".to_owned();
         let error = format_key("{x}", &Change::from(broken)).unwrap_err();
         assert!(

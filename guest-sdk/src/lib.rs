@@ -2,7 +2,7 @@
 //!
 //! A keepwarm plugin is a WebAssembly component that turns Postgres changes (decoded from Sequin
 //! change messages) into Redis cache operations. The contract is the WIT package
-//! `keepwarm:plugin` in `wit/keepwarm.wit`; this crate wraps its generated bindings so that a
+//! `keepwarm:plugin@0.2.0` in `wit/keepwarm.wit`; this crate wraps its generated bindings so that a
 //! plugin is one type implementing [`Plugin`] and one call to [`export_plugin!`].
 //!
 //! # A complete plugin
@@ -71,7 +71,7 @@
 //!
 //! - [`bindings`]: the code `wit-bindgen` generates for the `plugin` world.
 //! - `change.rs`: [`Change`], typed access to one change; `message.rs` builds one from a Sequin
-//!   change message.
+//!   change message; [`wire`] reads the batch the host sends into changes.
 //! - [`ops`]: builders for the cache operations.
 //! - [`key`]: key templates such as `{schema}.{table}:{pks}`.
 //! - [`config`]: [`Config`], the plugin's `[config]` table.
@@ -105,6 +105,7 @@ pub mod export;
 pub mod key;
 pub mod log;
 pub mod ops;
+pub mod wire;
 
 mod change;
 mod message;
@@ -121,14 +122,14 @@ pub use bindings::keepwarm::plugin::types::{
     Action, ChangeResult, ExpireOp, FieldValue, HashSetOp, Level, MembersOp, Op, PublishOp,
     ScoredMember, SetOp, SortedSetAddOp,
 };
-pub use change::Change;
+pub use change::{Change, ChangeParts};
 pub use config::Config;
 pub use export::Plugin;
 pub use key::{KeyTemplate, format_key};
 pub use wit_bindgen;
 
-/// The raw WIT `change` record that [`Change`] wraps.
-pub type WitChange = bindings::keepwarm::plugin::types::Change;
+/// The raw WIT `batch` record a plugin receives; [`wire`] reads it into [`Change`]s.
+pub type WitBatch = bindings::keepwarm::plugin::types::Batch;
 
 impl Action {
     /// The action's name as Sequin writes it: `insert`, `update`, `delete` or `read`.

@@ -8,7 +8,7 @@
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::{Action, Change, WitChange};
+use crate::{Action, Change, ChangeParts};
 
 /// The top level of a change message; the JSON texts are borrowed as they are.
 #[derive(Deserialize)]
@@ -22,7 +22,7 @@ struct Message<'a> {
     metadata: &'a RawValue,
 }
 
-/// The fields of `metadata` that become fields of the WIT record.
+/// The fields of `metadata` that become parts of the change.
 #[derive(Deserialize)]
 struct Metadata {
     table_schema: String,
@@ -59,7 +59,7 @@ impl Change {
         let metadata_json = object_text("metadata", message.metadata)?;
         let metadata: Metadata = serde_json::from_str(metadata_json)
             .map_err(|error| format!("change message: metadata: {error}"))?;
-        Ok(Change::from(WitChange {
+        Ok(Change::from(ChangeParts {
             action,
             schema: metadata.table_schema,
             table: metadata.table_name,

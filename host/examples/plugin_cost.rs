@@ -20,7 +20,7 @@
 //! build's, while the guest code Cranelift produces is the same.
 
 use keepwarm::message::ChangeMessage;
-use keepwarm::runtime::bindings::PluginPre;
+use keepwarm::runtime::contract::Pre;
 use keepwarm::runtime::loader::{PluginFiles, load_plugin};
 use keepwarm::runtime::state::PluginState;
 use keepwarm::runtime::{EPOCH_TICK, Runtime};
@@ -139,7 +139,7 @@ fn main() -> anyhow::Result<()> {
     let start = Instant::now();
     let component = Component::new(runtime.engine(), &bytes)?;
     let compile = start.elapsed();
-    let pre = PluginPre::new(runtime.linker().instantiate_pre(&component)?)?;
+    let pre = Pre::new(runtime.linker().instantiate_pre(&component)?)?;
     let mut instantiations = Vec::new();
     for _ in 0..20 {
         let mut store = Store::new(
@@ -153,11 +153,7 @@ fn main() -> anyhow::Result<()> {
         store.set_epoch_deadline(u64::MAX / 2);
         let start = Instant::now();
         let instance = pre.instantiate(&mut store)?;
-        let pks = keepwarm::runtime::convert::pk_refs(subscribed[0]);
-        let change = keepwarm::runtime::convert::change_param(subscribed[0], &pks);
-        instance
-            .keepwarm_plugin_transform()
-            .call_handle_batch(&mut store, &[change])?;
+        instance.handle_batch(&mut store, &subscribed[..1])?;
         instantiations.push(start.elapsed());
     }
     println!("  compile: {}", show(compile));

@@ -153,8 +153,8 @@ pub fn print_plugins(listen: &str, json: bool) -> Result<(), AdminError> {
     let plugins: Vec<serde_json::Value> =
         serde_json::from_str(&body).map_err(|error| AdminError::Answer { url, error })?;
     println!(
-        "{:<20} {:<13} {:<18} {:<8} {:>8}  TABLES / ERROR",
-        "NAME", "VERSION", "STATE", "COMPILED", "LOAD_MS"
+        "{:<20} {:<13} {:<18} {:<8} {:<8} {:>8}  TABLES / ERROR",
+        "NAME", "VERSION", "STATE", "CONTRACT", "COMPILED", "LOAD_MS"
     );
     for p in plugins {
         let text = |key: &str| p[key].as_str().unwrap_or("-").to_owned();
@@ -171,10 +171,11 @@ pub fn print_plugins(listen: &str, json: bool) -> Result<(), AdminError> {
             None => tables,
         };
         println!(
-            "{:<20} {:<13} {:<18} {:<8} {:>8}  {}",
+            "{:<20} {:<13} {:<18} {:<8} {:<8} {:>8}  {}",
             text("name"),
             text("version"),
             text("state"),
+            text("contract"),
             text("compiled"),
             p["load_ms"]
                 .as_u64()

@@ -132,6 +132,19 @@ impl ChangeMessage {
     pub fn metadata(&self) -> &str {
         self.texts.get(self.texts.metadata)
     }
+
+    /// Every text of the message in one string, as plugin contract 0.2.0 passes it
+    /// (`wit/keepwarm.wit`, `batch.texts`); [`ChangeMessage::push_layout`] says where each lies.
+    pub fn wire_texts(&self) -> &str {
+        self.texts.buf()
+    }
+
+    /// Appends the message's sixteen numbers of contract 0.2.0's `batch.layout` to `layout`,
+    /// and its primary keys' to `pks` (a message's texts always fit the contract's 32-bit
+    /// offsets: a longer one is not decoded).
+    pub fn push_layout(&self, layout: &mut Vec<u32>, pks: &mut Vec<u32>) {
+        self.texts.push_layout(self.version.is_some(), layout, pks);
+    }
 }
 
 impl fmt::Debug for ChangeMessage {
@@ -376,7 +389,7 @@ impl ChangeMessage {
             .ok_or(DecodeError::MissingField("metadata"))?;
         let changes = parts.changes;
         let checked = check(action, record, changes, metadata, parts.fields, syntax)?;
-        Ok(Self::build(checked, record, changes, metadata))
+        Self::build(checked, record, changes, metadata)
     }
 
     /// Decodes a change message from the four fields of a Sequin Redis Stream entry.
@@ -391,12 +404,12 @@ impl ChangeMessage {
     ) -> Result<ChangeMessage, DecodeError> {
         let (checked, [record, changes, metadata]) =
             check_stream_fields(&|name: &str| field(name).map(utf8))?;
-        Ok(Self::build(
+        Self::build(
             checked,
             record.unwrap_or_default(),
             changes,
             metadata.unwrap_or_default(),
-        ))
+        )
     }
 
     /// As [`ChangeMessage::from_stream_fields`], taking the entry's fields by value: a
@@ -418,13 +431,15 @@ impl ChangeMessage {
         decoded.map_err(|error| (error, fields))
     }
 
-    /// The message, from checked parts and their texts (copied into one buffer).
+    /// The message, from checked parts and their texts (copied into one buffer); too large
+    /// when the texts exceed the 32-bit offsets of a plugin call (4 GiB, far beyond any
+    /// `pipeline.max_message_bytes` in use).
     fn build(
         checked: Checked<'_>,
         record: &str,
         changes: Option<&str>,
         metadata: &str,
-    ) -> ChangeMessage {
+    ) -> Result<ChangeMessage, DecodeError> {
         let Checked {
             action,
             meta,
@@ -441,11 +456,18 @@ impl ChangeMessage {
             metadata: trim_object(metadata),
             pks: meta.record_pks.iter().map(|pk| &**pk),
         });
-        ChangeMessage {
+        let size = texts.buf().len();
+        if u32::try_from(size).is_err() {
+            return Err(DecodeError::TooLarge {
+                size,
+                limit: u32::MAX as usize,
+            });
+        }
+        Ok(ChangeMessage {
             action,
             version,
             texts,
-        }
+        })
     }
 
     /// The message as Sequin's JSON object, for dead letters and replays.

@@ -139,10 +139,27 @@ async fn plugins_in_rust_javascript_and_python_keep_their_caches_exact() {
         fixtures()[1].to_string(),
     ];
     env.xadd(&lines).await;
-    let daemon = env.run();
+    let daemon = env.stream_config().admin().run();
     // Loading compiles the Python component (CPython inside: ~18 MiB), slow in debug builds.
     env.wait_drained_within(lines.len() as u64, Duration::from_secs(300))
         .await;
+    // The Rust helper speaks contract 0.2.0; the JavaScript and Python helpers 0.1.0, which
+    // keepwarm runs beside it.
+    let contracts: HashMap<String, String> = plugins_status(&daemon.admin_url("/plugins"))
+        .await
+        .iter()
+        .map(|p| (p["name"].to_string(), p["contract"].to_string()))
+        .collect();
+    let expect = |name: &str, contract: &str| {
+        assert_eq!(
+            contracts.get(&format!("\"{name}\"")),
+            Some(&format!("\"{contract}\"")),
+            "{contracts:?}"
+        );
+    };
+    expect("row-cache", "0.2.0");
+    expect("orders-index", "0.1.0");
+    expect("product-catalog", "0.1.0");
     daemon.stop().await;
 
     let keys = env.keys().await;

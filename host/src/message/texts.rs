@@ -100,6 +100,41 @@ impl Texts {
         &self.buf[span.start..span.end]
     }
 
+    /// The buffer every span lies in.
+    pub(super) fn buf(&self) -> &str {
+        &self.buf
+    }
+
+    /// Appends the layout of plugin contract 0.2.0 (`wit/keepwarm.wit`, `batch.layout`): the
+    /// flags (1: a version, 2: `changes`), the start and length of schema, table, record,
+    /// changes, commit timestamp, idempotency key and metadata, and the number of primary keys;
+    /// and the keys' starts and lengths to `pks`. The buffer is at most `u32::MAX` bytes long
+    /// (`ChangeMessage::build` refuses longer ones).
+    pub(super) fn push_layout(&self, has_version: bool, layout: &mut Vec<u32>, pks: &mut Vec<u32>) {
+        debug_assert!(u32::try_from(self.buf.len()).is_ok());
+        #[allow(
+            clippy::cast_possible_truncation,
+            reason = "every offset is at most the buffer's length, which fits"
+        )]
+        let n = |x: usize| x as u32;
+        let pair = |span: Span| [n(span.start), n(span.end - span.start)];
+        let flags = u32::from(has_version) | (u32::from(self.changes.is_some()) << 1);
+        layout.push(flags);
+        for span in [
+            self.schema,
+            self.table,
+            self.record,
+            self.changes.unwrap_or_default(),
+            self.commit_timestamp,
+            self.idempotency_key,
+            self.metadata,
+        ] {
+            layout.extend(pair(span));
+        }
+        layout.push(n(self.pks.len()));
+        pks.extend(self.pks.iter().flat_map(|&span| pair(span)));
+    }
+
     pub(super) fn pks(&self) -> Pks<'_> {
         Pks {
             texts: self,
@@ -165,6 +200,43 @@ mod tests {
         assert_eq!(texts.pks().len(), 3);
         let total = 6 + 6 + parts.record.len() + 2 + 20 + 4 + 7 + 1 + 3;
         assert_eq!(texts.buf.len(), total);
+    }
+
+    #[test]
+    fn the_layout_of_contract_0_2_points_at_each_text() {
+        let parts = Parts {
+            schema: "public",
+            table: "orders",
+            record: r#"{"note":"héllo"}"#,
+            changes: None,
+            commit_timestamp: "t",
+            idempotency_key: "k",
+            metadata: "{}",
+            pks: ["1", "b:c"].into_iter(),
+        };
+        let texts = Texts::new(&parts);
+        let (mut layout, mut pks) = (vec![7], vec![9]);
+        texts.push_layout(true, &mut layout, &mut pks);
+        assert_eq!(layout.len(), 1 + 16);
+        assert_eq!(layout[1], 1, "a version, no changes");
+        let text = |i: usize| {
+            let start = layout[2 + 2 * i] as usize;
+            &texts.buf()[start..start + layout[3 + 2 * i] as usize]
+        };
+        let read: Vec<&str> = (0..7).map(text).collect();
+        assert_eq!(read, ["public", "orders", parts.record, "", "t", "k", "{}"]);
+        assert_eq!(layout[16], 2);
+        let keys: Vec<&str> = pks[1..]
+            .chunks(2)
+            .map(|p| &texts.buf()[p[0] as usize..(p[0] + p[1]) as usize])
+            .collect();
+        assert_eq!(keys, ["1", "b:c"]);
+        let mut parts = parts;
+        parts.changes = Some("{}");
+        let texts = Texts::new(&parts);
+        let (mut layout, mut pks) = (Vec::new(), Vec::new());
+        texts.push_layout(false, &mut layout, &mut pks);
+        assert_eq!(layout[0], 2, "changes, no version");
     }
 
     #[test]

@@ -184,7 +184,9 @@ pub enum LoadError {
     #[error("the component needs imports keepwarm does not provide: {0:#}")]
     Imports(wasmtime::Error),
     /// The component does not export this contract's `transform`.
-    #[error("the component does not implement the keepwarm:plugin/transform@0.1.0 contract: {0:#}")]
+    #[error(
+        "the component does not implement the keepwarm:plugin/transform contract (0.2.0, or 0.1.0 before it): {0:#}"
+    )]
     Contract(wasmtime::Error),
     /// Instantiating it trapped, or ran out of time or memory.
     #[error(transparent)]

@@ -4,8 +4,8 @@
 //! version too. Loading compiles, pre-links, checks the exported contract version, instantiates
 //! once and runs the manifest's self-tests; only a plugin that passes all of that is returned.
 
-use super::bindings::PluginPre;
 use super::cache::Compiled;
+use super::contract::Pre;
 use super::error::{LoadError, PluginError};
 use super::state::PluginIdent;
 use super::{Plugin, Runtime};
@@ -175,12 +175,14 @@ pub(super) fn register(runtime: &Runtime, loaded: Loaded, previous: Option<&str>
         plugin.manifest.tables.clone(),
         load_ms,
         loaded.compiled.as_str(),
+        plugin.contract(),
     );
     tracing::info!(
         plugin = plugin.name(),
         version = plugin.version(),
         previous,
         tables = ?plugin.manifest.tables,
+        contract = plugin.contract(),
         compiled = loaded.compiled.as_str(),
         load_ms,
         compile_ms = loaded.timings.compile.as_millis() as u64,
@@ -266,7 +268,7 @@ fn load_bytes(
         .linker()
         .instantiate_pre(&component)
         .map_err(LoadError::Imports)?;
-    let pre = PluginPre::new(instance_pre).map_err(LoadError::Contract)?;
+    let pre = Pre::new(instance_pre).map_err(LoadError::Contract)?;
     let plugin = Plugin::new(
         runtime.engine().clone(),
         pre,

@@ -2,13 +2,14 @@
 //! instances, CPU deadlines by epoch interruption, memory caps, and no WASI capabilities.
 //!
 //! - [`error`]: plugin faults, load and engine errors.
-//! - [`bindings`]: the only `bindgen!`.
+//! - [`bindings`]: the `bindgen!`s, of the contract and of the one before it.
 //! - [`state`]: store data (WASI view, limiter, `log` and `config` imports).
 //! - [`limiter`]: memory cap and high-water mark.
 //! - [`guest_output`]: guest stdout/stderr to the log, rate limited.
 //! - [`breaker`]: pausing a plugin whose calls keep failing.
 //! - [`plugin`]: one loaded plugin and its warm instances.
-//! - [`convert`]: `ChangeMessage` to the WIT change, the WIT op to [`Op`](crate::ops::Op).
+//! - [`contract`]: the contracts a component may implement (0.2.0, 0.1.0) and calls under each.
+//! - [`convert`]: messages to a call's parameters, the WIT op to [`Op`](crate::ops::Op).
 //! - [`loader`]: reading a plugin directory into a [`PluginSet`].
 //! - [`selftest`]: the manifest's self-test cases.
 //! - [`cache`]: compiled components on disk, by content hash and engine.
@@ -19,6 +20,7 @@ pub mod bindings;
 pub(crate) mod breaker;
 pub mod cache;
 mod clocks;
+pub mod contract;
 pub mod convert;
 pub mod error;
 mod guest_output;
@@ -91,6 +93,11 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(EngineError::Wasmtime)?;
         clocks::add_to_linker(&mut linker).map_err(EngineError::Wasmtime)?;
         bindings::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(EngineError::Wasmtime)?;
+        bindings::v0_1::Plugin::add_to_linker::<_, wasmtime::component::HasSelf<_>>(
             &mut linker,
             |state| state,
         )

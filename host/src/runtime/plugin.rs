@@ -6,9 +6,8 @@
 //! reported as failed. A change found guilty of a timeout is called once more first: the
 //! deadline is wall-clock time, and a load spike must not dead-letter a good change.
 
-use super::bindings::PluginPre;
 use super::breaker::Breaker;
-use super::convert;
+use super::contract::{Instance, Pre};
 use super::error::{MemoryCapExceeded, Misbehavior, PluginError};
 use super::state::{PluginIdent, PluginState};
 use crate::manifest::Manifest;
@@ -26,7 +25,7 @@ pub struct Plugin {
     /// The validated manifest.
     pub manifest: Manifest,
     engine: Engine,
-    pre: PluginPre<PluginState>,
+    pre: Pre,
     deadline_ticks: u64,
     warm: Mutex<Vec<Warm>>,
     /// Pauses the plugin when its calls keep failing.
@@ -38,7 +37,7 @@ pub struct Plugin {
 /// A warm instance and its store.
 struct Warm {
     store: Store<PluginState>,
-    bindings: super::bindings::Plugin,
+    instance: Instance,
     calls: u64,
 }
 
@@ -61,7 +60,7 @@ impl Plugin {
     /// Wraps a pre-linked component; `tick` is the epoch tick of the engine.
     pub(super) fn new(
         engine: Engine,
-        pre: PluginPre<PluginState>,
+        pre: Pre,
         ident: Arc<PluginIdent>,
         manifest: Manifest,
         tick: Duration,
@@ -225,13 +224,8 @@ impl Plugin {
     /// One call on one instance. An `Err` means the instance failed as a whole (and is gone).
     fn call_once(&self, changes: &[&ChangeMessage]) -> Result<Vec<ChangeOutcome>, PluginError> {
         let mut warm = self.take_warm()?;
-        let pks = convert::batch_pk_refs(changes);
-        let params = convert::change_params(changes, &pks);
         warm.store.set_epoch_deadline(self.deadline_ticks);
-        let result = warm
-            .bindings
-            .keepwarm_plugin_transform()
-            .call_handle_batch(&mut warm.store, &params);
+        let result = warm.instance.handle_batch(&mut warm.store, changes);
         warm.calls += 1;
         let results = result.map_err(|error| self.classify(&error))?;
         if results.len() != changes.len() {
@@ -243,12 +237,17 @@ impl Plugin {
         let outcomes = results
             .into_iter()
             .map(|result| match result {
-                Ok(ops) => Ok(ops.into_iter().map(convert::op).collect()),
+                Ok(ops) => Ok(ops),
                 Err(reason) => Err(PluginError::Rejected(reason)),
             })
             .collect();
         self.put_back(warm);
         Ok(outcomes)
+    }
+
+    /// The version of the plugin contract the component implements.
+    pub fn contract(&self) -> &'static str {
+        self.pre.version()
     }
 
     fn classify(&self, error: &wasmtime::Error) -> PluginError {
@@ -283,7 +282,7 @@ impl Plugin {
         );
         store.limiter(|state| &mut state.limiter);
         store.set_epoch_deadline(self.deadline_ticks);
-        let bindings = self.pre.instantiate(&mut store).map_err(|error| {
+        let instance = self.pre.instantiate(&mut store).map_err(|error| {
             match self.classify(&error) {
                 _ if error
                     .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
@@ -303,7 +302,7 @@ impl Plugin {
         })?;
         Ok(Warm {
             store,
-            bindings,
+            instance,
             calls: 0,
         })
     }

@@ -2,6 +2,7 @@
 //! memory limiter, and the host side of the `log` and `config` imports.
 
 use super::bindings::keepwarm::plugin::{config, log, types};
+use super::bindings::v0_1::keepwarm::plugin as v0_1;
 use super::guest_output::{GuestOutput, LogBudget};
 use super::limiter::MemoryLimiter;
 use crate::manifest::Grants;
@@ -120,5 +121,26 @@ impl log::Host for PluginState {
 impl config::Host for PluginState {
     fn get(&mut self) -> String {
         self.ident.config_json.clone()
+    }
+}
+
+// Contract 0.1.0 imports the same `log` and `config`, with types of its own.
+impl v0_1::types::Host for PluginState {}
+
+impl v0_1::log::Host for PluginState {
+    fn log(&mut self, level: v0_1::types::Level, message: String) {
+        let level = match level {
+            v0_1::types::Level::Debug => types::Level::Debug,
+            v0_1::types::Level::Info => types::Level::Info,
+            v0_1::types::Level::Warn => types::Level::Warn,
+            v0_1::types::Level::Error => types::Level::Error,
+        };
+        log::Host::log(self, level, message);
+    }
+}
+
+impl v0_1::config::Host for PluginState {
+    fn get(&mut self) -> String {
+        config::Host::get(self)
     }
 }

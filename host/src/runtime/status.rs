@@ -40,6 +40,8 @@ pub struct PluginStatus {
     pub load_ms: Option<u64>,
     /// Whether the serving version was compiled or taken from the artifact cache.
     pub compiled: Option<&'static str>,
+    /// The plugin contract the serving version implements (`0.2.0`, or `0.1.0` before it).
+    pub contract: Option<&'static str>,
     /// Until when the plugin is paused (Unix milliseconds), when it was paused.
     pub paused_until_ms: Option<u64>,
 }
@@ -59,6 +61,7 @@ impl StatusBoard {
         tables: Option<Vec<String>>,
         load_ms: u64,
         compiled: &'static str,
+        contract: &'static str,
     ) {
         self.lock().insert(
             name.to_owned(),
@@ -72,6 +75,7 @@ impl StatusBoard {
                 loaded_at: Some(now_secs()),
                 load_ms: Some(load_ms),
                 compiled: Some(compiled),
+                contract: Some(contract),
                 paused_until_ms: None,
             },
         );
@@ -92,6 +96,7 @@ impl StatusBoard {
                 loaded_at: None,
                 load_ms: None,
                 compiled: None,
+                contract: None,
                 paused_until_ms: None,
             });
         entry.state = if entry.version.is_some() {
