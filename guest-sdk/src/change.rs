@@ -1,4 +1,4 @@
-//! [`Change`]: one change to one row, with typed access to the WIT `change` record.
+//! [`Change`]: one change to one row, with typed access to its parts.
 //!
 //! The record arrives as JSON text exactly as Sequin sent it. [`Change::record_json`] hands that
 //! text out untouched (cache it as is); [`Change::record`] and [`Change::record_value`] parse it.

@@ -1,10 +1,10 @@
-//! row-cache's transform on either contract (feature `old` or `packed`).
+//! row-cache's transform under one of three layouts of the contract (feature `old`, `packed`
+//! or `flat`; see README.md).
 
 #[cfg(feature = "old")]
 wit_bindgen::generate!({ path: "../wit-old", world: "plugin" });
 #[cfg(feature = "packed")]
 wit_bindgen::generate!({ path: "../wit-packed", world: "plugin" });
-
 #[cfg(feature = "flat")]
 wit_bindgen::generate!({ path: "../wit-flat", world: "plugin" });
 #[cfg(feature = "flat")]
@@ -22,6 +22,8 @@ use proto::packed::types::{Action, Op, SetOp, Span};
 
 const UNCHANGED_TOAST: &str = "unchanged_toast";
 
+/// The SDK's prefilter (`guest-sdk/src/change.rs`), repeated here: the prototype does without
+/// the SDK so that only the contract's layout differs between its three builds.
 fn may_hold_toast(json: &[u8]) -> bool {
     const QUOTED: &[u8] = b"\"unchanged_toast\"";
     memchr::memchr_iter(b'u', json).any(|u| match u.checked_sub(1).map(|at| json[at]) {
