@@ -164,3 +164,56 @@ macro_rules! op_from {
 
 op_from!(op, wit);
 op_from!(op_v0_1, wit_v0_1);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(action: &str, lsn: &str, changes: &str, pks: &str) -> ChangeMessage {
+        ChangeMessage::from_json(&format!(
+            r#"{{"record":{{"id":1}},"changes":{changes},"action":"{action}","metadata":{{
+                "table_schema":"public","table_name":"orders","commit_timestamp":"ts",
+                "commit_lsn":{lsn},"commit_idx":{lsn},"idempotency_key":"k","record_pks":{pks}}}}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_batch_lays_out_each_change_as_contract_0_2_says() {
+        let update = message("update", "7", r#"{"s":"é"}"#, r#"["1","a:b"]"#);
+        let read = message("read", "null", "null", r#"["2"]"#);
+        let batch = Batch::new(&[&update, &read]);
+        let param = batch.param();
+        assert_eq!(param.actions, [wit::Action::Update, wit::Action::Read]);
+        assert_eq!(param.versions, [7, 7, 0, 0]);
+        assert_eq!(param.layout.len(), 2 * Batch::LAYOUT);
+        // Flags: a version and changes; then neither.
+        assert_eq!((param.layout[0], param.layout[Batch::LAYOUT]), (3, 0));
+        let text = |change: usize, at: usize| {
+            let n = &param.layout[change * Batch::LAYOUT..];
+            let start = n[at] as usize;
+            &param.texts[change][start..start + n[at + 1] as usize]
+        };
+        let update_texts: Vec<&str> = [1, 3, 5, 7, 9, 11, 13].map(|at| text(0, at)).to_vec();
+        assert_eq!(
+            update_texts,
+            [
+                "public",
+                "orders",
+                r#"{"id":1}"#,
+                r#"{"s":"é"}"#,
+                "ts",
+                "k",
+                update.metadata()
+            ]
+        );
+        assert_eq!(text(1, 7), "", "a read has no changes");
+        // Two keys for the update, one for the read, each within its own change's texts.
+        assert_eq!((param.layout[15], param.layout[Batch::LAYOUT + 15]), (2, 1));
+        let key = |change: usize, k: usize| {
+            let start = param.pks[2 * k] as usize;
+            &param.texts[change][start..start + param.pks[2 * k + 1] as usize]
+        };
+        assert_eq!([key(0, 0), key(0, 1), key(1, 2)], ["1", "a:b", "2"]);
+    }
+}
