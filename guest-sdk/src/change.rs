@@ -58,7 +58,7 @@ pub struct ChangeParts {
 }
 
 /// Where each text of a change lies in its `texts`, in the order of the contract's layout.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Spans {
     pub(crate) schema: Range<usize>,
     pub(crate) table: Range<usize>,

@@ -9,7 +9,7 @@ use crate::ops::Op;
 
 /// A batch as contract 0.2.0 passes it (`wit/keepwarm.wit`, `batch`): each message's texts
 /// buffer as it is, and the numbers that say where each text lies.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Batch<'a> {
     actions: Vec<wit::Action>,
     texts: Vec<&'a str>,
