@@ -1,11 +1,14 @@
-"""Writes the three contracts the prototype compares, from contract 0.1.0
+"""Writes the four contracts the prototype compares, from contract 0.1.0
 (wit/v0.1.0/keepwarm.wit).
 
 - wit-old/: today's contract (one string per text of each change), exports only.
 - wit-packed/: each change's texts in one string, its parts as span records.
 - wit-flat/: each change's texts in one string, every number of the batch in flat lists.
+- wit-answers/: flat's batch, and the answers flat too: every operation's numbers in one list,
+  its keys and values in one byte list (or, for a value, a span of the change's own texts).
 
-Only the `transform` export differs; the operations a plugin returns are the same.
+Only the `transform` export differs. The operations a plugin returns are the same in all four;
+`answers` returns them as the two lists that `ANSWERS` describes.
 """
 import pathlib
 import sys
@@ -69,6 +72,20 @@ FLAT = """    /// A batch of changes, flat.
 """
 
 
+# What `answers` returns, as a tuple of these two lists.
+ANSWERS = """    /// The answers of a batch, flat.
+    record answers {
+        /// Per operation 6 numbers: the change it answers, its kind (0 set, 1 del; +256 when
+        /// its value is a span of the change's texts rather than of `bytes`), then start and
+        /// length of its key in `bytes`, then start and length of its value.
+        ops: list<u32>,
+        /// The keys and values, back to back.
+        bytes: list<u8>,
+    }
+
+"""
+
+
 def write(name, text):
     out = here / f"wit-{name}"
     out.mkdir(exist_ok=True)
@@ -86,3 +103,15 @@ for name, record in (("packed", PACKED), ("flat", FLAT)):
         "handle-batch: func(batch: batch) -> list<change-result>;",
     )
     write(name, text)
+    if name == "flat":
+        # Without the `op` types nothing uses (bindgen lends them a lifetime it never declares).
+        text = text[: text.index("    /// A string field and its value")] + text[
+            text.index("    /// Severity of a log line.") :
+        ]
+        # As a tuple (`ANSWERS` says what it holds).
+        text = text.replace(
+            "handle-batch: func(batch: batch) -> list<change-result>;",
+            "handle-batch: func(batch: batch) -> tuple<list<u32>, list<u8>>;",
+        )
+        text = text.replace("use types.{batch, change-result};", "use types.{batch};")
+        write("answers", text)

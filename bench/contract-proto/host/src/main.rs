@@ -1,4 +1,7 @@
-//! The cost of one plugin call per change, in process, under three contracts (README.md).
+//! The cost of one plugin call per change, in process, under the contracts of README.md, each
+//! call's answers made ready for the applier.
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::Instant;
 use wasmtime::component::{Component, Linker, ResourceTable};
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
@@ -12,6 +15,9 @@ mod old {
 }
 mod flat {
     wasmtime::component::bindgen!({ world: "plugin", path: "../wit-flat", ownership: Borrowing { duplicate_if_necessary: true } });
+}
+mod answers {
+    wasmtime::component::bindgen!({ world: "plugin", path: "../wit-answers", ownership: Borrowing { duplicate_if_necessary: true } });
 }
 mod packed {
     wasmtime::component::bindgen!({ world: "plugin", path: "../wit-packed", ownership: Borrowing { duplicate_if_necessary: true } });
@@ -35,7 +41,7 @@ struct Sp(u32, u32);
 
 /// A message as keepwarm holds it: its texts in one buffer, spans into it.
 struct Msg {
-    buf: Box<str>,
+    buf: Arc<str>,
     action: u8,
     schema: Sp,
     table: Sp,
@@ -102,7 +108,7 @@ fn msg(i: u64) -> Msg {
     let pks = vec![push(&pk)];
     let metadata = push(&metadata);
     Msg {
-        buf: buf.into_boxed_str(),
+        buf: Arc::from(buf),
         action,
         schema,
         table,
@@ -114,6 +120,129 @@ fn msg(i: u64) -> Msg {
         pks,
         lsn: (action != 3).then_some(1_000_000_000 + i * 8),
     }
+}
+
+/// An operation as keepwarm's applier takes it today: an owned key and value.
+#[allow(dead_code, reason = "built to be dropped: what it costs is the point")]
+enum OwnedOp {
+    Set(String, Vec<u8>),
+    Del(String),
+}
+
+/// An operation over shared buffers: its key and value are ranges of a buffer held by
+/// reference count (the answers' bytes, or the message's texts), as `bytes::Bytes` would hold
+/// them.
+#[allow(dead_code, reason = "built to be dropped: what it costs is the point")]
+struct SharedOp {
+    key: (Arc<[u8]>, Range<usize>),
+    value: Option<(Arc<[u8]>, Range<usize>)>,
+}
+
+/// The owned operations of a batch's answers as the WIT types of `old`, `packed` and `flat` lift
+/// them (all three share the `op` variant's shape).
+macro_rules! owned {
+    ($answers:expr, $types:path) => {{
+        use $types as t;
+        $answers
+            .into_iter()
+            .map(|answer| {
+                answer.map(|ops| {
+                    ops.into_iter()
+                        .map(|op| match op {
+                            t::Op::Set(set) => OwnedOp::Set(set.key, set.value),
+                            t::Op::Del(key) => OwnedOp::Del(key),
+                            _ => unreachable!("row-cache sets and deletes"),
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect::<Vec<_>>()
+    }};
+}
+
+/// The answers of `answers`: every operation's numbers, and the bytes of keys and values.
+struct Answers {
+    ops: Vec<u32>,
+    bytes: Vec<u8>,
+}
+
+/// The answers of `answers` as owned operations, one allocation per key and value as today.
+fn answers_owned(a: &Answers, chunk: &[Msg]) -> Vec<Vec<OwnedOp>> {
+    let mut out: Vec<Vec<OwnedOp>> = (0..chunk.len()).map(|_| Vec::with_capacity(1)).collect();
+    for op in a.ops.chunks_exact(6) {
+        let r = |start: u32, len: u32| start as usize..(start + len) as usize;
+        let key = String::from_utf8(a.bytes[r(op[2], op[3])].to_vec()).expect("UTF-8 key");
+        let index = op[0] as usize;
+        out[index].push(match op[1] {
+            1 => OwnedOp::Del(key),
+            0 => OwnedOp::Set(key, a.bytes[r(op[4], op[5])].to_vec()),
+            _ => OwnedOp::Set(key, chunk[index].buf.as_bytes()[r(op[4], op[5])].to_vec()),
+        });
+    }
+    out
+}
+
+/// The answers of `answers` as shared operations: no allocation per key or value.
+fn answers_shared(a: Answers, chunk: &[Msg]) -> Vec<Vec<SharedOp>> {
+    let bytes: Arc<[u8]> = Arc::from(a.bytes);
+    let mut out: Vec<Vec<SharedOp>> = (0..chunk.len()).map(|_| Vec::with_capacity(1)).collect();
+    for op in a.ops.chunks_exact(6) {
+        let r = |start: u32, len: u32| start as usize..(start + len) as usize;
+        let key = r(op[2], op[3]);
+        std::str::from_utf8(&bytes[key.clone()]).expect("UTF-8 key");
+        let index = op[0] as usize;
+        let value = match op[1] {
+            1 => None,
+            0 => Some((bytes.clone(), r(op[4], op[5]))),
+            _ => {
+                let texts: Arc<str> = chunk[index].buf.clone();
+                // A message's texts as bytes: `Arc<str>` to `Arc<[u8]>` without a copy.
+                // SAFETY: `str` and `[u8]` have the same layout, and the pointer came from
+                // `Arc::into_raw` of the same allocation.
+                let texts: Arc<[u8]> =
+                    unsafe { Arc::from_raw(Arc::into_raw(texts) as *const [u8]) };
+                Some((texts, r(op[4], op[5])))
+            }
+        };
+        out[index].push(SharedOp {
+            key: (bytes.clone(), key),
+            value,
+        });
+    }
+    out
+}
+
+/// The flat layout's lists for a batch.
+fn flat_lists(chunk: &[Msg]) -> (Vec<&str>, Vec<u32>, Vec<u32>, Vec<u64>) {
+    let mut texts: Vec<&str> = Vec::with_capacity(chunk.len());
+    let mut layout: Vec<u32> = Vec::with_capacity(chunk.len() * 17);
+    let mut pks: Vec<u32> = Vec::with_capacity(chunk.len() * 2);
+    let mut versions: Vec<u64> = Vec::with_capacity(chunk.len() * 2);
+    for m in chunk {
+        texts.push(&m.buf);
+        layout.push(u32::from(m.action));
+        for s in [
+            m.schema,
+            m.table,
+            m.record,
+            m.changes.unwrap_or(Sp(0, u32::MAX)),
+            m.ts,
+            m.idem,
+            m.metadata,
+        ] {
+            layout.push(s.0);
+            layout.push(s.1);
+        }
+        layout.push((pks.len() / 2) as u32);
+        layout.push(m.pks.len() as u32);
+        for p in &m.pks {
+            pks.push(p.0);
+            pks.push(p.1);
+        }
+        versions.push(m.lsn.unwrap_or(u64::MAX));
+        versions.push(m.lsn.map_or(u64::MAX, |_| 0));
+    }
+    (texts, layout, pks, versions)
 }
 
 fn engine() -> Engine {
@@ -163,20 +292,24 @@ fn main() -> anyhow::Result<()> {
     let engine = engine();
     let mut linker: Linker<State> = Linker::new(&engine);
     wasmtime_wasi::p2::add_to_linker_sync(&mut linker)?;
-    let old_c = Component::from_file(&engine, dir.join("old.wasm"))?;
-    let packed_c = Component::from_file(&engine, dir.join("packed.wasm"))?;
+    let component = |name: &str| Component::from_file(&engine, dir.join(format!("{name}.wasm")));
     let mut old_s = store(&engine);
-    let old_b = old::Plugin::instantiate(&mut old_s, &old_c, &linker)?;
+    let old_b = old::Plugin::instantiate(&mut old_s, &component("old")?, &linker)?;
     let mut packed_s = store(&engine);
-    let packed_b = packed::Plugin::instantiate(&mut packed_s, &packed_c, &linker)?;
-    let flat_c = Component::from_file(&engine, dir.join("flat.wasm"))?;
+    let packed_b = packed::Plugin::instantiate(&mut packed_s, &component("packed")?, &linker)?;
     let mut flat_s = store(&engine);
-    let flat_b = flat::Plugin::instantiate(&mut flat_s, &flat_c, &linker)?;
+    let flat_b = flat::Plugin::instantiate(&mut flat_s, &component("flat")?, &linker)?;
+    let mut answers_s = store(&engine);
+    let answers_b = answers::Plugin::instantiate(&mut answers_s, &component("answers")?, &linker)?;
+    let mut answersref_s = store(&engine);
+    let answersref_b =
+        answers::Plugin::instantiate(&mut answersref_s, &component("answersref")?, &linker)?;
     let msgs: Vec<Msg> = (0..n as u64).map(msg).collect();
     let mut sink = 0usize;
     // NOMETA=1: the packed layout without the metadata in its string (what metadata on demand
     // would save there).
     let nometa = std::env::var_os("NOMETA").is_some();
+    let us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     for round in 0..rounds {
         // old
         let t = Instant::now();
@@ -205,9 +338,9 @@ fn main() -> anyhow::Result<()> {
             let r = old_b
                 .proto_old_transform()
                 .call_handle_batch(&mut old_s, &params)?;
-            sink += r.len();
+            sink += owned!(r, old::proto::old::types).len();
         }
-        let old_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let old_us = us(t);
         // packed
         let t = Instant::now();
         for chunk in msgs.chunks(batch) {
@@ -260,39 +393,13 @@ fn main() -> anyhow::Result<()> {
                     changes: &changes,
                 },
             )?;
-            sink += r.len();
+            sink += owned!(r, packed::proto::packed::types).len();
         }
-        let packed_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let packed_us = us(t);
+        // flat: contract 0.2.0's layout
         let t = Instant::now();
         for chunk in msgs.chunks(batch) {
-            let mut texts: Vec<&str> = Vec::with_capacity(chunk.len());
-            let mut layout: Vec<u32> = Vec::with_capacity(chunk.len() * 17);
-            let mut pks: Vec<u32> = Vec::with_capacity(chunk.len() * 2);
-            let mut versions: Vec<u64> = Vec::with_capacity(chunk.len() * 2);
-            for m in chunk {
-                texts.push(&m.buf);
-                layout.push(u32::from(m.action));
-                for s in [
-                    m.schema,
-                    m.table,
-                    m.record,
-                    m.changes.unwrap_or(Sp(0, u32::MAX)),
-                    m.ts,
-                    m.idem,
-                    m.metadata,
-                ] {
-                    layout.push(s.0);
-                    layout.push(s.1);
-                }
-                layout.push((pks.len() / 2) as u32);
-                layout.push(m.pks.len() as u32);
-                for p in &m.pks {
-                    pks.push(p.0);
-                    pks.push(p.1);
-                }
-                versions.push(m.lsn.unwrap_or(u64::MAX));
-                versions.push(m.lsn.map_or(u64::MAX, |_| 0));
-            }
+            let (texts, layout, pks, versions) = flat_lists(chunk);
             let r = flat_b.proto_flat_transform().call_handle_batch(
                 &mut flat_s,
                 flat::proto::flat::types::Batch {
@@ -302,13 +409,40 @@ fn main() -> anyhow::Result<()> {
                     versions: &versions,
                 },
             )?;
-            sink += r.len();
+            sink += owned!(r, flat::proto::flat::types).len();
         }
-        let flat_us = t.elapsed().as_secs_f64() * 1e6 / n as f64;
+        let flat_us = us(t);
+        // flat answers, in turn: made owned operations; shared; values as spans of the input
+        let mut answers_us = [0.0; 3];
+        for (variant, took) in answers_us.iter_mut().enumerate() {
+            let (plugin, store) = match variant {
+                2 => (&answersref_b, &mut answersref_s),
+                _ => (&answers_b, &mut answers_s),
+            };
+            let t = Instant::now();
+            for chunk in msgs.chunks(batch) {
+                let (texts, layout, pks, versions) = flat_lists(chunk);
+                let (ops, bytes) = plugin.proto_answers_transform().call_handle_batch(
+                    &mut *store,
+                    answers::proto::answers::types::Batch {
+                        texts: &texts,
+                        layout: &layout,
+                        pks: &pks,
+                        versions: &versions,
+                    },
+                )?;
+                let r = Answers { ops, bytes };
+                sink += match variant {
+                    0 => answers_owned(&r, chunk).len(),
+                    _ => answers_shared(r, chunk).len(),
+                };
+            }
+            *took = us(t);
+        }
+        let [owned_us, shared_us, ref_us] = answers_us;
         println!(
-            "round {round}: old {old_us:.3} packed {packed_us:.3} flat {flat_us:.3} µs/change; packed/old {:.3} flat/old {:.3}",
-            packed_us / old_us,
-            flat_us / old_us
+            "round {round} (µs/change): old {old_us:.3} packed {packed_us:.3} flat {flat_us:.3} | \
+             answers: owned {owned_us:.3} shared {shared_us:.3} value-by-span {ref_us:.3}"
         );
     }
     // Answers counted, so that no call is optimised away.
