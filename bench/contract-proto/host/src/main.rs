@@ -123,7 +123,7 @@ fn msg(i: u64) -> Msg {
 }
 
 /// An operation as keepwarm's applier takes it today: an owned key and value.
-#[allow(dead_code, reason = "built to be dropped: what it costs is the point")]
+#[derive(Debug, PartialEq)]
 enum OwnedOp {
     Set(String, Vec<u8>),
     Del(String),
@@ -310,6 +310,38 @@ fn main() -> anyhow::Result<()> {
     // would save there).
     let nometa = std::env::var_os("NOMETA").is_some();
     let us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
+    // First, untimed: every world answers every batch alike.
+    for chunk in msgs.chunks(batch) {
+        let (texts, layout, pks, versions) = flat_lists(chunk);
+        let flat = flat_b.proto_flat_transform().call_handle_batch(
+            &mut flat_s,
+            flat::proto::flat::types::Batch {
+                texts: &texts,
+                layout: &layout,
+                pks: &pks,
+                versions: &versions,
+            },
+        )?;
+        let flat: Vec<Vec<OwnedOp>> = owned!(flat, flat::proto::flat::types)
+            .into_iter()
+            .map(|answer| answer.expect("row-cache rejects nothing"))
+            .collect();
+        for (plugin, store) in [
+            (&answers_b, &mut answers_s),
+            (&answersref_b, &mut answersref_s),
+        ] {
+            let (ops, bytes) = plugin.proto_answers_transform().call_handle_batch(
+                store,
+                answers::proto::answers::types::Batch {
+                    texts: &texts,
+                    layout: &layout,
+                    pks: &pks,
+                    versions: &versions,
+                },
+            )?;
+            assert_eq!(answers_owned(&Answers { ops, bytes }, chunk), flat);
+        }
+    }
     for round in 0..rounds {
         // old
         let t = Instant::now();
