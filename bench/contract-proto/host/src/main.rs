@@ -212,6 +212,25 @@ fn answers_shared(a: Answers, chunk: &[Msg]) -> Vec<Vec<SharedOp>> {
     out
 }
 
+/// A call of an `answers` world with a batch, in the flat layout.
+fn call_answers(
+    plugin: &answers::Plugin,
+    store: &mut Store<State>,
+    chunk: &[Msg],
+) -> anyhow::Result<Answers> {
+    let (texts, layout, pks, versions) = flat_lists(chunk);
+    let (ops, bytes) = plugin.proto_answers_transform().call_handle_batch(
+        store,
+        answers::proto::answers::types::Batch {
+            texts: &texts,
+            layout: &layout,
+            pks: &pks,
+            versions: &versions,
+        },
+    )?;
+    Ok(Answers { ops, bytes })
+}
+
 /// The flat layout's lists for a batch.
 fn flat_lists(chunk: &[Msg]) -> (Vec<&str>, Vec<u32>, Vec<u32>, Vec<u64>) {
     let mut texts: Vec<&str> = Vec::with_capacity(chunk.len());
@@ -330,16 +349,10 @@ fn main() -> anyhow::Result<()> {
             (&answers_b, &mut answers_s),
             (&answersref_b, &mut answersref_s),
         ] {
-            let (ops, bytes) = plugin.proto_answers_transform().call_handle_batch(
-                store,
-                answers::proto::answers::types::Batch {
-                    texts: &texts,
-                    layout: &layout,
-                    pks: &pks,
-                    versions: &versions,
-                },
-            )?;
-            assert_eq!(answers_owned(&Answers { ops, bytes }, chunk), flat);
+            assert_eq!(
+                answers_owned(&call_answers(plugin, store, chunk)?, chunk),
+                flat
+            );
         }
     }
     for round in 0..rounds {
@@ -453,17 +466,7 @@ fn main() -> anyhow::Result<()> {
             };
             let t = Instant::now();
             for chunk in msgs.chunks(batch) {
-                let (texts, layout, pks, versions) = flat_lists(chunk);
-                let (ops, bytes) = plugin.proto_answers_transform().call_handle_batch(
-                    &mut *store,
-                    answers::proto::answers::types::Batch {
-                        texts: &texts,
-                        layout: &layout,
-                        pks: &pks,
-                        versions: &versions,
-                    },
-                )?;
-                let r = Answers { ops, bytes };
+                let r = call_answers(plugin, store, chunk)?;
                 sink += match variant {
                     0 => answers_owned(&r, chunk).len(),
                     _ => answers_shared(r, chunk).len(),
