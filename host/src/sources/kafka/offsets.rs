@@ -66,7 +66,17 @@ impl Partition {
             .count()
     }
 
+    /// Where `offset` is in `marks`. A partition's offsets are mostly consecutive (gaps come
+    /// from compaction, transaction markers and the marks dropped in one pass), so its distance
+    /// from the front is tried first; lanes settle out of order, and the binary search this
+    /// saves was about 1% of keepwarm-kafka's samples (docs/bench.md, "Round 23").
     fn find(&self, offset: i64) -> Result<usize, usize> {
+        if let Some((front, _)) = self.marks.front()
+            && let Ok(guess) = usize::try_from(offset - front)
+            && self.marks.get(guess).is_some_and(|(at, _)| *at == offset)
+        {
+            return Ok(guess);
+        }
         self.marks.binary_search_by_key(&offset, |(at, _)| *at)
     }
 
@@ -449,6 +459,27 @@ mod tests {
         offsets.settle("t", 0, 7, Settled::Done);
         offsets.settle("t", 0, 100, Settled::Done);
         assert_eq!(offsets.to_commit(), [(tp(0), 8)]);
+    }
+
+    #[test]
+    fn offsets_with_gaps_are_found_where_their_distance_from_the_front_does_not_say() {
+        let offsets = Offsets::default();
+        offsets.assign([tp(0)]);
+        // Gaps as transaction markers and compaction leave them.
+        for offset in [0, 1, 2, 5, 6, 9] {
+            offsets.delivered("t", 0, offset);
+        }
+        // Out of order, as lanes settle; 3 and 7 were never delivered.
+        for offset in [6, 9, 3, 1, 7, 2] {
+            offsets.settle("t", 0, offset, Settled::Done);
+        }
+        assert_eq!(offsets.to_commit(), [(tp(0), 0)]);
+        assert_eq!(offsets.in_flight(None), 2);
+        offsets.settle("t", 0, 0, Settled::Done);
+        assert_eq!(offsets.to_commit(), [(tp(0), 5)]);
+        offsets.settle("t", 0, 5, Settled::Done);
+        assert_eq!(offsets.to_commit(), [(tp(0), 10)]);
+        assert!(offsets.lock()["t"][&0].marks.is_empty());
     }
 
     #[test]
