@@ -232,6 +232,26 @@ fn call_answers(
 }
 
 /// The flat layout's lists for a batch.
+/// One call of the flat world (contract 0.2.0's layout) on `chunk`, its answers made owned
+/// operations: what the equivalence check compares and what the timing measures.
+fn call_flat(
+    plugin: &flat::Plugin,
+    store: &mut Store<State>,
+    chunk: &[Msg],
+) -> anyhow::Result<Vec<Result<Vec<OwnedOp>, String>>> {
+    let (texts, layout, pks, versions) = flat_lists(chunk);
+    let answers = plugin.proto_flat_transform().call_handle_batch(
+        store,
+        flat::proto::flat::types::Batch {
+            texts: &texts,
+            layout: &layout,
+            pks: &pks,
+            versions: &versions,
+        },
+    )?;
+    Ok(owned!(answers, flat::proto::flat::types))
+}
+
 fn flat_lists(chunk: &[Msg]) -> (Vec<&str>, Vec<u32>, Vec<u32>, Vec<u64>) {
     let mut texts: Vec<&str> = Vec::with_capacity(chunk.len());
     let mut layout: Vec<u32> = Vec::with_capacity(chunk.len() * 17);
@@ -331,17 +351,7 @@ fn main() -> anyhow::Result<()> {
     let us = |t: Instant| t.elapsed().as_secs_f64() * 1e6 / n as f64;
     // First, untimed: every world answers every batch alike.
     for chunk in msgs.chunks(batch) {
-        let (texts, layout, pks, versions) = flat_lists(chunk);
-        let flat = flat_b.proto_flat_transform().call_handle_batch(
-            &mut flat_s,
-            flat::proto::flat::types::Batch {
-                texts: &texts,
-                layout: &layout,
-                pks: &pks,
-                versions: &versions,
-            },
-        )?;
-        let flat: Vec<Vec<OwnedOp>> = owned!(flat, flat::proto::flat::types)
+        let flat: Vec<Vec<OwnedOp>> = call_flat(&flat_b, &mut flat_s, chunk)?
             .into_iter()
             .map(|answer| answer.expect("row-cache rejects nothing"))
             .collect();
@@ -444,17 +454,7 @@ fn main() -> anyhow::Result<()> {
         // flat: contract 0.2.0's layout
         let t = Instant::now();
         for chunk in msgs.chunks(batch) {
-            let (texts, layout, pks, versions) = flat_lists(chunk);
-            let r = flat_b.proto_flat_transform().call_handle_batch(
-                &mut flat_s,
-                flat::proto::flat::types::Batch {
-                    texts: &texts,
-                    layout: &layout,
-                    pks: &pks,
-                    versions: &versions,
-                },
-            )?;
-            sink += owned!(r, flat::proto::flat::types).len();
+            sink += call_flat(&flat_b, &mut flat_s, chunk)?.len();
         }
         let flat_us = us(t);
         // flat answers, in turn: made owned operations; shared; values as spans of the input
